@@ -1,0 +1,40 @@
+# gluon-ft: every target sets itself up; a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The setup stamp depends on what defines the install, so editing a pin reinstalls.
+SETUP_INPUTS := setup.cfg pyproject.toml requirements/constraints.txt
+
+.PHONY: setup train demo test lint format bench notebooks screenshot test-all clean
+
+setup: $(STAMP)
+
+$(STAMP): $(SETUP_INPUTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip==24.2"
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[serve,notebooks,test]"
+	touch $(STAMP)
+
+train: setup
+	$(VENV)/bin/gluon-ft train --data hotdog --pretrained imagenet --out runs/hotdog-finetune $(ARGS)
+
+demo: setup
+	$(VENV)/bin/gluon-ft demo $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check gluon_ft tests
+	$(VENV)/bin/ruff format --check gluon_ft tests
+
+format: setup
+	$(VENV)/bin/ruff format gluon_ft tests
+	$(VENV)/bin/ruff check --fix gluon_ft tests
+
+test: setup lint
+	$(VENV)/bin/python -m pytest -q $(ARGS)
+
+bench: setup
+	$(VENV)/bin/gluon-ft bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs build dist *.egg-info .pytest_cache .ruff_cache

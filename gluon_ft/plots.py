@@ -1,0 +1,85 @@
+"""Figures: learning curves, image grids, confusion matrices. Files first, notebooks too.
+
+Every function draws on its own figure and, given a path, saves a PNG there and closes the
+figure, so long runs leak no memory; without a path it returns the figure for a notebook.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+
+def _finish(fig, path: str | Path | None):
+    if path is None:
+        return fig
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_curves(history: Sequence[dict], path: str | Path | None = None, title: str = ""):
+    """Train loss, train accuracy and test accuracy per epoch, as in the book's plot."""
+    epochs = [row["epoch"] for row in history]
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.plot(epochs, [row["loss"] for row in history], "-o", label="train loss")
+    ax.plot(epochs, [row["train_acc"] for row in history], "--o", label="train acc")
+    ax.plot(epochs, [row["test_acc"] for row in history], ":o", label="test acc")
+    ax.set_xlabel("epoch")
+    ax.set_xlim(0.5, max(epochs) + 0.5)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    return _finish(fig, path)
+
+
+def plot_comparison(histories: dict[str, Sequence[dict]], path=None, metric: str = "test_acc"):
+    """One line per run (e.g. fine-tuned, scratch, frozen) of ``metric`` against epoch."""
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for label, history in histories.items():
+        ax.plot([r["epoch"] for r in history], [r[metric] for r in history], "-o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return _finish(fig, path)
+
+
+def show_images(images, titles: Sequence[str] | None = None, cols: int = 8, path=None, scale=1.5):
+    """A grid of HWC uint8 images (arrays or PIL images) with optional titles."""
+    import numpy as np
+
+    images = [np.asarray(img) for img in images]
+    rows = max(1, -(-len(images) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * scale, rows * scale), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i])
+            if titles is not None:
+                ax.set_title(titles[i], fontsize=8)
+    return _finish(fig, path)
+
+
+def plot_confusion(matrix, classes: Sequence[str], path=None):
+    """A confusion matrix with counts in the cells (rows: true class, columns: predicted)."""
+    import numpy as np
+
+    matrix = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(classes), 1 + 0.6 * len(classes)))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), value in np.ndenumerate(matrix):
+        color = "white" if value > matrix.max() / 2 else "black"
+        ax.text(j, i, str(value), ha="center", va="center", color=color)
+    return _finish(fig, path)
