@@ -60,7 +60,9 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None) -> None:
     p.add_argument("--kvstore", default=d.kvstore, help="kvstore type (default: fits --ctx)")
     p.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=d.out, help="run directory (default runs/<data>-<model>-<time>)")
+    p.add_argument(
+        "--out", default=d.out, help="run directory (default runs/<data>-<model>-<time>)"
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 

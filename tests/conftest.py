@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny generated image folders, paths to the optional shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import gluon_ft  # noqa: F401  (thread settings before mxnet)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+HOTDOG_SMALL = SHARED / "data" / "hotdog-small"
+FOOD_MODEL = SHARED / "models" / "resnet18_v2-food100-64px.params"
+
+
+def write_image_folder(
+    root: Path,
+    classes=("cat", "dog"),
+    n_train: int = 6,
+    n_test: int = 4,
+    size: int = 40,
+    seed: int = 0,
+) -> Path:
+    """Write ``root/{train,test}/<class>/*.png``: each class a colour, plus noise.
+
+    The classes are easy to tell apart, so a couple of epochs learn something.
+    """
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n_train), ("test", n_test)):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            base = np.zeros(3)
+            base[label % 3] = 200
+            for i in range(count):
+                noise = rng.integers(0, 55, size=(size, size, 3))
+                pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    """A two-class image folder with 6 train and 4 test images per class, 40 px."""
+    return write_image_folder(tmp_path / "data")
+
+
+@pytest.fixture
+def hotdog_small() -> Path:
+    if not HOTDOG_SMALL.is_dir():
+        pytest.skip(f"{HOTDOG_SMALL} is absent (shared data is optional)")
+    return HOTDOG_SMALL
+
+
+@pytest.fixture
+def food_model() -> Path:
+    if not FOOD_MODEL.is_file():
+        pytest.skip(f"{FOOD_MODEL} is absent (shared models are optional)")
+    return FOOD_MODEL
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mxnet_home(tmp_path, monkeypatch):
+    """Never touch the user's ~/.mxnet cache: datasets and weights go to a temp folder."""
+    monkeypatch.setenv("MXNET_HOME", str(tmp_path / "mxnet-home"))
+    os.environ.setdefault("MPLBACKEND", "Agg")
