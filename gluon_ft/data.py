@@ -37,7 +37,9 @@ def mxnet_home() -> Path:
     return Path(os.environ.get("MXNET_HOME", "~/.mxnet")).expanduser()
 
 
-def hotdog_root(cache_dir: str | Path | None = None, url: str = HOTDOG_URL) -> Path:
+def hotdog_root(
+    cache_dir: str | Path | None = None, url: str | None = None, sha1: str = HOTDOG_SHA1
+) -> Path:
     """Return the hot-dog dataset folder (with ``train/`` and ``test/``), downloading it once.
 
     The zip is cached as ``$MXNET_HOME/datasets/hotdog.zip``; a zip the user put there by hand
@@ -47,8 +49,10 @@ def hotdog_root(cache_dir: str | Path | None = None, url: str = HOTDOG_URL) -> P
     ----------
     cache_dir : str or Path, optional
         Where the zip and the extracted folder live; ``$MXNET_HOME/datasets`` by default.
-    url : str
-        The book's URL; tests point it at a local server.
+    url : str, optional
+        Where to download from: ``$GLUON_FT_HOTDOG_URL`` (a mirror) if set, else the book's.
+    sha1 : str
+        The zip's expected sha1; a mirror must serve the same file.
 
     Returns
     -------
@@ -58,15 +62,16 @@ def hotdog_root(cache_dir: str | Path | None = None, url: str = HOTDOG_URL) -> P
     from gluon_ft.download import DownloadError, extract_zip, fetch
 
     cache = Path(cache_dir) if cache_dir is not None else mxnet_home() / "datasets"
+    url = url or os.environ.get("GLUON_FT_HOTDOG_URL") or HOTDOG_URL
     extracted = cache / "hotdog"
     if not extracted.is_dir():
         try:
-            zip_path = fetch(url, cache / HOTDOG_ZIP, HOTDOG_SHA1)
+            zip_path = fetch(url, cache / HOTDOG_ZIP, sha1)
             extract_zip(zip_path, extracted)
         except DownloadError as err:
             raise UsageError(
                 f"{err} The hot-dog dataset could not be obtained. On an offline machine, "
-                f"copy hotdog.zip (sha1 {HOTDOG_SHA1}, from {HOTDOG_URL}) to "
+                f"copy hotdog.zip (sha1 {sha1}, from {HOTDOG_URL}) to "
                 f"{cache / HOTDOG_ZIP}, or train on your own folder with --data DIR "
                 "(DIR/train/<class>/*, DIR/test/<class>/*)."
             ) from None

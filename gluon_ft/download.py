@@ -35,6 +35,9 @@ __all__ = ["DownloadError", "extract_zip", "fetch", "sha1sum"]
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+# Small network reads: the bytes of a read that a dropped connection interrupts are lost, and
+# the resume starts after the last complete read.
+_NET_CHUNK = 1 << 16
 # A refused or unroutable connection should fail in seconds, even when the read timeout is
 # long enough for a slow server.
 _MAX_CONNECT_TIMEOUT = 5.0
@@ -132,8 +135,9 @@ def fetch(
     ------
     DownloadError
         The file at ``dest`` has another SHA-1 (it is left in place), the server could not
-        be reached or kept failing, it answered with an HTTP error, or it sent data with
-        another SHA-1 (the data is discarded).
+        be reached or kept failing (what arrived stays in ``dest.part`` for the next call
+        to resume), it answered with an HTTP error, or it sent data with another SHA-1 (the
+        data is discarded).
     """
     dest = Path(dest)
     expected = sha1.strip().lower()
@@ -396,7 +400,7 @@ def _download_once(
                 leave=False,
             ) as progress,
         ):
-            for chunk in resp.iter_content(_CHUNK):
+            for chunk in resp.iter_content(_NET_CHUNK):
                 f.write(chunk)
                 progress.update(len(chunk))
             f.flush()

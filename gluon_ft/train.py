@@ -195,10 +195,30 @@ class MetricSums:
 
 
 def split_batch(images: np.ndarray, labels: np.ndarray, ctx: list[mx.Context]):
-    """Load a host batch onto the contexts; a short batch gives fewer, uneven slices."""
-    xs = gluon.utils.split_and_load(mx.nd.array(images, dtype="uint8"), ctx, even_split=False)
-    ys = gluon.utils.split_and_load(mx.nd.array(labels, dtype="int32"), ctx, even_split=False)
+    """Load a host batch onto the contexts in near-equal slices, as ``split_and_load``.
+
+    A batch smaller than the context count uses fewer contexts. (MXNet 1.9.1's
+    ``split_and_load(even_split=False)`` fails on a 1-sample batch over 2 contexts.)
+    """
+    used = ctx[: min(len(ctx), len(labels))]
+    image_parts = np.array_split(images, len(used))
+    label_parts = np.array_split(labels, len(used))
+    xs = [mx.nd.array(part, ctx=c, dtype="uint8") for part, c in zip(image_parts, used)]
+    ys = [mx.nd.array(part, ctx=c, dtype="int32") for part, c in zip(label_parts, used)]
     return xs, ys
+
+
+def zero_unused_grads(net: gluon.Block, unused: list[mx.Context]) -> None:
+    """Zero the gradients of contexts a short batch did not reach, and mark them fresh.
+
+    Otherwise the kvstore would sum in the previous step's gradient from those devices.
+    """
+    for param in net.collect_params().values():
+        if param.grad_req == "null":
+            continue
+        for c in unused:
+            param.grad(c)[:] = 0
+            param.data(c)._fresh_grad = True
 
 
 def evaluate(net: gluon.Block, loader, ctx: list[mx.Context], dtype: str = "float32") -> float:
@@ -227,6 +247,8 @@ def train_epoch(net, trainer, loader, ctx, loss_fn, config: TrainConfig, bar=Non
             outs = [net(gdata.normalize_batch(x, config.dtype)) for x in xs]
             losses = [loss_fn(out, y) for out, y in zip(outs, ys)]
         autograd.backward(losses)
+        if len(xs) < len(ctx):
+            zero_unused_grads(net, ctx[len(xs) :])
         # The summed gradient is divided by the samples in this step, over all contexts.
         trainer.step(len(labels))
         sums.add(outs, ys, losses)

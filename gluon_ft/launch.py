@@ -1,0 +1,450 @@
+"""Start a ps-lite cluster for MXNet's distributed kvstore on this machine.
+
+``mx.kv.create('dist_sync')`` needs a scheduler, one or more servers and the workers, each a
+process told its part by ``DMLC_*`` environment variables. :func:`launch` starts all of them
+on one host, relays their output line by line with a ``[role N]`` prefix, and fails fast: the
+first process that dies takes the whole cluster down, because ps-lite itself never notices a
+dead peer (its heartbeats are off by default) and the survivors would wait for it forever.
+
+How ps-lite behaves here (mxnet 1.9.1, measured):
+
+- Schedulers and servers need no script: ``import mxnet`` with ``DMLC_ROLE=server`` or
+  ``scheduler`` runs the ps-lite loop inside the import (``kvstore_server.py``) and calls
+  ``sys.exit()`` once every worker has shut its kvstore down.
+- A worker's rank (``kv.rank``) is handed out by the scheduler as nodes register, so it need
+  not match the launch order; the ``[worker N]`` prefixes are launch order. ps-lite reads no
+  worker-id variable (it sets ``DMLC_RANK`` itself).
+- Without ``DMLC_NODE_HOST`` servers and workers listen on the machine's LAN address. The
+  servers unpickle the optimizer a worker sends them, so every process is pinned to ``host``
+  (127.0.0.1 by default) to keep those ports off the network.
+- A worker whose Python code fails *after* creating the kvstore does not exit at once: the
+  kvstore's shutdown waits at a barrier for the other workers. Only a process that really
+  ends (a crash, a kill, ``os._exit``, or a failure before ``kv.create``) triggers fail-fast.
+
+Several machines
+----------------
+The same variables drive a real cluster; only the launcher changes.
+
+- MXNet's ``tools/launch.py`` (shipped in the wheel as ``mxnet/tools/launch.py``, with
+  ``dmlc_tracker``) starts the processes over ssh or MPI from a host file::
+
+      python -m mxnet.tools.launch -n 4 -s 2 -H hosts --launcher ssh \\
+          --sync-dst-dir /tmp/job gluon-ft train --kvstore dist_sync ...
+
+  It runs the scheduler on the submitting machine and sets ``DMLC_PS_ROOT_URI`` to its
+  address; set ``DMLC_INTERFACE`` (e.g. ``eth0``) when a machine has several networks.
+- On Kubernetes, the Kubeflow training operator's ``MXJob`` declares ``Scheduler``,
+  ``Server`` and ``Worker`` replica specs and injects the same ``DMLC_*`` variables into
+  each pod; the worker pods run the training command, the others ``python -c "import
+  mxnet"``.
+
+Either way each worker runs the same command as here, and reads its rank from ``kv.rank``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from gluon_ft import THREAD_SETTINGS
+from gluon_ft.errors import UsageError
+from gluon_ft.threads import THREAD_VARIABLES, usable_cores
+
+# Importing mxnet is all a scheduler or server needs (see the module docstring).
+PS_LOOP_COMMAND = (sys.executable, "-c", "import mxnet")
+INTERRUPTED = 130
+# How often the launcher looks at its stop flag and its deadlines.
+POLL_SECONDS = 0.1
+
+# One lock for every launch in this process: concurrent launches share sys.stdout, and a
+# line must never be split by another one.
+_WRITE_LOCK = threading.Lock()
+
+
+@dataclass(eq=False)
+class _Node:
+    """One cluster process: its role, label for the output, and the Popen that runs it."""
+
+    role: str
+    label: str
+    popen: subprocess.Popen
+    exited: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+
+def launch(
+    command: Sequence[str],
+    num_workers: int,
+    num_servers: int = 1,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    env: dict | None = None,
+    dead_timeout: float = 30.0,
+    stream: TextIO | None = None,
+) -> int:
+    """Run ``command`` as each worker of a local ps-lite cluster and wait for the cluster.
+
+    Every process (scheduler, servers, workers) starts in a session of its own, so stopping
+    it also stops anything it started. Their stdout and stderr go to ``stream``, one line at
+    a time, prefixed ``[scheduler]``, ``[server 0]``, ``[worker 1]``; the launcher's own
+    messages are prefixed ``[launch]``.
+
+    Parameters
+    ----------
+    command : sequence of str
+        The worker command, run without a shell, e.g. ``["python", "train.py"]``. It should
+        call ``mx.kv.create('dist_sync')`` (or ``dist_async``).
+    num_workers : int
+        Number of worker processes, at least 1.
+    num_servers : int, default 1
+        Number of server processes, at least 1.
+    port : int, optional
+        The scheduler's port on ``host``; a free one when omitted.
+    host : str, default "127.0.0.1"
+        The address every process listens on and connects to; must belong to this machine.
+    env : dict, optional
+        Extra environment variables for every process (e.g. ``PS_VERBOSE``,
+        ``OMP_NUM_THREADS``). The cluster variables (``DMLC_ROLE``, ``DMLC_PS_ROOT_URI``,
+        ``DMLC_PS_ROOT_PORT``, ``DMLC_NUM_SERVER``, ``DMLC_NUM_WORKER``, ``DMLC_NODE_HOST``)
+        are always the launcher's.
+    dead_timeout : float, default 30
+        Once a process has died, the launcher returns within this many seconds, however the
+        others react to SIGTERM. It also bounds how long the scheduler and servers may
+        linger after every worker has succeeded.
+    stream : text stream, optional
+        Where the output goes; ``sys.stdout`` (looked up at call time) by default.
+
+    Returns
+    -------
+    int
+        0 when every process succeeded (scheduler or servers that had to be stopped after the
+        workers succeeded do not count); else the status of the first process that failed:
+        its exit code, or 128 + N when signal N killed it; 130 after SIGINT or SIGTERM.
+
+    Raises
+    ------
+    UsageError
+        Bad arguments, a port already in use, or a command that cannot be started; nothing
+        is left running.
+    """
+    _check_arguments(command, num_workers, num_servers, dead_timeout)
+    port = _free_port(host) if port is None else _check_port_free(host, port)
+    out = sys.stdout if stream is None else stream
+
+    def say(message: str) -> None:
+        _write_line(out, f"[launch] {message}")
+
+    # SIGTERM, then SIGKILL this long after; two such waits plus the workers' grace period
+    # fit in dead_timeout.
+    kill_after = min(5.0, dead_timeout / 3)
+    stop = threading.Event()
+    exits: queue.Queue[_Node] = queue.Queue()
+    nodes: list[_Node] = []
+    readers: list[threading.Thread] = []
+    with _stop_on_signals(stop):
+        try:
+            plan = _plan_cluster(list(command), num_workers, num_servers, host, port, env)
+            for role, label, argv, node_env in plan:
+                if stop.is_set():
+                    break
+                node = _start(role, label, argv, node_env, exits, out, readers)
+                nodes.append(node)
+            say(
+                f"scheduler on {host}:{port}; started "
+                + ", ".join(f"{n.label} (pid {n.pid})" for n in nodes)
+            )
+            return _supervise(nodes, exits, stop, dead_timeout - 2 * kill_after, say)
+        finally:
+            if _stop(nodes, kill_after):
+                say("stopped the remaining processes")
+            for reader in readers:
+                # The pipes close once the process groups are gone; a process that escaped
+                # its group (its own setsid) could hold one open, so never wait forever.
+                reader.join(timeout=1.0)
+
+
+def _check_arguments(
+    command: Sequence[str], num_workers: int, num_servers: int, dead_timeout: float
+) -> None:
+    if isinstance(command, str) or not command or not command[0]:
+        raise UsageError(
+            "launch needs a worker command as a list of words, e.g. "
+            "`gluon-ft launch -n 2 -- python train.py`."
+        )
+    for name, value in (("workers", num_workers), ("servers", num_servers)):
+        if not isinstance(value, int) or value < 1:
+            raise UsageError(f"The number of {name} must be a whole number >= 1, not {value!r}.")
+    if not dead_timeout > 0:
+        raise UsageError(f"dead_timeout must be a positive number of seconds, not {dead_timeout}.")
+
+
+def _free_port(host: str) -> int:
+    """Return a port on ``host`` that nothing listens on now (the OS picks it)."""
+    with _bound_socket(host, 0) as sock:
+        return sock.getsockname()[1]
+
+
+def _check_port_free(host: str, port: int) -> int:
+    """Return ``port`` if the scheduler could listen on it, else raise UsageError."""
+    if not isinstance(port, int) or not 1 <= port <= 65535:
+        raise UsageError(f"The port must be a number from 1 to 65535, not {port!r}.")
+    with _bound_socket(host, port):
+        return port
+
+
+@contextlib.contextmanager
+def _bound_socket(host: str, port: int) -> Iterator[socket.socket]:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as err:
+        raise UsageError(f"Cannot resolve the launch host {host!r}: {err.strerror}.") from None
+    with socket.socket(family, kind, proto) as sock:
+        # The scheduler's ZeroMQ socket sets SO_REUSEADDR too, so a port whose old
+        # connections linger in TIME_WAIT is usable and must not be reported as taken.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as err:
+            if port and err.errno == errno.EADDRINUSE:
+                raise UsageError(
+                    f"Port {port} on {host} is already in use, so the scheduler cannot "
+                    "listen on it. Choose another with --port, or leave --port out to use "
+                    "a free one."
+                ) from None
+            raise UsageError(
+                f"Cannot listen on {host}:{port} ({err.strerror}); the launch host must be "
+                "an address of this machine, such as 127.0.0.1."
+            ) from None
+        yield sock
+
+
+def _plan_cluster(
+    command: list[str],
+    num_workers: int,
+    num_servers: int,
+    host: str,
+    port: int,
+    extra_env: dict | None,
+) -> list[tuple[str, str, list[str], dict]]:
+    """Return ``(role, label, argv, environment)`` for the scheduler, servers and workers."""
+    # Inherited DMLC_* variables describe some other cluster (say, the pod this runs in).
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DMLC_")}
+    base.update({str(k): str(v) for k, v in (extra_env or {}).items()})
+    base.update(
+        DMLC_PS_ROOT_URI=host,
+        DMLC_PS_ROOT_PORT=str(port),
+        DMLC_NUM_SERVER=str(num_servers),
+        DMLC_NUM_WORKER=str(num_workers),
+        DMLC_NODE_HOST=host,
+    )
+    # Without it Python workers fill an 8 KB pipe buffer before anything shows up.
+    base.setdefault("PYTHONUNBUFFERED", "1")
+    user_threads = THREAD_SETTINGS["source"] == "user" or any(
+        name in (extra_env or {}) for name in THREAD_VARIABLES
+    )
+
+    def node_env(role: str, threads: int) -> dict:
+        environment = dict(base, DMLC_ROLE=role)
+        if not user_threads:
+            # N processes each sized for every core would oversubscribe the machine; the
+            # scheduler and servers only route and sum, so one thread is enough for them.
+            environment["OMP_NUM_THREADS"] = str(threads)
+        return environment
+
+    worker_threads = max(1, usable_cores() // num_workers)
+    plan = [("scheduler", "scheduler", list(PS_LOOP_COMMAND), node_env("scheduler", 1))]
+    plan += [
+        ("server", f"server {i}", list(PS_LOOP_COMMAND), node_env("server", 1))
+        for i in range(num_servers)
+    ]
+    plan += [
+        ("worker", f"worker {i}", command, node_env("worker", worker_threads))
+        for i in range(num_workers)
+    ]
+    return plan
+
+
+def _start(
+    role: str,
+    label: str,
+    argv: list[str],
+    environment: dict,
+    exits: queue.Queue,
+    out: TextIO,
+    readers: list[threading.Thread],
+) -> _Node:
+    """Start one process in a new session, with a thread relaying its output and one
+    reporting its exit (so failures are seen in the order they happen)."""
+    try:
+        popen = subprocess.Popen(
+            argv,
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            encoding="utf-8",
+            errors="replace",
+            # Its own session and process group: killpg reaches its children too, and a
+            # Ctrl-C in the terminal reaches only the launcher, which then stops everyone.
+            start_new_session=True,
+        )
+    except OSError as err:
+        raise UsageError(f"Cannot start the {role} command {argv[0]!r}: {err.strerror}.") from None
+    node = _Node(role, label, popen)
+
+    def wait() -> None:
+        popen.wait()
+        node.exited.set()
+        exits.put(node)
+
+    reader = threading.Thread(target=_relay, args=(popen.stdout, label, out), daemon=True)
+    reader.start()
+    readers.append(reader)
+    threading.Thread(target=wait, daemon=True).start()
+    return node
+
+
+def _relay(pipe: TextIO, label: str, out: TextIO) -> None:
+    # Text mode uses universal newlines, so tqdm's carriage-return updates show up as lines.
+    with pipe:
+        for line in pipe:
+            text = line.rstrip("\n")
+            _write_line(out, f"[{label}] {text}")
+
+
+def _write_line(out: TextIO, line: str) -> None:
+    with _WRITE_LOCK:
+        try:
+            out.write(line + "\n")
+            out.flush()
+        except (OSError, ValueError):
+            # A closed or broken output must not stop the draining of the pipes, or the
+            # processes would block on a full pipe.
+            pass
+
+
+def _supervise(
+    nodes: list[_Node],
+    exits: queue.Queue,
+    stop: threading.Event,
+    linger: float,
+    say: Callable[[str], None],
+) -> int:
+    """Wait for the cluster; return its status as soon as it is decided."""
+    running = set(nodes)
+    workers_left = sum(node.role == "worker" for node in nodes)
+    workers_done_at = None
+    while running:
+        if stop.is_set():
+            say("interrupted; stopping the cluster")
+            return INTERRUPTED
+        try:
+            node = exits.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            if workers_done_at is not None and time.monotonic() - workers_done_at > linger:
+                names = ", ".join(n.label for n in nodes if n in running)
+                say(
+                    f"every worker succeeded but {names} did not exit within {linger:.1f} s; "
+                    "stopping them"
+                )
+                return 0
+            continue
+        running.discard(node)
+        code = node.popen.returncode
+        if False:
+            others = len(running)
+            say(f"{node.label} (pid {node.pid}) {_describe(code)}; stopping {others} other(s)")
+            return 128 - code if code < 0 else code
+        if node.role == "worker":
+            workers_left -= 1
+            if workers_left == 0:
+                workers_done_at = time.monotonic()
+    return 0
+
+
+def _describe(returncode: int) -> str:
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"was killed by {name}"
+
+
+def _stop(nodes: list[_Node], kill_after: float) -> bool:
+    """SIGTERM every process group, SIGKILL what is left after ``kill_after`` seconds.
+
+    Groups whose leader has already exited are signalled too: anything the leader started
+    is still in them. Returns whether anything was still running.
+    """
+    alive = [node for node in nodes if _group_alive(node)]
+    for node in alive:
+        _signal_group(node, signal.SIGTERM)
+    if not _wait_gone(alive, kill_after):
+        for node in alive:
+            _signal_group(node, signal.SIGKILL)
+        _wait_gone(alive, kill_after)
+    return bool(alive)
+
+
+def _wait_gone(nodes: list[_Node], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while any(_group_alive(node) for node in nodes):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL_SECONDS / 2)
+    return True
+
+
+def _group_alive(node: _Node) -> bool:
+    if not node.exited.is_set():
+        return True
+    try:
+        os.killpg(node.pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _signal_group(node: _Node, signum: int) -> None:
+    # The group id is the leader's pid (start_new_session). The kernel does not reuse a pid
+    # while a group of that id has members; once the group is empty we stop signalling it
+    # (see _group_alive), which leaves only a pid wrap-around within seconds as a risk.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(node.pid, signum)
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into ``stop.set()`` while the cluster runs.
+
+    Python delivers signals to the main thread only, so a launch from another thread leaves
+    signal handling to its caller.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {
+        signum: signal.signal(signum, lambda *_: stop.set())
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)

@@ -1,0 +1,465 @@
+"""The built-in offline transfer task behind ``make demo``.
+
+Every image shows one textured shape on a cluttered background. A class is a combination
+``<texture>-<shape>`` (``striped-star``, ``dotted-circle``, ...). The SOURCE dataset has many
+such combinations with plenty of images; the TARGET dataset has a few *new* combinations with
+few training images. Its first four classes form a 2x2 block (two shapes x two textures), so a
+target class is told apart only by shape and texture together, both of which the source
+teaches. Colors, position, size, rotation, texture scale and phase, background gradient,
+clutter strokes and pixel noise vary at random, so a network trained from scratch on a few
+target images has to learn those invariances too, while a network pretrained on the source
+already has them.
+
+Generation uses only ``numpy.random.RandomState`` and PIL, so a seed gives byte-identical PNG
+files. :func:`generate_task` builds the task in a temporary sibling directory, writes
+``task.json`` last and renames the directory into place; a later call with the same
+parameters reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from gluon_ft.errors import UsageError
+
+TASK_VERSION = "gluon-ft-synthetic/1"
+TASK_FILE = "task.json"
+SPLITS = ("train", "test")
+
+SHAPES = ("circle", "square", "triangle", "cross", "star", "ring", "hexagon", "crescent")
+TEXTURES = ("solid", "striped", "dotted", "checkered", "grid", "speckled")
+
+# Held out of the source, in the order target classes are taken. The first four are the 2x2
+# block {star, circle} x {striped, dotted}; the first nine the 3x3 block with cross/checkered.
+TARGET_COMBOS = (
+    ("striped", "star"),
+    ("dotted", "circle"),
+    ("dotted", "star"),
+    ("striped", "circle"),
+    ("checkered", "cross"),
+    ("striped", "cross"),
+    ("checkered", "star"),
+    ("checkered", "circle"),
+    ("dotted", "cross"),
+)
+
+# Rendering is done at this multiple of the output size, then box-filtered down (antialiasing).
+SUPERSAMPLE = 2
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Every size knob of the synthetic transfer task.
+
+    Parameters
+    ----------
+    seed : int
+        Seed of all randomness; the same spec gives byte-identical files.
+    image_size : int
+        Width and height of every image, in pixels.
+    n_source_classes : int
+        Number of source classes (at most ``len(SHAPES) * len(TEXTURES) - len(TARGET_COMBOS)``).
+    source_train_per_class, source_test_per_class : int
+        Images per source class in each split.
+    n_target_classes : int
+        Number of target classes (2 to ``len(TARGET_COMBOS)``), none of them a source class.
+    target_train_per_class, target_test_per_class : int
+        Images per target class in each split.
+    """
+
+    seed: int = 0
+    image_size: int = 32
+    n_source_classes: int = 32
+    source_train_per_class: int = 200
+    source_test_per_class: int = 30
+    n_target_classes: int = 4
+    target_train_per_class: int = 20
+    target_test_per_class: int = 50
+
+    def __post_init__(self) -> None:
+        max_source = len(SHAPES) * len(TEXTURES) - len(TARGET_COMBOS)
+        if not 16 <= self.image_size <= 512:
+            raise UsageError(f"image_size must be between 16 and 512, got {self.image_size}.")
+        if not 2 <= self.n_source_classes <= max_source:
+            raise UsageError(
+                f"n_source_classes must be between 2 and {max_source}, "
+                f"got {self.n_source_classes}."
+            )
+        if not 2 <= self.n_target_classes <= len(TARGET_COMBOS):
+            raise UsageError(
+                f"n_target_classes must be between 2 and {len(TARGET_COMBOS)}, "
+                f"got {self.n_target_classes}."
+            )
+        counts = {
+            "source_train_per_class": self.source_train_per_class,
+            "source_test_per_class": self.source_test_per_class,
+            "target_train_per_class": self.target_train_per_class,
+            "target_test_per_class": self.target_test_per_class,
+        }
+        for name, value in counts.items():
+            if value < 1:
+                raise UsageError(f"{name} must be at least 1, got {value}.")
+
+
+DEFAULT_SPEC = TaskSpec()
+SMALL_SPEC = TaskSpec(
+    image_size=32,
+    n_source_classes=6,
+    source_train_per_class=12,
+    source_test_per_class=4,
+    n_target_classes=4,
+    target_train_per_class=5,
+    target_test_per_class=4,
+)
+
+
+def class_name(texture: str, shape: str) -> str:
+    """Return the folder name of a class, e.g. ``striped-star``."""
+    return f"{texture}-{shape}"
+
+
+def target_classes(spec: TaskSpec) -> list[str]:
+    """Return the target class names of ``spec``, in generation order."""
+    return [class_name(*combo) for combo in TARGET_COMBOS[: spec.n_target_classes]]
+
+
+def source_classes(spec: TaskSpec) -> list[str]:
+    """Return the source class names of ``spec``, in generation order.
+
+    All target combinations are held out whatever ``n_target_classes`` is, so the source does
+    not depend on it. The order walks the shape x texture table diagonally, so any prefix
+    covers every shape and every texture as evenly as possible.
+    """
+    held_out = set(TARGET_COMBOS)
+    combos = [
+        (TEXTURES[(s + d) % len(TEXTURES)], SHAPES[s])
+        for d in range(len(TEXTURES))
+        for s in range(len(SHAPES))
+    ]
+    kept = [combo for combo in combos if combo not in held_out]
+    return [class_name(*combo) for combo in kept[: spec.n_source_classes]]
+
+
+# --- drawing -------------------------------------------------------------------------------
+
+
+def _polygon(cx: float, cy: float, radius: float, angle: float, unit: list) -> list:
+    """Scale, rotate and translate unit-circle polygon vertices into canvas coordinates."""
+    cos, sin = math.cos(angle), math.sin(angle)
+    return [(cx + radius * (x * cos - y * sin), cy + radius * (x * sin + y * cos)) for x, y in unit]
+
+
+def _regular(n: int, inner: float | None = None) -> list:
+    """Vertices of a regular n-gon (or an n-pointed star with ``inner`` radius) of radius 1."""
+    if inner is None:
+        return [
+            (math.cos(2 * math.pi * k / n - math.pi / 2), math.sin(2 * math.pi * k / n - math.pi / 2))
+            for k in range(n)
+        ]
+    points = []
+    for k in range(2 * n):
+        r = 1.0 if k % 2 == 0 else inner
+        a = math.pi * k / n - math.pi / 2
+        points.append((r * math.cos(a), r * math.sin(a)))
+    return points
+
+
+_CROSS = [
+    (-0.33, -1),
+    (0.33, -1),
+    (0.33, -0.33),
+    (1, -0.33),
+    (1, 0.33),
+    (0.33, 0.33),
+    (0.33, 1),
+    (-0.33, 1),
+    (-0.33, 0.33),
+    (-1, 0.33),
+    (-1, -0.33),
+    (-0.33, -0.33),
+]
+_UNIT_POLYGONS = {
+    "square": [(x * 0.8, y * 0.8) for x, y in _regular(4)],
+    "triangle": [(x, y + 0.2) for x, y in _regular(3)],
+    "hexagon": _regular(6),
+    "star": _regular(5, inner=0.42),
+    "cross": _CROSS,
+}
+
+
+def _shape_mask(shape: str, n: int, cx: float, cy: float, radius: float, angle: float):
+    """Return an ``n x n`` float mask in [0, 1] with the shape drawn at the given pose."""
+    mask = Image.new("L", (n, n), 0)
+    draw = ImageDraw.Draw(mask)
+    box = (cx - radius, cy - radius, cx + radius, cy + radius)
+    if shape == "circle":
+        draw.ellipse(box, fill=255)
+    elif shape == "ring":
+        draw.ellipse(box, fill=255)
+        hole = 0.55 * radius
+        draw.ellipse((cx - hole, cy - hole, cx + hole, cy + hole), fill=0)
+    elif shape == "crescent":
+        draw.ellipse(box, fill=255)
+        dx, dy = 0.5 * radius * math.cos(angle), 0.5 * radius * math.sin(angle)
+        bite = 0.85 * radius
+        draw.ellipse((cx + dx - bite, cy + dy - bite, cx + dx + bite, cy + dy + bite), fill=0)
+    else:
+        draw.polygon(_polygon(cx, cy, radius, angle, _UNIT_POLYGONS[shape]), fill=255)
+    return np.asarray(mask, dtype=np.float32) / 255.0
+
+
+def _texture(texture: str, n: int, rng: np.random.RandomState, scale: float):
+    """Return an ``n x n`` float pattern in [0, 1]: 1 picks the first color, 0 the second.
+
+    ``scale`` is canvas pixels per output pixel; the pattern period is 4-6 output pixels so it
+    survives downsampling, with a random orientation and phase.
+    """
+    period = rng.uniform(4.0, 6.0) * scale
+    angle = rng.uniform(0, math.pi)
+    phase_u, phase_v = rng.uniform(0, period, size=2)
+    coords = np.arange(n, dtype=np.float32)
+    y, x = np.meshgrid(coords, coords, indexing="ij")
+    u = x * math.cos(angle) + y * math.sin(angle) + phase_u
+    v = -x * math.sin(angle) + y * math.cos(angle) + phase_v
+    if texture == "solid":
+        return np.ones((n, n), np.float32)
+    if texture == "striped":
+        return (np.mod(u, period) < period / 2).astype(np.float32)
+    if texture == "dotted":
+        du = np.mod(u, period) - period / 2
+        dv = np.mod(v, period) - period / 2
+        return (du * du + dv * dv > (0.3 * period) ** 2).astype(np.float32)
+    if texture == "checkered":
+        return ((np.floor(u / period * 2) + np.floor(v / period * 2)) % 2).astype(np.float32)
+    if texture == "grid":
+        width = 0.3 * period
+        return ((np.mod(u, period) >= width) & (np.mod(v, period) >= width)).astype(np.float32)
+    if texture == "speckled":
+        cell = max(1, int(round(scale * 1.5)))
+        cells = -(-n // cell)
+        noise = rng.uniform(size=(cells, cells)) < 0.5
+        return np.kron(noise, np.ones((cell, cell)))[:n, :n].astype(np.float32)
+    raise ValueError(f"unknown texture {texture!r}")
+
+
+def _random_color(rng: np.random.RandomState) -> np.ndarray:
+    return rng.uniform(0, 255, size=3).astype(np.float32)
+
+
+def _contrasting_pair(rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
+    """Two colors whose brightness differs enough for a texture to be visible."""
+    first = _random_color(rng)
+    second = _random_color(rng)
+    gap = first.mean() - second.mean()
+    if abs(gap) < 80:
+        shift = (80 - abs(gap)) * (1 if gap >= 0 else -1)
+        first = np.clip(first + shift / 2, 0, 255)
+        second = np.clip(second - shift / 2, 0, 255)
+    return first, second
+
+
+def _background(n: int, rng: np.random.RandomState) -> np.ndarray:
+    """A two-color linear gradient in a random direction, with random clutter strokes."""
+    start, end = _random_color(rng), _random_color(rng)
+    angle = rng.uniform(0, 2 * math.pi)
+    coords = np.linspace(-0.5, 0.5, n, dtype=np.float32)
+    y, x = np.meshgrid(coords, coords, indexing="ij")
+    ramp = np.clip(x * math.cos(angle) + y * math.sin(angle) + 0.5, 0, 1)[..., None]
+    canvas = Image.fromarray(((1 - ramp) * start + ramp * end).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(rng.randint(2, 6)):
+        x0, y0, x1, y1 = rng.uniform(0, n, size=4)
+        color = tuple(int(c) for c in rng.randint(0, 256, size=3))
+        if rng.uniform() < 0.6:
+            draw.line((x0, y0, x1, y1), fill=color, width=int(rng.randint(1, 3) * SUPERSAMPLE))
+        else:
+            r = rng.uniform(1.5, 4) * SUPERSAMPLE
+            draw.ellipse((x0 - r, y0 - r, x0 + r, y0 + r), fill=color)
+    return np.asarray(canvas, dtype=np.float32)
+
+
+def render_image(texture: str, shape: str, size: int, rng: np.random.RandomState) -> Image.Image:
+    """Draw one ``size x size`` RGB image of a ``texture`` ``shape`` with random nuisances.
+
+    Parameters
+    ----------
+    texture : str
+        One of :data:`TEXTURES`.
+    shape : str
+        One of :data:`SHAPES`.
+    size : int
+        Output width and height in pixels.
+    rng : numpy.random.RandomState
+        The only source of randomness.
+
+    Returns
+    -------
+    PIL.Image.Image
+        An RGB image.
+    """
+    n = size * SUPERSAMPLE
+    background = _background(n, rng)
+    radius = rng.uniform(0.24, 0.40) * n
+    margin = 0.85 * radius
+    cx, cy = rng.uniform(margin, n - margin, size=2)
+    mask = _shape_mask(shape, n, cx, cy, radius, rng.uniform(0, 2 * math.pi))[..., None]
+    pattern = _texture(texture, n, rng, float(SUPERSAMPLE))[..., None]
+    first, second = _contrasting_pair(rng)
+    foreground = pattern * first + (1 - pattern) * second
+    canvas = mask * foreground + (1 - mask) * background
+    small = Image.fromarray(canvas.astype(np.uint8), "RGB").resize((size, size), Image.BOX)
+    noisy = np.asarray(small, np.float32) + rng.normal(0, rng.uniform(2, 12), (size, size, 3))
+    return Image.fromarray(np.clip(noisy + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+# --- the task on disk -------------------------------------------------------------------
+
+
+def _write_dataset(
+    folder: Path, classes: list[str], counts: dict[str, int], seed: int, stream: int, size: int
+) -> None:
+    """Write ``folder/<split>/<class>/<index>.png`` for every split and class.
+
+    Each (dataset, split, class) draws from its own RandomState, so changing one count does
+    not change the images of other classes or splits.
+    """
+    for split_id, split in enumerate(SPLITS):
+        for class_id, name in enumerate(classes):
+            texture, shape = name.split("-")
+            rng = np.random.RandomState([seed, stream, split_id, class_id])
+            class_dir = folder / split / name
+            class_dir.mkdir(parents=True)
+            for index in range(counts[split]):
+                image = render_image(texture, shape, size, rng)
+                # Fixed options and no metadata: the bytes depend on the pixels only.
+                image.save(class_dir / f"{index:05d}.png", format="PNG", compress_level=6)
+
+
+def _expected_counts(spec: TaskSpec) -> dict[str, dict[str, int]]:
+    return {
+        "source": {"train": spec.source_train_per_class, "test": spec.source_test_per_class},
+        "target": {"train": spec.target_train_per_class, "test": spec.target_test_per_class},
+    }
+
+
+def _manifest(spec: TaskSpec) -> dict:
+    return {
+        "version": TASK_VERSION,
+        "spec": asdict(spec),
+        "classes": {"source": source_classes(spec), "target": target_classes(spec)},
+        "images_per_class": _expected_counts(spec),
+    }
+
+
+def _is_complete(root: Path, manifest: dict) -> bool:
+    """True if ``root`` holds a finished task with exactly this manifest and file counts."""
+    try:
+        if json.loads((root / TASK_FILE).read_text()) != manifest:
+            return False
+        for dataset, classes in manifest["classes"].items():
+            for split, count in manifest["images_per_class"][dataset].items():
+                split_dir = root / dataset / split
+                if sorted(p.name for p in split_dir.iterdir()) != sorted(classes):
+                    return False
+                for name in classes:
+                    if sum(1 for p in (split_dir / name).iterdir() if p.suffix == ".png") != count:
+                        return False
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _remove_dead_partials(root: Path) -> None:
+    """Delete temporary directories left by generations whose process no longer runs."""
+    for path in root.parent.glob(f".{root.name}.partial-*"):
+        try:
+            pid = int(path.name.rsplit(".partial-", 1)[1].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
+
+
+def _looks_like_task(root: Path) -> bool:
+    """True if ``root`` may be replaced: empty, or made of our task files only."""
+    entries = {p.name for p in root.iterdir()}
+    return entries <= {"source", "target", TASK_FILE}
+
+
+def generate_task(root: str | Path, spec: TaskSpec = DEFAULT_SPEC) -> dict:
+    """Generate the synthetic transfer task under ``root``, or reuse it if already there.
+
+    ``root`` receives ``source/{train,test}/<class>/*.png``, ``target/{train,test}/<class>/*.png``
+    and ``task.json``. The task is built in a temporary sibling directory and renamed into
+    place after ``task.json`` is written, so an interrupted run never leaves a task that
+    looks complete. An existing task with other parameters is replaced.
+
+    Parameters
+    ----------
+    root : str or pathlib.Path
+        The task directory.
+    spec : TaskSpec, optional
+        Sizes and seed; :data:`DEFAULT_SPEC` by default.
+
+    Returns
+    -------
+    dict
+        ``{"source": Path, "target": Path, "spec": dict, "reused": bool,
+        "classes": {"source": [...], "target": [...]}}``.
+
+    Raises
+    ------
+    UsageError
+        If ``root`` exists and holds files that are not a synthetic task.
+    """
+    root = Path(root).absolute()
+    manifest = _manifest(spec)
+    result = {
+        "source": root / "source",
+        "target": root / "target",
+        "spec": asdict(spec),
+        "classes": manifest["classes"],
+    }
+    if _is_complete(root, manifest):
+        return {**result, "reused": True}
+    if root.exists() and not (root.is_dir() and _looks_like_task(root)):
+        raise UsageError(
+            f"{root} exists and is not a synthetic task directory; choose an empty or new "
+            "directory for the demo task."
+        )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_partials(root)
+    partial = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-{os.getpid()}-", dir=root.parent))
+    try:
+        for stream, dataset in enumerate(("source", "target")):
+            _write_dataset(
+                partial / dataset,
+                manifest["classes"][dataset],
+                manifest["images_per_class"][dataset],
+                spec.seed,
+                stream,
+                spec.image_size,
+            )
+        (partial / TASK_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        if root.exists():
+            # os.rename cannot replace a non-empty directory: move the old task aside first.
+            stale = partial.with_name(partial.name + "-stale")
+            root.rename(stale)
+            partial.rename(root)
+            shutil.rmtree(stale)
+        else:
+            partial.rename(root)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+    return {**result, "reused": False}
