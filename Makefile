@@ -17,7 +17,7 @@ $(STAMP): $(SETUP_INPUTS)
 	touch $(STAMP)
 
 train: setup
-	$(VENV)/bin/gluon-ft train --data hotdog --pretrained imagenet --out runs/hotdog-finetune $(ARGS)
+	$(VENV)/bin/gluon-ft train --data hotdog --pretrained imagenet $(ARGS)
 
 demo: setup
 	$(VENV)/bin/gluon-ft demo $(ARGS)

@@ -25,20 +25,22 @@ Several machines
 ----------------
 The same variables drive a real cluster; only the launcher changes.
 
-- MXNet's ``tools/launch.py`` (shipped in the wheel as ``mxnet/tools/launch.py``, with
+- MXNet's ``tools/launch.py`` (the wheel ships it as ``mxnet.tools.launch``, with
   ``dmlc_tracker``) starts the processes over ssh or MPI from a host file::
 
       python -m mxnet.tools.launch -n 4 -s 2 -H hosts --launcher ssh \\
           --sync-dst-dir /tmp/job gluon-ft train --kvstore dist_sync ...
 
-  It runs the scheduler on the submitting machine and sets ``DMLC_PS_ROOT_URI`` to its
-  address; set ``DMLC_INTERFACE`` (e.g. ``eth0``) when a machine has several networks.
+  It runs the scheduler on the submitting machine, sets ``DMLC_PS_ROOT_URI`` to its address
+  and runs the same command as workers and as servers (importing mxnet turns the latter
+  into servers that never return to the script). Set ``DMLC_INTERFACE`` (e.g. ``eth0``)
+  where a machine has several networks. It neither prefixes output nor fails fast.
 - On Kubernetes, the Kubeflow training operator's ``MXJob`` declares ``Scheduler``,
-  ``Server`` and ``Worker`` replica specs and injects the same ``DMLC_*`` variables into
-  each pod; the worker pods run the training command, the others ``python -c "import
-  mxnet"``.
+  ``Server`` and ``Worker`` replicas and injects the same ``DMLC_*`` variables into each
+  pod; all of them may run the training command, for the same reason.
 
-Either way each worker runs the same command as here, and reads its rank from ``kv.rank``.
+Either way each worker reads its rank from ``kv.rank``. Keep such a cluster on a private
+network: its servers unpickle what workers send them.
 """
 
 from __future__ import annotations
@@ -140,6 +142,16 @@ def launch(
     UsageError
         Bad arguments, a port already in use, or a command that cannot be started; nothing
         is left running.
+
+    Notes
+    -----
+    Unless the user chose a thread count (``OMP_NUM_THREADS`` or ``MXNET_OMP_MAX_THREADS``
+    in the environment or in ``env``), each worker gets ``cores // num_workers`` OpenMP
+    threads (at least 1) and the scheduler and servers 1 each.
+
+    SIGINT and SIGTERM are caught only when ``launch`` runs in the main thread. Processes
+    that leave their session (``setsid``, daemons) escape the cleanup, and so does the whole
+    cluster if the launcher itself is killed with SIGKILL.
     """
     _check_arguments(command, num_workers, num_servers, dead_timeout)
     port = _free_port(host) if port is None else _check_port_free(host, port)
@@ -365,7 +377,7 @@ def _supervise(
             continue
         running.discard(node)
         code = node.popen.returncode
-        if False:
+        if code != 0:
             others = len(running)
             say(f"{node.label} (pid {node.pid}) {_describe(code)}; stopping {others} other(s)")
             return 128 - code if code < 0 else code
@@ -392,7 +404,7 @@ def _stop(nodes: list[_Node], kill_after: float) -> bool:
     Groups whose leader has already exited are signalled too: anything the leader started
     is still in them. Returns whether anything was still running.
     """
-    alive = [node for node in nodes if _group_alive(node)]
+    alive = _running(nodes)
     for node in alive:
         _signal_group(node, signal.SIGTERM)
     if not _wait_gone(alive, kill_after):
@@ -404,18 +416,50 @@ def _stop(nodes: list[_Node], kill_after: float) -> bool:
 
 def _wait_gone(nodes: list[_Node], seconds: float) -> bool:
     deadline = time.monotonic() + seconds
-    while any(_group_alive(node) for node in nodes):
+    while _running(nodes):
         if time.monotonic() > deadline:
             return False
         time.sleep(POLL_SECONDS / 2)
     return True
 
 
-def _group_alive(node: _Node) -> bool:
-    if not node.exited.is_set():
-        return True
+def _running(nodes: list[_Node]) -> list[_Node]:
+    """The nodes whose process, or anything left in their process group, still runs."""
+    groups = _live_process_groups()
+    return [
+        node
+        for node in nodes
+        if not node.exited.is_set()
+        or (node.pid in groups if groups is not None else _group_signallable(node.pid))
+    ]
+
+
+def _live_process_groups() -> set[int] | None:
+    """Process group ids with a live (not zombie) member; None where there is no /proc.
+
+    killpg(pgid, 0) also succeeds for zombies, and orphaned zombies stay forever in a
+    container whose init does not reap them, so the launcher would wait for nothing.
+    """
+    if not os.path.isdir("/proc"):
+        return None
+    groups = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as stat:
+                # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+                state, _, pgrp = stat.read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if state != "Z":
+            groups.add(int(pgrp))
+    return groups
+
+
+def _group_signallable(pgid: int) -> bool:
     try:
-        os.killpg(node.pid, 0)
+        os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):
         return False
     return True
@@ -424,7 +468,7 @@ def _group_alive(node: _Node) -> bool:
 def _signal_group(node: _Node, signum: int) -> None:
     # The group id is the leader's pid (start_new_session). The kernel does not reuse a pid
     # while a group of that id has members; once the group is empty we stop signalling it
-    # (see _group_alive), which leaves only a pid wrap-around within seconds as a risk.
+    # (see _running), which leaves only a pid wrap-around within seconds as a risk.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(node.pid, signum)
 

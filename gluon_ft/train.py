@@ -21,6 +21,7 @@ from mxnet import autograd, gluon
 import gluon_ft
 from gluon_ft import data as gdata
 from gluon_ft.errors import DivergedError, UsageError
+from gluon_ft.freeze import log_table, micro_batches
 from gluon_ft.model import graft_new_head, load_source_model, scratch_twin
 
 
@@ -44,6 +45,11 @@ class TrainConfig:
     workers: int = 0
     seed: int = 0
     out: str | None = None
+    freeze: str = "none"  # none | a part (features, stage1..) | a regex on parameter names
+    bn: str = "freeze"  # BatchNorm of frozen parts: freeze (running statistics) | train
+    layer_lr_decay: float | None = None  # stage k from the top learns D**k as fast
+    unfreeze_at: str | None = None  # gradual unfreezing, "0:output,2:stage4,4:all"
+    accumulate: int = 1  # micro-batches per step (gradient accumulation, grad_req 'add')
     progress: bool = True
     log_every: int = 10  # steps between host reads of the running metrics
 
@@ -60,6 +66,17 @@ class TrainConfig:
             raise UsageError("--wd must be >= 0 and --momentum in [0, 1).")
         if self.workers < 0:
             raise UsageError("--workers must be >= 0.")
+        if self.accumulate > self.batch_size:
+            raise UsageError("--accumulate cannot exceed --batch-size (its micro-batches).")
+        self.freeze_plan().validate(self.epochs)
+
+    def freeze_plan(self):
+        """The :class:`gluon_ft.freeze.FreezePlan` of these settings."""
+        from gluon_ft.freeze import FreezePlan
+
+        return FreezePlan(
+            self.freeze, self.bn, self.layer_lr_decay, self.unfreeze_at, self.accumulate
+        )
 
 
 @dataclass
@@ -242,16 +259,22 @@ def train_epoch(net, trainer, loader, ctx, loss_fn, config: TrainConfig, bar=Non
         skipped += bad
         if images is None:
             continue
-        xs, ys = split_batch(images, labels, ctx)
-        with autograd.record():
-            outs = [net(gdata.normalize_batch(x, config.dtype)) for x in xs]
-            losses = [loss_fn(out, y) for out, y in zip(outs, ys)]
-        autograd.backward(losses)
-        if len(xs) < len(ctx):
-            zero_unused_grads(net, ctx[len(xs) :])
+        reached = 0  # contexts that got a slice of some micro-batch of this step
+        for part_images, part_labels in micro_batches(images, labels, config.accumulate):
+            xs, ys = split_batch(part_images, part_labels, ctx)
+            with autograd.record():
+                outs = [net(gdata.normalize_batch(x, config.dtype)) for x in xs]
+                losses = [loss_fn(out, y) for out, y in zip(outs, ys)]
+            # With --accumulate, grad_req is 'add': the micro-batches' gradients sum up.
+            autograd.backward(losses)
+            sums.add(outs, ys, losses)
+            reached = max(reached, len(xs))
+        if reached < len(ctx):
+            zero_unused_grads(net, ctx[reached:])
         # The summed gradient is divided by the samples in this step, over all contexts.
         trainer.step(len(labels))
-        sums.add(outs, ys, losses)
+        if config.accumulate > 1:
+            net.collect_params().zero_grad()
         if bar is not None:
             bar.update(1)
         if step % config.log_every == 0:
@@ -304,6 +327,16 @@ def train(config: TrainConfig) -> dict:
     train_split, test_split = load_dataset(config.data)
     classes = list(train_split.classes)
     net, source = build_network(config, len(classes), ctx)
+    plan = config.freeze_plan()
+    plan.setup(net)
+    # MXNet defers shapes to the first batch; one predict-mode pass of zeros (no statistics
+    # move) gives the parameter table its shapes and counts.
+    blank = mx.nd.zeros((1, config.image_size, config.image_size, 3), ctx=ctx[0], dtype="uint8")
+    net(gdata.normalize_batch(blank, config.dtype))
+    table_log = run.path / "trainable.txt"  # the parameter table, at the start and each change
+    table = log_table(table_log, net, "epoch 1: at the start")
+    if config.progress:
+        tqdm.write(f"{table.summary()} (table: {table_log})")
     net.hybridize(static_alloc=True, static_shape=True)
     trainer = make_trainer(net, config, ctx)
     mx.random.seed(config.seed)
@@ -334,6 +367,7 @@ def train(config: TrainConfig) -> dict:
         "mxnet": mx.__version__,
         "gluon_ft": gluon_ft.__version__,
         "threads": gluon_ft.THREAD_SETTINGS,
+        "frozen": plan.record(net),
     }
     run.write_json("config.json", resolved)
     run.write_json("classes.json", classes)
@@ -343,6 +377,13 @@ def train(config: TrainConfig) -> dict:
     for epoch in range(config.epochs):
         started = time.perf_counter()
         gdata.set_epoch(train_loader, epoch)
+        # Gradual unfreezing (--unfreeze-at); the Trainer sees grad_req at its next step.
+        unfrozen = [change.pattern for change in plan.at_epoch(net, epoch)]
+        if unfrozen:
+            heading = f"epoch {epoch + 1}: unfroze {', '.join(unfrozen)}"
+            table = log_table(table_log, net, heading)
+            if config.progress:
+                tqdm.write(f"{heading}: {table.summary()}")
         with tqdm(
             total=len(train_loader),
             desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -364,6 +405,11 @@ def train(config: TrainConfig) -> dict:
             examples_per_sec=sums.count / train_seconds if train_seconds else 0.0,
             seconds=time.perf_counter() - started,
             skipped=skipped,
+            extra={
+                "trainable_params": table.trainable_count,
+                "frozen_params": table.frozen_count,
+                **({"unfrozen": unfrozen} if unfrozen else {}),
+            },
         ).as_dict()
         history.append(row)
         if skipped:
@@ -378,6 +424,42 @@ def train(config: TrainConfig) -> dict:
         plot_curves(history, run.path / "curves.png")
     run.save_params(net)
     return {"run_dir": run.path, "history": history, "classes": classes}
+
+
+def pretrain(config: TrainConfig, out_file: str | Path) -> dict:
+    """Train a source model from scratch on ``config.data`` and save it as a params file.
+
+    Step 1 of the book's recipe. The params file is what ``--pretrained FILE.params``
+    accepts; a sidecar ``FILE.json`` keeps the model name and the source classes, so the graft
+    knows what it drops. The run directory (curves, metrics) goes to ``FILE.run/``. It is the
+    same training loop as :func:`train`, not a copy.
+
+    Raises
+    ------
+    UsageError
+        ``out_file`` is not a ``.params`` path or its folder cannot be written (checked before
+        any training), or the data is unusable.
+    """
+    from gluon_ft.model import sidecar_path
+
+    out_file = Path(out_file).expanduser()
+    if out_file.suffix != ".params":
+        raise UsageError(f"--out {out_file}: the pretrained model file must end in .params.")
+    try:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        probe = out_file.with_name(f".{out_file.name}.write-test")
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"Cannot write {out_file}: {err}") from None
+    config.pretrained = "none"
+    config.head_lr_mult = 1.0  # there is no new head when training from scratch
+    config.out = config.out or str(out_file.with_suffix(".run"))
+    result = train(config)
+    os.replace(result["run_dir"] / "model.params", out_file)
+    meta = {"model": config.model, "classes": result["classes"], "image_size": config.image_size}
+    sidecar_path(out_file).write_text(json.dumps(meta, indent=2) + "\n")
+    return {**result, "params_file": out_file}
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from gluon_ft.threads import usable_cores
 # that never connects, hence the modes that block and the timeouts on every test.
 WORKER = r'''
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +36,8 @@ import gluon_ft  # noqa: F401
 import mxnet as mx
 
 mode = sys.argv[1]
+if "ignore-sigterm" in sys.argv:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def listening_addresses():
@@ -212,6 +215,34 @@ def test_first_failing_worker_decides_the_exit_code_and_stops_the_rest(worker, t
     failed = re.search(r"\[launch\] worker (\d) \(pid (\d+)\) exited with code 7", output)
     assert failed, output
     assert f"[worker {failed[1]}] failing on purpose" in output
+    assert_nothing_left(port, output)
+
+
+class TimedStream(io.StringIO):
+    """A StringIO that remembers when each line was written."""
+
+    def __init__(self):
+        super().__init__()
+        self.times: list[tuple[float, str]] = []
+
+    def write(self, text: str) -> int:
+        self.times.append((time.monotonic(), text))
+        return super().write(text)
+
+
+@pytest.mark.timeout(60)
+def test_processes_that_ignore_sigterm_are_killed_within_dead_timeout(worker, tmp_path):
+    port = free_ports(1)[0]
+    out = TimedStream()
+    command = [*worker, "fail-one", str(tmp_path / "flag"), "ignore-sigterm"]
+    code = launch(command, 2, port=port, stream=out, dead_timeout=3)
+    returned_at = time.monotonic()
+    output = out.getvalue()
+    assert code == 7, output
+    failed_at = next(t for t, text in out.times if "exited with code 7" in text)
+    # SIGTERM was ignored, so the launcher waited dead_timeout / 3 before its SIGKILL, and
+    # still returned within dead_timeout of the failure.
+    assert 0.9 <= returned_at - failed_at < 3, output
     assert_nothing_left(port, output)
 
 
