@@ -2,11 +2,11 @@
 
 A checkpoint is a directory under ``RUN/checkpoints/``::
 
-    epoch-0002/                     after epoch 2 (interrupted ones: interrupted-epoch-0003-step-000017)
-      model.params                  the network's parameters (``save_parameters``)
-      optimizer.nd                  the optimizer's state arrays (``nd.save``: momentum, ...)
-      meta.json                     position, config, metrics so far, RNG scheme, optimizer
-                                    counters, and the size and SHA-1 of both files
+    epoch-0002/          after epoch 2 (on a signal: interrupted-epoch-0003-step-000017/)
+      model.params       the network's parameters (``save_parameters``)
+      optimizer.nd       the optimizer's state arrays (``nd.save``: momentum, ...)
+      meta.json          position, config, metrics so far, RNG scheme, optimizer counters,
+                         and the size and SHA-1 of both files
 
 It is written under a temporary name (``.epoch-0002.tmp-<pid>``) and renamed into place only
 when complete, so a process killed at any moment leaves either the whole checkpoint or a
@@ -116,10 +116,10 @@ def _flatten_state(state, key: str, arrays: dict) -> dict | None:
     if isinstance(state, mx.nd.NDArray):
         arrays[key] = state.as_in_context(mx.cpu())
         return {"array": key}
-    if isinstance(state, (tuple, list)):
+    if isinstance(state, tuple | list):
         items = [_flatten_state(s, f"{key}/{i}", arrays) for i, s in enumerate(state)]
         return {"tuple" if isinstance(state, tuple) else "list": items}
-    if isinstance(state, (int, float, bool)):
+    if isinstance(state, int | float | bool):
         return {"value": state}
     raise TypeError(f"cannot store optimizer state of type {type(state).__name__}")
 
@@ -389,5 +389,7 @@ def restore_checkpoint(checkpoint: Checkpoint, net: gluon.Block, trainer: gluon.
         arrays = mx.nd.load(str(checkpoint.path / OPTIMIZER_FILE))
     except mx.base.MXNetError as err:
         raise UsageError(f"{checkpoint.path / OPTIMIZER_FILE} is unreadable: {err}") from None
-    restore_optimizer_state(trainer, net, arrays if isinstance(arrays, dict) else {}, checkpoint.meta["optimizer"])
+    if not isinstance(arrays, dict):  # nd.save of an empty dict loads as an empty list
+        arrays = {}
+    restore_optimizer_state(trainer, net, arrays, checkpoint.meta["optimizer"])
     return checkpoint.meta

@@ -14,6 +14,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -80,14 +81,42 @@ def hotdog_root(
     return nested if (nested / "train").is_dir() else extracted
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode an image file as 8-bit RGB.
+class UnreadableImageError(OSError):
+    """An image file that cannot be used: not an image, truncated, empty, or a bomb."""
+
+
+def load_image(path: str | Path | BinaryIO) -> Image.Image:
+    """Decode an image file (a path or an open binary file) as 8-bit RGB.
 
     Raises
     ------
-    OSError, ValueError, Image.DecompressionBombError
-        The file is unreadable, not an image, or larger than PIL's pixel limit.
+    UnreadableImageError
+        The file is empty, unreadable, not an image, truncated, or larger than PIL's pixel
+        limit (a possible decompression bomb, refused before its pixels are decoded). The
+        message is the reason, for per-file reports.
     """
+    try:
+        return _decode_rgb(path)
+    except UnreadableImageError:
+        raise
+    except FileNotFoundError:
+        raise UnreadableImageError("file not found") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UnreadableImageError(
+            f"more than {Image.MAX_IMAGE_PIXELS} pixels: refused as a possible decompression bomb"
+        ) from None
+    except Image.UnidentifiedImageError:
+        raise UnreadableImageError("not an image (no image format recognizes it)") from None
+    except Exception as err:  # noqa: BLE001  PIL raises many types on corrupt data
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise UnreadableImageError(
+            f"cannot decode ({type(err).__name__}{': ' + detail if detail else ''})"
+        ) from None
+
+
+def _decode_rgb(path: str | Path | BinaryIO) -> Image.Image:
+    if isinstance(path, str | Path) and os.path.getsize(path) == 0:
+        raise UnreadableImageError("empty file (0 bytes)")
     with warnings.catch_warnings():
         # Beyond MAX_IMAGE_PIXELS PIL only warns; a bomb must be refused, not loaded.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -123,6 +152,19 @@ class ImageFolderSplit:
         return np.array([label for _, label in self.items], dtype=np.int64)
 
 
+def list_class_files(root: Path) -> dict[str, list[Path]]:
+    """``{class: sorted image files}`` of ``root/<class>/``, classes sorted, hidden ones skipped."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return {
+        name: sorted(
+            f
+            for f in (root / name).rglob("*")
+            if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+        )
+        for name in classes
+    }
+
+
 def scan_split(root: str | Path) -> ImageFolderSplit:
     """List ``root/<class>/*`` image files; classes are the sorted folder names.
 
@@ -134,17 +176,14 @@ def scan_split(root: str | Path) -> ImageFolderSplit:
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"{root} is not a folder; expected {root}/<class>/<image files>.")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_files = list_class_files(root)
+    classes = list(class_files)
     if not classes:
         raise UsageError(f"{root} has no class folders; expected {root}/<class>/<image files>.")
     items = []
     empty = []
     for label, name in enumerate(classes):
-        files = sorted(
-            f
-            for f in (root / name).rglob("*")
-            if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
-        )
+        files = class_files[name]
         if not files:
             empty.append(name)
         items.extend((str(f), label) for f in files)
@@ -189,6 +228,60 @@ def scan_dataset(root: str | Path) -> tuple[ImageFolderSplit, ImageFolderSplit]:
             f"{root} has a single class ({train.classes[0]}); a classifier needs two or more."
         )
     return train, test
+
+
+def check_dataset(root: str | Path, crop: int) -> dict:
+    """Decode every image under ``root/train`` and ``root/test``; report what training meets.
+
+    Parameters
+    ----------
+    root : str or Path
+        The dataset folder (``train/<class>/*``, ``test/<class>/*``).
+    crop : int
+        The training crop (``--image-size``); smaller images are listed, as training upscales
+        them.
+
+    Returns
+    -------
+    dict
+        ``{"root", "crop", "problems": [why training would refuse the folder], "splits":
+        {split: {class: {"images": n, "unreadable": [{"path", "reason"}], "small": [{"path",
+        "size": [w, h]}]}}}}``, paths relative to ``root``.
+    """
+    root = Path(root)
+    problems = []
+    try:
+        scan_dataset(root)
+    except UsageError as err:
+        problems.append(str(err))
+    splits: dict = {}
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            continue
+        splits[split] = {}
+        for name, files in list_class_files(root / split).items():
+            unreadable, small = [], []
+            for file in files:
+                relative = str(file.relative_to(root))
+                try:
+                    width, height = load_image(file).size
+                except UnreadableImageError as err:
+                    unreadable.append({"path": relative, "reason": str(err)})
+                    continue
+                if min(width, height) < crop:
+                    small.append({"path": relative, "size": [width, height]})
+            splits[split][name] = {"images": len(files), "unreadable": unreadable, "small": small}
+    return {"root": str(root), "crop": crop, "problems": problems, "splits": splits}
+
+
+def unreadable_in(report: dict) -> list[dict]:
+    """Every ``{"path", "reason"}`` of a :func:`check_dataset` report, over splits and classes."""
+    return [
+        bad
+        for classes in report["splits"].values()
+        for counts in classes.values()
+        for bad in counts["unreadable"]
+    ]
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -271,7 +364,7 @@ class TransformedSplit:
         path, label = self.split.items[index]
         try:
             img = load_image(path)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        except UnreadableImageError:
             return None
         return self.transform(img, sample_rng(self.seed, epoch, index)), label
 
@@ -312,10 +405,16 @@ class EpochBatchSampler:
         self.shard = shard
         self.num_shards = num_shards
         self.epoch = 0
+        self.first_batch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose order and augmentation the next iteration yields."""
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        """Choose the epoch whose order and augmentation the next iteration yields.
+
+        ``first_batch`` skips the epoch's first batches without decoding them: the steps an
+        interrupted run already took before it was resumed.
+        """
         self.epoch = epoch
+        self.first_batch = first_batch
 
     def indices(self) -> np.ndarray:
         """Return this shard's sample indices for the current epoch, in order."""
@@ -326,11 +425,11 @@ class EpochBatchSampler:
 
     def __iter__(self):
         mine = self.indices()
-        for start in range(0, len(mine), self.batch_size):
+        for start in range(self.first_batch * self.batch_size, len(mine), self.batch_size):
             yield [(int(i), self.epoch) for i in mine[start : start + self.batch_size]]
 
     def __len__(self) -> int:
-        return math.ceil(len(self.indices()) / self.batch_size)
+        return max(0, math.ceil(len(self.indices()) / self.batch_size) - self.first_batch)
 
 
 def make_loader(
@@ -355,9 +454,9 @@ def make_loader(
     return DataLoader(dataset, batch_sampler=sampler, batchify_fn=collate, num_workers=workers)
 
 
-def set_epoch(loader, epoch: int) -> None:
-    """Make ``loader`` yield epoch ``epoch``'s order and augmentation."""
-    loader._batch_sampler.set_epoch(epoch)
+def set_epoch(loader, epoch: int, first_batch: int = 0) -> None:
+    """Make ``loader`` yield epoch ``epoch``'s order and augmentation, from ``first_batch``."""
+    loader._batch_sampler.set_epoch(epoch, first_batch)
 
 
 def normalize_batch(images, dtype: str = "float32"):

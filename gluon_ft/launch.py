@@ -60,12 +60,11 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from gluon_ft import THREAD_SETTINGS
-from gluon_ft.errors import UsageError
+from gluon_ft.errors import Interrupted, UsageError
 from gluon_ft.threads import THREAD_VARIABLES, usable_cores
 
 # Importing mxnet is all a scheduler or server needs (see the module docstring).
 PS_LOOP_COMMAND = (sys.executable, "-c", "import mxnet")
-INTERRUPTED = 130
 # How often the launcher looks at its stop flag and its deadlines.
 POLL_SECONDS = 0.1
 
@@ -299,8 +298,10 @@ def _start(
     out: TextIO,
     readers: list[threading.Thread],
 ) -> _Node:
-    """Start one process in a new session, with a thread relaying its output and one
-    reporting its exit (so failures are seen in the order they happen)."""
+    """Start one process in a new session, with threads relaying its output and its exit.
+
+    A thread per exit, rather than polling, reports failures in the order they happen.
+    """
     try:
         popen = subprocess.Popen(
             argv,
@@ -363,7 +364,7 @@ def _supervise(
     while running:
         if stop.is_set():
             say("interrupted; stopping the cluster")
-            return INTERRUPTED
+            return Interrupted.exit_code
         try:
             node = exits.get(timeout=POLL_SECONDS)
         except queue.Empty:

@@ -1,10 +1,17 @@
-"""Source models, the graft of their features onto a new output, and scratch twins.
+"""Source models, the graft of their body onto a new classifier, and scratch twins.
 
 The book's recipe in three named steps::
 
     source = load_source_model("resnet18_v2", "imagenet")      # pretrained_net
     net = graft_new_head(source, num_classes=2, head_lr_mult=10)  # finetune_net
     twin = scratch_twin("resnet18_v2", num_classes=2)             # scratch_net
+
+It works for every classifier in :mod:`gluon_ft.zoo`. The zoos do not agree on where the
+classifier lives (``output``, ``fc``, ``classifier``, ``output.0`` after SqueezeNet's features,
+``out.3`` after NASNet's dropout), so the head is found from the block tree: the last layer that
+holds weights, which must be a Dense or a 1x1 convolution. :func:`split_head` returns it with
+the body (everything else); the graft shares the source's body blocks and keeps the zoo's own
+new N-class layer, so pooling, flatten and dropout stay where each network puts them.
 """
 
 from __future__ import annotations
@@ -17,11 +24,10 @@ from pathlib import Path
 import mxnet as mx
 from mxnet import gluon
 
+from gluon_ft import zoo
 from gluon_ft.data import mxnet_home
 from gluon_ft.errors import UsageError
-
-# Attribute names under which the zoo networks keep their classifier, in lookup order.
-HEAD_NAMES = ("output", "fc")
+from gluon_ft.zoo import model_store_file  # noqa: F401  (part of this module's interface)
 
 
 @dataclass
@@ -35,71 +41,129 @@ class SourceModel:
     weights: str  # "imagenet", "none" or the params file
 
 
-def _zoo_constructor(name: str):
-    """Return ``(get_model, family)`` for a model name from Gluon's or GluonCV's zoo."""
-    from mxnet.gluon.model_zoo import vision
-
-    try:
-        vision.get_model(name)  # cheap: builds the block, allocates nothing
-        return vision.get_model, "gluon"
-    except ValueError:
-        pass
-    import gluoncv
-
-    if name.lower() in gluoncv.model_zoo.get_model_list():
-        return gluoncv.model_zoo.get_model, "gluoncv"
-    from difflib import get_close_matches
-
-    names = sorted(set(vision_model_names()) | set(gluoncv.model_zoo.get_model_list()))
-    close = get_close_matches(name, names, n=5, cutoff=0.5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise UsageError(f"Unknown model {name!r}.{hint} `gluon-ft models` lists every name.")
-
-
-def vision_model_names() -> list[str]:
-    """Names of the Gluon model zoo (``mxnet.gluon.model_zoo.vision``)."""
-    from mxnet.gluon.model_zoo import vision
-
-    return sorted(
-        n
-        for n in dir(vision)
-        if n[0].islower() and any(ch.isdigit() for ch in n) and callable(getattr(vision, n))
-    )
-
-
 def build_model(name: str, num_classes: int) -> gluon.HybridBlock:
     """Build a zoo network with ``num_classes`` outputs and uninitialized parameters."""
-    get_model, _ = _zoo_constructor(name)
-    return get_model(name, classes=num_classes)
+    return zoo.build(name, num_classes)
+
+
+def _walk(block: gluon.Block, prefix: str = ""):
+    """Yield ``(path, block)`` for every descendant, parents first, in registration order."""
+    for name, child in block._children.items():
+        path = f"{prefix}{name}"
+        yield path, child
+        yield from _walk(child, path + ".")
+
+
+def is_classifier_layer(block: gluon.Block) -> bool:
+    """A Dense layer, or a 1x1 convolution (SqueezeNet, MobileNet V2/V3)."""
+    if isinstance(block, gluon.nn.Dense):
+        return True
+    return isinstance(block, gluon.nn.Conv2D) and tuple(block._kwargs["kernel"]) == (1, 1)
+
+
+def head_outputs(head: gluon.Block) -> int:
+    """Number of classes a classifier layer predicts."""
+    return head._units if isinstance(head, gluon.nn.Dense) else head._channels
 
 
 def get_head(net: gluon.Block) -> tuple[str, gluon.Block]:
-    """Return ``(attribute name, block)`` of the network's classifier layer."""
-    for attr in HEAD_NAMES:
-        head = getattr(net, attr, None)
-        if isinstance(head, gluon.Block):
-            return attr, head
-    raise UsageError(f"{type(net).__name__} has no classifier named {' or '.join(HEAD_NAMES)}.")
+    """Return ``(path, block)`` of the network's classifier layer.
+
+    The classifier is the last layer holding weights, in the order the network registered its
+    blocks: ``output`` (Gluon ResNets, VGG), ``fc`` (GluonCV ResNet V1b/c/d, ResNeSt),
+    ``output.0`` (SqueezeNet, MobileNet V2/V3), ``out.3`` (NASNet), ``classifier`` (HRNet).
+    Blocks after it (SqueezeNet's pooling and flatten) hold no weights and are not the head.
+
+    Raises
+    ------
+    UsageError
+        The last weighted layer is not a Dense or 1x1 convolution.
+    """
+    weighted = [(p, b) for p, b in _walk(net) if not b._children and b._reg_params]
+    if weighted and is_classifier_layer(weighted[-1][1]):
+        return weighted[-1]
+    last = f"{weighted[-1][0]} ({type(weighted[-1][1]).__name__})" if weighted else "nothing"
+    raise UsageError(
+        f"{type(net).__name__} does not end in a classifier layer (Dense or 1x1 convolution); "
+        f"its last layer with weights is {last}."
+    )
 
 
-def model_store_file(name: str) -> Path:
-    """Path where the model store keeps ``name``'s ImageNet weights (not necessarily present)."""
-    get_model, family = _zoo_constructor(name)
-    if family == "gluon":
-        from mxnet.gluon.model_zoo.model_store import short_hash
-    else:
-        from gluoncv.model_zoo.model_store import short_hash
-    try:
-        return mxnet_home() / "models" / f"{name}-{short_hash(name)}.params"
-    except (KeyError, ValueError):
-        raise UsageError(f"{name} has no ImageNet weights in its model store.") from None
+@dataclass
+class HeadSplit:
+    """A network cut into its classifier (the head) and everything else (the body).
+
+    ``body`` lists ``(path, block)`` for the blocks beside the path from the root to the head:
+    ``[("features", ...)]`` for the book's networks, ``[("conv1", ...), ("bn1", ...),
+    ("layer1", ...), ...]`` for GluonCV's ResNet V1b, and for SqueezeNet ``features`` plus the
+    weightless pooling and flatten that follow its 1x1 convolution.
+    """
+
+    net: gluon.Block
+    head_path: str
+    head: gluon.Block
+    body: list[tuple[str, gluon.Block]]
+
+    def head_params(self) -> dict[str, gluon.Parameter]:
+        """The head's parameters by attribute path (``output.weight``), as saved to files."""
+        return self.head._collect_params_with_prefix(self.head_path + ".")
+
+    def body_params(self) -> dict[str, gluon.Parameter]:
+        """Every other parameter by attribute path (``features.0.weight``)."""
+        params: dict[str, gluon.Parameter] = {}
+        for path, block in self.body:
+            params.update(block._collect_params_with_prefix(path + "."))
+        return params
+
+
+def split_head(net: gluon.Block) -> HeadSplit:
+    """Return the network's head (see :func:`get_head`) and its body.
+
+    Every parameter of ``net`` is in exactly one of ``head_params()`` and ``body_params()``.
+
+    Raises
+    ------
+    UsageError
+        No classifier layer, or weights held by a block on the way to the head itself (which
+        neither part could own).
+    """
+    head_path, head = get_head(net)
+    body = []
+    block, prefix = net, ""
+    for part in head_path.split("."):
+        if block._reg_params:
+            raise UsageError(
+                f"{type(net).__name__}: {prefix.rstrip('.') or 'the network'} holds weights "
+                "of its own on the way to the classifier; it cannot be split into body and head."
+            )
+        body.extend(
+            (prefix + name, child) for name, child in block._children.items() if name != part
+        )
+        block, prefix = block._children[part], f"{prefix}{part}."
+    return HeadSplit(net, head_path, head, body)
+
+
+def _block_at(net: gluon.Block, path: str) -> gluon.Block:
+    block = net
+    for part in path.split("."):
+        block = block._children[part]
+    return block
+
+
+def _replace_block(net: gluon.Block, path: str, new: gluon.Block) -> None:
+    """Put ``new`` at ``path``: as the attribute it is (``net.features = ...``), else by index."""
+    parent_path, _, name = path.rpartition(".")
+    parent = _block_at(net, parent_path) if parent_path else net
+    if getattr(parent, name, None) is parent._children[name]:
+        setattr(parent, name, new)
+    else:  # a numbered child of a Sequential
+        parent.register_child(new, name)
 
 
 def _load_imagenet(name: str) -> gluon.HybridBlock:
-    get_model, _ = _zoo_constructor(name)
-    target = model_store_file(name)
+    target = model_store_file(name)  # raises for the models GluonCV publishes no weights for
     try:
-        return get_model(name, pretrained=True, root=str(mxnet_home() / "models"))
+        return zoo.build(name, 1000, pretrained=True, root=str(mxnet_home() / "models"))
     except Exception as err:  # the model stores raise bare requests/OSError/ValueError
         raise UsageError(
             f"Could not load the ImageNet weights of {name} ({type(err).__name__}: "
@@ -174,9 +238,10 @@ def load_source_model(name: str, pretrained: str = "imagenet") -> SourceModel:
     UsageError
         Unknown model, weights that cannot be had, or a params file of another architecture.
     """
+    name = zoo.lookup(name).name
     if pretrained == "imagenet":
         net = _load_imagenet(name)
-        return SourceModel(name, net, get_head(net)[1]._units, None, "imagenet")
+        return SourceModel(name, net, head_outputs(get_head(net)[1]), None, "imagenet")
     if pretrained == "none":
         net = build_model(name, 1000)
         net.initialize(mx.init.Xavier(), ctx=mx.cpu())
@@ -192,10 +257,13 @@ def graft_new_head(
     head_lr_mult: float = 10.0,
     ctx: list[mx.Context] | None = None,
 ) -> gluon.HybridBlock:
-    """Return a new network: ``source``'s features under a new ``num_classes`` classifier.
+    """Return a new network: ``source``'s body under a new ``num_classes`` classifier.
 
-    This is the book's ``finetune_net.features = pretrained_net.features``: the features are
-    shared (the same Parameters), the new head is Xavier-initialized and learns
+    For the book's networks (``features`` + ``output``) this is the book's
+    ``finetune_net.features = pretrained_net.features``. For the others, every body block of
+    :func:`split_head` is taken from the source the same way: the body is shared (the same
+    Parameters), and only the classifier layer is new: the zoo's own N-class layer of the same
+    kind (Dense, or 1x1 convolution for SqueezeNet and MobileNet), Xavier-initialized, learning
     ``head_lr_mult`` times faster.
 
     Parameters
@@ -211,11 +279,18 @@ def graft_new_head(
     """
     ctx = ctx or [mx.cpu()]
     net = build_model(source.name, num_classes)
-    head_attr, _ = get_head(net)
-    net.features = source.net.features
-    head = getattr(net, head_attr)
-    head.initialize(mx.init.Xavier(), ctx=ctx)
-    head.collect_params().setattr("lr_mult", head_lr_mult)
+    split = split_head(net)
+    if split.head_path == "output" and [path for path, _ in split.body] == ["features"]:
+        net.features = source.net.features  # the book's graft, verbatim
+    else:
+        for path, _ in split.body:
+            _replace_block(net, path, _block_at(source.net, path))
+    # The zoo's own initializer would win over the one passed to initialize() (VGG's head asks
+    # for a normal(0.01)); the book's new head is Xavier.
+    for param in split.head.collect_params().values():
+        param.init = None
+    split.head.initialize(mx.init.Xavier(), ctx=ctx)
+    split.head.collect_params().setattr("lr_mult", head_lr_mult)
     # The source lives on the CPU; without this, forward on a GPU raises
     # "Parameter ... was not initialized on context".
     net.collect_params().reset_ctx(ctx)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ from mxnet import autograd, gluon
 
 import gluon_ft
 from gluon_ft import data as gdata
-from gluon_ft.errors import DivergedError, UsageError
+from gluon_ft.errors import DivergedError, Interrupted, UsageError
 from gluon_ft.freeze import log_table, micro_batches
 from gluon_ft.model import graft_new_head, load_source_model, scratch_twin
 
@@ -52,6 +54,8 @@ class TrainConfig:
     accumulate: int = 1  # micro-batches per step (gradient accumulation, grad_req 'add')
     progress: bool = True
     log_every: int = 10  # steps between host reads of the running metrics
+    resume: bool = False  # continue --out from its last complete checkpoint
+    strict: bool = False  # refuse a dataset with unreadable images instead of skipping them
 
     def validate(self) -> None:
         """Raise :class:`UsageError` for values no run can use."""
@@ -66,6 +70,8 @@ class TrainConfig:
             raise UsageError("--wd must be >= 0 and --momentum in [0, 1).")
         if self.workers < 0:
             raise UsageError("--workers must be >= 0.")
+        if self.resume and not self.out:
+            raise UsageError("--resume needs --out RUN_DIR: the run directory to continue.")
         if self.accumulate > self.batch_size:
             raise UsageError("--accumulate cannot exceed --batch-size (its micro-batches).")
         self.freeze_plan().validate(self.epochs)
@@ -210,6 +216,20 @@ class MetricSums:
         correct = sum(x.asscalar() for x in self.correct)
         return float(loss) / self.count, float(correct) / self.count
 
+    def totals(self) -> dict:
+        """The raw sums as JSON numbers, for the checkpoint of an interrupted epoch."""
+        return {
+            "loss": float(sum(x.asscalar() for x in self.loss)),
+            "correct": float(sum(x.asscalar() for x in self.correct)),
+            "count": self.count,
+        }
+
+    def add_totals(self, totals: dict) -> None:
+        """Add sums saved by :meth:`totals`: the steps a resumed epoch took before."""
+        self.loss[0] += totals["loss"]
+        self.correct[0] += totals["correct"]
+        self.count += int(totals["count"])
+
 
 def split_batch(images: np.ndarray, labels: np.ndarray, ctx: list[mx.Context]):
     """Load a host batch onto the contexts in near-equal slices, as ``split_and_load``.
@@ -301,8 +321,176 @@ def default_out(config: TrainConfig) -> str:
     return str(Path("runs") / f"{data}-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+# Checkpoints, --resume and interruption. Settings that a resumed run may change, because
+# they do not change what is computed:
+RESUMABLE_CHANGES = frozenset(
+    {"epochs", "workers", "progress", "log_every", "resume", "strict", "out"}
+)
+
+
+class StopRequest:
+    """SIGINT and SIGTERM ask the loop to stop between two steps; a second signal stops at once.
+
+    Signals can only be caught in the main thread; elsewhere this never fires.
+    """
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+
+def step_seed(seed: int, epoch: int, step: int) -> int:
+    """The ``mx.random`` seed of one step, so a resumed run draws what the whole run drew."""
+    return int(np.random.SeedSequence([seed, epoch, step]).generate_state(1)[0]) % 2**31
+
+
+class EpochSteps:
+    """An epoch's batches from ``first_step`` on, each step under its own ``mx.random`` seed.
+
+    Stops between two steps once ``stop`` has fired. ``done`` counts the epoch's finished
+    steps (those before ``first_step`` included); ``total`` is the epoch's step count.
+    """
+
+    def __init__(self, loader, seed: int, epoch: int, first_step: int, stop: StopRequest):
+        self.loader = loader
+        self.seed = seed
+        self.epoch = epoch
+        self.stop = stop
+        self.done = first_step
+        self.total = first_step + len(loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for step, batch in enumerate(self.loader, self.done + 1):
+            if self.stop.signal:
+                return
+            mx.random.seed(step_seed(self.seed, self.epoch, step))
+            yield batch
+            self.done = step  # the loop asked for the next batch: this step is complete
+
+
+def checkpoint_meta(
+    config: TrainConfig, epoch: int, step: int, history: list, partial: dict | None, reason: str
+) -> dict:
+    """What a checkpoint records besides the arrays (see :mod:`gluon_ft.checkpoint`)."""
+    return {
+        "epoch": epoch,
+        "step": step,
+        "reason": reason,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": asdict(config),
+        "history": history,
+        "partial": partial,
+        "rng": {
+            "seed": config.seed,
+            "order": "np.random.default_rng([seed, epoch]).permutation",
+            "augmentation": "np.random.default_rng([seed, epoch, sample index])",
+            "mxnet": "mx.random.seed(step_seed(seed, epoch, step)) before each step",
+        },
+    }
+
+
+def find_resume_checkpoint(run_dir: Path, config: TrainConfig):
+    """Return ``(checkpoint or None, notes)`` for ``--resume`` of ``run_dir`` with ``config``.
+
+    Raises
+    ------
+    UsageError
+        ``run_dir`` holds no run, or its settings differ from ``config`` in more than
+        :data:`RESUMABLE_CHANGES`.
+    """
+    from gluon_ft.checkpoint import latest_checkpoint, remove_stale_temporaries
+
+    if not (run_dir / "config.json").is_file():
+        raise UsageError(
+            f"--resume: {run_dir} holds no run to continue (it has no config.json). Check "
+            "--out, or leave out --resume to start a new run."
+        )
+    removed = remove_stale_temporaries(run_dir / "checkpoints")
+    checkpoint, notes = latest_checkpoint(run_dir / "checkpoints")
+    notes = [n for n in notes if not any(n.startswith(p.name) for p in removed)]
+    notes += [f"{p.name}: removed, an unfinished checkpoint of a stopped process" for p in removed]
+    if checkpoint is not None:
+        saved = checkpoint.meta.get("config", {})
+        current = json.loads(json.dumps(asdict(config)))
+        changed = [
+            f"--{key.replace('_', '-')} was {saved[key]!r}, now {value!r}"
+            for key, value in current.items()
+            if key not in RESUMABLE_CHANGES and key in saved and saved[key] != value
+        ]
+        if changed:
+            raise UsageError(
+                f"--resume: the settings differ from the run in {run_dir}: {'; '.join(changed)}. "
+                "Repeat the original command with --resume; only --epochs, --workers and "
+                "--no-progress may change."
+            )
+    return checkpoint, notes
+
+
+def check_params_finite(net: gluon.Block, lr: float) -> None:
+    """Stop a run whose weights overflowed: a last step can do so while its loss was finite."""
+    sums = [p.list_data()[0].astype("float32").sum() for p in net.collect_params().values()]
+    if sums and not math.isfinite(float(mx.nd.add_n(*sums).asscalar())):
+        raise DivergedError(
+            f"The parameters became NaN or infinite (lr {lr:g}). Lower --lr or check the data."
+        )
+
+
+def diverged_since(err: DivergedError, epoch: int, last) -> DivergedError:
+    """``err`` with the epoch and the last good checkpoint, for the exit-3 message."""
+    if last is None:
+        where = "No checkpoint was saved before it diverged."
+    else:
+        where = f"The last good checkpoint is {last.path} ({last.describe()})."
+    return DivergedError(f"Epoch {epoch + 1}: {err} {where}")
+
+
+def interrupted_at(stop: StopRequest, last) -> Interrupted:
+    """The exit-130 error once a signal stopped the run and its checkpoint is saved."""
+    if last is None:
+        return Interrupted(f"Stopped by {stop.signal} before the first step; nothing to save.")
+    return Interrupted(
+        f"Stopped by {stop.signal}; saved checkpoint {last.path} ({last.describe()}). "
+        "Continue with the same command and --resume."
+    )
+
+
+def require_readable(train_split: gdata.ImageFolderSplit, image_size: int) -> None:
+    """``--strict``: refuse a dataset with any unreadable image, listing them."""
+    report = gdata.check_dataset(train_split.root.parent, image_size)
+    bad = gdata.unreadable_in(report)
+    if bad:
+        shown = "; ".join(f"{b['path']} ({b['reason']})" for b in bad[:20])
+        more = f"; and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise UsageError(
+            f"--strict: {len(bad)} unreadable image file(s) in {report['root']}: {shown}{more}. "
+            "Remove or replace them, or leave out --strict to skip them."
+        )
+
+
 def train(config: TrainConfig) -> dict:
     """Run the fine-tuning (or scratch) recipe and write the run directory.
+
+    Every epoch ends with a checkpoint (``checkpoints/epoch-NNNN``); ``config.resume``
+    continues from the last complete one, and gives the same parameters as a run that was
+    never stopped. SIGINT or SIGTERM stops between two steps and saves a checkpoint first.
 
     Returns
     -------
@@ -314,8 +502,15 @@ def train(config: TrainConfig) -> dict:
     UsageError
         Bad settings or data (exit 2).
     DivergedError
-        NaN or infinite loss (exit 3).
+        NaN or infinite loss (exit 3); the message names the last good checkpoint.
+    Interrupted
+        SIGINT or SIGTERM (exit 130), after the checkpoint is saved.
     """
+    with StopRequest() as stop:
+        return _train(config, stop)
+
+
+def _train(config: TrainConfig, stop: StopRequest) -> dict:
     from tqdm.auto import tqdm
 
     from gluon_ft.plots import plot_curves
@@ -323,9 +518,15 @@ def train(config: TrainConfig) -> dict:
     config.validate()
     ctx = parse_contexts(config.ctx)
     run = RunDirectory(config.out or default_out(config))
-    run.prepare()
+    resumed, notes = find_resume_checkpoint(run.path, config) if config.resume else (None, [])
+    for note in notes:
+        tqdm.write(f"warning: --resume passed over checkpoints/{note}")
+    run.prepare(resume=config.resume)
     train_split, test_split = load_dataset(config.data)
+    if config.strict:
+        require_readable(train_split, config.image_size)
     classes = list(train_split.classes)
+    mx.random.seed(config.seed)  # before the graft: the new head's initialization draws from it
     net, source = build_network(config, len(classes), ctx)
     plan = config.freeze_plan()
     plan.setup(net)
@@ -339,7 +540,12 @@ def train(config: TrainConfig) -> dict:
         tqdm.write(f"{table.summary()} (table: {table_log})")
     net.hybridize(static_alloc=True, static_shape=True)
     trainer = make_trainer(net, config, ctx)
-    mx.random.seed(config.seed)
+    if resumed is not None:
+        from gluon_ft.checkpoint import restore_checkpoint
+
+        restore_checkpoint(resumed, net, trainer)
+        if config.progress:
+            tqdm.write(f"resuming from {resumed.path} ({resumed.describe()})")
 
     train_loader = gdata.make_loader(
         train_split,
@@ -373,10 +579,17 @@ def train(config: TrainConfig) -> dict:
     run.write_json("classes.json", classes)
 
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-    history: list[dict] = []
-    for epoch in range(config.epochs):
+    from gluon_ft.checkpoint import save_checkpoint
+
+    history: list[dict] = list(resumed.meta["history"]) if resumed else []
+    start_epoch, start_step = resumed.position if resumed else (0, 0)
+    partial = resumed.meta.get("partial") if resumed and resumed.step else None
+    last_checkpoint = resumed
+    for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
-        gdata.set_epoch(train_loader, epoch)
+        first_step = start_step if epoch == start_epoch else 0
+        gdata.set_epoch(train_loader, epoch, first_step)
+        steps = EpochSteps(train_loader, config.seed, epoch, first_step, stop)
         # Gradual unfreezing (--unfreeze-at); the Trainer sees grad_req at its next step.
         unfrozen = [change.pattern for change in plan.at_epoch(net, epoch)]
         if unfrozen:
@@ -391,11 +604,29 @@ def train(config: TrainConfig) -> dict:
             disable=not config.progress,
             leave=False,
         ) as bar:
-            sums, skipped, train_seconds = train_epoch(
-                net, trainer, train_loader, ctx, loss_fn, config, bar
-            )
+            try:
+                sums, skipped, train_seconds = train_epoch(
+                    net, trainer, steps, ctx, loss_fn, config, bar
+                )
+            except DivergedError as err:
+                raise diverged_since(err, epoch, last_checkpoint) from None
+        if epoch == start_epoch and partial:  # the steps taken before the interruption
+            sums.add_totals(partial["sums"])
+            skipped += partial["skipped"]
+            train_seconds += partial["seconds"]
         loss, train_acc = sums.read()
-        check_finite(loss, len(train_loader), trainer.learning_rate)
+        try:
+            if sums.count:
+                check_finite(loss, steps.done, trainer.learning_rate)
+            check_params_finite(net, trainer.learning_rate)
+        except DivergedError as err:
+            raise diverged_since(err, epoch, last_checkpoint) from None
+        if steps.done < steps.total:  # a signal stopped the epoch between two steps
+            if steps.done > first_step:
+                progress = {"sums": sums.totals(), "skipped": skipped, "seconds": train_seconds}
+                meta = checkpoint_meta(config, epoch, steps.done, history, progress, stop.signal)
+                last_checkpoint = save_checkpoint(run.path / "checkpoints", net, trainer, meta)
+            raise interrupted_at(stop, last_checkpoint)
         test_acc = evaluate(net, test_loader, ctx, config.dtype)
         row = EpochStats(
             epoch=epoch + 1,
@@ -412,16 +643,25 @@ def train(config: TrainConfig) -> dict:
             },
         ).as_dict()
         history.append(row)
-        if skipped:
-            tqdm.write(f"warning: skipped {skipped} unreadable image file(s) in epoch {epoch + 1}")
+        if skipped and not any(row.get("skipped") for row in history[:-1]):
+            tqdm.write(
+                f"warning: skipped {skipped} unreadable image file(s) in epoch {epoch + 1}, and "
+                "will in every epoch (metrics.json counts them; `gluon-ft check-data` lists "
+                "them; --strict refuses them)"
+            )
         if config.progress:
             tqdm.write(
                 f"epoch {epoch + 1}: loss {loss:.3f}, train acc {train_acc:.3f}, "
                 f"test acc {test_acc:.3f}, {row['examples_per_sec']:.1f} examples/sec"
             )
-        run.save_params(net, f"checkpoints/epoch-{epoch + 1:04d}.params")
+        meta = checkpoint_meta(config, epoch + 1, 0, history, None, "epoch")
+        last_checkpoint = save_checkpoint(run.path / "checkpoints", net, trainer, meta)
         run.write_json("metrics.json", history)
         plot_curves(history, run.path / "curves.png")
+        if stop.signal and epoch + 1 < config.epochs:
+            raise interrupted_at(stop, last_checkpoint)
+    if resumed is not None and start_epoch >= config.epochs:
+        run.write_json("metrics.json", history)
     run.save_params(net)
     return {"run_dir": run.path, "history": history, "classes": classes}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -160,9 +161,7 @@ def launch_in_thread(**kwargs) -> tuple[threading.Thread, dict, io.StringIO]:
     out = io.StringIO()
 
     def run():
-        started = time.monotonic()
         result["code"] = launch(stream=out, **kwargs)
-        result["seconds"] = time.monotonic() - started
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -176,7 +175,7 @@ def check_sums(output: str, num_workers: int = 2) -> list[re.Match]:
     expected = [float(sum(range(1, num_workers + 1)))] * 4
     for match in results:
         assert int(match[3]) == num_workers
-        assert eval(match[4]) == expected  # noqa: S307 (a list of floats we printed)
+        assert json.loads(match[4]) == expected
     return results
 
 
