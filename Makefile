@@ -33,6 +33,10 @@ format: setup
 test: setup lint
 	$(VENV)/bin/python -m pytest -q $(ARGS)
 
+# make test grafts one model per family; this grafts every name `gluon-ft models` lists.
+test-all: setup lint
+	GLUON_FT_ALL_MODELS=1 $(VENV)/bin/python -m pytest -q $(ARGS)
+
 bench: setup
 	$(VENV)/bin/gluon-ft bench $(ARGS)
 

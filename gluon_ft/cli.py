@@ -7,7 +7,10 @@ user can act on are printed as one paragraph, without a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import traceback
 
 import gluon_ft  # noqa: F401  (sets the OpenMP thread count before mxnet is imported)
 from gluon_ft.errors import GluonFTError
@@ -50,14 +53,24 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
             help="imagenet | none | FILE.params (default %(default)s)",
         )
     p.add_argument("--epochs", type=_positive_int, default=d.epochs)
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=d.batch_size,
+        help="samples per step over all devices and workers (a dist run splits it)",
+    )
     p.add_argument("--lr", type=_positive_float, default=d.lr)
     p.add_argument(
         "--head-lr-mult", type=_positive_float, default=d.head_lr_mult, help="lr_mult of the head"
     )
     p.add_argument("--wd", type=float, default=d.wd)
     p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--image-size", type=_positive_int, default=d.image_size)
+    p.add_argument(
+        "--image-size",
+        type=_positive_int,
+        default=d.image_size,
+        help="training crop and test size in px (default: the model's, see `gluon-ft models`)",
+    )
     p.add_argument(
         "--freeze",
         default=d.freeze,
@@ -90,12 +103,45 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
         help="sum gradients over N micro-batches of each batch, then step once",
     )
     p.add_argument("--ctx", default=d.ctx, help="auto | cpu | cpu:N | gpu:0,1")
-    p.add_argument("--kvstore", default=d.kvstore, help="kvstore type (default: fits --ctx)")
+    p.add_argument(
+        "--kvstore",
+        default=d.kvstore,
+        help="kvstore type (default: fits --ctx); dist_sync under `gluon-ft launch`",
+    )
     p.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=d.dtype,
+        help="float32; bfloat16 (CPU with avx512_bf16/amx) or float16 (GPU), through MXNet AMP",
+    )
+    p.add_argument(
+        "--cache-features",
+        action="store_true",
+        help="with a frozen backbone (--freeze features), compute its features once and train "
+        "the head on them; cached under $MXNET_HOME/features",
+    )
+    p.add_argument(
+        "--cache-views",
+        type=_positive_int,
+        default=d.cache_views,
+        metavar="K",
+        help="random train augmentations cached per image; epoch e uses view e %% K (default 1)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a dataset with unreadable images (default: skip them, with a warning)",
+    )
     if run_flags:
         p.add_argument(
             "--out", default=d.out, help="run directory (default runs/<data>-<model>-<time>)"
+        )
+        p.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue the run in --out from its last complete checkpoint",
         )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -112,7 +158,9 @@ def _config_from(args: argparse.Namespace):
 def _run_train(args: argparse.Namespace) -> int:
     from gluon_ft.train import train
 
-    result = train(_config_from(args))
+    config = _config_from(args)
+    with _exit_at_once_on_failure(config.kvstore):
+        result = train(config)
     last = result["history"][-1]
     print(
         f"done: test acc {last['test_acc']:.3f} after {last['epoch']} epoch(s); "
@@ -134,7 +182,9 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
     out_file = args.out
     args.out = None
-    result = pretrain(_config_from(args), out_file)
+    config = _config_from(args)
+    with _exit_at_once_on_failure(config.kvstore):
+        result = pretrain(config, out_file)
     last = result["history"][-1]
     print(
         f"done: source test acc {last['test_acc']:.3f} over {len(result['classes'])} classes; "
@@ -143,8 +193,286 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_pack_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="image folder with train/<class>/* and test/<class>/*")
+    p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX-{train,test}.rec")
+    p.add_argument(
+        "--resize",
+        type=int,
+        default=256,
+        help="shorter side of the stored images, never enlarged; 0 keeps sizes (default 256)",
+    )
+
+
+def _run_pack(args: argparse.Namespace) -> int:
+    from gluon_ft.recordio import manifest_path, pack_dataset
+
+    manifest = pack_dataset(args.dir, args.out, args.resize)
+    for name, split in manifest["splits"].items():
+        print(f"{name}: {len(split['labels'])} image(s) packed, {len(split['skipped'])} skipped")
+        for bad in split["skipped"]:
+            print(f"  skipped {bad['path']}: {bad['reason']}")
+    print(f"wrote {manifest_path(args.out)}; train on it with --data {args.out}")
+    return 0
+
+
+def add_launch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-n", "--num-workers", type=_positive_int, required=True, help="worker processes"
+    )
+    p.add_argument(
+        "-s", "--num-servers", type=_positive_int, default=1, help="server processes (default 1)"
+    )
+    p.add_argument("--port", type=int, help="the scheduler's port on 127.0.0.1 (default: free)")
+    p.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND",
+        help="what each worker runs, e.g. -- gluon-ft train --kvstore dist_sync ...",
+    )
+
+
+def _run_launch(args: argparse.Namespace) -> int:
+    from gluon_ft.launch import launch
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return launch(command, args.num_workers, args.num_servers, port=args.port)
+
+
+@contextlib.contextmanager
+def _exit_at_once_on_failure(kvstore: str | None):
+    """A worker of a ``dist_*`` run reports its failure, then leaves with ``os._exit``.
+
+    After ``mx.kv.create`` a normal exit waits in the kvstore's shutdown barrier for peers
+    that never arrive, and the whole cluster would hang; a process that is gone lets the
+    launcher stop the others.
+    """
+    from gluon_ft.dist import is_distributed
+
+    if not is_distributed(kvstore):
+        yield
+        return
+    try:
+        yield
+    except (Exception, KeyboardInterrupt) as err:
+        code = _report(err)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _report(err: BaseException) -> int:
+    """Print ``err`` for people and return its exit code; a bug gets its traceback and 1."""
+    if isinstance(err, GluonFTError):
+        print(f"gluon-ft: error: {err}", file=sys.stderr)
+        return err.exit_code
+    if isinstance(err, KeyboardInterrupt):
+        print("gluon-ft: interrupted", file=sys.stderr)
+        return 130
+    traceback.print_exception(err)
+    return 1
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="small sizes: under a minute when idle")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="data loader processes for the loader and epoch figures (default: train's)",
+    )
+    p.add_argument("--out", metavar="FILE", help="also write the JSON object to FILE")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from gluon_ft.bench import run_bench
+    from gluon_ft.errors import UsageError
+
+    if args.workers is not None and args.workers < 0:
+        raise UsageError("--workers must be >= 0.")
+    result = run_bench(args.quick, args.workers, log=lambda line: print(line, file=sys.stderr))
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def add_check_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR", help="dataset folder: DIR/train/<class>/*, DIR/test/")
+    p.add_argument(
+        "--image-size", type=_positive_int, default=224, help="the training crop (default 224)"
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _format_check_report(report: dict, shown: int = 20) -> str:
+    lines = [f"{report['root']} (crop {report['crop']} px)"]
+    if report["splits"]:
+        lines.append(f"  {'split':<6} {'class':<24} {'images':>7} {'unreadable':>11} {'small':>6}")
+    unreadable, small = [], []
+    for split, classes in report["splits"].items():
+        for name, counts in classes.items():
+            lines.append(
+                f"  {split:<6} {name:<24} {counts['images']:>7} "
+                f"{len(counts['unreadable']):>11} {len(counts['small']):>6}"
+            )
+            unreadable += counts["unreadable"]
+            small += counts["small"]
+    if unreadable:
+        lines.append(f"unreadable ({len(unreadable)}; training skips them, --strict refuses):")
+        lines += [f"  {bad['path']}: {bad['reason']}" for bad in unreadable]
+    if small:
+        lines.append(f"smaller than the {report['crop']}-px crop ({len(small)}; upscaled):")
+        lines += [f"  {s['path']}: {s['size'][0]}x{s['size'][1]}" for s in small[:shown]]
+        if len(small) > shown:
+            lines.append(f"  ... and {len(small) - shown} more (--json lists all)")
+    lines += [f"problem: {problem}" for problem in report["problems"]]
+    return "\n".join(lines)
+
+
+def _run_check_data(args: argparse.Namespace) -> int:
+    import json
+
+    from gluon_ft.data import check_dataset, unreadable_in
+
+    report = check_dataset(args.dir, args.image_size)
+    print(json.dumps(report, indent=2) if args.json else _format_check_report(report))
+    bad = unreadable_in(report)
+    if report["problems"] or bad:
+        return 2
+    return 0
+
+
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN", help="a finished run directory")
+    p.add_argument("images", metavar="IMG", nargs="+", help="image files")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="classes per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON list of results")
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from gluon_ft.predict import Predictor
+
+    results = Predictor(args.run_dir).predict_images(args.images, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    for result in results:
+        if not result["ok"]:
+            print(f"{result['source']}: error: {result['error']}", file=sys.stderr)
+        elif not args.json:
+            top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"])
+            print(f"{result['source']}: {top}")
+    # Exit 2 (bad input) when any file could not be classified; the others were.
+    return 0 if all(r["ok"] for r in results) else 2
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN", help="a finished run directory")
+    p.add_argument("--format", choices=("mxnet", "onnx", "all"), default="all", help="default: all")
+    p.add_argument("--out", help="output folder (default RUN/export)")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from gluon_ft.export import FORMATS, export_run
+
+    for fmt in FORMATS if args.format == "all" else (args.format,):
+        result = export_run(args.run_dir, fmt, args.out)
+        print(
+            f"{fmt}: wrote {', '.join(result['files'])} to {result['out_dir']}; checked with "
+            f"{result['checked_with']}: max abs diff {result['max_abs_diff']:.3g} "
+            f"(<= {result['tolerance']:g})"
+        )
+    return 0
+
+
 # name -> (help, add_arguments, run). Each command keeps its imports inside `run`, so that
 # `gluon-ft --help` stays fast and one command's dependencies never break another.
+def add_models_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pattern", nargs="?", help="only names matching this regex (e.g. resnet50)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    import json
+
+    from gluon_ft.zoo import describe, matching_names
+
+    names = matching_names(args.pattern)
+    row = "{name:<24} {zoo:<8} {family:<22} {input_size:>5} {params:>8}  {weights}"
+    if not args.json:
+        print(
+            row.format(
+                name="name",
+                zoo="zoo",
+                family="family",
+                input_size="input",
+                params="params",
+                weights="imagenet weights",
+            )
+        )
+    for name in names:  # each row builds its network (about 0.1 s): print as we go
+        info = describe(name).as_dict()
+        if args.json:
+            print(json.dumps(info), flush=True)
+        else:
+            print(row.format(**{**info, "params": f"{info['params'] / 1e6:.1f}M"}), flush=True)
+    return 0
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN", help="a finished run directory (gluon-ft train)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default %(default)s: only programs on this machine can "
+        "connect). --host 0.0.0.0 listens on every network interface: anyone who can reach this "
+        "machine can then use the model and upload files to it, over plain HTTP, without a "
+        "password",
+    )
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s)")
+    p.add_argument(
+        "--max-upload-mb",
+        type=_positive_float,
+        default=10.0,
+        metavar="MB",
+        help="largest upload accepted, in MiB (default %(default)s); larger ones get HTTP 413",
+    )
+    p.add_argument("--ctx", default="cpu", help="the one device to run on: cpu | gpu:N")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from gluon_ft.errors import UsageError
+
+    try:
+        from gluon_ft.serve import serve
+    except ImportError as err:
+        raise UsageError(
+            f"gluon-ft serve needs the serve extra ({err.name} is missing): "
+            "pip install 'gluon-ft[serve]'"
+        ) from None
+    from gluon_ft.train import parse_contexts
+
+    contexts = parse_contexts(args.ctx)
+    if len(contexts) != 1:
+        raise UsageError(f"--ctx {args.ctx}: gluon-ft serve runs on one device, e.g. gpu:0.")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"gluon-ft: warning: --host {args.host} lets other machines reach this server; "
+            "it has no password and uses plain HTTP.",
+            file=sys.stderr,
+        )
+    url = f"http://{args.host}:{args.port}/"
+    print(f"gluon-ft: loading {args.run_dir}; then open {url}", flush=True)
+    serve(args.run_dir, args.host, args.port, int(args.max_upload_mb * 2**20), contexts[0])
+    return 0
+
+
 COMMANDS = {
     "train": (
         "fine-tune (or train from scratch) on a dataset; writes a run directory",
@@ -155,6 +483,46 @@ COMMANDS = {
         "train a source model on a source dataset; writes a params file",
         add_pretrain_arguments,
         _run_pretrain,
+    ),
+    "launch": (
+        "start a local ps-lite cluster and run a command as each worker",
+        add_launch_arguments,
+        _run_launch,
+    ),
+    "bench": (
+        "measure throughput; print one JSON object",
+        add_bench_arguments,
+        _run_bench,
+    ),
+    "pack": (
+        "pack an image folder into RecordIO (.rec/.idx) per split, pre-resized",
+        add_pack_arguments,
+        _run_pack,
+    ),
+    "models": (
+        "list every fine-tunable model name with family, input size, parameters",
+        add_models_arguments,
+        _run_models,
+    ),
+    "serve": (
+        "serve a finished run: a web page and a JSON API, on 127.0.0.1 by default",
+        add_serve_arguments,
+        _run_serve,
+    ),
+    "check-data": (
+        "validate an image-folder dataset and list unreadable files",
+        add_check_data_arguments,
+        _run_check_data,
+    ),
+    "predict": (
+        "classify image files with a finished run",
+        add_predict_arguments,
+        _run_predict,
+    ),
+    "export": (
+        "export a run as MXNet symbol+params and as ONNX, each verified",
+        add_export_arguments,
+        _run_export,
     ),
 }
 
@@ -180,12 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
-    except GluonFTError as err:
-        print(f"gluon-ft: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("gluon-ft: interrupted", file=sys.stderr)
-        return 130
+    except (GluonFTError, KeyboardInterrupt) as err:
+        return _report(err)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ resumed run sees what the uninterrupted one saw, and distributed workers agree o
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -95,8 +96,37 @@ def load_image(path: str | Path | BinaryIO) -> Image.Image:
         limit (a possible decompression bomb, refused before its pixels are decoded). The
         message is the reason, for per-file reports.
     """
+    with _unreadable_reasons():
+        if isinstance(path, str | Path) and os.path.getsize(path) == 0:
+            raise UnreadableImageError("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            # Beyond MAX_IMAGE_PIXELS PIL only warns; a bomb must be refused, not loaded.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return _as_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An already opened PIL image as 8-bit RGB, by the rules of :func:`load_image`.
+
+    Raises
+    ------
+    UnreadableImageError
+        Its pixels cannot be decoded, or there are more than PIL's limit.
+    """
+    with _unreadable_reasons():
+        if img.width * img.height > Image.MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels")
+        img.load()
+        return _as_rgb(img)
+
+
+@contextlib.contextmanager
+def _unreadable_reasons():
+    """Turn whatever PIL raises on a bad file into :class:`UnreadableImageError` with a reason."""
     try:
-        return _decode_rgb(path)
+        yield
     except UnreadableImageError:
         raise
     except FileNotFoundError:
@@ -114,26 +144,19 @@ def load_image(path: str | Path | BinaryIO) -> Image.Image:
         ) from None
 
 
-def _decode_rgb(path: str | Path | BinaryIO) -> Image.Image:
-    if isinstance(path, str | Path) and os.path.getsize(path) == 0:
-        raise UnreadableImageError("empty file (0 bytes)")
-    with warnings.catch_warnings():
-        # Beyond MAX_IMAGE_PIXELS PIL only warns; a bomb must be refused, not loaded.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16-bit grayscale: scale to 8 bits rather than clip to white.
-                arr = np.asarray(img, dtype=np.float64)
-                peak = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-                img8 = Image.fromarray(np.clip(arr * 255.0 / peak, 0, 255).astype(np.uint8))
-                return img8.convert("RGB")
-            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-                # Composite on white: transparent pixels have arbitrary colour underneath.
-                rgba = img.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, rgba).convert("RGB")
-            return img.convert("RGB")
+def _as_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale: scale to 8 bits rather than clip to white.
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        img8 = Image.fromarray(np.clip(arr * 255.0 / peak, 0, 255).astype(np.uint8))
+        return img8.convert("RGB")
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite on white: transparent pixels have arbitrary colour underneath.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 @dataclass(frozen=True)
@@ -150,6 +173,16 @@ class ImageFolderSplit:
     def labels(self) -> np.ndarray:
         """Return the label of every item, in order."""
         return np.array([label for _, label in self.items], dtype=np.int64)
+
+    def load(self, index: int) -> Image.Image:
+        """Decode item ``index`` as RGB (a RecordIO split decodes its record instead).
+
+        Raises
+        ------
+        UnreadableImageError
+            The file cannot be used.
+        """
+        return load_image(self.items[index][0])
 
 
 def list_class_files(root: Path) -> dict[str, list[Path]]:
@@ -361,9 +394,9 @@ class TransformedSplit:
 
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
-        path, label = self.split.items[index]
+        label = self.split.items[index][1]
         try:
-            img = load_image(path)
+            img = self.split.load(index)
         except UnreadableImageError:
             return None
         return self.transform(img, sample_rng(self.seed, epoch, index)), label
@@ -383,10 +416,12 @@ def collate(samples: list) -> tuple:
 class EpochBatchSampler:
     """Batches of ``(index, epoch)`` keys: reshuffled per epoch from a shared seed, sharded.
 
-    Every worker of a distributed run draws the same permutation and takes every
-    ``num_shards``-th index from ``shard``, so shards are disjoint and their union is the whole
-    set each epoch. With per-worker batches of ``B / num_shards``, the workers' batches ``i``
-    together are exactly the single-worker batch ``i`` of size ``B``.
+    ``batch_size`` is the global batch. Every worker of a distributed run draws the same
+    permutation, cuts it into the same global batches, and takes every ``num_shards``-th key
+    of each from ``shard``: shards are disjoint, their union is the whole set each epoch, the
+    workers' batches ``i`` together are exactly the one-worker batch ``i``, and every shard
+    has the same number of batches. So a shard's batch may be empty (a last global batch
+    smaller than ``num_shards``), and a worker still has to take its part in that step.
     """
 
     def __init__(
@@ -416,20 +451,33 @@ class EpochBatchSampler:
         self.epoch = epoch
         self.first_batch = first_batch
 
+    def order(self) -> np.ndarray:
+        """Return every sample index, in the current epoch's order (the same on every shard)."""
+        if self.shuffle:
+            return np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
+        return np.arange(self.size)
+
     def indices(self) -> np.ndarray:
         """Return this shard's sample indices for the current epoch, in order."""
-        order = np.arange(self.size)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
-        return order[self.shard :: self.num_shards]
+        return np.array([i for batch in self for i, _ in batch], dtype=np.int64)
+
+    def global_batch_sizes(self) -> list[int]:
+        """Samples in each global batch this iteration yields a part of, over all shards.
+
+        Every worker knows them without asking the others: a distributed step divides the
+        summed gradient by its entry.
+        """
+        starts = range(self.first_batch * self.batch_size, self.size, self.batch_size)
+        return [min(self.batch_size, self.size - start) for start in starts]
 
     def __iter__(self):
-        mine = self.indices()
-        for start in range(self.first_batch * self.batch_size, len(mine), self.batch_size):
-            yield [(int(i), self.epoch) for i in mine[start : start + self.batch_size]]
+        order = self.order()
+        for start in range(self.first_batch * self.batch_size, self.size, self.batch_size):
+            mine = order[start : start + self.batch_size][self.shard :: self.num_shards]
+            yield [(int(i), self.epoch) for i in mine]
 
     def __len__(self) -> int:
-        return max(0, math.ceil(len(self.indices()) / self.batch_size) - self.first_batch)
+        return max(0, math.ceil(self.size / self.batch_size) - self.first_batch)
 
 
 def make_loader(
@@ -457,6 +505,11 @@ def make_loader(
 def set_epoch(loader, epoch: int, first_batch: int = 0) -> None:
     """Make ``loader`` yield epoch ``epoch``'s order and augmentation, from ``first_batch``."""
     loader._batch_sampler.set_epoch(epoch, first_batch)
+
+
+def global_batch_sizes(loader) -> list[int]:
+    """Samples in each of ``loader``'s coming global batches, over every shard."""
+    return loader._batch_sampler.global_batch_sizes()
 
 
 def normalize_batch(images, dtype: str = "float32"):

@@ -140,7 +140,7 @@ def _describe_parts(net: gluon.Block) -> str:
     names = list(named_parts(net))
     stages = [n for n in names if n.startswith("stage")]
     if len(stages) > 2:
-        names = [n for n in names if n not in stages[1:-1]]
+        names = [n for n in names if n not in stages[1:]]
         names[names.index(stages[0])] = f"{stages[0]}..{stages[-1]}"
     return ", ".join(names)
 

@@ -27,7 +27,7 @@ from mxnet import gluon
 from gluon_ft import zoo
 from gluon_ft.data import mxnet_home
 from gluon_ft.errors import UsageError
-from gluon_ft.zoo import model_store_file  # noqa: F401  (part of this module's interface)
+from gluon_ft.zoo import model_store_file
 
 
 @dataclass
@@ -93,10 +93,13 @@ def get_head(net: gluon.Block) -> tuple[str, gluon.Block]:
 class HeadSplit:
     """A network cut into its classifier (the head) and everything else (the body).
 
-    ``body`` lists ``(path, block)`` for the blocks beside the path from the root to the head:
-    ``[("features", ...)]`` for the book's networks, ``[("conv1", ...), ("bn1", ...),
-    ("layer1", ...), ...]`` for GluonCV's ResNet V1b, and for SqueezeNet ``features`` plus the
-    weightless pooling and flatten that follow its 1x1 convolution.
+    ``body`` lists ``(path, block)`` for the blocks that do not contain the head, beside every
+    container that does: ``[("features", ...)]`` for the book's networks, ``[("conv1", ...),
+    ("bn1", ...), ("layer1", ...), ...]`` for GluonCV's ResNet V1b, and for SqueezeNet
+    ``features`` plus the weightless pooling and flatten that follow its 1x1 convolution.
+    Parameter names are attribute paths (``features.0.weight``, ``output.weight``): the keys of
+    ``save_parameters`` files. A block registered under two paths (GoogLeNet's ``output`` is
+    also ``head.2``) is listed under both.
     """
 
     net: gluon.Block
@@ -105,15 +108,18 @@ class HeadSplit:
     body: list[tuple[str, gluon.Block]]
 
     def head_params(self) -> dict[str, gluon.Parameter]:
-        """The head's parameters by attribute path (``output.weight``), as saved to files."""
-        return self.head._collect_params_with_prefix(self.head_path + ".")
+        """The head's parameters, by attribute path."""
+        mine = {id(p) for p in self.head.collect_params().values()}
+        return {k: p for k, p in self.net._collect_params_with_prefix().items() if id(p) in mine}
 
     def body_params(self) -> dict[str, gluon.Parameter]:
-        """Every other parameter by attribute path (``features.0.weight``)."""
-        params: dict[str, gluon.Parameter] = {}
-        for path, block in self.body:
-            params.update(block._collect_params_with_prefix(path + "."))
-        return params
+        """Every other parameter, by attribute path."""
+        head = self.head_params()
+        return {k: p for k, p in self.net._collect_params_with_prefix().items() if k not in head}
+
+
+def _contains(block: gluon.Block, target: gluon.Block) -> bool:
+    return any(child is target for _, child in _walk(block))
 
 
 def split_head(net: gluon.Block) -> HeadSplit:
@@ -124,22 +130,27 @@ def split_head(net: gluon.Block) -> HeadSplit:
     Raises
     ------
     UsageError
-        No classifier layer, or weights held by a block on the way to the head itself (which
+        No classifier layer, or weights held by a container of the head itself (which
         neither part could own).
     """
     head_path, head = get_head(net)
     body = []
-    block, prefix = net, ""
-    for part in head_path.split("."):
+
+    def visit(block: gluon.Block, prefix: str) -> None:
         if block._reg_params:
             raise UsageError(
                 f"{type(net).__name__}: {prefix.rstrip('.') or 'the network'} holds weights "
-                "of its own on the way to the classifier; it cannot be split into body and head."
+                "of its own around the classifier; it cannot be split into body and head."
             )
-        body.extend(
-            (prefix + name, child) for name, child in block._children.items() if name != part
-        )
-        block, prefix = block._children[part], f"{prefix}{part}."
+        for name, child in block._children.items():
+            if child is head:
+                continue
+            if _contains(child, head):
+                visit(child, f"{prefix}{name}.")
+            else:
+                body.append((prefix + name, child))
+
+    visit(net, "")
     return HeadSplit(net, head_path, head, body)
 
 
@@ -206,13 +217,13 @@ def _load_params_file(name: str, path: Path) -> tuple[gluon.HybridBlock, int, li
         )
     classes = meta.get("classes")
     try:
-        head_attr, _ = get_head(build_model(name, 1))
-        num_classes = len(classes) if classes else params_num_classes(path, head_attr)
+        head_path, _ = get_head(build_model(name, 1))
+        num_classes = len(classes) if classes else params_num_classes(path, head_path)
         if num_classes is None:
-            raise UsageError(f"{path} has no {head_attr}.weight; is it a {name} params file?")
+            raise UsageError(f"{path} has no {head_path}.weight; is it a {name} params file?")
         net = build_model(name, num_classes)
         net.load_parameters(str(path), ctx=mx.cpu())
-    except mx.base.MXNetError as err:
+    except (mx.base.MXNetError, AssertionError) as err:  # a missing or misshapen parameter
         first = str(err).strip().splitlines()[0][:300]
         raise UsageError(
             f"{path} does not fit the {name} architecture ({first}). Pass the --model it was "
@@ -278,6 +289,9 @@ def graft_new_head(
         Devices to place every parameter on; the CPU by default.
     """
     ctx = ctx or [mx.cpu()]
+    # A predict-mode forward on the source may still be reordering its weights in place for
+    # oneDNN; copies made meanwhile (reset_ctx below) were seen to come out scrambled.
+    mx.nd.waitall()
     net = build_model(source.name, num_classes)
     split = split_head(net)
     if split.head_path == "output" and [path for path, _ in split.body] == ["features"]:
@@ -285,11 +299,10 @@ def graft_new_head(
     else:
         for path, _ in split.body:
             _replace_block(net, path, _block_at(source.net, path))
-    # The zoo's own initializer would win over the one passed to initialize() (VGG's head asks
-    # for a normal(0.01)); the book's new head is Xavier.
-    for param in split.head.collect_params().values():
-        param.init = None
-    split.head.initialize(mx.init.Xavier(), ctx=ctx)
+    # The book's new head is Xavier. Set on the weight itself, as a layer's own initializer
+    # wins over initialize()'s argument (VGG's Dense asks for normal(0.01)); biases stay zero.
+    split.head.weight.init = mx.init.Xavier()
+    split.head.initialize(ctx=ctx)
     split.head.collect_params().setattr("lr_mult", head_lr_mult)
     # The source lives on the CPU; without this, forward on a GPU raises
     # "Parameter ... was not initialized on context".

@@ -35,8 +35,8 @@ TASK_VERSION = "gluon-ft-synthetic/1"
 TASK_FILE = "task.json"
 SPLITS = ("train", "test")
 
-SHAPES = ("circle", "square", "triangle", "cross", "star", "ring", "hexagon", "crescent")
-TEXTURES = ("solid", "striped", "dotted", "checkered", "grid", "speckled")
+SHAPES = ("circle", "square", "triangle", "cross", "star", "ring", "crescent", "arrow")
+TEXTURES = ("solid", "striped", "dotted", "checkered", "speckled")
 
 # Held out of the source, in the order target classes are taken. The first four are the 2x2
 # block {star, circle} x {striped, dotted}; the first nine the 3x3 block with cross/checkered.
@@ -78,7 +78,7 @@ class TaskSpec:
 
     seed: int = 0
     image_size: int = 32
-    n_source_classes: int = 32
+    n_source_classes: int = 30
     source_train_per_class: int = 200
     source_test_per_class: int = 30
     n_target_classes: int = 4
@@ -190,7 +190,7 @@ _CROSS = [
 _UNIT_POLYGONS = {
     "square": [(x * 0.8, y * 0.8) for x, y in _regular(4)],
     "triangle": [(x, y + 0.2) for x, y in _regular(3)],
-    "hexagon": _regular(6),
+    "arrow": [(-0.15, -1), (0.85, 0), (-0.15, 1), (-0.15, 0.4), (-0.9, 0.4), (-0.9, -0.4), (-0.15, -0.4)],
     "star": _regular(5, inner=0.42),
     "cross": _CROSS,
 }
@@ -223,7 +223,7 @@ def _texture(texture: str, n: int, rng: np.random.RandomState, scale: float):
     ``scale`` is canvas pixels per output pixel; the pattern period is 4-6 output pixels so it
     survives downsampling, with a random orientation and phase.
     """
-    period = rng.uniform(4.0, 6.0) * scale
+    period = rng.uniform(5.0, 8.0) * scale
     angle = rng.uniform(0, math.pi)
     phase_u, phase_v = rng.uniform(0, period, size=2)
     coords = np.arange(n, dtype=np.float32)
@@ -240,9 +240,6 @@ def _texture(texture: str, n: int, rng: np.random.RandomState, scale: float):
         return (du * du + dv * dv > (0.3 * period) ** 2).astype(np.float32)
     if texture == "checkered":
         return ((np.floor(u / period * 2) + np.floor(v / period * 2)) % 2).astype(np.float32)
-    if texture == "grid":
-        width = 0.3 * period
-        return ((np.mod(u, period) >= width) & (np.mod(v, period) >= width)).astype(np.float32)
     if texture == "speckled":
         cell = max(1, int(round(scale * 1.5)))
         cells = -(-n // cell)
@@ -260,8 +257,8 @@ def _contrasting_pair(rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarra
     first = _random_color(rng)
     second = _random_color(rng)
     gap = first.mean() - second.mean()
-    if abs(gap) < 80:
-        shift = (80 - abs(gap)) * (1 if gap >= 0 else -1)
+    if abs(gap) < 100:
+        shift = (100 - abs(gap)) * (1 if gap >= 0 else -1)
         first = np.clip(first + shift / 2, 0, 255)
         second = np.clip(second - shift / 2, 0, 255)
     return first, second
@@ -276,14 +273,10 @@ def _background(n: int, rng: np.random.RandomState) -> np.ndarray:
     ramp = np.clip(x * math.cos(angle) + y * math.sin(angle) + 0.5, 0, 1)[..., None]
     canvas = Image.fromarray(((1 - ramp) * start + ramp * end).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(canvas)
-    for _ in range(rng.randint(2, 6)):
+    for _ in range(rng.randint(0, 4)):
         x0, y0, x1, y1 = rng.uniform(0, n, size=4)
         color = tuple(int(c) for c in rng.randint(0, 256, size=3))
-        if rng.uniform() < 0.6:
-            draw.line((x0, y0, x1, y1), fill=color, width=int(rng.randint(1, 3) * SUPERSAMPLE))
-        else:
-            r = rng.uniform(1.5, 4) * SUPERSAMPLE
-            draw.ellipse((x0 - r, y0 - r, x0 + r, y0 + r), fill=color)
+        draw.line((x0, y0, x1, y1), fill=color, width=SUPERSAMPLE)
     return np.asarray(canvas, dtype=np.float32)
 
 
@@ -308,8 +301,8 @@ def render_image(texture: str, shape: str, size: int, rng: np.random.RandomState
     """
     n = size * SUPERSAMPLE
     background = _background(n, rng)
-    radius = rng.uniform(0.24, 0.40) * n
-    margin = 0.85 * radius
+    radius = rng.uniform(0.30, 0.45) * n
+    margin = 0.8 * radius
     cx, cy = rng.uniform(margin, n - margin, size=2)
     mask = _shape_mask(shape, n, cx, cy, radius, rng.uniform(0, 2 * math.pi))[..., None]
     pattern = _texture(texture, n, rng, float(SUPERSAMPLE))[..., None]
@@ -317,7 +310,7 @@ def render_image(texture: str, shape: str, size: int, rng: np.random.RandomState
     foreground = pattern * first + (1 - pattern) * second
     canvas = mask * foreground + (1 - mask) * background
     small = Image.fromarray(canvas.astype(np.uint8), "RGB").resize((size, size), Image.BOX)
-    noisy = np.asarray(small, np.float32) + rng.normal(0, rng.uniform(2, 12), (size, size, 3))
+    noisy = np.asarray(small, np.float32) + rng.normal(0, rng.uniform(2, 8), (size, size, 3))
     return Image.fromarray(np.clip(noisy + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 

@@ -21,10 +21,12 @@ import numpy as np
 from mxnet import autograd, gluon
 
 import gluon_ft
+from gluon_ft import amp, zoo
 from gluon_ft import data as gdata
+from gluon_ft.dist import DistContext, connect, is_distributed
 from gluon_ft.errors import DivergedError, Interrupted, UsageError
 from gluon_ft.freeze import log_table, micro_batches
-from gluon_ft.model import graft_new_head, load_source_model, scratch_twin
+from gluon_ft.model import get_head, graft_new_head, load_source_model, scratch_twin
 
 
 @dataclass
@@ -40,7 +42,7 @@ class TrainConfig:
     head_lr_mult: float = 10.0
     wd: float = 0.001
     momentum: float = 0.0
-    image_size: int = 224
+    image_size: int | None = None  # None: the model's own input size (299 for inceptionv3)
     ctx: str = "auto"
     kvstore: str | None = None
     dtype: str = "float32"
@@ -56,9 +58,13 @@ class TrainConfig:
     log_every: int = 10  # steps between host reads of the running metrics
     resume: bool = False  # continue --out from its last complete checkpoint
     strict: bool = False  # refuse a dataset with unreadable images instead of skipping them
+    cache_features: bool = False  # frozen backbone: train the head on cached features
+    cache_views: int = 1  # cached train augmentations per image; epoch e uses view e % K
 
     def validate(self) -> None:
-        """Raise :class:`UsageError` for values no run can use."""
+        """Raise :class:`UsageError` for values no run can use; fill in the model's defaults."""
+        if self.image_size is None:  # also rejects an unknown --model, naming the closest
+            self.image_size = zoo.lookup(self.model).input_size
         for name in ("epochs", "batch_size", "image_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1.")
@@ -72,6 +78,17 @@ class TrainConfig:
             raise UsageError("--workers must be >= 0.")
         if self.resume and not self.out:
             raise UsageError("--resume needs --out RUN_DIR: the run directory to continue.")
+        if self.resume and is_distributed(self.kvstore):
+            raise UsageError(
+                f"--resume does not work with --kvstore {self.kvstore} yet: only rank 0 holds "
+                "the checkpoints. Start a new run (another --out)."
+            )
+        if self.cache_views < 1:
+            raise UsageError("--cache-views must be at least 1.")
+        if self.cache_features and self.unfreeze_at:
+            raise UsageError(
+                "--cache-features needs a backbone that stays frozen; --unfreeze-at changes it."
+            )
         if self.accumulate > self.batch_size:
             raise UsageError("--accumulate cannot exceed --batch-size (its micro-batches).")
         self.freeze_plan().validate(self.epochs)
@@ -134,7 +151,14 @@ def parse_contexts(spec: str) -> list[mx.Context]:
 
 
 def load_dataset(spec: str) -> tuple[gdata.ImageFolderSplit, gdata.ImageFolderSplit]:
-    """Return the train and test splits for ``--data hotdog`` or ``--data DIR``."""
+    """Return the train and test splits for ``--data hotdog``, ``DIR`` or a RecordIO ``PREFIX``.
+
+    A pack (``gluon-ft pack``) gives splits with the same interface, classes and labels.
+    """
+    from gluon_ft.recordio import load_pack, pack_prefix
+
+    if spec != "hotdog" and pack_prefix(spec) is not None:
+        return load_pack(spec)
     root = gdata.hotdog_root() if spec == "hotdog" else Path(spec).expanduser()
     return gdata.scan_dataset(root)
 
@@ -147,14 +171,25 @@ def build_network(config: TrainConfig, num_classes: int, ctx: list[mx.Context]):
     return graft_new_head(source, num_classes, config.head_lr_mult, ctx), source
 
 
-def make_trainer(net: gluon.Block, config: TrainConfig, ctx: list[mx.Context]) -> gluon.Trainer:
-    """SGD over every parameter; ``grad_req='null'`` ones are skipped by the Trainer itself."""
+def make_trainer(
+    net: gluon.Block, config: TrainConfig, ctx: list[mx.Context], dist: DistContext | None = None
+) -> gluon.Trainer:
+    """SGD over every parameter; ``grad_req='null'`` ones are skipped by the Trainer itself.
+
+    A distributed ``dist`` brings its own kvstore (see :meth:`DistContext.trainer_options`).
+    """
     params = {"learning_rate": config.lr, "wd": config.wd}
     if config.momentum:
         params["momentum"] = config.momentum
-    # One context needs no kvstore; several aggregate on the device kvstore.
-    kvstore = config.kvstore or ("device" if len(ctx) > 1 else None)
-    return gluon.Trainer(net.collect_params(), "sgd", params, kvstore=kvstore)
+    if dist is not None and dist.distributed:
+        options = dist.trainer_options()
+    else:
+        # One context needs no kvstore; several aggregate on the device kvstore.
+        kvstore = config.kvstore or ("device" if len(ctx) > 1 else None)
+        options = {"kvstore": kvstore, **amp.trainer_kwargs(config.dtype)}
+    trainer = gluon.Trainer(net.collect_params(), "sgd", params, **options)
+    amp.prepare_trainer(trainer, config.dtype)
+    return trainer
 
 
 class RunDirectory:
@@ -231,6 +266,23 @@ class MetricSums:
         self.count += int(totals["count"])
 
 
+def sum_over_workers(dist: DistContext, sums: MetricSums, skipped: int = 0):
+    """Return ``(MetricSums, skipped)`` added up over every worker of a distributed run.
+
+    Every worker must call it at the same point (it is an allreduce); a one-process run gets
+    its own values back.
+    """
+    if not dist.distributed:
+        return sums, skipped
+    mine = sums.totals()
+    loss, correct, count, skipped = dist.allreduce_sum(
+        [mine["loss"], mine["correct"], mine["count"], skipped]
+    )
+    summed = MetricSums([mx.cpu()])
+    summed.add_totals({"loss": loss, "correct": correct, "count": round(count)})
+    return summed, round(skipped)
+
+
 def split_batch(images: np.ndarray, labels: np.ndarray, ctx: list[mx.Context]):
     """Load a host batch onto the contexts in near-equal slices, as ``split_and_load``.
 
@@ -240,7 +292,7 @@ def split_batch(images: np.ndarray, labels: np.ndarray, ctx: list[mx.Context]):
     used = ctx[: min(len(ctx), len(labels))]
     image_parts = np.array_split(images, len(used))
     label_parts = np.array_split(labels, len(used))
-    xs = [mx.nd.array(part, ctx=c, dtype="uint8") for part, c in zip(image_parts, used)]
+    xs = [mx.nd.array(part, ctx=c, dtype=part.dtype) for part, c in zip(image_parts, used)]
     ys = [mx.nd.array(part, ctx=c, dtype="int32") for part, c in zip(label_parts, used)]
     return xs, ys
 
@@ -258,46 +310,79 @@ def zero_unused_grads(net: gluon.Block, unused: list[mx.Context]) -> None:
             param.data(c)._fresh_grad = True
 
 
-def evaluate(net: gluon.Block, loader, ctx: list[mx.Context], dtype: str = "float32") -> float:
-    """Accuracy of ``net`` over every readable sample of ``loader``, in predict mode."""
+def evaluate(
+    net: gluon.Block,
+    loader,
+    ctx: list[mx.Context],
+    dist: DistContext | None = None,
+    prepare=gdata.normalize_batch,
+) -> float:
+    """Accuracy of ``net`` over every readable sample of ``loader``, in predict mode.
+
+    ``prepare`` turns a device batch into the network's input (cached features: identity).
+
+    With a distributed ``dist``, ``loader`` is this worker's shard and the accuracy is over
+    every worker's.
+    """
     sums = MetricSums(ctx)
     for images, labels, _ in loader:
         if images is None:
             continue
         xs, ys = split_batch(images, labels, ctx)
-        outs = [net(gdata.normalize_batch(x, dtype)) for x in xs]
+        outs = [net(prepare(x)) for x in xs]
         sums.add(outs, ys)
+    if dist is not None:
+        sums, _ = sum_over_workers(dist, sums)
     return sums.read()[1]
 
 
-def train_epoch(net, trainer, loader, ctx, loss_fn, config: TrainConfig, bar=None):
-    """One pass over ``loader``; returns ``(MetricSums, skipped files, seconds)``."""
+def train_epoch(
+    net,
+    trainer,
+    loader,
+    ctx,
+    loss_fn,
+    config: TrainConfig,
+    bar=None,
+    step_samples=None,
+    prepare=gdata.normalize_batch,
+):
+    """One pass over ``loader``; returns ``(MetricSums, skipped files, seconds)``.
+
+    ``prepare`` turns a device batch into the network's input (cached features: identity).
+    The host reads the metrics every ``config.log_every`` steps only.
+
+    ``step_samples`` (distributed runs) lists the global batch size of each step: the summed
+    gradient of all workers is divided by it, and a worker takes every step, with zero
+    gradients when its part of the batch is empty, since the others wait for it.
+    """
     sums = MetricSums(ctx)
     skipped = 0
     start = time.perf_counter()
     for step, (images, labels, bad) in enumerate(loader, 1):
         skipped += bad
-        if images is None:
+        if images is None and step_samples is None:
             continue
         reached = 0  # contexts that got a slice of some micro-batch of this step
-        for part_images, part_labels in micro_batches(images, labels, config.accumulate):
+        parts = [] if images is None else micro_batches(images, labels, config.accumulate)
+        for part_images, part_labels in parts:
             xs, ys = split_batch(part_images, part_labels, ctx)
             with autograd.record():
-                outs = [net(gdata.normalize_batch(x, config.dtype)) for x in xs]
+                outs = [net(prepare(x)) for x in xs]
                 losses = [loss_fn(out, y) for out, y in zip(outs, ys)]
             # With --accumulate, grad_req is 'add': the micro-batches' gradients sum up.
-            autograd.backward(losses)
+            amp.backward(losses, trainer, config.dtype)
             sums.add(outs, ys, losses)
             reached = max(reached, len(xs))
         if reached < len(ctx):
             zero_unused_grads(net, ctx[reached:])
         # The summed gradient is divided by the samples in this step, over all contexts.
-        trainer.step(len(labels))
+        trainer.step(len(labels) if step_samples is None else step_samples[step - 1])
         if config.accumulate > 1:
             net.collect_params().zero_grad()
         if bar is not None:
             bar.update(1)
-        if step % config.log_every == 0:
+        if step % config.log_every == 0 and sums.count:
             loss, acc = sums.read()
             check_finite(loss, step, trainer.learning_rate)
             if bar is not None:
@@ -445,8 +530,13 @@ def find_resume_checkpoint(run_dir: Path, config: TrainConfig):
 
 
 def check_params_finite(net: gluon.Block, lr: float) -> None:
-    """Stop a run whose weights overflowed: a last step can do so while its loss was finite."""
-    sums = [p.list_data()[0].astype("float32").sum() for p in net.collect_params().values()]
+    """Stop a run whose weights overflowed: a last step can do so while its loss was finite.
+
+    Only trained parameters are read: frozen ones cannot change, and reading a whole backbone
+    costs more than a cached-features epoch.
+    """
+    params = [p for p in net.collect_params().values() if p.grad_req != "null"]
+    sums = [p.list_data()[0].astype("float32").sum() for p in params]
     if sums and not math.isfinite(float(mx.nd.add_n(*sums).asscalar())):
         raise DivergedError(
             f"The parameters became NaN or infinite (lr {lr:g}). Lower --lr or check the data."
@@ -517,29 +607,43 @@ def _train(config: TrainConfig, stop: StopRequest) -> dict:
 
     config.validate()
     ctx = parse_contexts(config.ctx)
+    amp.check_dtype(config.dtype, ctx)
+    amp.enable(config.dtype)  # before the first forward pass builds a graph
+    # A dist kvstore joins its cluster here, before the data: the rank picks the shard and the
+    # writer. From here on, a worker that fails must os._exit (see gluon_ft.dist).
+    dist = connect(config.kvstore, config.batch_size)
+    writer = dist.is_writer  # rank 0 writes the run directory; other workers only log
     run = RunDirectory(config.out or default_out(config))
+    if dist.distributed and config.progress:
+        tqdm.write(
+            f"worker rank {dist.rank} of {dist.num_workers} ({config.kvstore}): "
+            f"{'writing' if writer else 'rank 0 writes'} {run.path}"
+        )
     resumed, notes = find_resume_checkpoint(run.path, config) if config.resume else (None, [])
     for note in notes:
         tqdm.write(f"warning: --resume passed over checkpoints/{note}")
-    run.prepare(resume=config.resume)
+    if writer:
+        run.prepare(resume=config.resume)
     train_split, test_split = load_dataset(config.data)
-    if config.strict:
+    if config.strict and isinstance(train_split, gdata.ImageFolderSplit):  # packs: at pack time
         require_readable(train_split, config.image_size)
     classes = list(train_split.classes)
     mx.random.seed(config.seed)  # before the graft: the new head's initialization draws from it
     net, source = build_network(config, len(classes), ctx)
+    zoo.check_input_size(net, config.model, config.image_size)  # e.g. SqueezeNet below 224 px
     plan = config.freeze_plan()
     plan.setup(net)
     # MXNet defers shapes to the first batch; one predict-mode pass of zeros (no statistics
     # move) gives the parameter table its shapes and counts.
     blank = mx.nd.zeros((1, config.image_size, config.image_size, 3), ctx=ctx[0], dtype="uint8")
-    net(gdata.normalize_batch(blank, config.dtype))
-    table_log = run.path / "trainable.txt"  # the parameter table, at the start and each change
+    net(gdata.normalize_batch(blank))  # float32 in: under --dtype, AMP casts inside
+    # The parameter table, at the start and each change (rank 0's file only).
+    table_log = run.path / "trainable.txt" if writer else Path(os.devnull)
     table = log_table(table_log, net, "epoch 1: at the start")
-    if config.progress:
+    if config.progress and writer:
         tqdm.write(f"{table.summary()} (table: {table_log})")
     net.hybridize(static_alloc=True, static_shape=True)
-    trainer = make_trainer(net, config, ctx)
+    trainer = make_trainer(net, config, ctx, dist)
     if resumed is not None:
         from gluon_ft.checkpoint import restore_checkpoint
 
@@ -547,21 +651,36 @@ def _train(config: TrainConfig, stop: StopRequest) -> dict:
         if config.progress:
             tqdm.write(f"resuming from {resumed.path} ({resumed.describe()})")
 
-    train_loader = gdata.make_loader(
-        train_split,
-        gdata.TrainTransform(config.image_size),
-        config.batch_size,
-        shuffle=True,
-        seed=config.seed,
-        workers=config.workers,
-    )
-    test_loader = gdata.make_loader(
-        test_split,
-        gdata.TestTransform(config.image_size),
-        config.batch_size,
-        shuffle=False,
-        workers=config.workers,
-    )
+    fit_net, prepare, cache = net, gdata.normalize_batch, None  # what each step runs, on what
+    if config.cache_features:
+        from gluon_ft.features_cache import feature_loaders
+
+        train_loader, test_loader, cache = feature_loaders(
+            net, train_split, test_split, ctx, config, dist.rank, dist.num_workers
+        )
+        fit_net, prepare = get_head(net)[1], (lambda features: features)
+        if config.progress:
+            tqdm.write(cache.summary())
+    else:
+        train_loader = gdata.make_loader(
+            train_split,
+            gdata.TrainTransform(config.image_size),
+            config.batch_size,
+            shuffle=True,
+            seed=config.seed,
+            workers=config.workers,
+            shard=dist.rank,
+            num_shards=dist.num_workers,
+        )
+        test_loader = gdata.make_loader(
+            test_split,
+            gdata.TestTransform(config.image_size),
+            config.batch_size,
+            shuffle=False,
+            workers=config.workers,
+            shard=dist.rank,
+            num_shards=dist.num_workers,
+        )
     resolved = {
         **asdict(config),
         "out": str(run.path),
@@ -574,9 +693,12 @@ def _train(config: TrainConfig, stop: StopRequest) -> dict:
         "gluon_ft": gluon_ft.__version__,
         "threads": gluon_ft.THREAD_SETTINGS,
         "frozen": plan.record(net),
+        "cluster": dist.describe(),
+        "feature_cache": asdict(cache) if cache else None,
     }
-    run.write_json("config.json", resolved)
-    run.write_json("classes.json", classes)
+    if writer:
+        run.write_json("config.json", resolved)
+        run.write_json("classes.json", classes)
 
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     from gluon_ft.checkpoint import save_checkpoint
@@ -590,6 +712,8 @@ def _train(config: TrainConfig, stop: StopRequest) -> dict:
         first_step = start_step if epoch == start_epoch else 0
         gdata.set_epoch(train_loader, epoch, first_step)
         steps = EpochSteps(train_loader, config.seed, epoch, first_step, stop)
+        # Workers step together; each step's gradient is divided by its global batch.
+        step_samples = gdata.global_batch_sizes(train_loader) if dist.distributed else None
         # Gradual unfreezing (--unfreeze-at); the Trainer sees grad_req at its next step.
         unfrozen = [change.pattern for change in plan.at_epoch(net, epoch)]
         if unfrozen:
@@ -601,12 +725,12 @@ def _train(config: TrainConfig, stop: StopRequest) -> dict:
             total=len(train_loader),
             desc=f"epoch {epoch + 1}/{config.epochs}",
             unit="batch",
-            disable=not config.progress,
+            disable=not (config.progress and writer),
             leave=False,
         ) as bar:
             try:
                 sums, skipped, train_seconds = train_epoch(
-                    net, trainer, steps, ctx, loss_fn, config, bar
+                    fit_net, trainer, steps, ctx, loss_fn, config, bar, step_samples, prepare
                 )
             except DivergedError as err:
                 raise diverged_since(err, epoch, last_checkpoint) from None
@@ -622,12 +746,15 @@ def _train(config: TrainConfig, stop: StopRequest) -> dict:
         except DivergedError as err:
             raise diverged_since(err, epoch, last_checkpoint) from None
         if steps.done < steps.total:  # a signal stopped the epoch between two steps
-            if steps.done > first_step:
+            if steps.done > first_step and writer:
                 progress = {"sums": sums.totals(), "skipped": skipped, "seconds": train_seconds}
                 meta = checkpoint_meta(config, epoch, steps.done, history, progress, stop.signal)
                 last_checkpoint = save_checkpoint(run.path / "checkpoints", net, trainer, meta)
             raise interrupted_at(stop, last_checkpoint)
-        test_acc = evaluate(net, test_loader, ctx, config.dtype)
+        if dist.distributed:  # the epoch's metrics over every worker's shard
+            sums, skipped = sum_over_workers(dist, sums, skipped)
+            loss, train_acc = sums.read()
+        test_acc = evaluate(fit_net, test_loader, ctx, dist, prepare)
         row = EpochStats(
             epoch=epoch + 1,
             loss=loss,
@@ -639,6 +766,7 @@ def _train(config: TrainConfig, stop: StopRequest) -> dict:
             extra={
                 "trainable_params": table.trainable_count,
                 "frozen_params": table.frozen_count,
+                "train_samples": sums.count,  # over every worker of a distributed run
                 **({"unfrozen": unfrozen} if unfrozen else {}),
             },
         ).as_dict()
@@ -654,16 +782,18 @@ def _train(config: TrainConfig, stop: StopRequest) -> dict:
                 f"epoch {epoch + 1}: loss {loss:.3f}, train acc {train_acc:.3f}, "
                 f"test acc {test_acc:.3f}, {row['examples_per_sec']:.1f} examples/sec"
             )
-        meta = checkpoint_meta(config, epoch + 1, 0, history, None, "epoch")
-        last_checkpoint = save_checkpoint(run.path / "checkpoints", net, trainer, meta)
-        run.write_json("metrics.json", history)
-        plot_curves(history, run.path / "curves.png")
+        if writer:
+            meta = checkpoint_meta(config, epoch + 1, 0, history, None, "epoch")
+            last_checkpoint = save_checkpoint(run.path / "checkpoints", net, trainer, meta)
+            run.write_json("metrics.json", history)
+            plot_curves(history, run.path / "curves.png")
         if stop.signal and epoch + 1 < config.epochs:
             raise interrupted_at(stop, last_checkpoint)
     if resumed is not None and start_epoch >= config.epochs:
         run.write_json("metrics.json", history)
-    run.save_params(net)
-    return {"run_dir": run.path, "history": history, "classes": classes}
+    if writer:
+        run.save_params(net)
+    return {"run_dir": run.path, "history": history, "classes": classes, "rank": dist.rank}
 
 
 def pretrain(config: TrainConfig, out_file: str | Path) -> dict:
@@ -687,7 +817,8 @@ def pretrain(config: TrainConfig, out_file: str | Path) -> dict:
         raise UsageError(f"--out {out_file}: the pretrained model file must end in .params.")
     try:
         out_file.parent.mkdir(parents=True, exist_ok=True)
-        probe = out_file.with_name(f".{out_file.name}.write-test")
+        # Per process: the workers of a distributed run probe at once.
+        probe = out_file.with_name(f".{out_file.name}.write-test.{os.getpid()}")
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
@@ -696,6 +827,8 @@ def pretrain(config: TrainConfig, out_file: str | Path) -> dict:
     config.head_lr_mult = 1.0  # there is no new head when training from scratch
     config.out = config.out or str(out_file.with_suffix(".run"))
     result = train(config)
+    if result["rank"] != 0:  # rank 0 of a distributed run writes the file
+        return {**result, "params_file": out_file}
     os.replace(result["run_dir"] / "model.params", out_file)
     meta = {"model": config.model, "classes": result["classes"], "image_size": config.image_size}
     sidecar_path(out_file).write_text(json.dumps(meta, indent=2) + "\n")

@@ -7,8 +7,8 @@ first; GluonCV adds the names Gluon lacks. Both zoos hold models for other tasks
 classifiers are left out for a stated reason (:data:`EXCLUDED`). Everything else is found by
 asking the zoos, not listed here.
 
-The only per-model table is :data:`INPUT_SIZES` (the native input size where it is not 224),
-plus :data:`BUILD_EXCEPTIONS` for the two families whose constructors need other arguments.
+The per-model tables hold only exceptions: :data:`INPUT_SIZES` (the native input size where
+it is not 224) and :data:`EXCEPTIONS` (constructor arguments and weight files that differ).
 """
 
 from __future__ import annotations
@@ -67,12 +67,15 @@ INPUT_SIZES = {
     "resnest269": 416,
 }
 
-# Constructor arguments that differ from ``classes=N`` (name prefix -> rule).
-BUILD_EXCEPTIONS = {
-    # HRNet's classifier takes ``num_classes`` and silently swallows ``classes``.
-    "hrnet_": {"classes_kwarg": "num_classes"},
+# Families that differ from "get_model(name, classes=N), weights in the store as <name>".
+EXCEPTIONS = {
+    # HRNet takes ``num_classes`` (and silently swallows ``classes``); its weights are stored
+    # as hrnet_w18_cls for hrnet_w18_c.
+    r"^hrnet_": {"classes_kwarg": "num_classes", "store_name": (r"_c$", "_cls")},
     # NASNet's default (use_aux=True) returns (scores, auxiliary scores) even in predict mode.
-    "nasnet_": {"kwargs": {"use_aux": False}},
+    r"^nasnet_": {"kwargs": {"use_aux": False}},
+    # GluonCV 0.10.5 "loads" these from the resnet*_v1d / senet_154 files, which do not fit.
+    r"^resnet\d+_v1e$|^senet_154e$": {"weights_published": False},
 }
 
 
@@ -103,6 +106,16 @@ def _gluoncv_store():
     return model_store
 
 
+def _exception(name: str) -> dict:
+    return next((rule for p, rule in EXCEPTIONS.items() if re.search(p, name)), {})
+
+
+def _store_name(name: str) -> str:
+    """The name of ``name``'s weights in its zoo's model store."""
+    pattern, replacement = _exception(name).get("store_name", ("$", ""))
+    return re.sub(pattern, replacement, name)
+
+
 def _excluded_reason(name: str) -> str | None:
     for pattern, reason in EXCLUDED.items():
         if re.search(pattern, name):
@@ -123,7 +136,8 @@ def _catalogue() -> dict[str, ZooModel]:
         if name in entries or OTHER_TASKS.search(name) or _excluded_reason(name):
             continue
         size = INPUT_SIZES.get(name, DEFAULT_INPUT_SIZE)
-        entries[name] = ZooModel(name, GLUONCV, size, name in published)
+        weights = _exception(name).get("weights_published", _store_name(name) in published)
+        entries[name] = ZooModel(name, GLUONCV, size, weights)
     return entries
 
 
@@ -170,7 +184,7 @@ def build(name: str, num_classes: int, **kwargs) -> gluon.HybridBlock:
     ``kwargs`` go to the zoo constructor (``pretrained=True, root=...``).
     """
     entry = lookup(name)
-    rule = next((r for p, r in BUILD_EXCEPTIONS.items() if entry.name.startswith(p)), {})
+    rule = _exception(entry.name)
     kwargs = {**rule.get("kwargs", {}), **kwargs, rule.get("classes_kwarg", "classes"): num_classes}
     if entry.zoo == GLUON:
         from mxnet.gluon.model_zoo import vision
@@ -196,7 +210,8 @@ def model_store_file(name: str) -> Path:
             "only). Train it with --pretrained none, or pass --pretrained FILE.params."
         )
     store = _gluon_store() if entry.zoo == GLUON else _gluoncv_store()
-    return mxnet_home() / "models" / f"{entry.name}-{store.short_hash(entry.name)}.params"
+    stored = _store_name(entry.name)
+    return mxnet_home() / "models" / f"{stored}-{store.short_hash(stored)}.params"
 
 
 def weights_status(name: str) -> str:
@@ -222,12 +237,17 @@ def infer_shapes(net: gluon.HybridBlock, image_size: int) -> tuple[dict, tuple]:
     out = net(data)
     if isinstance(out, list | tuple):
         raise mx.base.MXNetError(f"{type(net).__name__} returns {len(out)} outputs, not one")
-    known = {p.name: p.shape for p in net.collect_params().values() if p.shape and all(p.shape)}
-    known = {k: v for k, v in known.items() if k in out.list_arguments()}
+    arguments = out.list_arguments()
+    inputs = set(arguments)
+    known = {
+        p.name: p.shape
+        for p in net.collect_params().values()
+        if p.name in inputs and p.shape and all(p.shape)
+    }
     # Symbol.infer_shape prints its arguments to stdout before raising; keep stdout clean.
     with contextlib.redirect_stdout(io.StringIO()):
         args, outs, _ = out.infer_shape(data=(1, 3, image_size, image_size), **known)
-    shapes = dict(zip(out.list_arguments(), args))
+    shapes = dict(zip(arguments, args))
     shapes.pop("data")
     return shapes, outs[0]
 
@@ -272,7 +292,7 @@ def describe(name: str) -> ModelInfo:
     return ModelInfo(
         name=entry.name,
         zoo=entry.zoo,
-        family=type(net).__name__,
+        family=type(net).__name__.lstrip("_"),
         input_size=entry.input_size,
         test_resize=entry.test_resize,
         params=int(sum(np.prod(s) for s in shapes.values())),

@@ -1,0 +1,466 @@
+"""``gluon-ft bench``: the throughput of every path, measured in one run, as one JSON object.
+
+Every figure is a median over ``repeats`` timings taken after a warm-up. Figures that are
+compared with each other are timed in interleaved rounds (one timing of each per round), so
+that a change in the machine's load while the bench runs hits both sides of a ratio alike.
+
+- ``bare_fp32_img_s``: a hand-written hybridized Gluon loop (:mod:`gluon_ft.bare_loop`), with
+  gluon-ft's thread settings; ``bare_fp32_default_threads_img_s``: the same loop in a child
+  process with MXNet's default threads; ``thread_speedup`` = train / that.
+- ``train_fp32_img_s``: gluon-ft's own step (:func:`gluon_ft.train.train_epoch` on uint8 host
+  batches: copy, normalize on the device, metrics on the device), same model and batch;
+  ``trainer_overhead`` = 1 - train / bare.
+- ``frozen_step_img_s``: the same step with the backbone frozen (BatchNorm included).
+- ``frozen_epoch_s``, ``cached_epoch_s``: a frozen-backbone epoch (train + test pass) of
+  :func:`gluon_ft.train.train` on large JPEGs, without and with ``--cache-features``.
+- ``loader_folder_img_s``, ``loader_recordio_img_s``: decode + the book's train augmentation
+  from the large-JPEG folder and from its pack, with the same worker count.
+- ``infer_img_s``, ``infer_optimized_img_s``: hybridized predict-mode forward, plain and after
+  ``optimize_for(backend="MKLDNN")`` (oneDNN operator fusion).
+- ``train_bf16_img_s``, ``bf16_speedup``: gluon-ft's step under ``--dtype bfloat16``, timed
+  against the float32 step in the same rounds. MXNet AMP cannot be turned off once on, so this
+  phase runs last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+BF16_TIMINGS = ("train_bf16_img_s", "bf16_speedup")
+CPU_FLAGS_SHOWN = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+@dataclass(frozen=True)
+class BenchSizes:
+    """What the bench runs on. The full sizes are the issue's: resnet18_v2, 224 px, batch 32."""
+
+    model: str = "resnet18_v2"
+    image_size: int = 224
+    batch_size: int = 32
+    classes: int = 10
+    steps: int = 4  # training steps (or inference batches) per timing
+    repeats: int = 5  # timings per figure; the figure is their median
+    warmup: int = 2  # untimed steps first: graph building, oneDNN primitive creation
+    photo_width: int = 800  # the large JPEGs of the loader and epoch figures
+    photo_height: int = 600
+    train_photos: int = 128
+    test_photos: int = 32
+    epochs: int = 3  # frozen / cached runs; the first epoch is a warm-up, not counted
+
+
+FULL = BenchSizes()
+QUICK = replace(
+    FULL,
+    image_size=64,
+    batch_size=16,
+    steps=2,
+    repeats=3,
+    warmup=1,
+    train_photos=32,
+    test_photos=16,
+    epochs=2,
+)
+
+
+def interleave(timers: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Call every timer once per round for ``repeats`` rounds; return each one's results."""
+    results: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(repeats):
+        for name, timer in timers.items():
+            results[name].append(timer())
+    return results
+
+
+def record(timings: dict[str, list[float]], result: dict, details: dict) -> dict[str, float]:
+    """Put each timing's median in ``result`` and all its values in ``details``."""
+    found = {name: statistics.median(values) for name, values in timings.items()}
+    result.update(found)
+    details.update({f"{name}_runs": values for name, values in timings.items()})
+    return found
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def write_photos(root: Path, sizes: BenchSizes, seed: int = 0) -> Path:
+    """Write ``root/{train,test}/{a,b}/*.jpg``: smooth random pictures at the photo size.
+
+    Smooth colour fields with mild noise compress like photos (tens of kB at 800x600), so
+    decoding costs what it costs on real pictures.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    size = (sizes.photo_width, sizes.photo_height)
+    for split, count in (("train", sizes.train_photos), ("test", sizes.test_photos)):
+        for i in range(count):
+            folder = root / split / "ab"[i % 2]
+            folder.mkdir(parents=True, exist_ok=True)
+            coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+            field = np.asarray(Image.fromarray(coarse).resize(size, Image.BICUBIC), np.int16)
+            noise = rng.integers(-12, 13, size=field.shape, dtype=np.int16)
+            pixels = np.clip(field + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:04d}.jpg", quality=90)
+    return root
+
+
+def host_batch(sizes: BenchSizes, seed: int = 0) -> tuple:
+    """One loader-shaped batch: ``(uint8 NHWC images, int32 labels, 0 skipped)``."""
+    rng = np.random.default_rng(seed)
+    shape = (sizes.batch_size, sizes.image_size, sizes.image_size, 3)
+    images = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    labels = rng.integers(0, sizes.classes, size=sizes.batch_size).astype(np.int32)
+    return images, labels, 0
+
+
+# ----------------------------------------------------------------------------- timers
+
+
+class GluonFTStep:
+    """gluon-ft's training step, as a run takes it, on one repeated host batch."""
+
+    def __init__(self, sizes: BenchSizes, dtype: str = "float32", freeze: str = "none"):
+        import mxnet as mx
+        from mxnet import gluon
+
+        from gluon_ft.freeze import FreezePlan
+        from gluon_ft.model import scratch_twin
+        from gluon_ft.train import TrainConfig, make_trainer
+
+        self.ctx = [mx.cpu()]
+        self.config = TrainConfig(
+            model=sizes.model,
+            pretrained="none",
+            batch_size=sizes.batch_size,
+            image_size=sizes.image_size,
+            dtype=dtype,
+            freeze=freeze,
+            progress=False,
+        )
+        mx.random.seed(0)
+        self.net = scratch_twin(sizes.model, sizes.classes, self.ctx)
+        FreezePlan(freeze).setup(self.net)
+        self.net.hybridize(static_alloc=True, static_shape=True)
+        self.trainer = make_trainer(self.net, self.config, self.ctx)
+        self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+        self.batch = host_batch(sizes)
+        self.batch_size = sizes.batch_size
+
+    def run(self, steps: int) -> float:
+        """Seconds for ``steps`` steps, as :func:`gluon_ft.train.train_epoch` measures them."""
+        import mxnet as mx
+
+        from gluon_ft.train import EpochSteps, StopRequest, train_epoch
+
+        mx.nd.waitall()
+        batches = EpochSteps([self.batch] * steps, self.config.seed, 0, 0, StopRequest())
+        _, _, seconds = train_epoch(
+            self.net, self.trainer, batches, self.ctx, self.loss_fn, self.config
+        )
+        return seconds
+
+
+class Inference:
+    """Predict-mode forward passes of a hybridized network on one float32 batch."""
+
+    def __init__(self, sizes: BenchSizes, backend: str | None = None, weights_from=None):
+        import mxnet as mx
+
+        from gluon_ft.model import scratch_twin
+
+        mx.random.seed(0)
+        self.net = scratch_twin(sizes.model, sizes.classes, [mx.cpu()])
+        shape = (sizes.batch_size, 3, sizes.image_size, sizes.image_size)
+        self.x = mx.nd.random.normal(shape=shape, ctx=mx.cpu())
+        self.net(self.x)  # materializes the deferred shapes (and lets the weights be copied)
+        if weights_from is not None:
+            for mine, theirs in zip(
+                self.net.collect_params().values(), weights_from.net.collect_params().values()
+            ):
+                mine.set_data(theirs.data())
+        if backend:
+            self.net.optimize_for(self.x, backend=backend, static_alloc=True, static_shape=True)
+        else:
+            self.net.hybridize(static_alloc=True, static_shape=True)
+        self.batch_size = sizes.batch_size
+
+    def output(self):
+        return self.net(self.x).asnumpy()
+
+    def run(self, batches: int) -> float:
+        import mxnet as mx
+
+        mx.nd.waitall()
+        start = time.perf_counter()
+        for _ in range(batches):
+            self.net(self.x)
+        mx.nd.waitall()
+        return time.perf_counter() - start
+
+
+def rate(timer: Callable[[int], float], images_per_call: int, calls: int) -> Callable[[], float]:
+    """A timer that returns images per second of ``calls`` calls."""
+    return lambda: images_per_call * calls / timer(calls)
+
+
+class LoaderPass:
+    """Images per second of one epoch of gluon-ft's train loader over a split."""
+
+    def __init__(self, split, sizes: BenchSizes, workers: int):
+        from gluon_ft import data as gdata
+
+        self.loader = gdata.make_loader(
+            split,
+            gdata.TrainTransform(sizes.image_size),
+            sizes.batch_size,
+            shuffle=True,
+            workers=workers,
+        )
+        self.epoch = 0
+
+    def __call__(self) -> float:
+        from gluon_ft import data as gdata
+
+        gdata.set_epoch(self.loader, self.epoch)
+        self.epoch += 1
+        start = time.perf_counter()
+        count = sum(len(labels) for _, labels, _ in self.loader if labels is not None)
+        return count / (time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def bare_default_threads(sizes: BenchSizes) -> dict:
+    """Run :mod:`gluon_ft.bare_loop` in a child process with MXNet's default thread count."""
+    from gluon_ft import bare_loop
+
+    env = {k: v for k, v in os.environ.items() if k not in bare_loop.THREAD_VARIABLES}
+    args = {
+        "model": sizes.model,
+        "batch_size": sizes.batch_size,
+        "image_size": sizes.image_size,
+        "classes": sizes.classes,
+        "steps": sizes.steps,
+        "repeats": sizes.repeats,
+        "warmup": sizes.warmup,
+    }
+    done = subprocess.run(
+        [sys.executable, "-P", bare_loop.__file__, json.dumps(args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def frozen_epochs(folder: Path, out: Path, sizes: BenchSizes, workers: int) -> dict:
+    """Epoch seconds of a frozen-backbone run without and with the feature cache."""
+    from gluon_ft.train import TrainConfig, train
+
+    common = {
+        "data": str(folder),
+        "model": sizes.model,
+        "pretrained": "none",
+        "freeze": "features",
+        "epochs": sizes.epochs,
+        "batch_size": sizes.batch_size,
+        "image_size": sizes.image_size,
+        "workers": workers,
+        "ctx": "cpu",
+        "progress": False,
+    }
+    plain = train(TrainConfig(**common, out=str(out / "frozen")))
+    cached = train(
+        TrainConfig(
+            **common, cache_features=True, cache_views=sizes.epochs, out=str(out / "cached")
+        )
+    )
+    resolved = json.loads((out / "cached" / "config.json").read_text())
+
+    def epoch_seconds(result):  # the first epoch builds graphs and forks workers
+        return statistics.median(row["seconds"] for row in result["history"][1:])
+
+    return {
+        "frozen_epoch_s": epoch_seconds(plain),
+        "cached_epoch_s": epoch_seconds(cached),
+        "cache_build_s": resolved["feature_cache"]["seconds"],
+        "cached_loss_minus_frozen_loss": cached["history"][-1]["loss"]
+        - plain["history"][-1]["loss"],
+    }
+
+
+def environment(workers: int) -> dict:
+    import platform
+
+    import mxnet as mx
+
+    import gluon_ft
+    from gluon_ft.amp import cpu_flags
+    from gluon_ft.threads import usable_cores
+
+    flags = cpu_flags()
+    model_name = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model_name = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "mxnet": mx.__version__,
+        "gluon_ft": gluon_ft.__version__,
+        "python": platform.python_version(),
+        "cpu": model_name,
+        "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS_SHOWN},
+        "usable_cores": usable_cores(),
+        "threads": gluon_ft.THREAD_SETTINGS,
+        "mxnet_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MXNET_")},
+        "workers": workers,
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+def run_bench(quick: bool = False, workers: int | None = None, log=None) -> dict:
+    """Measure every figure; return the bench's JSON object.
+
+    Parameters
+    ----------
+    quick : bool
+        Small sizes (64 px, batch 16, few repeats): under a minute on 2 idle cores.
+    workers : int, optional
+        DataLoader worker processes of the loader and epoch figures; gluon-ft's default if
+        None.
+    log : callable, optional
+        Called with a line of progress (the CLI prints it to stderr).
+    """
+    import mxnet as mx
+
+    from gluon_ft import amp
+    from gluon_ft.bare_loop import BareLoop
+    from gluon_ft.recordio import pack_dataset
+    from gluon_ft.train import TrainConfig, load_dataset
+
+    log = log or (lambda line: None)
+    sizes = QUICK if quick else FULL
+    workers = TrainConfig().workers if workers is None else workers
+    started = time.perf_counter()
+    result: dict = {"quick": quick, "sizes": asdict(sizes), "env": environment(workers)}
+    details: dict = {}
+
+    log("training steps: bare loop, gluon-ft, gluon-ft frozen (interleaved)")
+    bare = BareLoop(sizes.model, sizes.batch_size, sizes.image_size, sizes.classes)
+    fp32 = GluonFTStep(sizes)
+    frozen = GluonFTStep(sizes, freeze="features")
+    for step in (bare, fp32, frozen):
+        step.run(sizes.warmup)
+    images = sizes.batch_size
+    steps = interleave(
+        {
+            "bare_fp32_img_s": rate(bare.run, images, sizes.steps),
+            "train_fp32_img_s": rate(fp32.run, images, sizes.steps),
+            "frozen_step_img_s": rate(frozen.run, images, sizes.steps),
+        },
+        sizes.repeats,
+    )
+    record(steps, result, details)
+    result["trainer_overhead"] = 1 - result["train_fp32_img_s"] / result["bare_fp32_img_s"]
+
+    log("bare loop in a child process with MXNet's default threads")
+    child = bare_default_threads(sizes)
+    details["bare_fp32_default_threads"] = child
+    result["bare_fp32_default_threads_img_s"] = child["img_s"]
+    result["thread_speedup"] = result["train_fp32_img_s"] / child["img_s"]
+
+    log("inference: hybridized, and optimize_for(backend='MKLDNN')")
+    plain = Inference(sizes)
+    fused = Inference(sizes, backend="MKLDNN", weights_from=plain)
+    details["infer_optimized_max_abs_diff"] = float(np.abs(plain.output() - fused.output()).max())
+    for net in (plain, fused):
+        net.run(sizes.warmup)
+    infer = interleave(
+        {
+            "infer_img_s": rate(plain.run, images, sizes.steps),
+            "infer_optimized_img_s": rate(fused.run, images, sizes.steps),
+        },
+        sizes.repeats,
+    )
+    record(infer, result, details)
+    result["infer_speedup"] = result["infer_optimized_img_s"] / result["infer_img_s"]
+
+    home = os.environ.get("MXNET_HOME")
+    with tempfile.TemporaryDirectory(prefix="gluon-ft-bench-") as tmp:
+        tmp = Path(tmp)
+        os.environ["MXNET_HOME"] = str(tmp / "mxnet-home")  # the feature cache stays in tmp
+        try:
+            log(f"writing {sizes.train_photos + sizes.test_photos} photos and packing them")
+            folder = write_photos(tmp / "photos", sizes)
+            pack_start = time.perf_counter()
+            pack_dataset(folder, tmp / "pack" / "photos")
+            details["pack_s"] = time.perf_counter() - pack_start
+            log(f"loaders: folder and RecordIO, {workers} worker(s) (interleaved)")
+            from_folder = LoaderPass(load_dataset(str(folder))[0], sizes, workers)
+            from_pack = LoaderPass(load_dataset(str(tmp / "pack" / "photos"))[0], sizes, workers)
+            for warm_up in (from_folder, from_pack):  # page cache, worker processes
+                warm_up()
+            loaders = interleave(
+                {"loader_folder_img_s": from_folder, "loader_recordio_img_s": from_pack},
+                sizes.repeats,
+            )
+            record(loaders, result, details)
+            result["recordio_speedup"] = (
+                result["loader_recordio_img_s"] / result["loader_folder_img_s"]
+            )
+            del from_folder, from_pack  # their worker processes end here
+            log("frozen-backbone epochs, without and with the feature cache")
+            epochs = frozen_epochs(folder, tmp / "runs", sizes, workers)
+        finally:
+            if home is None:
+                os.environ.pop("MXNET_HOME", None)
+            else:
+                os.environ["MXNET_HOME"] = home
+    details["cache_build_s"] = epochs.pop("cache_build_s")
+    details["cached_loss_minus_frozen_loss"] = epochs.pop("cached_loss_minus_frozen_loss")
+    result.update(epochs)
+    result["cache_speedup"] = result["frozen_epoch_s"] / result["cached_epoch_s"]
+
+    # Last: MXNet AMP rewrites every graph built from here on, for the rest of the process.
+    try:
+        amp.check_dtype("bfloat16", [mx.cpu()])
+    except Exception as err:  # UsageError: this CPU has no native bfloat16
+        result.update(dict.fromkeys(BF16_TIMINGS))
+        details["bf16_unsupported"] = str(err)
+    else:
+        log("bfloat16 (MXNet AMP) against float32 (interleaved)")
+        amp.enable("bfloat16")
+        bf16 = GluonFTStep(sizes, dtype="bfloat16")
+        bf16.run(sizes.warmup)
+        paired = interleave(
+            {
+                "train_fp32_paired_img_s": rate(fp32.run, images, sizes.steps),
+                "train_bf16_img_s": rate(bf16.run, images, sizes.steps),
+            },
+            sizes.repeats,
+        )
+        paired = record(paired, {}, details)
+        result["train_bf16_img_s"] = paired["train_bf16_img_s"]
+        result["bf16_speedup"] = paired["train_bf16_img_s"] / paired["train_fp32_paired_img_s"]
+        details["train_fp32_paired_img_s"] = paired["train_fp32_paired_img_s"]
+
+    result["env"]["load_average_at_end"] = list(os.getloadavg())
+    result["seconds"] = time.perf_counter() - started
+    result["details"] = details
+    return result

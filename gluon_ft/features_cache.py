@@ -1,0 +1,330 @@
+"""Cached backbone features: train a head on a frozen backbone without re-running it.
+
+With the whole backbone frozen, BatchNorm included (``--freeze features``, ``--bn freeze``),
+its output for an image depends only on the weights, the image and the transform. So
+``--cache-features`` runs the backbone once per image and view, and the head's epochs run on
+the stored arrays:
+
+- the test split through the test transform, once;
+- the train split through the train augmentation, ``--cache-views K`` times: view ``k`` is
+  exactly the augmentation the uncached run draws in epoch ``k`` (the per-sample generator is
+  seeded by ``(seed, epoch, index)``), and epoch ``e`` uses view ``e % K``. With ``K`` >= the
+  epochs, training equals the uncached frozen run.
+
+Each view is a file under ``$MXNET_HOME/features/`` named by a digest of the backbone's
+weights, the image files (name, size, modification time), the transform, the seed and view,
+and the dtype. An lr sweep over the same frozen backbone pays for the features once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gluon_ft import data as gdata
+from gluon_ft.errors import UsageError
+
+CACHE_FORMAT = "gluon-ft-features/1"
+
+
+def cache_dir() -> Path:
+    """Where feature files live: ``$MXNET_HOME/features``."""
+    return gdata.mxnet_home() / "features"
+
+
+def frozen_backbone(net):
+    """Return ``(backbone, head)`` of ``net`` if the backbone is frozen for caching.
+
+    Raises
+    ------
+    UsageError
+        A backbone parameter is trainable, a backbone BatchNorm uses batch statistics, or the
+        backbone has Dropout (its training output would be random, not cacheable).
+    """
+    from gluon_ft.freeze import _is_batchnorm, _walk, network_layout
+
+    layout = network_layout(net)
+    if layout.head is None or len(layout.features) != 1:
+        raise UsageError(
+            f"--cache-features needs a network made of a backbone and a head; "
+            f"{type(net).__name__} is not."
+        )
+    backbone = layout.features[0]
+    trainable = [p.name for p in backbone.collect_params().values() if p.grad_req != "null"]
+    live_bn = [
+        b.name for _, b in _walk(backbone) if _is_batchnorm(b) and not b._kwargs["use_global_stats"]
+    ]
+    dropout = [b.name for _, b in _walk(backbone) if type(b).__name__ == "Dropout"]
+    problems = []
+    if trainable:
+        problems.append(f"{len(trainable)} backbone parameter(s) train (e.g. {trainable[0]})")
+    if live_bn:
+        problems.append(f"{len(live_bn)} BatchNorm layer(s) use batch statistics")
+    if dropout:
+        problems.append(f"the backbone has Dropout ({dropout[0]}), random in training")
+    if problems:
+        raise UsageError(
+            "--cache-features reuses the backbone's output, so the backbone must be frozen "
+            f"whole, BatchNorm included: {'; '.join(problems)}. Pass --freeze features "
+            "(with the default --bn freeze), or leave out --cache-features."
+        )
+    return backbone, layout.head
+
+
+def weights_digest(block) -> str:
+    """sha1 of ``block``'s parameters by structural name (``5.0.conv1.weight``), shape, bytes."""
+    digest = hashlib.sha1()
+    for name, param in sorted(block._collect_params_with_prefix().items()):
+        value = param.data(param.list_ctx()[0]).asnumpy()
+        digest.update(f"{name}:{value.dtype}:{value.shape}\n".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
+def files_digest(split) -> str:
+    """sha1 of a split's classes, items and source files' size and modification time.
+
+    A RecordIO split names its pack files (``pack_files``); a folder split its image files.
+    """
+    digest = hashlib.sha1(json.dumps([split.classes, split.items]).encode())
+    files = getattr(split, "pack_files", None) or [path for path, _ in split.items]
+    for path in files:
+        try:
+            stat = os.stat(path)
+            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}:missing\n".encode())
+    return digest.hexdigest()
+
+
+def describe_transform(transform) -> dict:
+    """The class and settings of a transform, which decide its output for an image."""
+    settings = {k: v for k, v in sorted(vars(transform).items()) if not k.startswith("_")}
+    return {"class": f"{type(transform).__module__}.{type(transform).__qualname__}", **settings}
+
+
+@dataclass
+class FeatureKey:
+    """Everything a cached view's content depends on."""
+
+    weights: str
+    files: str
+    transform: dict
+    view: int | None  # the train augmentation's epoch, None for a deterministic transform
+    seed: int | None
+    dtype: str
+
+    def digest(self) -> str:
+        text = json.dumps({"format": CACHE_FORMAT, **self.__dict__}, sort_keys=True, default=str)
+        return hashlib.sha1(text.encode()).hexdigest()
+
+    def path(self, folder: Path) -> Path:
+        return folder / f"{self.digest()}.npz"
+
+
+class _IndexedSamples:
+    """A :class:`gluon_ft.data.TransformedSplit` whose samples carry their index, not label.
+
+    :func:`gluon_ft.data.collate` then stacks the indices where labels would be, so a batch
+    with an unreadable file (dropped) still says which rows it holds.
+    """
+
+    def __init__(self, samples: gdata.TransformedSplit):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        sample = self.samples[key]
+        return None if sample is None else (sample[0], key[0])
+
+
+def compute_features(backbone, split, transform, ctx, *, view=0, seed=0, batch_size=64, workers=0):
+    """Run ``backbone`` (predict mode) over every image of ``split`` through ``transform``.
+
+    Returns
+    -------
+    tuple of np.ndarray
+        ``(features float32 [N, ...], valid bool [N])``; an unreadable image's row is invalid.
+    """
+    from mxnet.gluon.data import DataLoader
+
+    from gluon_ft.train import split_batch
+
+    sampler = gdata.EpochBatchSampler(len(split), batch_size, shuffle=False, seed=seed)
+    sampler.set_epoch(view)
+    dataset = _IndexedSamples(gdata.TransformedSplit(split, transform, seed))
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, batchify_fn=gdata.collate, num_workers=workers
+    )
+    features, valid = None, np.zeros(len(split), dtype=bool)
+    for images, indices, _ in loader:
+        if images is None:
+            continue
+        xs, parts = split_batch(images, indices, ctx)
+        for x, part in zip(xs, parts):
+            out = backbone(gdata.normalize_batch(x)).astype("float32").asnumpy()
+            if features is None:
+                features = np.zeros((len(split), *out.shape[1:]), dtype=np.float32)
+            rows = part.asnumpy().astype(np.int64)
+            features[rows] = out
+            valid[rows] = True
+    if features is None:
+        raise UsageError(f"{split.root}: no readable image to compute features from.")
+    return features, valid
+
+
+def _save(path: Path, features: np.ndarray, valid: np.ndarray, key: FeatureKey) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as out:
+        np.savez(out, features=features, valid=valid, key=np.array(json.dumps(key.__dict__)))
+    os.replace(tmp, path)  # atomic: a concurrent run reads a whole file or none
+
+
+def _load(path: Path, size: int):
+    try:
+        with np.load(path) as stored:
+            features, valid = stored["features"], stored["valid"]
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable or truncated by hand: compute it again
+    return (features, valid) if len(valid) == size else None
+
+
+@dataclass
+class CacheReport:
+    """What :func:`cached_views` found and computed, for ``config.json`` and the log."""
+
+    folder: str
+    hits: list[str] = field(default_factory=list)
+    built: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        return (
+            f"feature cache {self.folder}: {len(self.hits)} view(s) reused, "
+            f"{len(self.built)} computed in {self.seconds:.1f}s"
+        )
+
+
+def cached_views(
+    backbone, split, transform, ctx, views, *, seed, dtype, batch_size, workers, report
+):
+    """Return ``[(features, valid)]`` for each view in ``views``, from the cache or computed.
+
+    ``views`` is a list of train epochs (``[0, 1, ...]``) or ``[None]`` for a deterministic
+    transform.
+    """
+    weights, files = weights_digest(backbone), files_digest(split)
+    described = describe_transform(transform)
+    out = []
+    for view in views:
+        key = FeatureKey(weights, files, described, view, None if view is None else seed, dtype)
+        path = key.path(Path(report.folder))
+        loaded = _load(path, len(split)) if path.is_file() else None
+        if loaded is not None:
+            report.hits.append(path.name)
+        else:
+            started = time.perf_counter()
+            loaded = compute_features(
+                backbone,
+                split,
+                transform,
+                ctx,
+                view=view or 0,
+                seed=seed,
+                batch_size=batch_size,
+                workers=workers,
+            )
+            _save(path, *loaded, key)
+            report.seconds += time.perf_counter() - started
+            report.built.append(path.name)
+        out.append(loaded)
+    return out
+
+
+class FeatureLoader:
+    """The batches an image loader would give, with cached features in place of images.
+
+    The same :class:`gluon_ft.data.EpochBatchSampler` (order, sharding, resume skipping), and
+    the same drops: a sample whose image was unreadable is skipped and counted. Epoch ``e``
+    reads view ``e % len(views)``.
+    """
+
+    def __init__(self, views, labels, batch_size, *, shuffle, seed=0, shard=0, num_shards=1):
+        self.views = views
+        self.labels = np.asarray(labels, dtype=np.int32)
+        self._batch_sampler = gdata.EpochBatchSampler(
+            len(self.labels), batch_size, shuffle, seed, shard, num_shards
+        )
+
+    def __len__(self) -> int:
+        return len(self._batch_sampler)
+
+    def __iter__(self):
+        for keys in self._batch_sampler:
+            rows = np.array([index for index, _ in keys], dtype=np.int64)
+            features, valid = self.views[self._batch_sampler.epoch % len(self.views)]
+            ok = rows[valid[rows]]
+            skipped = len(rows) - len(ok)
+            if not len(ok):
+                yield None, None, skipped
+                continue
+            yield features[ok], self.labels[ok], skipped
+
+
+def feature_loaders(net, train_split, test_split, ctx, config, shard=0, num_shards=1):
+    """Train and test :class:`FeatureLoader`s for ``net``'s frozen backbone, and a report.
+
+    Raises
+    ------
+    UsageError
+        The backbone is not frozen whole (see :func:`frozen_backbone`).
+    """
+    backbone, _ = frozen_backbone(net)
+    report = CacheReport(str(cache_dir()))
+    common = {"seed": config.seed, "dtype": config.dtype, "batch_size": config.batch_size}
+    common["workers"] = config.workers
+    train_views = cached_views(
+        backbone,
+        train_split,
+        gdata.TrainTransform(config.image_size),
+        ctx,
+        list(range(config.cache_views)),
+        report=report,
+        **common,
+    )
+    test_views = cached_views(
+        backbone,
+        test_split,
+        gdata.TestTransform(config.image_size),
+        ctx,
+        [None],
+        report=report,
+        **common,
+    )
+    train_loader = FeatureLoader(
+        train_views,
+        train_split.labels(),
+        config.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        shard=shard,
+        num_shards=num_shards,
+    )
+    test_loader = FeatureLoader(
+        test_views,
+        test_split.labels(),
+        config.batch_size,
+        shuffle=False,
+        shard=shard,
+        num_shards=num_shards,
+    )
+    return train_loader, test_loader, report

@@ -1,0 +1,180 @@
+"""Classify images with a finished run: its network, its class names, its test transform.
+
+The run is loaded once; each call classifies a list of images, and a bad one gets its own
+error without stopping the others::
+
+    predictor = Predictor("runs/hotdog-finetune")
+    predictor.predict_images(["a.jpg", "b.txt"], top_k=2)
+    # [{"source": "a.jpg", "ok": True,
+    #   "top": [{"class": "hotdog", "index": 0, "probability": 0.93}, ...]},
+    #  {"source": "b.txt", "ok": False, "error": "not an image (...)"}]
+
+``gluon-ft predict`` prints these; ``gluon-ft serve`` returns them as JSON.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+from mxnet import gluon
+from PIL import Image
+
+from gluon_ft import data as gdata
+from gluon_ft.checkpoint import load_parameters_checked
+from gluon_ft.errors import UsageError
+from gluon_ft.model import build_model
+
+ImageInput = str | Path | bytes | Image.Image
+
+
+@dataclass
+class LoadedRun:
+    """A finished run's network (on ``ctx``, hybridized) and what it needs to classify."""
+
+    path: Path
+    config: dict
+    classes: list[str]
+    net: gluon.HybridBlock
+    image_size: int
+    ctx: mx.Context
+
+
+def _read_json(path: Path, what: str):
+    if not path.is_file():
+        raise UsageError(f"{path} is missing: is {path.parent} a finished run directory?")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{path} ({what}) is not valid JSON: {err}") from None
+
+
+def load_run(run_dir: str | Path, ctx: mx.Context | None = None) -> LoadedRun:
+    """Rebuild a finished run's network from ``config.json``, ``classes.json``, ``model.params``.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        A run directory written by ``gluon-ft train``.
+    ctx : Context, optional
+        Where to run the network; the CPU by default.
+
+    Raises
+    ------
+    UsageError
+        The folder is not a finished run, a file is malformed, or ``model.params`` does not
+        fit the architecture and class count the run's JSON files describe.
+    """
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise UsageError(f"Run directory {run_dir} does not exist.")
+    config = _read_json(run_dir / "config.json", "the run's settings")
+    classes = _read_json(run_dir / "classes.json", "the class names")
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise UsageError(f"{run_dir / 'classes.json'} must be a non-empty JSON list of names.")
+    model, image_size = config.get("model"), config.get("image_size")
+    if not isinstance(model, str) or not isinstance(image_size, int) or image_size < 1:
+        raise UsageError(f"{run_dir / 'config.json'} lacks a valid model name and image_size.")
+    if not (run_dir / "model.params").is_file():
+        raise UsageError(
+            f"{run_dir} has no model.params: the run did not finish. Continue it with "
+            f"`gluon-ft train --out {run_dir} --resume` (and its original flags)."
+        )
+    ctx = ctx or mx.cpu()
+    net = build_model(model, len(classes))
+    load_parameters_checked(net, run_dir / "model.params", ctx, "Model parameters")
+    net.hybridize(static_alloc=True)
+    return LoadedRun(run_dir, config, classes, net, image_size, ctx)
+
+
+def _describe(item: ImageInput, position: int) -> str:
+    if isinstance(item, str | Path):
+        return str(item)
+    return f"<image {position}>"
+
+
+def _decode(item: ImageInput) -> Image.Image:
+    """Any accepted input as 8-bit RGB; :class:`~gluon_ft.data.UnreadableImageError` if bad."""
+    if isinstance(item, Image.Image):
+        return gdata.to_rgb(item)
+    if isinstance(item, bytes):
+        return gdata.load_image(io.BytesIO(item))
+    path = Path(item)
+    if path.is_dir():
+        raise gdata.UnreadableImageError("a folder, not an image file")
+    return gdata.load_image(path)
+
+
+class Predictor:
+    """Classify images with a finished run, loaded once.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        The run directory.
+    ctx : Context, optional
+        Where to run the network; the CPU by default.
+    batch_size : int
+        Images per forward pass.
+    """
+
+    def __init__(self, run_dir: str | Path, ctx: mx.Context | None = None, batch_size: int = 32):
+        self.run = load_run(run_dir, ctx)
+        self.classes = self.run.classes
+        self.transform = gdata.TestTransform(self.run.image_size)
+        self.batch_size = batch_size
+
+    def probabilities(self, images: list[Image.Image]) -> np.ndarray:
+        """Class probabilities, ``(len(images), classes)``, of decoded RGB images."""
+        if not images:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        batch = mx.nd.array(
+            np.stack([self.transform(img) for img in images]), ctx=self.run.ctx, dtype="uint8"
+        )
+        logits = self.run.net(gdata.normalize_batch(batch))
+        return mx.nd.softmax(logits, axis=1).asnumpy()
+
+    def predict_images(self, images: Sequence[ImageInput], top_k: int = 5) -> list[dict]:
+        """Classify each image; an unreadable one gets ``ok: False`` and its ``error``.
+
+        Parameters
+        ----------
+        images : sequence of path, bytes or PIL image
+            File paths, encoded file contents (an upload), or opened PIL images.
+        top_k : int
+            How many classes to return per image, most probable first (at most all).
+
+        Returns
+        -------
+        list of dict
+            In input order: ``{"source", "ok": True, "top": [{"class", "index",
+            "probability"}]}`` or ``{"source", "ok": False, "error"}``.
+        """
+        if top_k < 1:
+            raise UsageError(f"--top-k must be at least 1, got {top_k}.")
+        top_k = min(top_k, len(self.classes))
+        results = []
+        # Decoded a batch at a time, so a long list of files never sits in memory at once.
+        for start in range(0, len(images), self.batch_size):
+            chunk = list(enumerate(images[start : start + self.batch_size], start))
+            decoded, outcome = [], {}
+            for position, item in chunk:
+                try:
+                    decoded.append((position, _decode(item)))
+                except gdata.UnreadableImageError as err:
+                    outcome[position] = {"ok": False, "error": str(err)}
+            probs = self.probabilities([img for _, img in decoded])
+            for (position, _), row in zip(decoded, probs):
+                best = np.argsort(-row, kind="stable")[:top_k]
+                top = [
+                    {"class": self.classes[i], "index": int(i), "probability": float(row[i])}
+                    for i in best
+                ]
+                outcome[position] = {"ok": True, "top": top}
+            results += [{"source": _describe(item, pos), **outcome[pos]} for pos, item in chunk]
+        return results
