@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 from gluon_ft.errors import UsageError
 
@@ -125,6 +125,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 @contextlib.contextmanager
 def _unreadable_reasons():
     """Turn whatever PIL raises on a bad file into :class:`UnreadableImageError` with a reason."""
+    # Importing gluoncv sets this process-wide to True (gluoncv/data/mhp.py), and PIL then
+    # pads a truncated or damaged file with grey instead of raising: refuse such files.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         yield
     except UnreadableImageError:

@@ -41,9 +41,13 @@ class SourceModel:
     weights: str  # "imagenet", "none" or the params file
 
 
-def build_model(name: str, num_classes: int) -> gluon.HybridBlock:
-    """Build a zoo network with ``num_classes`` outputs and uninitialized parameters."""
-    return zoo.build(name, num_classes)
+def build_model(name: str, num_classes: int, image_size: int | None = None) -> gluon.HybridBlock:
+    """Build a zoo network with ``num_classes`` outputs and uninitialized parameters.
+
+    ``image_size`` is the size it will train at, default its native one (see
+    :func:`gluon_ft.zoo.build`).
+    """
+    return zoo.build(name, num_classes, image_size)
 
 
 def _walk(block: gluon.Block, prefix: str = ""):
@@ -171,10 +175,11 @@ def _replace_block(net: gluon.Block, path: str, new: gluon.Block) -> None:
         parent.register_child(new, name)
 
 
-def _load_imagenet(name: str) -> gluon.HybridBlock:
+def _load_imagenet(name: str, image_size: int | None) -> gluon.HybridBlock:
     target = model_store_file(name)  # raises for the models GluonCV publishes no weights for
     try:
-        return zoo.build(name, 1000, pretrained=True, root=str(mxnet_home() / "models"))
+        root = str(mxnet_home() / "models")
+        return zoo.build(name, 1000, image_size, pretrained=True, root=root)
     except Exception as err:  # the model stores raise bare requests/OSError/ValueError
         raise UsageError(
             f"Could not load the ImageNet weights of {name} ({type(err).__name__}: "
@@ -201,7 +206,9 @@ def sidecar_path(params_file: str | Path) -> Path:
     return Path(params_file).with_suffix(".json")
 
 
-def _load_params_file(name: str, path: Path) -> tuple[gluon.HybridBlock, int, list | None]:
+def _load_params_file(
+    name: str, path: Path, image_size: int | None
+) -> tuple[gluon.HybridBlock, int, list | None]:
     if not path.is_file():
         raise UsageError(f"Params file {path} does not exist.")
     meta = {}
@@ -221,7 +228,7 @@ def _load_params_file(name: str, path: Path) -> tuple[gluon.HybridBlock, int, li
         num_classes = len(classes) if classes else params_num_classes(path, head_path)
         if num_classes is None:
             raise UsageError(f"{path} has no {head_path}.weight; is it a {name} params file?")
-        net = build_model(name, num_classes)
+        net = build_model(name, num_classes, image_size)
         net.load_parameters(str(path), ctx=mx.cpu())
     except (mx.base.MXNetError, AssertionError) as err:  # a missing or misshapen parameter
         first = str(err).strip().splitlines()[0][:300]
@@ -232,7 +239,9 @@ def _load_params_file(name: str, path: Path) -> tuple[gluon.HybridBlock, int, li
     return net, num_classes, classes
 
 
-def load_source_model(name: str, pretrained: str = "imagenet") -> SourceModel:
+def load_source_model(
+    name: str, pretrained: str = "imagenet", image_size: int | None = None
+) -> SourceModel:
     """Return the source network for ``name`` with the chosen weights, on the CPU.
 
     Parameters
@@ -243,6 +252,8 @@ def load_source_model(name: str, pretrained: str = "imagenet") -> SourceModel:
         ``imagenet`` (the model store under ``$MXNET_HOME/models``), ``none`` (Xavier), or
         the path of a ``.params`` file saved from the same architecture (its class count is
         read from the file; class names from a sidecar ``.json`` when there is one).
+    image_size : int, optional
+        The size the graft will train at; only ResNeSt is built differently for it.
 
     Raises
     ------
@@ -251,14 +262,14 @@ def load_source_model(name: str, pretrained: str = "imagenet") -> SourceModel:
     """
     name = zoo.lookup(name).name
     if pretrained == "imagenet":
-        net = _load_imagenet(name)
+        net = _load_imagenet(name, image_size)
         return SourceModel(name, net, head_outputs(get_head(net)[1]), None, "imagenet")
     if pretrained == "none":
-        net = build_model(name, 1000)
+        net = build_model(name, 1000, image_size)
         net.initialize(mx.init.Xavier(), ctx=mx.cpu())
         return SourceModel(name, net, 1000, None, "none")
     path = Path(os.path.expanduser(pretrained))
-    net, num_classes, classes = _load_params_file(name, path)
+    net, num_classes, classes = _load_params_file(name, path, image_size)
     return SourceModel(name, net, num_classes, classes, str(path))
 
 
@@ -311,9 +322,15 @@ def graft_new_head(
 
 
 def scratch_twin(
-    name: str, num_classes: int, ctx: list[mx.Context] | None = None
+    name: str,
+    num_classes: int,
+    ctx: list[mx.Context] | None = None,
+    image_size: int | None = None,
 ) -> gluon.HybridBlock:
-    """Return the same architecture with ``num_classes`` outputs, Xavier-initialized everywhere."""
-    net = build_model(name, num_classes)
+    """Return the same architecture with ``num_classes`` outputs, Xavier-initialized everywhere.
+
+    ``image_size`` is the size it will train at (see :func:`build_model`).
+    """
+    net = build_model(name, num_classes, image_size)
     net.initialize(mx.init.Xavier(), ctx=ctx or [mx.cpu()])
     return net

@@ -9,7 +9,7 @@ A pack of ``DIR`` with prefix ``PREFIX`` is three kinds of files::
 Images are pre-resized so that the shorter side is ``resize`` pixels (never enlarged): a large
 photo then decodes several times faster, and the book's transforms see the same content at the
 scale they crop to anyway. A JPEG that needs no resizing is stored byte for byte; anything else
-is re-encoded as a quality-95 JPEG.
+is re-encoded as a quality-95 JPEG without chroma subsampling.
 
 :class:`RecordIOSplit` has the interface of :class:`gluon_ft.data.ImageFolderSplit`
 (``root``, ``classes``, ``items``, ``labels()``, ``load(index)``), so ``make_loader`` and its
@@ -78,7 +78,8 @@ def encode_record(path: str | Path, resize: int) -> bytes:
             if head == b"\xff\xd8\xff":  # a JPEG already: keep its bytes, lose nothing more
                 return head + raw.read()
     out = io.BytesIO()
-    small.save(out, format="JPEG", quality=JPEG_QUALITY)
+    # 4:4:4 (no chroma subsampling): a training copy keeps the colour detail of the source.
+    small.save(out, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
     return out.getvalue()
 
 

@@ -18,6 +18,7 @@ parameters reuses it.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -113,12 +114,12 @@ class TaskSpec:
 DEFAULT_SPEC = TaskSpec()
 SMALL_SPEC = TaskSpec(
     image_size=32,
-    n_source_classes=6,
-    source_train_per_class=12,
-    source_test_per_class=4,
+    n_source_classes=5,
+    source_train_per_class=8,
+    source_test_per_class=3,
     n_target_classes=4,
-    target_train_per_class=5,
-    target_test_per_class=4,
+    target_train_per_class=4,
+    target_test_per_class=3,
 )
 
 
@@ -162,7 +163,10 @@ def _regular(n: int, inner: float | None = None) -> list:
     """Vertices of a regular n-gon (or an n-pointed star with ``inner`` radius) of radius 1."""
     if inner is None:
         return [
-            (math.cos(2 * math.pi * k / n - math.pi / 2), math.sin(2 * math.pi * k / n - math.pi / 2))
+            (
+                math.cos(2 * math.pi * k / n - math.pi / 2),
+                math.sin(2 * math.pi * k / n - math.pi / 2),
+            )
             for k in range(n)
         ]
     points = []
@@ -190,7 +194,15 @@ _CROSS = [
 _UNIT_POLYGONS = {
     "square": [(x * 0.8, y * 0.8) for x, y in _regular(4)],
     "triangle": [(x, y + 0.2) for x, y in _regular(3)],
-    "arrow": [(-0.15, -1), (0.85, 0), (-0.15, 1), (-0.15, 0.4), (-0.9, 0.4), (-0.9, -0.4), (-0.15, -0.4)],
+    "arrow": [
+        (-0.15, -1),
+        (0.85, 0),
+        (-0.15, 1),
+        (-0.15, 0.4),
+        (-0.9, 0.4),
+        (-0.9, -0.4),
+        (-0.15, -0.4),
+    ],
     "star": _regular(5, inner=0.42),
     "cross": _CROSS,
 }
@@ -217,6 +229,16 @@ def _shape_mask(shape: str, n: int, cx: float, cy: float, radius: float, angle: 
     return np.asarray(mask, dtype=np.float32) / 255.0
 
 
+@functools.lru_cache(maxsize=4)
+def _pixel_grid(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column coordinates of an ``n x n`` canvas (read-only, shared between calls)."""
+    y, x = np.meshgrid(
+        np.arange(n, dtype=np.float32), np.arange(n, dtype=np.float32), indexing="ij"
+    )
+    y.flags.writeable = x.flags.writeable = False
+    return y, x
+
+
 def _texture(texture: str, n: int, rng: np.random.RandomState, scale: float):
     """Return an ``n x n`` float pattern in [0, 1]: 1 picks the first color, 0 the second.
 
@@ -226,8 +248,7 @@ def _texture(texture: str, n: int, rng: np.random.RandomState, scale: float):
     period = rng.uniform(5.0, 8.0) * scale
     angle = rng.uniform(0, math.pi)
     phase_u, phase_v = rng.uniform(0, period, size=2)
-    coords = np.arange(n, dtype=np.float32)
-    y, x = np.meshgrid(coords, coords, indexing="ij")
+    y, x = _pixel_grid(n)
     u = x * math.cos(angle) + y * math.sin(angle) + phase_u
     v = -x * math.sin(angle) + y * math.cos(angle) + phase_v
     if texture == "solid":
@@ -268,9 +289,9 @@ def _background(n: int, rng: np.random.RandomState) -> np.ndarray:
     """A two-color linear gradient in a random direction, with random clutter strokes."""
     start, end = _random_color(rng), _random_color(rng)
     angle = rng.uniform(0, 2 * math.pi)
-    coords = np.linspace(-0.5, 0.5, n, dtype=np.float32)
-    y, x = np.meshgrid(coords, coords, indexing="ij")
-    ramp = np.clip(x * math.cos(angle) + y * math.sin(angle) + 0.5, 0, 1)[..., None]
+    y, x = _pixel_grid(n)
+    ramp = np.clip(((x - n / 2) * math.cos(angle) + (y - n / 2) * math.sin(angle)) / n + 0.5, 0, 1)
+    ramp = ramp[..., None]
     canvas = Image.fromarray(((1 - ramp) * start + ramp * end).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(canvas)
     for _ in range(rng.randint(0, 4)):

@@ -166,8 +166,8 @@ def load_dataset(spec: str) -> tuple[gdata.ImageFolderSplit, gdata.ImageFolderSp
 def build_network(config: TrainConfig, num_classes: int, ctx: list[mx.Context]):
     """Return ``(net, source)``: the graft for pretrained weights, else the scratch twin."""
     if config.pretrained == "none":
-        return scratch_twin(config.model, num_classes, ctx), None
-    source = load_source_model(config.model, config.pretrained)
+        return scratch_twin(config.model, num_classes, ctx, config.image_size), None
+    source = load_source_model(config.model, config.pretrained, config.image_size)
     return graft_new_head(source, num_classes, config.head_lr_mult, ctx), source
 
 
@@ -648,8 +648,7 @@ def _train(config: TrainConfig, stop: StopRequest) -> dict:
         from gluon_ft.checkpoint import restore_checkpoint
 
         restore_checkpoint(resumed, net, trainer)
-        if config.progress:
-            tqdm.write(f"resuming from {resumed.path} ({resumed.describe()})")
+        tqdm.write(f"resuming from {resumed.path} ({resumed.describe()})")
 
     fit_net, prepare, cache = net, gdata.normalize_batch, None  # what each step runs, on what
     if config.cache_features:

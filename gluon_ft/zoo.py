@@ -76,6 +76,9 @@ EXCEPTIONS = {
     r"^nasnet_": {"kwargs": {"use_aux": False}},
     # GluonCV 0.10.5 "loads" these from the resnet*_v1d / senet_154 files, which do not fit.
     r"^resnet\d+_v1e$|^senet_154e$": {"weights_published": False},
+    # ResNeSt's DropBlock masks have the feature maps' size, fixed when built (default: for
+    # 224 px, whatever the model): the training image size must be passed in.
+    r"^resnest": {"image_size_kwarg": "input_size"},
 }
 
 
@@ -178,14 +181,19 @@ def _in_gluoncv(name: str) -> bool:
     return name in gluoncv.model_zoo.get_model_list()
 
 
-def build(name: str, num_classes: int, **kwargs) -> gluon.HybridBlock:
+def build(
+    name: str, num_classes: int, image_size: int | None = None, **kwargs
+) -> gluon.HybridBlock:
     """Build zoo network ``name`` with ``num_classes`` outputs, parameters not initialized.
 
-    ``kwargs`` go to the zoo constructor (``pretrained=True, root=...``).
+    ``image_size`` is the size it will train at (default: its native size); only ResNeSt's
+    construction depends on it. ``kwargs`` go to the zoo constructor (``pretrained=True``).
     """
     entry = lookup(name)
     rule = _exception(entry.name)
     kwargs = {**rule.get("kwargs", {}), **kwargs, rule.get("classes_kwarg", "classes"): num_classes}
+    if "image_size_kwarg" in rule:
+        kwargs[rule["image_size_kwarg"]] = image_size or entry.input_size
     if entry.zoo == GLUON:
         from mxnet.gluon.model_zoo import vision
 
@@ -225,16 +233,16 @@ def infer_shapes(net: gluon.HybridBlock, image_size: int) -> tuple[dict, tuple]:
     """Shapes of every parameter and of the output for a ``(1, 3, S, S)`` input, symbolically.
 
     Parameters whose shape is already known (loaded weights) constrain the inference, so a
-    pretrained VGG asked for 64 px inputs fails here rather than at the first batch. Nothing
-    is computed or allocated.
+    pretrained VGG asked for 64 px inputs fails here rather than at the first batch. The graph
+    is the training one (ResNeSt's DropBlock only acts there). Nothing is computed or allocated.
 
     Raises
     ------
     mxnet.base.MXNetError
         The network cannot take that input size.
     """
-    data = mx.sym.var("data")
-    out = net(data)
+    with mx.autograd.train_mode():
+        out = net(mx.sym.var("data"))
     if isinstance(out, list | tuple):
         raise mx.base.MXNetError(f"{type(net).__name__} returns {len(out)} outputs, not one")
     arguments = out.list_arguments()
@@ -259,8 +267,8 @@ def check_input_size(net: gluon.HybridBlock, name: str, image_size: int) -> None
         if len(out_shape) == 2:
             return
         problem = f"its output would have shape {out_shape}, not (batch, classes)"
-    except mx.base.MXNetError as err:
-        problem = str(err).strip().splitlines()[0][:200]
+    except Exception as err:  # the zoo's own code may fail first (ResNeSt: ZeroDivisionError)
+        problem = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
     native = lookup(name).input_size
     raise UsageError(
         f"{name} cannot take {image_size} px images ({problem}). It was built for {native} px; "

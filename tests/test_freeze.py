@@ -386,14 +386,15 @@ def test_freeze_plan_steps_through_the_schedule_idempotently():
     )
 
 
-def test_train_with_an_unfreeze_schedule_records_what_was_frozen(tiny_data, tmp_path):
+def test_train_with_unfreeze_schedule_and_accumulation_records_what_was_frozen(tiny_data, tmp_path):
     config = TrainConfig(
         data=str(tiny_data),
         pretrained="none",
         epochs=3,
         batch_size=6,
         image_size=32,
-        ctx="cpu",
+        ctx="cpu:2",  # with accumulation over two devices, end to end
+        accumulate=2,
         unfreeze_at="0:output,1:stage4,2:all",
         out=str(tmp_path / "run"),
         progress=False,
@@ -408,6 +409,7 @@ def test_train_with_an_unfreeze_schedule_records_what_was_frozen(tiny_data, tmp_
     run = result["run_dir"]
     recorded = json.loads((run / "config.json").read_text())["frozen"]
     assert recorded["unfreeze_at"] == ["0:output", "1:stage4", "2:all"]
+    assert recorded["accumulate"] == 2
     assert recorded["trainable_params"] == 1026 and len(recorded["frozen"]) == 56
     log = (run / "trainable.txt").read_text()
     assert log.count("## epoch") == 3 and "## epoch 3: unfroze all" in log

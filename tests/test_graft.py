@@ -43,7 +43,7 @@ FAMILY_SAMPLE = {
     ("gluon", "ResNetV2"): "resnet18_v2",
     ("gluon", "SqueezeNet"): "squeezenet1.1",
     ("gluon", "VGG"): "vgg11",
-    ("gluoncv", "ResNeSt"): "resnest14",
+    ("gluoncv", "ResNeSt"): "resnest26",  # resnest14 has no DropBlock
     ("gluoncv", "ResNetV1"): "se_resnet18_v1",
     ("gluoncv", "ResNetV2"): "se_resnet18_v2",
     ("gluoncv", "ShuffleNetV1"): "shufflenet_v1",
@@ -66,11 +66,10 @@ GRAFT_NAMES = zoo.model_names() if ALL_MODELS else list(FAMILY_SAMPLE.values())
 
 @functools.cache
 def smallest_input_size(name: str) -> int:
-    """32 or 64 px where the network allows it; else its native size (fixed-size pooling)."""
-    net = build_model(name, TARGET_CLASSES)
-    for size in (32, 64):
+    """The smallest of 32, 64, 128 px the network takes; else its native size."""
+    for size in (32, 64, 128):
         try:
-            zoo.check_input_size(net, name, size)
+            zoo.check_input_size(build_model(name, TARGET_CLASSES, size), name, size)
             return size
         except UsageError:
             pass
@@ -80,7 +79,7 @@ def smallest_input_size(name: str) -> int:
 def random_source(name: str, size: int, seed: int = 0) -> SourceModel:
     """A Xavier-initialized source network with every parameter materialized."""
     mx.random.seed(seed)
-    net = build_model(name, SOURCE_CLASSES)
+    net = build_model(name, SOURCE_CLASSES, image_size=size)
     net.initialize(mx.init.Xavier(), ctx=mx.cpu())
     net(mx.nd.zeros((1, 3, size, size)))  # finish deferred initialization
     return SourceModel(name, net, SOURCE_CLASSES, None, "none")

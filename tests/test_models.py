@@ -12,7 +12,7 @@ from conftest import run_cli, write_image_folder
 
 from gluon_ft import zoo
 from gluon_ft.errors import UsageError
-from gluon_ft.model import graft_new_head, load_source_model
+from gluon_ft.model import build_model, graft_new_head, load_source_model
 from gluon_ft.train import TrainConfig, train
 
 ALL_MODELS = os.environ.get("GLUON_FT_ALL_MODELS") == "1"
@@ -57,6 +57,15 @@ def test_defaults_per_model_input_size_and_the_books_resize_ratio():
     book = zoo.lookup("resnet18_v2")
     assert (book.input_size, book.test_resize) == (224, 256)  # Resize(256), CenterCrop(224)
     assert zoo.lookup("resnest269").input_size == 416
+
+
+def test_resnest_is_built_for_the_size_it_trains_at():
+    """Its DropBlock masks are sized at construction; the training graph shows the mismatch."""
+    with pytest.raises(UsageError, match="resnest26 cannot take 128 px images"):
+        zoo.check_input_size(build_model("resnest26", 3), "resnest26", 128)
+    zoo.check_input_size(build_model("resnest26", 3, image_size=128), "resnest26", 128)
+    with pytest.raises(UsageError, match="resnest26 cannot take 32 px images"):  # 3x3 blocks
+        zoo.check_input_size(build_model("resnest26", 3, image_size=32), "resnest26", 32)
 
 
 def test_train_defaults_the_image_size_to_the_models():

@@ -1,0 +1,72 @@
+"""``gluon-ft bench --quick``: one JSON object on stdout, every figure positive and finite."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from conftest import run_cli
+
+FIGURES = (
+    "bare_fp32_img_s",
+    "bare_fp32_default_threads_img_s",
+    "thread_speedup",
+    "train_fp32_img_s",
+    "trainer_overhead",
+    "train_bf16_img_s",
+    "bf16_speedup",
+    "frozen_step_img_s",
+    "frozen_epoch_s",
+    "cached_epoch_s",
+    "cache_speedup",
+    "loader_folder_img_s",
+    "loader_recordio_img_s",
+    "infer_img_s",
+    "infer_optimized_img_s",
+    "infer_speedup",
+)
+# A ratio of two measured figures, not a figure: it may be 0 or negative on a noisy machine.
+SIGNED = {"trainer_overhead"}
+
+
+def test_quick_bench_prints_one_json_object_with_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    done = run_cli("bench", "--quick", "--out", str(out), timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)  # the whole of stdout is one object
+    assert json.loads(out.read_text()) == result
+
+    bf16 = result["env"]["cpu_flags"]["avx512_bf16"] or result["env"]["cpu_flags"]["amx_bf16"]
+    for key in FIGURES:
+        value = result[key]
+        if key in ("train_bf16_img_s", "bf16_speedup") and not bf16:
+            assert value is None and result["details"]["bf16_unsupported"]
+            continue
+        assert isinstance(value, float) and math.isfinite(value), (key, value)
+        assert key in SIGNED or value > 0, (key, value)
+    # The ratios are the figures they are defined from.
+    assert math.isclose(
+        result["trainer_overhead"], 1 - result["train_fp32_img_s"] / result["bare_fp32_img_s"]
+    )
+    assert math.isclose(
+        result["thread_speedup"],
+        result["train_fp32_img_s"] / result["bare_fp32_default_threads_img_s"],
+    )
+    assert math.isclose(
+        result["cache_speedup"], result["frozen_epoch_s"] / result["cached_epoch_s"]
+    )
+    assert math.isclose(
+        result["infer_speedup"], result["infer_optimized_img_s"] / result["infer_img_s"]
+    )
+
+    env = result["env"]
+    assert env["mxnet"] == "1.9.1" and env["usable_cores"] >= 1
+    assert env["threads"]["omp_num_threads"] and env["workers"] >= 0
+    # The reference child really ran with MXNet's own default threads, without gluon_ft.
+    child = result["details"]["bare_fp32_default_threads"]
+    assert child["threads"] == {"OMP_NUM_THREADS": None, "MXNET_OMP_MAX_THREADS": None}
+    assert child["gluon_ft_imported"] is False
+    # The cached head trained on the same features as the uncached one.
+    assert abs(result["details"]["cached_loss_minus_frozen_loss"]) < 1e-4
+    assert result["details"]["infer_optimized_max_abs_diff"] < 1e-3
+    assert result["quick"] is True and result["sizes"]["image_size"] < 224

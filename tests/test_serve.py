@@ -1,0 +1,575 @@
+"""``gluon-ft serve`` as users meet it: a real server process on 127.0.0.1, its JSON API, bad
+requests, concurrent clients, and the page in headless Chromium.
+
+Run as a script, this file writes the README's screenshot through the same browser code as
+the page test (``make screenshot``)::
+
+    python tests/test_serve.py --screenshot docs/screenshot.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest, when run as a script
+from conftest import FOOD_MODEL, HOTDOG_SMALL, REPO, run_cli, write_image_folder  # noqa: E402
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+# This machine's network is closed: without these, Chromium floods it with refused connections.
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1000,640",
+]
+CAP_MB = 0.1  # the test server's upload limit, so that "too large" costs little to send
+CLIENTS, REQUESTS_PER_CLIENT = 8, 25
+
+
+# ---------------------------------------------------------------- server and files
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def assert_alive(self) -> None:
+        """The process still runs and answers /health."""
+        assert self.process.poll() is None, f"the server died:\n{self.log.read_text()[-3000:]}"
+        assert requests.get(self.url + "health", timeout=10).json()["status"] == "ok"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(run_dir: Path, log: Path, *flags: str, env=None) -> Iterator[Server]:
+    """``gluon-ft serve RUN`` in a subprocess on a free port; stopped on exit."""
+    port = _free_port()
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gluon_ft", "serve", str(run_dir), "--port", str(port), *flags],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    server = Server(f"http://127.0.0.1:{port}/", process, log)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"gluon-ft serve exited {process.returncode}:\n{log.read_text()}"
+                )
+            with contextlib.suppress(requests.ConnectionError):
+                requests.get(server.url + "health", timeout=5).raise_for_status()
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gluon-ft serve did not answer in 120 s:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def train_run(data: Path, out: Path, *flags: str, env=None) -> Path:
+    result = run_cli(
+        "train", "--data", str(data), "--out", str(out), "--no-progress", *flags, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A small PNG file whose header declares ``width`` x ``height`` pixels (a bomb's shape)."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + payload))
+        return struct.pack(">I", len(payload)) + kind + payload + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def post_image(url: str, data: bytes, name: str = "photo.png", session=None, **kwargs):
+    return (session or requests).post(
+        url + "predict", files={"image": (name, data)}, timeout=60, **kwargs
+    )
+
+
+# ---------------------------------------------------------------- the browser
+
+
+def ensure_chromium() -> str | None:
+    """Install Debian's chromium + chromium-driver when missing; the reason if they are not."""
+    if CHROMIUM.exists() and CHROMEDRIVER.exists():
+        return None
+    if shutil.which("chromium") is None or shutil.which("chromedriver") is None:
+        setup = subprocess.run(
+            ["bash", str(Path(__file__).with_name("browser_setup.sh"))],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        if setup.returncode != 0:
+            tail = (setup.stderr or setup.stdout).strip().splitlines()[-3:]
+            return "Chromium could not be installed: " + " / ".join(tail)
+    if CHROMIUM.exists() and CHROMEDRIVER.exists():
+        return None
+    return f"{CHROMIUM} or {CHROMEDRIVER} is missing after installing chromium"
+
+
+@contextlib.contextmanager
+def chromium_session(profile: Path):
+    """Selenium driving Debian's headless Chromium with a fresh profile; never a download."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    # An explicit driver path: Selenium Manager (which downloads browsers) never runs.
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def classify_in_browser(driver, url: str, photo: Path, screenshot: Path | None = None) -> dict:
+    """Open the page, upload ``photo`` through its file input, wait for the answer.
+
+    Returns what the page shows: ``state`` (done or error), ``top_class``, ``rows`` (class,
+    percent text), ``error``, and the preview image's natural width.
+    """
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    if driver.current_url.rstrip("/") != url.rstrip("/"):
+        driver.get(url)
+        WebDriverWait(driver, 30).until(lambda d: "run" in d.find_element(By.ID, "model").text)
+    driver.execute_script("document.body.dataset.state = 'idle'")
+    driver.find_element(By.ID, "file").send_keys(str(photo.resolve()))
+    WebDriverWait(driver, 60).until(
+        lambda d: d.execute_script(
+            "const state = document.body.dataset.state, img = document.getElementById('preview');"
+            "return state === 'error' || (state === 'done' && img.complete);"
+        )
+    )
+    rows = [
+        (row.find_element(By.CLASS_NAME, "name").text, row.find_element(By.CLASS_NAME, "pct").text)
+        for row in driver.find_elements(By.CSS_SELECTOR, "#bars li")
+    ]
+    shown = {
+        "state": driver.find_element(By.TAG_NAME, "body").get_attribute("data-state"),
+        "top_class": driver.find_element(By.ID, "top-class").text,
+        "rows": rows,
+        "error": driver.find_element(By.ID, "error").text,
+        "preview_width": driver.execute_script(
+            "const img = document.getElementById('preview');"
+            "return img.complete ? img.naturalWidth : 0;"
+        ),
+    }
+    if screenshot is not None:
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(screenshot))
+    return shown
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def subprocess_env(tmp_path_factory) -> dict:
+    # Module-scoped processes start before the per-test MXNET_HOME isolation applies.
+    return {**os.environ, "MXNET_HOME": str(tmp_path_factory.mktemp("mxnet-home"))}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, subprocess_env) -> Path:
+    """A tiny finished run: resnet18_v2 from scratch, 32 px, one epoch on two colour classes."""
+    root = tmp_path_factory.mktemp("serve")
+    data = write_image_folder(root / "data", n_train=4, n_test=2)
+    flags = ("--pretrained", "none", "--epochs", "1", "--image-size", "32", "--batch-size", "8")
+    return train_run(data, root / "run", *flags, env=subprocess_env)
+
+
+@pytest.fixture(scope="module")
+def server(trained_run, tmp_path_factory, subprocess_env) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    with running_server(trained_run, log, "--max-upload-mb", str(CAP_MB), env=subprocess_env) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[Path]:
+    """Four small photos the network tells apart: three PNGs and a JPEG, 48 px."""
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(7)
+    paths = []
+    for i, colour in enumerate([(220, 30, 30), (30, 200, 40), (40, 40, 210), (200, 180, 40)]):
+        pixels = np.clip(np.array(colour) + rng.integers(-40, 40, (48, 48, 3)), 0, 255)
+        fmt = "JPEG" if i == 3 else "PNG"
+        path = folder / f"photo{i}.{fmt.lower()}"
+        path.write_bytes(encode(Image.fromarray(pixels.astype(np.uint8)), fmt))
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def cli_predictions(trained_run, photos, subprocess_env) -> dict[str, dict[str, float]]:
+    """``gluon-ft predict --json`` for each photo: {file name: {class: probability}}."""
+    result = run_cli(
+        "predict", str(trained_run), *map(str, photos), "--json", "--top-k", "2", env=subprocess_env
+    )
+    assert result.returncode == 0, result.stderr
+    return {
+        Path(r["source"]).name: {t["class"]: t["probability"] for t in r["top"]}
+        for r in json.loads(result.stdout)
+    }
+
+
+@pytest.fixture(scope="session")
+def chromium() -> None:
+    reason = ensure_chromium()
+    if reason:
+        pytest.skip(reason)
+
+
+# ---------------------------------------------------------------- API
+
+
+def test_health_names_the_run_and_its_limit(server, trained_run):
+    health = requests.get(server.url + "health", timeout=10).json()
+    assert health == {
+        "status": "ok",
+        "run_id": trained_run.name,
+        "model": "resnet18_v2",
+        "classes": ["cat", "dog"],
+        "image_size": 32,
+        "max_upload_bytes": int(CAP_MB * 2**20),
+    }
+
+
+def test_predict_matches_the_predict_command(server, trained_run, photos, cli_predictions):
+    for photo in photos:
+        response = post_image(server.url, photo.read_bytes(), photo.name)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["run_id"] == trained_run.name and answer["model"] == "resnet18_v2"
+        assert answer["filename"] == photo.name
+        assert sorted(answer["classes"]) == ["cat", "dog"]
+        probabilities = answer["probabilities"]
+        assert probabilities == sorted(probabilities, reverse=True)
+        expected = cli_predictions[photo.name]
+        np.testing.assert_allclose(
+            probabilities, [expected[name] for name in answer["classes"]], rtol=1e-5, atol=1e-6
+        )
+    # The photos are told apart: a server answering a constant would not match all four.
+    assert len({round(p["cat"], 4) for p in cli_predictions.values()}) > 1
+
+
+def test_top_k_keeps_the_most_probable_classes(server, photos):
+    full = post_image(server.url, photos[0].read_bytes()).json()
+    top1 = post_image(server.url, photos[0].read_bytes(), params={"top_k": "1"}).json()
+    assert top1["classes"] == full["classes"][:1]
+    assert top1["probabilities"] == full["probabilities"][:1]
+
+
+def _chunked_body():
+    yield b'--b\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n\r\n'
+    for _ in range(20):
+        yield b"\xff" * 10_000
+
+
+_JPEG = encode(Image.new("RGB", (64, 64), (200, 40, 40)), "JPEG")
+_PNG = encode(Image.new("RGB", (40, 40), (10, 120, 200)))
+_BAD_REQUESTS = {
+    # id: (requests.post keyword arguments, status, words in the error)
+    "not-an-image": (
+        {"files": {"image": ("notes.txt", b"not a photo\n" * 20)}},
+        422,
+        "not an image",
+    ),
+    "empty-file": ({"files": {"image": ("empty.jpg", b"")}}, 400, "empty"),
+    "empty-body": ({"data": b""}, 400, "multipart/form-data"),
+    "wrong-field-name": ({"files": {"photo": ("a.png", _PNG)}}, 400, "named 'image'"),
+    "text-instead-of-file": ({"files": {"image": (None, "a.png")}}, 400, "not a file"),
+    "two-files": (
+        {"files": [("image", ("a.png", _PNG)), ("image", ("b.png", _PNG))]},
+        400,
+        "Too many files",
+    ),
+    "over-the-cap": ({"files": {"image": ("big.png", os.urandom(150_000))}}, 413, "limit"),
+    "over-the-cap-chunked": (
+        # No Content-Length: the limit must hold while the body streams in.
+        {"data": _chunked_body, "headers": {"Content-Type": "multipart/form-data; boundary=b"}},
+        413,
+        "limit",
+    ),
+    "malformed-multipart": (
+        {
+            "data": b"no boundary here",
+            "headers": {"Content-Type": "multipart/form-data; boundary=b"},
+        },
+        400,
+        "malformed",
+    ),
+    "truncated-jpeg": (
+        {"files": {"image": ("cut.jpg", _JPEG[: len(_JPEG) // 2])}},
+        422,
+        "truncated",
+    ),
+    "decompression-bomb": (
+        {"files": {"image": ("bomb.png", png_header_only(30_000, 30_000))}},
+        422,
+        "decompression bomb",
+    ),
+    # Between PIL's limit and twice it, PIL itself only warns; the loader must still refuse.
+    "bomb-just-over-the-limit": (
+        {"files": {"image": ("bomb.png", png_header_only(10_000, 9_000))}},
+        422,
+        "decompression bomb",
+    ),
+    "bad-top-k": ({"files": {"image": ("a.png", _PNG)}, "params": {"top_k": "0"}}, 400, "top_k"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_REQUESTS))
+def test_bad_request_gets_its_4xx_and_the_server_lives(server, case):
+    kwargs, status, words = _BAD_REQUESTS[case]
+    # A streamed body is given as its generator function: a generator is used up once.
+    kwargs = {key: value() if callable(value) else value for key, value in kwargs.items()}
+    response = requests.post(server.url + "predict", timeout=60, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert words.lower() in error.lower(), error
+    server.assert_alive()
+    assert post_image(server.url, _PNG).status_code == 200
+
+
+def test_unknown_path_is_a_json_404(server):
+    response = requests.get(server.url + "nothing-here", timeout=10)
+    assert response.status_code == 404 and "error" in response.json()
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+class _RecordingPredictor:
+    """Stands in for a Predictor: notes which threads run the "network", and any overlap."""
+
+    classes = ["a", "b"]
+    run = SimpleNamespace(image_size=8)
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most_running = 0
+        self.threads = set()
+
+    def predict_images(self, images, top_k):
+        with self.lock:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+            self.threads.add(threading.get_ident())
+        time.sleep(0.001)  # long enough for callers to pile up
+        with self.lock:
+            self.running -= 1
+        return [{"ok": True, "top": [{"class": "a", "echo": image}]} for image in images]
+
+
+def test_worker_runs_the_network_on_its_one_thread():
+    from gluon_ft.serve import InferenceWorker
+
+    predictor = _RecordingPredictor()
+    worker = InferenceWorker(predictor)
+    worker.start().result(timeout=10)
+
+    def client(i: int) -> list[bool]:
+        futures = [(f"{i}-{j}".encode(), worker.submit(f"{i}-{j}".encode())) for j in range(20)]
+        return [f.result(timeout=30)["top"][0]["echo"] == sent for sent, f in futures]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = [ok for oks in pool.map(client, range(8)) for ok in oks]
+    worker.close(timeout=10)
+    assert len(answers) == 160 and all(answers)  # each caller got its own image's answer
+    assert predictor.most_running == 1
+    assert predictor.threads == {worker._thread.ident}
+
+
+def test_concurrent_clients_all_get_correct_answers(server, photos, capsys):
+    blobs = [photo.read_bytes() for photo in photos]
+    sequential = [post_image(server.url, blob).json() for blob in blobs]
+
+    def client(index: int) -> list[tuple[int, int, dict, float]]:
+        results = []
+        with requests.Session() as session:
+            for j in range(REQUESTS_PER_CLIENT):
+                which = (index + j) % len(blobs)
+                start = time.perf_counter()
+                response = post_image(server.url, blobs[which], session=session)
+                seconds = time.perf_counter() - start
+                results.append((which, response.status_code, response.json(), seconds))
+        return results
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        results = [r for rs in pool.map(client, range(CLIENTS)) for r in rs]
+    wall = time.perf_counter() - started
+
+    assert len(results) == CLIENTS * REQUESTS_PER_CLIENT
+    assert [status for _, status, _, _ in results] == [200] * len(results)
+    for which, _, answer, _ in results:
+        assert answer["classes"] == sequential[which]["classes"]
+        np.testing.assert_allclose(
+            answer["probabilities"], sequential[which]["probabilities"], rtol=1e-5, atol=1e-6
+        )
+    server.assert_alive()
+    latency_ms = 1000 * np.array([seconds for *_, seconds in results])
+    p50, p95 = np.percentile(latency_ms, [50, 95])
+    with capsys.disabled():  # shown without -s: the numbers are the point
+        print(
+            f"\nserve load: {CLIENTS} clients x {REQUESTS_PER_CLIENT} requests, all 200 and "
+            f"correct; latency p50 {p50:.0f} ms, p95 {p95:.0f} ms; "
+            f"{len(results) / wall:.1f} requests/s"
+        )
+
+
+# ---------------------------------------------------------------- the page
+
+
+def test_page_classifies_an_upload_in_chromium(server, photos, cli_predictions, chromium, tmp_path):
+    photo = photos[0]
+    expected = cli_predictions[photo.name]
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("not a photo\n")
+    with chromium_session(tmp_path / "profile") as driver:
+        shown = classify_in_browser(driver, server.url, photo, tmp_path / "page.png")
+        refused = classify_in_browser(driver, server.url, not_an_image)
+
+    assert shown["state"] == "done", shown["error"]
+    assert shown["top_class"] == max(expected, key=expected.get)
+    assert [name for name, _ in shown["rows"]] == sorted(expected, key=expected.get)[::-1]
+    assert shown["rows"][0][1] == f"{100 * max(expected.values()):.1f}%"
+    assert shown["preview_width"] == 48  # the photo itself is on the page
+    assert Image.open(tmp_path / "page.png").size[0] > 0
+    assert refused["state"] == "error" and "not an image" in refused["error"]
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_serve_binds_loopback_by_default_and_says_what_all_interfaces_expose():
+    from gluon_ft.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "runs/x"])
+    assert (args.host, args.port, args.max_upload_mb) == ("127.0.0.1", 8000, 10.0)
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    help_text = " ".join(subparsers.choices["serve"].format_help().split())
+    assert "0.0.0.0 listens on every network interface" in help_text
+    assert "without a password" in help_text
+
+
+def test_serve_refuses_a_folder_that_is_not_a_run(tmp_path):
+    result = run_cli("serve", str(tmp_path), "--port", str(_free_port()), timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "gluon-ft: error:" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- make screenshot
+
+
+def write_screenshot(out: Path) -> Path:
+    """Train a small run, serve it, and photograph the page classifying a photo.
+
+    With ``../shared`` present: fine-tuned from the food model on real hot-dog photos (64 px),
+    showing the hot dog test photo the run is most sure of. Otherwise: a generated two-class
+    folder trained from scratch.
+    """
+    reason = ensure_chromium()
+    if reason:
+        raise RuntimeError(reason)
+    with tempfile.TemporaryDirectory(prefix="gluon-ft-screenshot-") as tmp:
+        tmp = Path(tmp)
+        env = {**os.environ, "MXNET_HOME": str(tmp / "mxnet-home")}
+        if HOTDOG_SMALL.is_dir() and FOOD_MODEL.is_file():
+            data = HOTDOG_SMALL
+            flags = ["--pretrained", str(FOOD_MODEL), "--image-size", "64", "--epochs", "5"]
+            candidates = sorted((HOTDOG_SMALL / "test" / "hotdog").glob("*.jpg"))[:12]
+        else:
+            data = write_image_folder(tmp / "data", classes=("hotdog", "not-hotdog"), size=64)
+            flags = ["--pretrained", "none", "--image-size", "32", "--epochs", "2"]
+            candidates = sorted((data / "test" / "hotdog").glob("*.png"))
+        run = train_run(data, tmp / "run", *flags, "--batch-size", "32", env=env)
+        with running_server(run, tmp / "serve.log", env=env) as server:
+
+            def confidence(photo: Path) -> float:
+                answer = post_image(server.url, photo.read_bytes()).json()
+                return dict(zip(answer["classes"], answer["probabilities"]))["hotdog"]
+
+            photo = max(candidates, key=confidence)
+            with chromium_session(tmp / "profile") as driver:
+                shown = classify_in_browser(driver, server.url, photo, out)
+    if shown["state"] != "done":
+        raise RuntimeError(f"the page showed an error: {shown['error']}")
+    return out
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(description="Write the README screenshot of gluon-ft serve.")
+    cli.add_argument("--screenshot", type=Path, default=REPO / "docs" / "screenshot.png")
+    path = write_screenshot(cli.parse_args().screenshot)
+    print(f"wrote {path}")
