@@ -40,5 +40,10 @@ test-all: setup lint
 bench: setup
 	$(VENV)/bin/gluon-ft bench $(ARGS)
 
+# docs/screenshot.png for the README: trains a small run (real hot-dog photos when ../shared is
+# there), serves it and drives headless Chromium with the page test's code (tests/test_serve.py).
+screenshot: setup
+	$(PY) tests/test_serve.py --screenshot docs/screenshot.png
+
 clean:
 	rm -rf $(VENV) runs build dist *.egg-info .pytest_cache .ruff_cache

@@ -351,6 +351,7 @@ def run_bench(quick: bool = False, workers: int | None = None, log=None) -> dict
 
     from gluon_ft import amp
     from gluon_ft.bare_loop import BareLoop
+    from gluon_ft.errors import UsageError
     from gluon_ft.recordio import pack_dataset
     from gluon_ft.train import TrainConfig, load_dataset
 
@@ -440,7 +441,7 @@ def run_bench(quick: bool = False, workers: int | None = None, log=None) -> dict
     # Last: MXNet AMP rewrites every graph built from here on, for the rest of the process.
     try:
         amp.check_dtype("bfloat16", [mx.cpu()])
-    except Exception as err:  # UsageError: this CPU has no native bfloat16
+    except UsageError as err:  # this CPU has no native bfloat16
         result.update(dict.fromkeys(BF16_TIMINGS))
         details["bf16_unsupported"] = str(err)
     else:

@@ -449,10 +449,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from gluon_ft.errors import UsageError
 
-    # A server idles between requests and shares the cores with its clients; OpenMP threads
-    # that spin-wait starve them (8 clients on 2 busy cores: 8.5 requests/s, p95 4.9 s;
-    # passive: 62 requests/s, p95 0.15 s). libgomp reads this once, when mxnet is imported.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         from gluon_ft.serve import serve
     except ImportError as err:
@@ -543,8 +539,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Environment a command needs before mxnet loads (building the parser imports it). A server
+# idles between requests and shares the cores with its clients: OpenMP threads that spin-wait
+# starve them (8 clients x 25 requests on 2 busy cores: 2 to 12 requests/s, p95 1.2 to 9.4 s;
+# passive: 53 to 64 requests/s, p95 0.18 to 0.24 s).
+COMMAND_ENVIRONMENT = {"serve": {"OMP_WAIT_POLICY": "PASSIVE"}}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; return its exit code."""
+    words = sys.argv[1:] if argv is None else argv
+    for name, value in COMMAND_ENVIRONMENT.get(words[0] if words else "", {}).items():
+        os.environ.setdefault(name, value)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):

@@ -83,6 +83,34 @@ def _quietly():
     return stack
 
 
+@contextlib.contextmanager
+def _weights_as_raw_bytes():
+    """Make mx2onnx store weights as raw bytes, the same ONNX tensors, encoded fast.
+
+    mx2onnx passes every weight to ``onnx.helper.make_tensor`` as a Python list with
+    ``raw=False``; the protobuf that installs beside onnx 1.14 on Python 3.11 (3.20, pure
+    Python) then encodes and decodes it one float at a time. Measured on resnet18_v2: 260 s
+    for export, load and check, 190 s of it in protobuf.
+    """
+    import onnx.helper
+    from onnx import numpy_helper
+
+    original = onnx.helper.make_tensor
+    raw_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64}
+
+    def make_tensor(name, data_type, dims, vals, raw=False):
+        if raw or data_type not in raw_types:
+            return original(name, data_type, dims, vals, raw)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(data_type)
+        return numpy_helper.from_array(np.asarray(vals, dtype=dtype).reshape(dims), name)
+
+    onnx.helper.make_tensor = make_tensor
+    try:
+        yield
+    finally:
+        onnx.helper.make_tensor = original
+
+
 def _check(diff: float, tolerance: float, what: str) -> None:
     if not diff <= tolerance:  # also catches NaN
         raise ExportCheckError(
@@ -107,7 +135,7 @@ def _export_onnx(run: LoadedRun, staging: Path, x: mx.nd.NDArray, reference: np.
     target = staging / "model.onnx"
     size = run.image_size
     try:
-        with _quietly():
+        with _quietly(), _weights_as_raw_bytes():
             mx.onnx.export_model(
                 str(staging / "model-symbol.json"),
                 str(staging / "model-0000.params"),

@@ -70,3 +70,63 @@ def test_quick_bench_prints_one_json_object_with_every_figure(tmp_path):
     assert abs(result["details"]["cached_loss_minus_frozen_loss"]) < 1e-4
     assert result["details"]["infer_optimized_max_abs_diff"] < 1e-3
     assert result["quick"] is True and result["sizes"]["image_size"] < 224
+
+
+def test_static_hybridization_is_exact_with_a_short_last_batch():
+    """static_alloc/static_shape (what train uses) re-plans for a short last batch, correctly.
+
+    Compared with plain hybridize(), which builds the graph for each shape anew: the same
+    numbers. (Against imperative mode the forward pass agrees to float rounding; a few SGD
+    steps on 3-sample BatchNorm batches then amplify that rounding, so training is compared
+    between the two graph modes.)
+    """
+    import mxnet as mx
+    import numpy as np
+    from mxnet import autograd, gluon
+
+    from gluon_ft.model import scratch_twin
+    from gluon_ft.train import TrainConfig, evaluate, make_trainer, train_epoch
+
+    ctx = [mx.cpu()]
+    config = TrainConfig(batch_size=8, image_size=32, lr=0.1, progress=False)
+    rng = np.random.default_rng(0)
+    batches = [
+        (
+            rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8),
+            rng.integers(0, 3, size=n).astype(np.int32),
+            0,
+        )
+        for n in (8, 8, 3, 8)  # a short batch, then a full one again: two shape changes
+    ]
+
+    def network(**hybridize):
+        mx.random.seed(0)
+        net = scratch_twin("resnet18_v2", 3, ctx)
+        net(mx.nd.zeros((1, 3, 32, 32)))  # the deferred initialization, the same for all
+        if hybridize:
+            net.hybridize(**hybridize)
+        return net
+
+    def trained(**hybridize):
+        net = network(**hybridize)
+        trainer = make_trainer(net, config, ctx)
+        loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+        sums, _, _ = train_epoch(net, trainer, batches, ctx, loss_fn, config)
+        accuracy = evaluate(net, batches[1:3], ctx)  # predict mode, full then short batch
+        params = {k: p.data().asnumpy() for k, p in net._collect_params_with_prefix().items()}
+        return sums.read(), accuracy, params
+
+    static = {"static_alloc": True, "static_shape": True}
+    (loss_s, acc_s), test_s, params_s = trained(**static)
+    (loss_h, acc_h), test_h, params_h = trained(active=True)
+    assert np.isclose(loss_s, loss_h, rtol=1e-6) and acc_s == acc_h and test_s == test_h
+    for name, value in params_h.items():
+        assert np.allclose(params_s[name], value, rtol=1e-5, atol=1e-7), name
+
+    short = mx.nd.random.normal(shape=(3, 3, 32, 32))
+    outputs = []
+    for net in (network(**static), network()):
+        net(mx.nd.random.normal(shape=(8, 3, 32, 32)))  # a full batch first, then the short
+        with autograd.record():
+            outputs.append(net(short).asnumpy())
+    assert np.allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)

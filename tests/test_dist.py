@@ -43,7 +43,7 @@ if mode == "train":
 
     def tiny_network(config, num_classes, ctx):
         net = gluon.nn.HybridSequential()
-        net.add(gluon.nn.Conv2D(6, 3, strides=2, activation="relu"), gluon.nn.Flatten())
+        net.add(gluon.nn.Conv2D(6, 3, strides=2, activation="relu"), gluon.nn.GlobalAvgPool2D())
         net.add(gluon.nn.Dense(num_classes))
         net.initialize(mx.init.Xavier(), ctx=ctx)
         nets.append(net)
@@ -60,7 +60,7 @@ if mode == "train":
 
     gdata.TransformedSplit.__getitem__ = recording_getitem
     config = gtrain.TrainConfig(
-        data=data, pretrained="none", epochs=2, batch_size=4, lr=0.05, momentum=0.9,
+        data=data, pretrained="none", epochs=2, batch_size=4, lr=0.02, momentum=0.9,
         image_size=32, kvstore=None if kvstore == "none" else kvstore, progress=False,
         out=str(out / "run"),
     )

@@ -1,0 +1,234 @@
+"""Export (MXNet, ONNX) and predict on a tiny finished run."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import mxnet as mx
+import numpy as np
+import onnx
+import pytest
+from conftest import run_cli, write_image_folder
+from onnx import TensorProto, helper
+from onnx.reference import ReferenceEvaluator
+from PIL import Image
+
+from gluon_ft import data as gdata
+from gluon_ft import export as gexport
+from gluon_ft.cli import main
+from gluon_ft.errors import UsageError
+from gluon_ft.model import build_model
+from gluon_ft.predict import Predictor, load_run
+from gluon_ft.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A trained 2-class mobilenet0.25 run at 32 px, and its data."""
+    root = tmp_path_factory.mktemp("finished")
+    data = write_image_folder(root / "data", n_train=6, n_test=2, size=40)
+    config = TrainConfig(
+        data=str(data),
+        model="mobilenet0.25",
+        pretrained="none",
+        epochs=1,
+        batch_size=4,
+        image_size=32,
+        out=str(root / "run"),
+        progress=False,
+    )
+    train(config)
+    return root / "run", data
+
+
+@pytest.fixture(scope="module")
+def resnet_run(tmp_path_factory):
+    """An untrained resnet18_v2 run directory (residual adds, max pooling) at 32 px."""
+    run = tmp_path_factory.mktemp("resnet") / "run"
+    run.mkdir()
+    mx.random.seed(0)
+    net = build_model("resnet18_v2", 3)
+    net.initialize(mx.init.Xavier())
+    net(mx.nd.zeros((1, 3, 32, 32)))
+    net.save_parameters(str(run / "model.params"))
+    (run / "config.json").write_text(json.dumps({"model": "resnet18_v2", "image_size": 32}))
+    (run / "classes.json").write_text(json.dumps(["a", "b", "c"]))
+    return run
+
+
+def test_mxnet_export_round_trip(finished, tmp_path):
+    run, _ = finished
+    result = gexport.export_run(run, "mxnet", tmp_path / "out")
+    assert result["max_abs_diff"] <= gexport.MXNET_TOLERANCE
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["model-0000.params", "model-symbol.json", "preprocessing.json"]
+    # Reload as a deployment would, and compare with the run's own network.
+    block = mx.gluon.SymbolBlock.imports(
+        str(tmp_path / "out" / "model-symbol.json"),
+        ["data"],
+        str(tmp_path / "out" / "model-0000.params"),
+    )
+    x = gexport.sample_input(32, count=3, seed=7)
+    expected = load_run(run).net(x).asnumpy()
+    assert np.abs(block(x).asnumpy() - expected).max() <= 1e-6
+    info = json.loads((tmp_path / "out" / "preprocessing.json").read_text())
+    assert info["classes"] == ["cat", "dog"] and info["crop"] == 32 and info["resize"] == 37
+
+
+def test_onnx_export_round_trip_with_the_reference_evaluator(finished, tmp_path):
+    run, _ = finished
+    result = gexport.export_run(run, "onnx", tmp_path / "out")
+    assert result["max_abs_diff"] <= 1e-4
+    model = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    # The reference evaluator as shipped (its own Conv), batch size 1: the batch is dynamic.
+    x = gexport.sample_input(32, count=1, seed=7)
+    got = ReferenceEvaluator(model).run(None, {"data": x.asnumpy()})[0]
+    expected = load_run(run).net(x).asnumpy()
+    assert got.shape == (1, 2) and np.abs(got - expected).max() <= 1e-4
+
+
+def test_onnx_export_of_a_residual_network(resnet_run, tmp_path):
+    result = gexport.export_run(resnet_run, "onnx", tmp_path / "out")
+    assert result["max_abs_diff"] <= 1e-4 and result["files"] == [
+        "model.onnx",
+        "preprocessing.json",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "w_shape", "attrs"),
+    [
+        ((2, 3, 9, 9), (4, 3, 3, 3), {"pads": [1, 1, 1, 1]}),
+        ((1, 3, 11, 10), (5, 3, 7, 7), {"pads": [3, 3, 3, 3], "strides": [2, 2]}),
+        ((1, 4, 8, 8), (4, 1, 3, 3), {"pads": [1, 1, 1, 1], "group": 4}),  # depthwise
+        ((1, 4, 9, 9), (6, 2, 3, 3), {"pads": [0, 1, 2, 0], "group": 2, "strides": [2, 1]}),
+        ((1, 2, 10, 10), (3, 2, 3, 3), {"dilations": [2, 2], "pads": [2, 1, 2, 1]}),
+        ((1, 3, 5, 5), (2, 3, 1, 1), {}),
+    ],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_fast_conv_matches_the_reference_conv(x_shape, w_shape, attrs, bias):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    b = rng.standard_normal(w_shape[0]).astype(np.float32)
+    inputs = ["X", "W", "B"] if bias else ["X", "W"]
+    node = helper.make_node("Conv", inputs, ["Y"], **attrs)
+    graph = helper.make_graph(
+        [node],
+        "conv",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in inputs],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    feeds = {"X": x, "W": w, "B": b} if bias else {"X": x, "W": w}
+    expected = ReferenceEvaluator(model).run(None, feeds)[0]
+    fast = ReferenceEvaluator(model, new_ops=[gexport.fast_conv_op()]).run(None, feeds)[0]
+    assert fast.shape == expected.shape and fast.dtype == expected.dtype
+    np.testing.assert_allclose(fast, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_command_verifies_and_reports_the_difference(finished, tmp_path):
+    run, _ = finished
+    out = tmp_path / "deploy"
+    result = run_cli("export", str(run), "--format", "all", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    diffs = dict(re.findall(r"^(\w+): wrote .* max abs diff (\S+) ", result.stdout, re.M))
+    assert set(diffs) == {"mxnet", "onnx"}
+    assert float(diffs["mxnet"]) <= 1e-6 and float(diffs["onnx"]) <= 1e-4
+    assert "checked with onnx.reference.ReferenceEvaluator" in result.stdout
+    assert {"model.onnx", "model-symbol.json", "model-0000.params"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert "Traceback" not in result.stderr
+
+
+def test_a_failed_check_writes_nothing(finished, tmp_path, monkeypatch):
+    run, _ = finished
+    monkeypatch.setattr(gexport, "MXNET_TOLERANCE", -1.0)  # no difference can pass
+    with pytest.raises(gexport.ExportCheckError, match="Nothing was written"):
+        gexport.export_run(run, "mxnet", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UsageError, match="--format 'tflite'"):
+        gexport.export_run(run, "tflite")
+
+
+def test_predictor_uses_the_runs_network_classes_and_test_transform(finished):
+    run, data = finished
+    paths = sorted((data / "test").rglob("*.png"))
+    predictor = Predictor(run)
+    results = predictor.predict_images(paths, top_k=2)
+
+    # The same pipeline, built by hand from the run's files.
+    net = build_model("mobilenet0.25", 2)
+    net.load_parameters(str(run / "model.params"))
+    transform = gdata.TestTransform(json.loads((run / "config.json").read_text())["image_size"])
+    batch = np.stack([transform(gdata.load_image(p)) for p in paths])
+    probs = mx.nd.softmax(net(gdata.normalize_batch(mx.nd.array(batch, dtype="uint8"))))
+    probs = probs.asnumpy()
+    for result, path, row in zip(results, paths, probs):
+        assert result["ok"] and result["source"] == str(path)
+        top = result["top"]
+        assert [t["class"] for t in top] == [["cat", "dog"][i] for i in np.argsort(-row)]
+        np.testing.assert_allclose([t["probability"] for t in top], np.sort(row)[::-1], atol=1e-6)
+
+    # Encoded bytes (an upload) and opened PIL images give the same answers as paths.
+    as_bytes = predictor.predict_images([p.read_bytes() for p in paths], top_k=2)
+    as_images = predictor.predict_images([Image.open(p) for p in paths], top_k=2)
+    for by_path, by_bytes, by_image in zip(results, as_bytes, as_images):
+        assert by_bytes["top"] == by_path["top"] == by_image["top"]
+    assert as_bytes[0]["source"] == "<image 0>"
+
+
+def test_one_bad_file_does_not_stop_the_others(finished, tmp_path):
+    run, data = finished
+    good = data / "test" / "dog" / "000.png"
+    bad = tmp_path / "photo.jpg"
+    bad.write_bytes(b"not a photo")
+    predictor = Predictor(run, batch_size=2)
+    results = predictor.predict_images([good, bad, tmp_path / "missing.png", good], top_k=1)
+    assert [r["ok"] for r in results] == [True, False, False, True]
+    assert "not an image" in results[1]["error"] and "not found" in results[2]["error"]
+    assert results[0]["top"] == results[3]["top"] and len(results[0]["top"]) == 1
+
+    cli = run_cli("predict", str(run), str(good), str(bad), "--top-k", "5")
+    assert cli.returncode == 2
+    assert cli.stdout.startswith(f"{good}: ") and cli.stdout.count("\n") == 1
+    assert re.search(r": (cat|dog) \d\.\d{3}, (cat|dog) \d\.\d{3}$", cli.stdout.strip())
+    assert f"{bad}: error: not an image" in cli.stderr and "Traceback" not in cli.stderr
+
+    as_json = run_cli("predict", str(run), str(good), str(bad), "--json")
+    assert as_json.returncode == 2
+    assert [r["ok"] for r in json.loads(as_json.stdout)] == [True, False]
+
+
+def test_predict_refuses_unfinished_runs_and_bad_top_k(finished, tmp_path, capsys):
+    run, data = finished
+    image = str(data / "test" / "cat" / "000.png")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    for name in ("config.json", "classes.json"):
+        (unfinished / name).write_text((run / name).read_text())
+    assert main(["predict", str(unfinished), image]) == 2
+    assert "has no model.params: the run did not finish" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "nowhere"), image]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="at least 1"):
+        Predictor(run).predict_images([image], top_k=0)
+    assert len(Predictor(run).predict_images([image], top_k=50)[0]["top"]) == 2
+
+
+def test_run_loader_rejects_malformed_files(finished, tmp_path):
+    run, _ = finished
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((run / "config.json").read_text())
+    (broken / "classes.json").write_text('{"cat": 0')
+    (broken / "model.params").write_bytes((run / "model.params").read_bytes())
+    with pytest.raises(UsageError, match="classes.json .* is not valid JSON"):
+        load_run(broken)
+    (broken / "classes.json").write_text(json.dumps(["cat", "dog"]))
+    (broken / "model.params").write_bytes(b"\x00" * 100)
+    with pytest.raises(UsageError, match="does not fit this network"):
+        load_run(broken)
