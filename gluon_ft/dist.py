@@ -90,6 +90,22 @@ class DistContext:
         self.kvstore.pull(key, out=summed)
         return summed.asnumpy().tolist()
 
+    def broadcast_initial_parameters(self, trainer: mx.gluon.Trainer) -> None:
+        """Give every worker rank 0's parameters now, and wait until they have arrived.
+
+        The Trainer would do it lazily in its first ``step()``, with pulls that MXNet does not
+        order before that step's gradient pushes to the same keys (they touch different
+        arrays). With ``update_on_kvstore=False`` the servers hold gradient sums under those
+        keys, so a late pull returned the first summed gradient as the initial weights: in 2
+        of 5 runs of a 2-worker test, and then the workers train different models. Parameters
+        whose shapes are still deferred are left to the first step.
+        """
+        if not self.distributed:
+            return
+        trainer._init_kvstore()
+        trainer._init_params()
+        mx.nd.waitall()
+
     def trainer_options(self) -> dict:
         """``kvstore``/``update_on_kvstore`` for :class:`mxnet.gluon.Trainer` (see module doc)."""
         return {"kvstore": self.kvstore, "update_on_kvstore": False}

@@ -128,7 +128,7 @@ class _UploadTooLarge(HTTPException):
 
 
 def _human_bytes(count: int) -> str:
-    return f"{count / 2**20:.3g} MB" if count >= 2**20 else f"{count / 2**10:.3g} KB"
+    return f"{count / 2**20:.3g} MiB" if count >= 2**20 else f"{count / 2**10:.3g} KiB"
 
 
 class _UploadLimit:
@@ -176,7 +176,7 @@ def _bad_request(message: str) -> HTTPException:
 async def _read_upload(request: Request) -> tuple[str, bytes]:
     """The ``image`` file of a multipart form: its name and its bytes, or a 400."""
     content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
+    if not content_type.lower().startswith("multipart/form-data"):
         raise _bad_request(
             f"POST /predict takes a multipart/form-data body with the photo in a file field "
             f"named {IMAGE_FIELD!r} (got content type {content_type or 'none'!r}), e.g. "

@@ -189,6 +189,8 @@ def make_trainer(
         options = {"kvstore": kvstore, **amp.trainer_kwargs(config.dtype)}
     trainer = gluon.Trainer(net.collect_params(), "sgd", params, **options)
     amp.prepare_trainer(trainer, config.dtype)
+    if dist is not None:
+        dist.broadcast_initial_parameters(trainer)
     return trainer
 
 
@@ -649,6 +651,11 @@ def _train(config: TrainConfig, stop: StopRequest) -> dict:
 
         restore_checkpoint(resumed, net, trainer)
         tqdm.write(f"resuming from {resumed.path} ({resumed.describe()})")
+        if not resumed.meta["optimizer"]["states_available"] and config.momentum:
+            tqdm.write(
+                "warning: the checkpoint holds no momentum (a dist kvstore keeps it on its "
+                "servers); it restarts from zero, so the resumed run is not bit-exact"
+            )
 
     fit_net, prepare, cache = net, gdata.normalize_batch, None  # what each step runs, on what
     if config.cache_features:

@@ -49,7 +49,7 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
     "--no-first-run",
-    "--window-size=1000,760",
+    "--window-size=1000,700",
 ]
 CAP_MB = 0.1  # the test server's upload limit, so that "too large" costs little to send
 CLIENTS, REQUESTS_PER_CLIENT = 8, 25
@@ -495,9 +495,12 @@ def test_page_classifies_an_upload_in_chromium(server, photos, cli_predictions, 
     expected = cli_predictions[photo.name]
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("not a photo\n")
+    too_large = tmp_path / "large.jpg"
+    too_large.write_bytes(b"\xff" * 150_000)
     with chromium_session(tmp_path / "profile") as driver:
         shown = classify_in_browser(driver, server.url, photo, tmp_path / "page.png")
         refused = classify_in_browser(driver, server.url, not_an_image)
+        kept_back = classify_in_browser(driver, server.url, too_large)
 
     assert shown["state"] == "done", shown["error"]
     assert shown["top_class"] == max(expected, key=expected.get)
@@ -506,19 +509,21 @@ def test_page_classifies_an_upload_in_chromium(server, photos, cli_predictions, 
     assert shown["preview_width"] == 48  # the photo itself is on the page
     assert Image.open(tmp_path / "page.png").size[0] > 0
     assert refused["state"] == "error" and "not an image" in refused["error"]
+    # The page checks the server's limit (from /health) before sending the file at all.
+    assert kept_back["state"] == "error" and "accepts up to 0.1 MiB" in kept_back["error"]
 
 
 # ---------------------------------------------------------------- command line
 
 
-def test_serve_binds_loopback_by_default_and_says_what_all_interfaces_expose():
+def test_serve_binds_loopback_by_default_and_says_what_all_interfaces_expose(capsys):
     from gluon_ft.cli import build_parser
 
-    parser = build_parser()
-    args = parser.parse_args(["serve", "runs/x"])
+    args = build_parser().parse_args(["serve", "runs/x"])
     assert (args.host, args.port, args.max_upload_mb) == ("127.0.0.1", 8000, 10.0)
-    subparsers = next(a for a in parser._actions if a.dest == "command")
-    help_text = " ".join(subparsers.choices["serve"].format_help().split())
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
     assert "0.0.0.0 listens on every network interface" in help_text
     assert "without a password" in help_text
 
