@@ -330,7 +330,7 @@ def render_image(texture: str, shape: str, size: int, rng: np.random.RandomState
     first, second = _contrasting_pair(rng)
     foreground = pattern * first + (1 - pattern) * second
     canvas = mask * foreground + (1 - mask) * background
-    small = Image.fromarray(canvas.astype(np.uint8), "RGB").resize((size, size), Image.BOX)
+    small = Image.fromarray(canvas.astype(np.uint8), "RGB").resize((size, size), Image.Resampling.BOX)
     noisy = np.asarray(small, np.float32) + rng.normal(0, rng.uniform(2, 8), (size, size, 3))
     return Image.fromarray(np.clip(noisy + 0.5, 0, 255).astype(np.uint8), "RGB")
 

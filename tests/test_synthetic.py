@@ -158,14 +158,17 @@ def test_second_call_reuses_the_task_and_rewrites_nothing(tmp_path):
 def test_a_changed_spec_regenerates(tmp_path):
     root = tmp_path / "task"
     generate_task(root, SMALL_SPEC)
-    bigger = dataclasses.replace(SMALL_SPEC, image_size=40, target_train_per_class=7)
-    info = generate_task(root, bigger)
+    # Same layout and file names, other pixels: only the recorded spec can tell them apart.
+    resized = dataclasses.replace(SMALL_SPEC, image_size=40)
+    info = generate_task(root, resized)
     assert info["reused"] is False
-    assert json.loads((root / "task.json").read_text())["spec"] == dataclasses.asdict(bigger)
+    assert json.loads((root / "task.json").read_text())["spec"] == dataclasses.asdict(resized)
+    assert {Image.open(p).size for p in root.rglob("*.png")} == {(40, 40)}
+    more = dataclasses.replace(resized, target_train_per_class=7)
+    info = generate_task(root, more)
+    assert info["reused"] is False
     for name in info["classes"]["target"]:
-        files = sorted((root / "target" / "train" / name).iterdir())
-        assert len(files) == 7
-        assert Image.open(files[0]).size == (40, 40)
+        assert len(list((root / "target" / "train" / name).iterdir())) == 7
     assert [p.name for p in tmp_path.iterdir()] == ["task"]  # no stale or partial dirs left
 
 
