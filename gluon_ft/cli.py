@@ -579,7 +579,11 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``gluon-ft`` parser with one subparser per command."""
-    parser = _Parser(prog="gluon-ft", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="gluon-ft",
+        description="Fine-tune pretrained Apache MXNet Gluon models on your image folders.",
+        epilog="Run `gluon-ft COMMAND --help` for the options of a command.",
+    )
     parser.add_argument("--version", action="version", version=f"gluon-ft {gluon_ft.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (help_text, add_arguments, run) in COMMANDS.items():

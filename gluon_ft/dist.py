@@ -104,11 +104,12 @@ class DistContext:
             return
         for param in trainer._params:
             if param._data is not None:
-                # After a predict-mode forward pass oneDNN keeps convolution weights in its
-                # own memory layout, and then the kvstore's initial push of the first one
-                # never reached the server ("init 12 first", measured with resnet18_v2).
-                # Copies from the host are in the plain layout.
-                param.set_data(mx.nd.array(param.data().asnumpy(), dtype=param.dtype))
+                # A predict-mode forward pass leaves convolution weights in oneDNN's own
+                # memory layout, which the kvstore cannot push ("We can't generate TBlob for
+                # MKLDNN data", raised in the engine; the other workers then pull a key the
+                # servers never got, and a server aborts). reset_ctx copies them into plain
+                # arrays.
+                param.reset_ctx(param.list_ctx())
         trainer._init_kvstore()
         trainer._init_params()
         mx.nd.waitall()

@@ -16,8 +16,11 @@ new N-class layer, so pooling, flatten and dropout stay where each network puts 
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -334,3 +337,115 @@ def scratch_twin(
     net = build_model(name, num_classes, image_size)
     net.initialize(mx.init.Xavier(), ctx=ctx or [mx.cpu()])
     return net
+
+
+def source_class_names(source: SourceModel) -> list[str] | None:
+    """The names of the classes ``source``'s output layer predicts, in output order.
+
+    ImageNet weights give GluonCV's ImageNet-1k labels (``[934]`` is ``"hotdog"``); a params
+    file gives the names in its sidecar JSON; random weights give None.
+    """
+    if source.classes:
+        return list(source.classes)
+    if source.weights == "imagenet" and source.num_classes == 1000:
+        from gluoncv.data import ImageNet1kAttr
+
+        return list(ImageNet1kAttr().classes)
+    return None
+
+
+def init_head_from_source_class(
+    net: gluon.HybridBlock, source: SourceModel, source_class: int, target_class: int = 0
+) -> None:
+    """Start row ``target_class`` of ``net``'s new head as ``source``'s row ``source_class``.
+
+    The book's exercise 4: the new head's "hotdog" row starts from the ImageNet output
+    layer's class 934 (``hotdog``), weight and bias. With the body shared by the graft, the
+    new network's logit ``target_class`` then equals the source's logit ``source_class`` before
+    any training. A head whose shape is still deferred gets its input size from the source.
+
+    Raises
+    ------
+    UsageError
+        A class index outside either head, or heads of different input sizes.
+    """
+    _, head = get_head(net)
+    _, source_head = get_head(source.net)
+    if not 0 <= source_class < head_outputs(source_head):
+        raise UsageError(
+            f"Source class {source_class} does not exist: the source predicts "
+            f"{head_outputs(source_head)} classes."
+        )
+    if not 0 <= target_class < head_outputs(head):
+        raise UsageError(
+            f"Target class {target_class} does not exist: the new head predicts "
+            f"{head_outputs(head)} classes."
+        )
+    mx.nd.waitall()  # see graft_new_head: the source may still be reordering its weights
+    for name in ("weight", "bias"):
+        mine, theirs = getattr(head, name, None), getattr(source_head, name, None)
+        if mine is None or theirs is None:
+            continue
+        row = theirs.data(theirs.list_ctx()[0])[source_class]
+        if mine._data is None:  # deferred: the input size is known from the source
+            mine.shape = (mine.shape[0], *theirs.shape[1:])
+            mine._finish_deferred_init()
+        if mine.shape[1:] != theirs.shape[1:]:
+            raise UsageError(
+                f"The heads do not match: {mine.name} rows are {mine.shape[1:]}, the source's "
+                f"{theirs.shape[1:]}."
+            )
+        for data in mine.list_data():
+            data[target_class] = row.as_in_context(data.context)
+
+
+# Source classes that look most like a target class a source may lack (Food-101 without its
+# hot dogs: a sausage in a split bun is closest to a lobster roll or a pulled-pork sandwich).
+RELATED_CLASS_NAMES = {
+    "hotdog": (
+        "frankfurter",
+        "sausage",
+        "bratwurst",
+        "lobster_roll_sandwich",
+        "pulled_pork_sandwich",
+        "hamburger",
+    ),
+}
+
+
+def _name_key(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def _name_words(name: str) -> set[str]:
+    return {w for w in re.split(r"[^a-z0-9]+", name.lower()) if w}
+
+
+def related_source_class(target: str, source_classes: Sequence[str]) -> tuple[int, str, str]:
+    """Return ``(index, name, why)``: the source class closest to the target class ``target``.
+
+    In order: the same name (ignoring case, spaces, ``_`` and ``-``: ImageNet's ``hotdog``
+    is index 934, Food-101's would be ``hot_dog``); a known relative from
+    :data:`RELATED_CLASS_NAMES`; the most words in common (``striped-star`` and
+    ``speckled-star``), ties to the closer spelling; else the closest spelling alone.
+    """
+    if not source_classes:
+        raise UsageError("The source model's class names are unknown; name a class index.")
+    keys = [_name_key(c) for c in source_classes]
+    if _name_key(target) in keys:
+        index = keys.index(_name_key(target))
+        return index, source_classes[index], "the same class"
+    for relative in RELATED_CLASS_NAMES.get(_name_key(target), ()):
+        if _name_key(relative) in keys:
+            index = keys.index(_name_key(relative))
+            return index, source_classes[index], f"a known relative of {target}"
+    words = _name_words(target)
+
+    def score(i: int) -> tuple[int, float]:
+        spelling = difflib.SequenceMatcher(None, target.lower(), source_classes[i].lower())
+        return len(words & _name_words(source_classes[i])), spelling.ratio()
+
+    index = max(range(len(source_classes)), key=score)
+    shared = sorted(words & _name_words(source_classes[index]))
+    why = f"shares {', '.join(shared)}" if shared else "the closest spelling (no shared word)"
+    return index, source_classes[index], why

@@ -83,3 +83,26 @@ def plot_confusion(matrix, classes: Sequence[str], path=None):
         color = "white" if value > matrix.max() / 2 else "black"
         ax.text(j, i, str(value), ha="center", va="center", color=color)
     return _finish(fig, path)
+
+
+def plot_lr_sweep(results: dict[str, dict[float, float]], path=None, metric: str = "test accuracy"):
+    """``metric`` against learning rate (log axis), one line per recipe (fine-tuned, scratch).
+
+    A NaN value (a diverged run) is left out of its line and marked with an x on the axis.
+    """
+    import math
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for label, by_lr in results.items():
+        lrs = sorted(by_lr)
+        kept = [lr for lr in lrs if not math.isnan(by_lr[lr])]
+        (line,) = ax.plot(kept, [by_lr[lr] for lr in kept], "-o", label=label)
+        diverged = [lr for lr in lrs if math.isnan(by_lr[lr])]
+        if diverged:
+            ax.plot(diverged, [0.0] * len(diverged), "x", color=line.get_color(), ms=9)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(metric)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return _finish(fig, path)

@@ -178,3 +178,54 @@ class Predictor:
                 outcome[position] = {"ok": True, "top": top}
             results += [{"source": _describe(item, pos), **outcome[pos]} for pos, item in chunk]
         return results
+
+
+@dataclass
+class SplitPredictions:
+    """A run's class probabilities for the readable items of a dataset split.
+
+    ``indices[i]`` is the split item that ``labels[i]`` and ``probabilities[i]`` belong to
+    (unreadable files are left out).
+    """
+
+    indices: np.ndarray
+    labels: np.ndarray
+    probabilities: np.ndarray
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=1)
+
+    def accuracy(self) -> float:
+        return float((self.predicted == self.labels).mean()) if len(self.labels) else float("nan")
+
+    def confusion_matrix(self) -> np.ndarray:
+        """Counts: rows are the true classes, columns the predicted ones."""
+        classes = self.probabilities.shape[1]
+        matrix = np.zeros((classes, classes), dtype=np.int64)
+        np.add.at(matrix, (self.labels, self.predicted), 1)
+        return matrix
+
+    def confident_mistakes(self, count: int) -> list[int]:
+        """Positions (into these arrays) of up to ``count`` wrong predictions, surest first."""
+        wrong = np.flatnonzero(self.predicted != self.labels)
+        confidence = self.probabilities[wrong, self.predicted[wrong]]
+        return [int(i) for i in wrong[np.argsort(-confidence, kind="stable")][:count]]
+
+
+def predict_split(predictor: Predictor, split: gdata.ImageFolderSplit) -> SplitPredictions:
+    """Classify every item of ``split`` with ``predictor`` (the run's test transform)."""
+    indices, probabilities = [], []
+    for start in range(0, len(split), predictor.batch_size):
+        batch = []
+        for index in range(start, min(start + predictor.batch_size, len(split))):
+            try:
+                batch.append(split.load(index))
+            except gdata.UnreadableImageError:
+                continue
+            indices.append(index)
+        probabilities.append(predictor.probabilities(batch))
+    indices = np.array(indices, dtype=np.int64)
+    labels = split.labels()[indices]
+    empty = np.zeros((0, len(predictor.classes)), dtype=np.float32)
+    return SplitPredictions(indices, labels, np.concatenate([empty, *probabilities]))

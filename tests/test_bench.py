@@ -68,7 +68,9 @@ def test_quick_bench_prints_one_json_object_with_every_figure(tmp_path):
     assert child["gluon_ft_imported"] is False
     # The cached head trained on the same features as the uncached one.
     assert abs(result["details"]["cached_loss_minus_frozen_loss"]) < 1e-4
-    assert result["details"]["infer_optimized_max_abs_diff"] < 1e-3
+    best = result["details"]["infer_optimized_form"]
+    assert result["details"][f"{best}_top1_agreement"] >= 0.99
+    assert result["details"]["infer_fused_fp32_img_s_max_abs_diff"] < 1e-3
     assert result["quick"] is True and result["sizes"]["image_size"] < 224
 
 
