@@ -264,11 +264,13 @@ class LoaderPass:
 # ----------------------------------------------------------------------------- phases
 
 
-def bare_default_threads(sizes: BenchSizes) -> dict:
-    """Run :mod:`gluon_ft.bare_loop` in a child process with MXNet's default thread count."""
+def bare_child(sizes: BenchSizes, env: dict) -> dict:
+    """Run :mod:`gluon_ft.bare_loop` as a script in a child process with environment ``env``.
+
+    The script never imports ``gluon_ft``, so the thread variables are what ``env`` says.
+    """
     from gluon_ft import bare_loop
 
-    env = {k: v for k, v in os.environ.items() if k not in bare_loop.THREAD_VARIABLES}
     args = {
         "model": sizes.model,
         "batch_size": sizes.batch_size,
@@ -348,6 +350,137 @@ def environment(workers: int) -> dict:
     }
 
 
+def measure_steps(sizes: BenchSizes, result: dict, details: dict) -> GluonFTStep:
+    """The bare loop, gluon-ft's step and its frozen step, interleaved; returns the fp32 step."""
+    from gluon_ft.bare_loop import BareLoop
+
+    bare = BareLoop(sizes.model, sizes.batch_size, sizes.image_size, sizes.classes)
+    fp32 = GluonFTStep(sizes)
+    frozen = GluonFTStep(sizes, freeze="features")
+    for step in (bare, fp32, frozen):
+        step.run(sizes.warmup)
+    images = sizes.batch_size
+    timings = {
+        "bare_fp32_img_s": rate(bare.run, images, sizes.steps),
+        "train_fp32_img_s": rate(fp32.run, images, sizes.steps),
+        "frozen_step_img_s": rate(frozen.run, images, sizes.steps),
+    }
+    record(interleave(timings, sizes.repeats), result, details)
+    result["trainer_overhead"] = 1 - result["train_fp32_img_s"] / result["bare_fp32_img_s"]
+    return fp32
+
+
+def measure_threads(sizes: BenchSizes, quick: bool, result: dict, details: dict) -> None:
+    """The bare loop in child processes: MXNet's default threads (and passive OpenMP waits)."""
+    from gluon_ft.bare_loop import THREAD_VARIABLES
+
+    unset = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+    child = bare_child(sizes, unset)
+    details["bare_fp32_default_threads"] = child
+    result["bare_fp32_default_threads_img_s"] = child["img_s"]
+    result["thread_speedup"] = result["train_fp32_img_s"] / child["img_s"]
+    if not quick:
+        # OpenMP threads that sleep at once at a barrier instead of spinning: what it costs on
+        # an idle machine (on a busy one, spinning threads were measured 5x slower).
+        passive = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+        details["bare_fp32_omp_passive"] = bare_child(sizes, passive)
+
+
+def measure_inference(sizes: BenchSizes, bf16: bool, result: dict, details: dict) -> None:
+    """Plain hybridized inference against the fastest form that predicts the same."""
+    plain = Inference(sizes)
+    forms = {"infer_img_s": plain, "infer_fused_fp32_img_s": plain.fused()}
+    if bf16:
+        forms["infer_fused_bf16_img_s"] = plain.fused(bfloat16=True)
+    reference = plain.output()
+    for name, form in forms.items():
+        out = form.output()
+        details[f"{name}_max_abs_diff"] = float(np.abs(out - reference).max())
+        details[f"{name}_top1_agreement"] = float((out.argmax(1) == reference.argmax(1)).mean())
+        form.run(sizes.warmup)
+    timings = {name: rate(form.run, sizes.batch_size, sizes.steps) for name, form in forms.items()}
+    found = record(interleave(timings, sizes.repeats), result, details)
+    best = max(
+        (name for name in forms if name != "infer_img_s"),
+        key=lambda name: found[name] if details[f"{name}_top1_agreement"] >= 0.99 else 0.0,
+    )
+    details["infer_optimized_form"] = best
+    result["infer_optimized_img_s"] = found[best]
+    result["infer_speedup"] = result["infer_optimized_img_s"] / result["infer_img_s"]
+
+
+def measure_data(sizes: BenchSizes, workers: int, quick: bool, result: dict, details: dict, log):
+    """Loaders (folder vs pack) and frozen-backbone epochs (without and with the cache)."""
+    from gluon_ft.recordio import pack_dataset
+    from gluon_ft.train import load_dataset
+
+    home = os.environ.get("MXNET_HOME")
+    with tempfile.TemporaryDirectory(prefix="gluon-ft-bench-") as tmp:
+        tmp = Path(tmp)
+        os.environ["MXNET_HOME"] = str(tmp / "mxnet-home")  # the feature cache stays in tmp
+        try:
+            log(f"writing {sizes.train_photos + sizes.test_photos} photos and packing them")
+            folder = write_photos(tmp / "photos", sizes)
+            pack_start = time.perf_counter()
+            pack_dataset(folder, tmp / "pack" / "photos")
+            details["pack_s"] = time.perf_counter() - pack_start
+
+            log(f"loaders: folder and RecordIO, {workers} worker(s) (interleaved)")
+            from_folder = LoaderPass(load_dataset(str(folder))[0], sizes, workers)
+            from_pack = LoaderPass(load_dataset(str(tmp / "pack" / "photos"))[0], sizes, workers)
+            for warm_up in (from_folder, from_pack):  # page cache, worker processes
+                warm_up()
+            timings = {"loader_folder_img_s": from_folder, "loader_recordio_img_s": from_pack}
+            record(interleave(timings, sizes.repeats), result, details)
+            result["recordio_speedup"] = (
+                result["loader_recordio_img_s"] / result["loader_folder_img_s"]
+            )
+            del from_folder, from_pack, timings  # their worker processes end here
+
+            log("frozen-backbone epochs, without and with the feature cache")
+            runs = tmp / "runs"
+            frozen = frozen_run(folder, runs / "frozen", sizes, workers)
+            cache = {"cache_features": True, "cache_views": sizes.epochs}
+            cached = frozen_run(folder, runs / "cached", sizes, workers, **cache)
+            if not quick:  # the data for the --workers default: decoding weighs most here
+                by_workers = {workers: frozen["epoch_s"]}
+                for count in sorted({0, 1, 2} - {workers}):
+                    run = frozen_run(folder, runs / f"w{count}", sizes, count)
+                    by_workers[count] = run["epoch_s"]
+                details["frozen_epoch_s_by_workers"] = dict(sorted(by_workers.items()))
+        finally:
+            if home is None:
+                os.environ.pop("MXNET_HOME", None)
+            else:
+                os.environ["MXNET_HOME"] = home
+    result["frozen_epoch_s"] = frozen["epoch_s"]
+    result["cached_epoch_s"] = cached["epoch_s"]
+    result["cache_speedup"] = result["frozen_epoch_s"] / result["cached_epoch_s"]
+    details["cache_build_s"] = cached["feature_cache"]["seconds"]
+    details["cached_loss_minus_frozen_loss"] = cached["last_loss"] - frozen["last_loss"]
+
+
+def measure_bf16(sizes: BenchSizes, fp32: GluonFTStep, result: dict, details: dict) -> None:
+    """gluon-ft's step under --dtype bfloat16, interleaved with the float32 one.
+
+    MXNet AMP rewrites every graph built after it is turned on, for the rest of the process:
+    this runs last. (The float32 step's graph was built before, so it stays float32.)
+    """
+    from gluon_ft import amp
+
+    amp.enable("bfloat16")
+    bf16 = GluonFTStep(sizes, dtype="bfloat16")
+    bf16.run(sizes.warmup)
+    timings = {
+        "train_fp32_paired_img_s": rate(fp32.run, sizes.batch_size, sizes.steps),
+        "train_bf16_img_s": rate(bf16.run, sizes.batch_size, sizes.steps),
+    }
+    paired = record(interleave(timings, sizes.repeats), {}, details)
+    result["train_bf16_img_s"] = paired["train_bf16_img_s"]
+    result["bf16_speedup"] = paired["train_bf16_img_s"] / paired["train_fp32_paired_img_s"]
+    details["train_fp32_paired_img_s"] = paired["train_fp32_paired_img_s"]
+
+
 def run_bench(quick: bool = False, workers: int | None = None, log=None) -> dict:
     """Measure every figure; return the bench's JSON object.
 
@@ -364,10 +497,8 @@ def run_bench(quick: bool = False, workers: int | None = None, log=None) -> dict
     import mxnet as mx
 
     from gluon_ft import amp
-    from gluon_ft.bare_loop import BareLoop
     from gluon_ft.errors import UsageError
-    from gluon_ft.recordio import pack_dataset
-    from gluon_ft.train import TrainConfig, load_dataset
+    from gluon_ft.train import TrainConfig
 
     log = log or (lambda line: None)
     sizes = QUICK if quick else FULL
@@ -382,125 +513,18 @@ def run_bench(quick: bool = False, workers: int | None = None, log=None) -> dict
         bf16_refused = str(err)
 
     log("training steps: bare loop, gluon-ft, gluon-ft frozen (interleaved)")
-    bare = BareLoop(sizes.model, sizes.batch_size, sizes.image_size, sizes.classes)
-    fp32 = GluonFTStep(sizes)
-    frozen = GluonFTStep(sizes, freeze="features")
-    for step in (bare, fp32, frozen):
-        step.run(sizes.warmup)
-    images = sizes.batch_size
-    steps = interleave(
-        {
-            "bare_fp32_img_s": rate(bare.run, images, sizes.steps),
-            "train_fp32_img_s": rate(fp32.run, images, sizes.steps),
-            "frozen_step_img_s": rate(frozen.run, images, sizes.steps),
-        },
-        sizes.repeats,
-    )
-    record(steps, result, details)
-    result["trainer_overhead"] = 1 - result["train_fp32_img_s"] / result["bare_fp32_img_s"]
-
-    log("bare loop in a child process with MXNet's default threads")
-    child = bare_default_threads(sizes)
-    details["bare_fp32_default_threads"] = child
-    result["bare_fp32_default_threads_img_s"] = child["img_s"]
-    result["thread_speedup"] = result["train_fp32_img_s"] / child["img_s"]
-
-    log("inference: hybridized, and optimize_for(backend='MKLDNN') in float32 and bfloat16")
-    plain = Inference(sizes)
-    forms = {"infer_img_s": plain, "infer_fused_fp32_img_s": plain.fused()}
+    fp32 = measure_steps(sizes, result, details)
+    log("bare loop in child processes: MXNet's default threads")
+    measure_threads(sizes, quick, result, details)
+    log("inference: hybridized, then optimize_for(backend='MKLDNN') in float32 and bfloat16")
+    measure_inference(sizes, bf16_refused is None, result, details)
+    measure_data(sizes, workers, quick, result, details, log)
     if bf16_refused is None:
-        forms["infer_fused_bf16_img_s"] = plain.fused(bfloat16=True)
-    reference = plain.output()
-    for name, form in forms.items():
-        out = form.output()
-        details[f"{name}_max_abs_diff"] = float(np.abs(out - reference).max())
-        details[f"{name}_top1_agreement"] = float((out.argmax(1) == reference.argmax(1)).mean())
-        form.run(sizes.warmup)
-    infer = interleave(
-        {name: rate(form.run, images, sizes.steps) for name, form in forms.items()}, sizes.repeats
-    )
-    found = record(infer, result, details)
-    # The best MXNet offers here, among the forms that predict what the plain network does.
-    best = max(
-        (name for name in forms if name != "infer_img_s"),
-        key=lambda name: found[name] if details[f"{name}_top1_agreement"] >= 0.99 else 0.0,
-    )
-    details["infer_optimized_form"] = best
-    result["infer_optimized_img_s"] = found[best]
-    result["infer_speedup"] = result["infer_optimized_img_s"] / result["infer_img_s"]
-
-    home = os.environ.get("MXNET_HOME")
-    with tempfile.TemporaryDirectory(prefix="gluon-ft-bench-") as tmp:
-        tmp = Path(tmp)
-        os.environ["MXNET_HOME"] = str(tmp / "mxnet-home")  # the feature cache stays in tmp
-        try:
-            log(f"writing {sizes.train_photos + sizes.test_photos} photos and packing them")
-            folder = write_photos(tmp / "photos", sizes)
-            pack_start = time.perf_counter()
-            pack_dataset(folder, tmp / "pack" / "photos")
-            details["pack_s"] = time.perf_counter() - pack_start
-            log(f"loaders: folder and RecordIO, {workers} worker(s) (interleaved)")
-            from_folder = LoaderPass(load_dataset(str(folder))[0], sizes, workers)
-            from_pack = LoaderPass(load_dataset(str(tmp / "pack" / "photos"))[0], sizes, workers)
-            for warm_up in (from_folder, from_pack):  # page cache, worker processes
-                warm_up()
-            loaders = interleave(
-                {"loader_folder_img_s": from_folder, "loader_recordio_img_s": from_pack},
-                sizes.repeats,
-            )
-            record(loaders, result, details)
-            result["recordio_speedup"] = (
-                result["loader_recordio_img_s"] / result["loader_folder_img_s"]
-            )
-            del from_folder, from_pack  # their worker processes end here
-            log("frozen-backbone epochs, without and with the feature cache")
-            runs = tmp / "runs"
-            frozen = frozen_run(folder, runs / "frozen", sizes, workers)
-            cached = frozen_run(
-                folder,
-                runs / "cached",
-                sizes,
-                workers,
-                cache_features=True,
-                cache_views=sizes.epochs,
-            )
-            if not quick:  # the data for the --workers default: decoding is heaviest here
-                by_workers = {workers: frozen["epoch_s"]}
-                for count in sorted({0, 1, 2} - {workers}):
-                    run = frozen_run(folder, runs / f"workers-{count}", sizes, count)
-                    by_workers[count] = run["epoch_s"]
-                details["frozen_epoch_s_by_workers"] = dict(sorted(by_workers.items()))
-        finally:
-            if home is None:
-                os.environ.pop("MXNET_HOME", None)
-            else:
-                os.environ["MXNET_HOME"] = home
-    result["frozen_epoch_s"] = frozen["epoch_s"]
-    result["cached_epoch_s"] = cached["epoch_s"]
-    result["cache_speedup"] = result["frozen_epoch_s"] / result["cached_epoch_s"]
-    details["cache_build_s"] = cached["feature_cache"]["seconds"]
-    details["cached_loss_minus_frozen_loss"] = cached["last_loss"] - frozen["last_loss"]
-
-    # Last: MXNet AMP rewrites every graph built from here on, for the rest of the process.
-    if bf16_refused is not None:
+        log("bfloat16 (MXNet AMP) against float32 (interleaved)")
+        measure_bf16(sizes, fp32, result, details)
+    else:
         result.update(dict.fromkeys(BF16_TIMINGS))
         details["bf16_unsupported"] = bf16_refused
-    else:
-        log("bfloat16 (MXNet AMP) against float32 (interleaved)")
-        amp.enable("bfloat16")
-        bf16 = GluonFTStep(sizes, dtype="bfloat16")
-        bf16.run(sizes.warmup)
-        paired = interleave(
-            {
-                "train_fp32_paired_img_s": rate(fp32.run, images, sizes.steps),
-                "train_bf16_img_s": rate(bf16.run, images, sizes.steps),
-            },
-            sizes.repeats,
-        )
-        paired = record(paired, {}, details)
-        result["train_bf16_img_s"] = paired["train_bf16_img_s"]
-        result["bf16_speedup"] = paired["train_bf16_img_s"] / paired["train_fp32_paired_img_s"]
-        details["train_fp32_paired_img_s"] = paired["train_fp32_paired_img_s"]
 
     result["env"]["load_average_at_end"] = list(os.getloadavg())
     result["seconds"] = time.perf_counter() - started

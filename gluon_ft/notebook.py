@@ -24,11 +24,18 @@ import io
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gluon_ft.errors import UsageError
 from gluon_ft.train import TrainConfig
+
+with warnings.catch_warnings():
+    # In a kernel without ipywidgets, tqdm.auto warns on import (train imports it). Notebook
+    # runs turn progress bars off, so the warning would only be noise in every notebook.
+    warnings.filterwarnings("ignore", message="IProgress not found")
+    import tqdm.auto  # noqa: F401
 
 MODE_VARIABLE = "GLUON_FT_NOTEBOOK_MODE"
 OUT_VARIABLE = "GLUON_FT_NOTEBOOK_OUT"  # where run directories go; default runs/notebooks
@@ -362,7 +369,12 @@ def execute_notebook(nb, folder: str | Path, timeout: int = 3600, env: dict | No
     client = NotebookClient(
         nb, km=manager, timeout=timeout, resources={"metadata": {"path": str(folder)}}
     )
-    client.execute(env=dict(os.environ if env is None else env))
+    try:
+        client.execute(env=dict(os.environ if env is None else env))
+    finally:
+        # The client leaves a kernel it was handed running; stop it and reap its process.
+        if manager.has_kernel:
+            manager.shutdown_kernel(now=False)
     return nb
 
 

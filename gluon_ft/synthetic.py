@@ -330,7 +330,9 @@ def render_image(texture: str, shape: str, size: int, rng: np.random.RandomState
     first, second = _contrasting_pair(rng)
     foreground = pattern * first + (1 - pattern) * second
     canvas = mask * foreground + (1 - mask) * background
-    small = Image.fromarray(canvas.astype(np.uint8), "RGB").resize((size, size), Image.Resampling.BOX)
+    small = Image.fromarray(canvas.astype(np.uint8), "RGB").resize(
+        (size, size), Image.Resampling.BOX
+    )
     noisy = np.asarray(small, np.float32) + rng.normal(0, rng.uniform(2, 8), (size, size, 3))
     return Image.fromarray(np.clip(noisy + 0.5, 0, 255).astype(np.uint8), "RGB")
 
@@ -410,6 +412,20 @@ def _looks_like_task(root: Path) -> bool:
     return entries <= {"source", "target", TASK_FILE}
 
 
+def _move_into_place(partial: Path, root: Path, manifest: dict) -> None:
+    """Rename the finished ``partial`` directory to ``root``, replacing an older task."""
+    if _is_complete(root, manifest):
+        return  # another process finished the same task meanwhile; its files are identical
+    if root.exists():
+        # os.rename cannot replace a non-empty directory: move the old task aside first.
+        stale = partial.with_name(partial.name + "-stale")
+        root.rename(stale)
+        partial.rename(root)
+        shutil.rmtree(stale)
+    else:
+        partial.rename(root)
+
+
 def generate_task(root: str | Path, spec: TaskSpec = DEFAULT_SPEC) -> dict:
     """Generate the synthetic transfer task under ``root``, or reuse it if already there.
 
@@ -465,14 +481,7 @@ def generate_task(root: str | Path, spec: TaskSpec = DEFAULT_SPEC) -> dict:
                 spec.image_size,
             )
         (partial / TASK_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        if root.exists():
-            # os.rename cannot replace a non-empty directory: move the old task aside first.
-            stale = partial.with_name(partial.name + "-stale")
-            root.rename(stale)
-            partial.rename(root)
-            shutil.rmtree(stale)
-        else:
-            partial.rename(root)
+        _move_into_place(partial, root, manifest)
     finally:
         if partial.exists():
             shutil.rmtree(partial, ignore_errors=True)

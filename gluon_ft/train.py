@@ -242,7 +242,9 @@ class MetricSums:
         for i, (out, y) in enumerate(zip(outputs, labels)):
             if losses is not None:
                 self.loss[i] += losses[i].sum()
-            self.correct[i] += (out.argmax(axis=1) == y.astype(out.dtype)).sum()
+            # argmax in float32: bfloat16 (AMP's output) holds class indices exactly up to 256.
+            predicted = out.astype("float32", copy=False).argmax(axis=1)
+            self.correct[i] += (predicted == y.astype("float32")).sum()
             self.count += y.shape[0]
 
     def read(self) -> tuple[float, float]:

@@ -87,3 +87,17 @@ def test_bfloat16_training_runs_convolutions_in_bfloat16(tiny_data, tmp_path):
     assert int(casts) >= 2 * 20, probe.stderr[-2000:]  # data and weight of all 20 convolutions
     assert out_dtype == "bfloat16"
     assert weight_dtype == "float32"
+
+
+def test_accuracy_counts_class_indices_above_256_under_bfloat16():
+    from mxnet.contrib.amp.amp import bfloat16
+
+    from gluon_ft.train import MetricSums
+
+    scores = mx.nd.zeros((3, 1000))
+    for row, label in enumerate((999, 300, 5)):
+        scores[row, label] = 1
+    sums = MetricSums([mx.cpu()])
+    # What an AMP network outputs: bfloat16 logits, where 999 would round to 996.
+    sums.add([mx.nd.amp_cast(scores, dtype=bfloat16)], [mx.nd.array([999, 300, 5], dtype="int32")])
+    assert sums.read()[1] == 1.0
