@@ -37,6 +37,13 @@ test: setup lint
 test-all: setup lint
 	GLUON_FT_ALL_MODELS=1 $(VENV)/bin/python -m pytest -q $(ARGS)
 
+# Executes notebooks/*.ipynb in place, outputs included, with a kernel of .venv's Python.
+# GLUON_FT_NOTEBOOK_MODE=full (default: the book's data and ImageNet weights, else a fallback
+# the notebooks explain) or smoke. Commit them stripped (what make test checks):
+# .venv/bin/python -m gluon_ft.notebook strip notebooks/*.ipynb
+notebooks: setup
+	$(PY) -m gluon_ft.notebook run notebooks/*.ipynb
+
 bench: setup
 	$(VENV)/bin/gluon-ft bench $(ARGS)
 

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -206,7 +207,9 @@ class Inference:
         from gluon_ft.model import scratch_twin
 
         if bfloat16:
-            net = mx_amp.convert_hybrid_block(self.net, target_dtype="bfloat16", ctx=mx.cpu())
+            with warnings.catch_warnings():  # "Cannot decide type for ... data": it is float32
+                warnings.simplefilter("ignore", UserWarning)
+                net = mx_amp.convert_hybrid_block(self.net, target_dtype="bfloat16", ctx=mx.cpu())
         else:  # optimize_for rewrites its block in place: a twin with the same weights
             net = scratch_twin(self.sizes.model, self.sizes.classes, [mx.cpu()])
             net(self.x)

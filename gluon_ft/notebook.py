@@ -195,8 +195,8 @@ def _shared_source(smoke: bool) -> _Source | None:
         str(params),
         settings,
         "real photos of hot dogs and other food (`hotdog-small`: 200 train, 50 test) with a "
-        f"{MODEL} pretrained on 100 other Food-101 classes at 64 px (no hot dogs among them), "
-        "at momentum 0.9 since it has 7 steps an epoch",
+        f"{MODEL} pretrained on 100 other Food-101 classes at 64 px (no hot dogs among them); "
+        "SGD with momentum 0.9, as an epoch has only 7 steps",
     )
 
 
@@ -272,9 +272,9 @@ def choose_data(
         quoted = "\n".join(f"> {line}" if line else ">" for line in missing.splitlines())
         note = (
             "**Note: falling back from the book's data.** The hot-dog dataset or the ImageNet "
-            f"weights could not be had:\n\n{quoted}\n\nThis run uses {source.description} "
-            "instead. Every step is the same; the numbers are not the book's. Once the files "
-            "are in place, run the notebook again."
+            f"weights could not be had:\n\n{quoted}\n\nInstead, this run uses "
+            f"{source.description}. Every step is the same; the numbers are not the book's. "
+            "Once the files are in place, run the notebook again."
         )
     else:
         note = f"**Full mode**: {source.description}."
@@ -343,12 +343,14 @@ def train_network(net, config: TrainConfig) -> list[dict]:
 # ----------------------------------------------------------------------------- running them
 
 
-def execute_notebook(nb, folder: str | Path, timeout: int = 3600, env: dict | None = None):
+def execute_notebook(nb, folder: str | Path, timeout: int | None = None, env: dict | None = None):
     """Run every cell of the notebook ``nb`` in place, in a fresh kernel of this Python.
 
     The kernel starts in ``folder`` (the notebook's own, for its relative paths) with ``env``
     (default: this process's environment). The kernel spec comes from this environment only
     (``sys.prefix``), so another ``python3`` kernel of the user's is never picked.
+    ``timeout`` limits each cell, in seconds (None: no limit; a full-mode sweep on a CPU takes
+    an hour).
 
     Returns
     -------
