@@ -194,7 +194,8 @@ def _shared_source(smoke: bool) -> _Source | None:
         data_dir,
         str(params),
         settings,
-        "real photos of hot dogs and other food (`hotdog-small`: 200 train, 50 test) with a "
+        "real photos of hot dogs and other food (`hotdog-small`: 200 train, 50 test, so a "
+        "test accuracy moves in steps of 0.02 and is noisy) with a "
         f"{MODEL} pretrained on 100 other Food-101 classes at 64 px (no hot dogs among them); "
         "SGD with momentum 0.9, as an epoch has only 7 steps",
     )

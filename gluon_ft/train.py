@@ -426,8 +426,10 @@ class StopRequest:
     def __init__(self):
         self.signal: str | None = None
         self._previous: dict = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> StopRequest:
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -438,6 +440,12 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            # A forked DataLoader worker inherits this handler; it must die as a process does,
+            # or Pool.terminate() (the DataLoader's cleanup) waits for it forever.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name

@@ -125,3 +125,39 @@ def test_settings_are_recorded_and_say_who_chose():
     assert settings(theirs)["omp_num_threads"] == "1"
     # Imported after mxnet, gluon_ft cannot size MXNet's pool any more, and says so.
     assert settings(first)["mxnet_imported_first"] is True
+
+
+def test_training_with_loader_worker_processes_finishes(tiny_data, tmp_path):
+    """Forked DataLoader workers must die on the pool's SIGTERM, not catch it as the trainer
+    does (the inherited handler made the loader's cleanup wait for them forever)."""
+    from conftest import run_cli
+
+    done = run_cli(
+        "train", "--data", str(tiny_data), "--pretrained", "none", "--epochs", "1",
+        "--batch-size", "4", "--image-size", "24", "--ctx", "cpu", "--workers", "2",
+        "--out", str(tmp_path / "run"), "--no-progress",
+        timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "run" / "model.params").is_file()
+
+
+def test_a_forked_worker_dies_on_sigterm_inside_training_signal_handling():
+    """The mechanism behind the test above, deterministically: the trainer catches SIGTERM to
+    stop between steps, and a process forked meanwhile (a DataLoader worker) inherits that
+    handler. There it must terminate the process, as the default action does."""
+    import signal
+    import time
+
+    from gluon_ft.train import StopRequest
+
+    with StopRequest() as stop:
+        child = os.fork()
+        if child == 0:  # the worker: idle until terminated
+            time.sleep(60)
+            os._exit(0)
+        time.sleep(0.2)
+        os.kill(child, signal.SIGTERM)
+        _, status = os.waitpid(child, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    assert stop.signal is None  # the trainer itself was not asked to stop
