@@ -396,13 +396,20 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
     d = DemoConfig()
     p.add_argument("--seed", type=int, default=d.seed, help="task, init and order seed")
-    p.add_argument("--size", choices=["default", "small"], default="default",
-                   help="small: a tiny task for smoke tests (accuracy means nothing there)")
+    p.add_argument(
+        "--size",
+        choices=["default", "small"],
+        default="default",
+        help="small: a tiny task for smoke tests (accuracy means nothing there)",
+    )
     p.add_argument("--epochs", type=_positive_int, default=d.epochs, help="target epochs")
     p.add_argument("--pretrain-epochs", type=_positive_int, default=d.pretrain_epochs)
     p.add_argument("--out", default=None, help="output folder (default runs/demo-<time>)")
-    p.add_argument("--cache-dir", default=None,
-                   help="task and source model cache (default $MXNET_HOME/gluon-ft/demo)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="task and source model cache (default $MXNET_HOME/gluon-ft/demo)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from mxnet import gluon
 
 from gluon_ft.errors import UsageError
-from gluon_ft.model import get_head
+from gluon_ft.model import get_head, split_head
 
 BN_MODES = ("freeze", "train")
 ALL = "all"
@@ -110,10 +110,10 @@ def network_layout(net: gluon.Block) -> Layout:
     if isinstance(features, gluon.Block):
         container, feature_blocks = features, [features]
     else:
-        # Without a features block, "features" is everything but the head (if there is one).
+        # Without a features block, "features" is the body: every block but the head, found
+        # by model.split_head (GoogLeNet registers its head twice; NASNet nests it).
         container = net
-        others = [c for c in net._children.values() if c is not head]
-        feature_blocks = others if head is not None else []
+        feature_blocks = [block for _, block in split_head(net).body] if head is not None else []
     children = [c for c in container._children.values() if c is not head]
     stage_index = [i for i, c in enumerate(children) if _is_stage(c)]
     if not stage_index:
