@@ -10,6 +10,13 @@ clutter strokes and pixel noise vary at random, so a network trained from scratc
 target images has to learn those invariances too, while a network pretrained on the source
 already has them.
 
+Measured on 2 CPU cores with the default spec (32 px; model-zoo ``resnet18_v2`` pretrained on
+the source for 12 epochs, about 105 s; 10 epochs of batch 16 on the target): fine-tuned 0.64-0.95
+test accuracy, frozen features 0.58-0.98, training from scratch 0.27-0.39 (chance 0.25), over
+three seeds. Textures and shapes must stay large (a period of a fifth to a third of the image,
+shapes two thirds of it): with finer textures the source features did not separate striped
+from dotted and the transfer failed.
+
 Generation uses only ``numpy.random.RandomState`` and PIL, so a seed gives byte-identical PNG
 files. :func:`generate_task` builds the task in a temporary sibling directory, writes
 ``task.json`` last and renames the directory into place; a later call with the same
@@ -32,7 +39,8 @@ from PIL import Image, ImageDraw
 
 from gluon_ft.errors import UsageError
 
-TASK_VERSION = "gluon-ft-synthetic/1"
+# Bump whenever the rendering changes, so cached tasks are regenerated.
+TASK_VERSION = "gluon-ft-synthetic/2"
 TASK_FILE = "task.json"
 SPLITS = ("train", "test")
 
@@ -208,8 +216,10 @@ _UNIT_POLYGONS = {
 }
 
 
-def _shape_mask(shape: str, n: int, cx: float, cy: float, radius: float, angle: float):
-    """Return an ``n x n`` float mask in [0, 1] with the shape drawn at the given pose."""
+def _shape_mask(
+    shape: str, n: int, cx: float, cy: float, radius: float, angle: float
+) -> Image.Image:
+    """Return an ``n x n`` mask image: 255 inside the shape drawn at the given pose, else 0."""
     mask = Image.new("L", (n, n), 0)
     draw = ImageDraw.Draw(mask)
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
@@ -226,7 +236,7 @@ def _shape_mask(shape: str, n: int, cx: float, cy: float, radius: float, angle: 
         draw.ellipse((cx + dx - bite, cy + dy - bite, cx + dx + bite, cy + dy + bite), fill=0)
     else:
         draw.polygon(_polygon(cx, cy, radius, angle, _UNIT_POLYGONS[shape]), fill=255)
-    return np.asarray(mask, dtype=np.float32) / 255.0
+    return mask
 
 
 @functools.lru_cache(maxsize=4)
@@ -239,41 +249,43 @@ def _pixel_grid(n: int) -> tuple[np.ndarray, np.ndarray]:
     return y, x
 
 
-def _texture(texture: str, n: int, rng: np.random.RandomState, scale: float):
-    """Return an ``n x n`` float pattern in [0, 1]: 1 picks the first color, 0 the second.
+def _texture(texture: str, n: int, rng: np.random.RandomState) -> np.ndarray:
+    """Return an ``n x n`` uint8 pattern: 255 picks the first color, 0 the second.
 
-    ``scale`` is canvas pixels per output pixel; the pattern period is 4-6 output pixels so it
-    survives downsampling, with a random orientation and phase.
+    The period is a fifth to a third of the image, with a random orientation and phase: coarse
+    enough to survive the stride-4 stem of a model-zoo ResNet at 32 px.
     """
-    period = rng.uniform(5.0, 8.0) * scale
+    period = rng.uniform(0.2, 0.3) * n
     angle = rng.uniform(0, math.pi)
     phase_u, phase_v = rng.uniform(0, period, size=2)
     y, x = _pixel_grid(n)
-    u = x * math.cos(angle) + y * math.sin(angle) + phase_u
-    v = -x * math.sin(angle) + y * math.cos(angle) + phase_v
+    u = np.mod(x * math.cos(angle) + y * math.sin(angle) + phase_u, period)
+    v = np.mod(-x * math.sin(angle) + y * math.cos(angle) + phase_v, period)
     if texture == "solid":
-        return np.ones((n, n), np.float32)
-    if texture == "striped":
-        return (np.mod(u, period) < period / 2).astype(np.float32)
-    if texture == "dotted":
-        du = np.mod(u, period) - period / 2
-        dv = np.mod(v, period) - period / 2
-        return (du * du + dv * dv > (0.3 * period) ** 2).astype(np.float32)
-    if texture == "checkered":
-        return ((np.floor(u / period * 2) + np.floor(v / period * 2)) % 2).astype(np.float32)
-    if texture == "speckled":
-        cell = max(1, int(round(scale * 1.5)))
-        cells = -(-n // cell)
-        noise = rng.uniform(size=(cells, cells)) < 0.5
-        return np.kron(noise, np.ones((cell, cell)))[:n, :n].astype(np.float32)
-    raise ValueError(f"unknown texture {texture!r}")
+        first = np.ones((n, n), bool)
+    elif texture == "striped":
+        first = u < period / 2
+    elif texture == "dotted":
+        first = (u - period / 2) ** 2 + (v - period / 2) ** 2 > (0.3 * period) ** 2
+    elif texture == "checkered":
+        first = (u < period / 2) != (v < period / 2)
+    elif texture == "speckled":
+        cell = max(1, round(0.05 * n))
+        cells = rng.uniform(size=(-(-n // cell),) * 2) < 0.5
+        first = cells.repeat(cell, axis=0).repeat(cell, axis=1)[:n, :n]
+    else:
+        raise ValueError(f"unknown texture {texture!r}")
+    return first.astype(np.uint8) * np.uint8(255)
+
+
+Color = tuple[int, int, int]
 
 
 def _random_color(rng: np.random.RandomState) -> np.ndarray:
-    return rng.uniform(0, 255, size=3).astype(np.float32)
+    return rng.uniform(0, 255, size=3)
 
 
-def _contrasting_pair(rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
+def _contrasting_pair(rng: np.random.RandomState) -> tuple[Color, Color]:
     """Two colors whose brightness differs enough for a texture to be visible."""
     first = _random_color(rng)
     second = _random_color(rng)
@@ -282,23 +294,29 @@ def _contrasting_pair(rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarra
         shift = (100 - abs(gap)) * (1 if gap >= 0 else -1)
         first = np.clip(first + shift / 2, 0, 255)
         second = np.clip(second - shift / 2, 0, 255)
-    return first, second
+    return _as_color(first), _as_color(second)
 
 
-def _background(n: int, rng: np.random.RandomState) -> np.ndarray:
+def _as_color(values: np.ndarray) -> Color:
+    red, green, blue = (int(v) for v in values)
+    return red, green, blue
+
+
+def _background(n: int, rng: np.random.RandomState) -> Image.Image:
     """A two-color linear gradient in a random direction, with random clutter strokes."""
-    start, end = _random_color(rng), _random_color(rng)
+    start, end = _as_color(_random_color(rng)), _as_color(_random_color(rng))
     angle = rng.uniform(0, 2 * math.pi)
     y, x = _pixel_grid(n)
     ramp = np.clip(((x - n / 2) * math.cos(angle) + (y - n / 2) * math.sin(angle)) / n + 0.5, 0, 1)
-    ramp = ramp[..., None]
-    canvas = Image.fromarray(((1 - ramp) * start + ramp * end).astype(np.uint8), "RGB")
+    ramp_mask = Image.fromarray((ramp * 255).astype(np.uint8), "L")
+    canvas = Image.composite(
+        Image.new("RGB", (n, n), end), Image.new("RGB", (n, n), start), ramp_mask
+    )
     draw = ImageDraw.Draw(canvas)
-    for _ in range(rng.randint(0, 4)):
+    for _ in range(rng.randint(0, 3)):
         x0, y0, x1, y1 = rng.uniform(0, n, size=4)
-        color = tuple(int(c) for c in rng.randint(0, 256, size=3))
-        draw.line((x0, y0, x1, y1), fill=color, width=SUPERSAMPLE)
-    return np.asarray(canvas, dtype=np.float32)
+        draw.line((x0, y0, x1, y1), fill=_as_color(rng.randint(0, 256, size=3)), width=SUPERSAMPLE)
+    return canvas
 
 
 def render_image(texture: str, shape: str, size: int, rng: np.random.RandomState) -> Image.Image:
@@ -322,18 +340,18 @@ def render_image(texture: str, shape: str, size: int, rng: np.random.RandomState
     """
     n = size * SUPERSAMPLE
     background = _background(n, rng)
-    radius = rng.uniform(0.30, 0.45) * n
+    radius = rng.uniform(0.33, 0.47) * n
     margin = 0.8 * radius
     cx, cy = rng.uniform(margin, n - margin, size=2)
-    mask = _shape_mask(shape, n, cx, cy, radius, rng.uniform(0, 2 * math.pi))[..., None]
-    pattern = _texture(texture, n, rng, float(SUPERSAMPLE))[..., None]
+    mask = _shape_mask(shape, n, cx, cy, radius, rng.uniform(0, 2 * math.pi))
+    pattern = Image.fromarray(_texture(texture, n, rng))
     first, second = _contrasting_pair(rng)
-    foreground = pattern * first + (1 - pattern) * second
-    canvas = mask * foreground + (1 - mask) * background
-    small = Image.fromarray(canvas.astype(np.uint8), "RGB").resize(
-        (size, size), Image.Resampling.BOX
+    foreground = Image.composite(
+        Image.new("RGB", (n, n), first), Image.new("RGB", (n, n), second), pattern
     )
-    noisy = np.asarray(small, np.float32) + rng.normal(0, rng.uniform(2, 8), (size, size, 3))
+    canvas = Image.composite(foreground, background, mask)
+    small = canvas.resize((size, size), Image.Resampling.BOX)
+    noisy = np.asarray(small, np.float32) + rng.normal(0, rng.uniform(2, 6), (size, size, 3))
     return Image.fromarray(np.clip(noisy + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
@@ -357,7 +375,7 @@ def _write_dataset(
             for index in range(counts[split]):
                 image = render_image(texture, shape, size, rng)
                 # Fixed options and no metadata: the bytes depend on the pixels only.
-                image.save(class_dir / f"{index:05d}.png", format="PNG", compress_level=6)
+                image.save(class_dir / f"{index:05d}.png", format="PNG", compress_level=1)
 
 
 def _expected_counts(spec: TaskSpec) -> dict[str, dict[str, int]]:
