@@ -41,6 +41,7 @@ def _positive_float(text: str) -> float:
 def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=True) -> None:
     """The flags of ``train``; ``pretrain`` shares them with its own defaults and without
     the two ``run_flags`` whose meaning differs there (``--pretrained``, ``--out``)."""
+    from gluon_ft.schedule import SCHEDULES
     from gluon_ft.train import TrainConfig
 
     d = defaults or TrainConfig()
@@ -65,6 +66,19 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
     )
     p.add_argument("--wd", type=float, default=d.wd)
     p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument(
+        "--lr-schedule",
+        choices=SCHEDULES,
+        default=d.lr_schedule,
+        help="constant, or cosine: from --lr down to 0 over the run (default %(default)s)",
+    )
+    p.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=d.warmup_epochs,
+        metavar="E",
+        help="raise the lr linearly to --lr over the first E epochs (default %(default)s)",
+    )
     p.add_argument(
         "--image-size",
         type=_positive_int,

@@ -27,6 +27,7 @@ from gluon_ft.dist import DistContext, connect, is_distributed
 from gluon_ft.errors import DivergedError, Interrupted, UsageError
 from gluon_ft.freeze import log_table, micro_batches
 from gluon_ft.model import get_head, graft_new_head, load_source_model, scratch_twin
+from gluon_ft.schedule import SCHEDULES, LrSchedule
 
 
 @dataclass
@@ -42,6 +43,8 @@ class TrainConfig:
     head_lr_mult: float = 10.0
     wd: float = 0.001
     momentum: float = 0.0
+    lr_schedule: str = "constant"  # constant | cosine (down to 0 at the end of the last epoch)
+    warmup_epochs: float = 0.0  # linear warmup to --lr over the first epochs
     image_size: int | None = None  # None: the model's own input size (299 for inceptionv3)
     ctx: str = "auto"
     kvstore: str | None = None
@@ -74,6 +77,13 @@ class TrainConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive number.")
         if self.wd < 0 or not 0 <= self.momentum < 1:
             raise UsageError("--wd must be >= 0 and --momentum in [0, 1).")
+        if self.lr_schedule not in SCHEDULES:
+            raise UsageError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}.")
+        if not (math.isfinite(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs):
+            raise UsageError(
+                f"--warmup-epochs must be >= 0 and below --epochs ({self.epochs}), "
+                f"got {self.warmup_epochs:g}."
+            )
         if self.workers < 0:
             raise UsageError("--workers must be >= 0.")
         if self.resume and not self.out:
@@ -457,17 +467,27 @@ def step_seed(seed: int, epoch: int, step: int) -> int:
 
 
 class EpochSteps:
-    """An epoch's batches from ``first_step`` on, each step under its own ``mx.random`` seed.
+    """An epoch's batches from ``first_step`` on, each step under its own ``mx.random`` seed
+    and its scheduled learning rate.
 
     Stops between two steps once ``stop`` has fired. ``done`` counts the epoch's finished
     steps (those before ``first_step`` included); ``total`` is the epoch's step count.
     """
 
-    def __init__(self, loader, seed: int, epoch: int, first_step: int, stop: StopRequest):
+    def __init__(
+        self,
+        loader,
+        seed: int,
+        epoch: int,
+        first_step: int,
+        stop: StopRequest,
+        set_lr=None,
+    ):
         self.loader = loader
         self.seed = seed
         self.epoch = epoch
         self.stop = stop
+        self.set_lr = set_lr  # set_lr(epoch, step), 0-based, before each step
         self.done = first_step
         self.total = first_step + len(loader)
 
@@ -479,6 +499,8 @@ class EpochSteps:
             if self.stop.signal:
                 return
             mx.random.seed(step_seed(self.seed, self.epoch, step))
+            if self.set_lr is not None:
+                self.set_lr(self.epoch, step - 1)
             yield batch
             self.done = step  # the loop asked for the next batch: this step is complete
 
@@ -634,6 +656,13 @@ def _train(config: TrainConfig, stop: StopRequest) -> dict:
     resumed, notes = find_resume_checkpoint(run.path, config) if config.resume else (None, [])
     for note in notes:
         tqdm.write(f"warning: --resume passed over checkpoints/{note}")
+    saved_epochs = resumed.meta["config"].get("epochs") if resumed else config.epochs
+    if config.lr_schedule != "constant" and saved_epochs != config.epochs:
+        tqdm.write(
+            f"warning: --epochs changed from {saved_epochs} to {config.epochs} under --lr-schedule "
+            f"{config.lr_schedule}: the remaining steps follow the schedule of {config.epochs} "
+            "epochs, so the result differs from a run that had that many from the start"
+        )
     if writer:
         run.prepare(resume=config.resume)
     train_split, test_split = load_dataset(config.data)
@@ -723,11 +752,22 @@ def _train(config: TrainConfig, stop: StopRequest) -> dict:
     start_epoch, start_step = resumed.position if resumed else (0, 0)
     partial = resumed.meta.get("partial") if resumed and resumed.step else None
     last_checkpoint = resumed
+    schedule = LrSchedule(
+        config.lr,
+        config.lr_schedule,
+        config.epochs,
+        len(train_loader),  # steps per epoch: no set_epoch has skipped any yet
+        config.warmup_epochs,
+    )
+
+    def set_lr(epoch: int, step: int) -> None:
+        trainer.set_learning_rate(schedule.lr(epoch, step))
+
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
         first_step = start_step if epoch == start_epoch else 0
         gdata.set_epoch(train_loader, epoch, first_step)
-        steps = EpochSteps(train_loader, config.seed, epoch, first_step, stop)
+        steps = EpochSteps(train_loader, config.seed, epoch, first_step, stop, set_lr)
         # Workers step together; each step's gradient is divided by its global batch.
         step_samples = gdata.global_batch_sizes(train_loader) if dist.distributed else None
         # Gradual unfreezing (--unfreeze-at); the Trainer sees grad_req at its next step.
@@ -783,6 +823,7 @@ def _train(config: TrainConfig, stop: StopRequest) -> dict:
                 "trainable_params": table.trainable_count,
                 "frozen_params": table.frozen_count,
                 "train_samples": sums.count,  # over every worker of a distributed run
+                "lr": trainer.learning_rate,  # at the epoch's last step (see --lr-schedule)
                 **({"unfrozen": unfrozen} if unfrozen else {}),
             },
         ).as_dict()

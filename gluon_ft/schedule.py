@@ -1,0 +1,64 @@
+"""Learning-rate schedules: ``--lr-schedule constant|cosine`` with ``--warmup-epochs``.
+
+The learning rate is a pure function of the position in the run (epoch, step), not a counter
+kept by the optimizer, so a resumed run and every worker of a distributed run set exactly the
+rate an uninterrupted single run would have set. Parameters keep their ``lr_mult`` (the head's
+x10, ``--layer-lr-decay``): the Trainer multiplies the scheduled rate by it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class LrSchedule:
+    """The learning rate of every step of a run.
+
+    Parameters
+    ----------
+    base_lr : float
+        ``--lr``: the rate after warmup (the peak of a cosine schedule).
+    kind : str
+        ``constant``, or ``cosine``: from ``base_lr`` down to 0 at the end of the last epoch
+        (Loshchilov and Hutter's SGDR without restarts, as ``mx.lr_scheduler.CosineScheduler``).
+    epochs : int
+        Epochs of the whole run.
+    steps_per_epoch : int
+        Optimizer steps in one epoch.
+    warmup_epochs : float
+        Linear warmup from ``base_lr / warmup_steps`` to ``base_lr`` first; 0 for none.
+        Large rates with momentum diverge without it in the first steps from scratch.
+    """
+
+    base_lr: float
+    kind: str = "constant"
+    epochs: int = 1
+    steps_per_epoch: int = 1
+    warmup_epochs: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"unknown lr schedule {self.kind!r}; use one of {SCHEDULES}")
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.epochs * self.steps_per_epoch)
+
+    @property
+    def warmup_steps(self) -> int:
+        return min(self.total_steps, round(self.warmup_epochs * self.steps_per_epoch))
+
+    def lr(self, epoch: int, step: int) -> float:
+        """The rate of step ``step`` (0-based) of epoch ``epoch`` (0-based)."""
+        position = epoch * self.steps_per_epoch + step
+        if position < self.warmup_steps:
+            return self.base_lr * (position + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return self.base_lr
+        decay_steps = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (position - self.warmup_steps) / decay_steps)
+        return self.base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
