@@ -86,6 +86,14 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
         help="training crop and test size in px (default: the model's, see `gluon-ft models`)",
     )
     p.add_argument(
+        "--crop-scale",
+        type=_positive_float,
+        default=d.crop_scale,
+        metavar="S",
+        help="random train crops cover S to all of the image's area (default %(default)s, "
+        "the book's; small images may need more, e.g. 0.5)",
+    )
+    p.add_argument(
         "--freeze",
         default=d.freeze,
         help="none | a part (features, output, stem, stage1..stage4) | a regex on parameter names",

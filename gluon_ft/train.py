@@ -46,6 +46,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine (down to 0 at the end of the last epoch)
     warmup_epochs: float = 0.0  # linear warmup to --lr over the first epochs
     image_size: int | None = None  # None: the model's own input size (299 for inceptionv3)
+    crop_scale: float = 0.08  # smallest area fraction of the random train crop (the book's)
     ctx: str = "auto"
     kvstore: str | None = None
     dtype: str = "float32"
@@ -77,6 +78,8 @@ class TrainConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive number.")
         if self.wd < 0 or not 0 <= self.momentum < 1:
             raise UsageError("--wd must be >= 0 and --momentum in [0, 1).")
+        if not 0 < self.crop_scale <= 1:
+            raise UsageError(f"--crop-scale must be in (0, 1], got {self.crop_scale:g}.")
         if self.lr_schedule not in SCHEDULES:
             raise UsageError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}.")
         if not (math.isfinite(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs):
@@ -709,7 +712,7 @@ def _train(config: TrainConfig, stop: StopRequest) -> dict:
     else:
         train_loader = gdata.make_loader(
             train_split,
-            gdata.TrainTransform(config.image_size),
+            gdata.TrainTransform(config.image_size, scale=(config.crop_scale, 1.0)),
             config.batch_size,
             shuffle=True,
             seed=config.seed,

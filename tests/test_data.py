@@ -88,6 +88,40 @@ def test_train_transform_semantics_and_determinism():
     assert 70 < flips < 130
 
 
+def test_crop_scale_reaches_the_train_crops(tiny_data, tmp_path, monkeypatch):
+    """``--crop-scale 0.5``: every random crop of a run keeps at least half the image area."""
+    from gluon_ft.train import TrainConfig, train
+
+    areas = []
+    original = gdata.TrainTransform.crop_box
+
+    def crop_box(self, width, height, rng):
+        box = original(self, width, height, rng)
+        areas.append((box[2] - box[0]) * (box[3] - box[1]) / (width * height))
+        return box
+
+    monkeypatch.setattr(gdata.TrainTransform, "crop_box", crop_box)
+    settings = dict(data=str(tiny_data), model="mobilenet0.25", pretrained="none", epochs=3)
+    settings.update(batch_size=4, image_size=32, progress=False)
+    train(TrainConfig(**settings, out=str(tmp_path / "book")))
+    assert min(areas) < 0.4  # the book's 8 %: small crops happen
+    areas.clear()
+    train(TrainConfig(**settings, crop_scale=0.5, out=str(tmp_path / "half")))
+    assert len(areas) == 36 and min(areas) >= 0.45  # rounding to whole pixels
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("0", "must be a positive number"), ("1.5", "--crop-scale must be in (0, 1], got 1.5")],
+)
+def test_bad_crop_scale_exits_2(tiny_data, value, message):
+    result = run_cli(
+        "train", "--data", str(tiny_data), "--pretrained", "none", "--crop-scale", value
+    )
+    assert result.returncode == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_test_transform_is_resize_then_center_crop():
     pixels = np.zeros((100, 100, 3), dtype=np.uint8)
     pixels[:, 50:] = 255  # left half black, right half white
