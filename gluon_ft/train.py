@@ -82,9 +82,9 @@ class TrainConfig:
             raise UsageError(f"--crop-scale must be in (0, 1], got {self.crop_scale:g}.")
         if self.lr_schedule not in SCHEDULES:
             raise UsageError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}.")
-        if not (math.isfinite(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs):
+        if not (math.isfinite(self.warmup_epochs) and 0 <= self.warmup_epochs <= self.epochs):
             raise UsageError(
-                f"--warmup-epochs must be >= 0 and below --epochs ({self.epochs}), "
+                f"--warmup-epochs must be between 0 and --epochs ({self.epochs}), "
                 f"got {self.warmup_epochs:g}."
             )
         if self.workers < 0:
@@ -666,7 +666,7 @@ def _train(config: TrainConfig, stop: StopRequest) -> dict:
             f"{config.lr_schedule}: the remaining steps follow the schedule of {config.epochs} "
             "epochs, so the result differs from a run that had that many from the start"
         )
-    if writer:
+    if writer:  # before the data: an unwritable --out fails before a download
         run.prepare(resume=config.resume)
     train_split, test_split = load_dataset(config.data)
     if config.strict and isinstance(train_split, gdata.ImageFolderSplit):  # packs: at pack time
@@ -875,6 +875,14 @@ def pretrain(config: TrainConfig, out_file: str | Path) -> dict:
     out_file = Path(out_file).expanduser()
     if out_file.suffix != ".params":
         raise UsageError(f"--out {out_file}: the pretrained model file must end in .params.")
+    # A finished model, or the run of an earlier pretrain, is never replaced: it may be hours.
+    run_dir = Path(config.out or out_file.with_suffix(".run"))
+    for existing in (out_file, run_dir / "metrics.json"):
+        if existing.exists() or existing.is_symlink():
+            raise UsageError(
+                f"--out {out_file}: {existing} already exists; nothing was overwritten. Choose "
+                "another --out, or remove it to pretrain again."
+            )
     try:
         out_file.parent.mkdir(parents=True, exist_ok=True)
         # Per process: the workers of a distributed run probe at once.
@@ -885,12 +893,13 @@ def pretrain(config: TrainConfig, out_file: str | Path) -> dict:
         raise UsageError(f"Cannot write {out_file}: {err}") from None
     config.pretrained = "none"
     config.head_lr_mult = 1.0  # there is no new head when training from scratch
-    config.out = config.out or str(out_file.with_suffix(".run"))
+    config.out = str(run_dir)
     result = train(config)
     if result["rank"] != 0:  # rank 0 of a distributed run writes the file
         return {**result, "params_file": out_file}
     os.replace(result["run_dir"] / "model.params", out_file)
-    meta = {"model": config.model, "classes": result["classes"], "image_size": config.image_size}
+    model = zoo.lookup(config.model).name  # the zoo's spelling, which the graft compares
+    meta = {"model": model, "classes": result["classes"], "image_size": config.image_size}
     sidecar_path(out_file).write_text(json.dumps(meta, indent=2) + "\n")
     return {**result, "params_file": out_file}
 

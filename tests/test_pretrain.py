@@ -113,11 +113,6 @@ def test_params_of_another_architecture_are_refused_by_name(pretrained, tmp_path
     assert not (run / "metrics.json").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: pretrain writes --model as typed into the sidecar (train.py, pretrain), while "
-    "the check compares it with the zoo's lower-case name (model.py, _load_params_file)",
-)
 def test_model_name_in_another_case_still_matches_its_sidecar(tmp_path):
     source = write_image_folder(tmp_path / "source", n_train=2, n_test=1, size=36)
     params = tmp_path / "source.params"
@@ -182,13 +177,25 @@ def test_out_without_params_suffix_exits_2(tiny_data, tmp_path, capsys, no_train
     assert not (tmp_path / "models").exists()  # refused before creating anything
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an --out that is an existing folder passes the write probe; pretrain trains, "
-    "then os.replace raises IsADirectoryError (traceback, exit 1)",
-)
 def test_out_that_is_a_folder_exits_2_before_training(tiny_data, tmp_path, capsys, no_training):
     out = tmp_path / "source.params"
     out.mkdir()
     assert main(pretrain_args(tiny_data, out)) == 2
     assert_refused(capsys.readouterr().err, str(out))
+
+
+def test_an_existing_model_or_earlier_run_is_never_replaced(
+    tiny_data, tmp_path, capsys, no_training
+):
+    out = tmp_path / "source.params"
+    out.write_bytes(b"weights of an earlier pretrain")
+    assert main(pretrain_args(tiny_data, out)) == 2
+    assert_refused(capsys.readouterr().err, f"{out} already exists; nothing was overwritten")
+    assert out.read_bytes() == b"weights of an earlier pretrain"
+    # The model file was moved away, but the run directory of that pretrain is still there.
+    out.unlink()
+    earlier = out.with_suffix(".run")
+    earlier.mkdir()
+    (earlier / "metrics.json").write_text("[]")
+    assert main(pretrain_args(tiny_data, out)) == 2
+    assert_refused(capsys.readouterr().err, f"{earlier / 'metrics.json'} already exists")

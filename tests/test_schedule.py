@@ -36,6 +36,9 @@ def test_cosine_falls_from_the_peak_to_zero_after_the_warmup():
     assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
     assert rates[-1] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 39 / 40)))
     assert LrSchedule(0.2, "cosine", epochs=2, steps_per_epoch=1).lr(0, 0) == 0.2
+    # A warmup as long as the run (e.g. a 1-epoch run with 1 warmup epoch) only rises.
+    whole = LrSchedule(0.2, "cosine", epochs=1, steps_per_epoch=4, warmup_epochs=1)
+    assert [whole.lr(0, s) for s in range(4)] == pytest.approx([0.05, 0.1, 0.15, 0.2])
 
 
 def test_an_unknown_schedule_is_refused():
@@ -155,9 +158,9 @@ def runs_of(values: list[float]) -> list[float]:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"warmup_epochs": 3.0}, "--warmup-epochs must be >= 0 and below --epochs (3), got 3"),
-        ({"warmup_epochs": -1.0}, "--warmup-epochs must be >= 0"),
-        ({"warmup_epochs": float("nan")}, "--warmup-epochs must be >= 0"),
+        ({"warmup_epochs": 4.0}, "--warmup-epochs must be between 0 and --epochs (3), got 4"),
+        ({"warmup_epochs": -1.0}, "--warmup-epochs must be between 0"),
+        ({"warmup_epochs": float("nan")}, "--warmup-epochs must be between 0"),
         ({"lr_schedule": "step"}, "--lr-schedule must be one of constant, cosine"),
     ],
 )
@@ -177,6 +180,6 @@ def test_command_line_flags(data, tmp_path):
     assert (saved["lr_schedule"], saved["warmup_epochs"]) == ("cosine", 0.5)
     bad = run_cli(*args, "--lr-schedule", "linear")
     assert bad.returncode == 2 and "invalid choice: 'linear'" in bad.stderr
-    late = run_cli(*args, "--warmup-epochs", "2")
-    assert late.returncode == 2 and "below --epochs (2)" in late.stderr
+    late = run_cli(*args, "--warmup-epochs", "3")
+    assert late.returncode == 2 and "between 0 and --epochs (2), got 3" in late.stderr
     assert "Traceback" not in bad.stderr + late.stderr
