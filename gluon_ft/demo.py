@@ -219,10 +219,9 @@ def format_table(results: dict) -> str:
 
 
 REAL_RUN_NOTE = """\
-In the real hot-dog run (make train), what differs: step 1 is not run, the source is
-resnet18_v2 pretrained on ImageNet (1.28M photos, 1000 classes; downloaded, 46 MB) instead of
-the synthetic source of step 2; the target is hotdog.zip (2000 train, 800 test photos,
-261 MB) at 224 px instead of synthetic 32 px images, with the book's random crops (8 % of the
-area or more);
-batch 128, lr 0.01 without momentum, 5 epochs, as in the book. The graft, the head x10, the
-trainer and the data path are the same code."""
+In the real hot-dog run (make train), what differs: nothing is pretrained there; the source is
+resnet18_v2 pretrained on ImageNet (1.28M photos, 1000 classes; downloaded once, 46 MB)
+instead of the synthetic source model above. The target is hotdog.zip (2000 train and 800
+test photos, 261 MB) at 224 px instead of synthetic 32 px images, with the book's random crops
+(8 % of the area or more), batch 128, lr 0.01 without momentum and 5 epochs. The graft, the
+head x10, the trainer and the data path are the same code."""

@@ -68,6 +68,7 @@ class NotebookSetup:
     scratch_lr: float = 0.1
     momentum: float = 0.0
     wd: float = 0.001
+    crop_scale: float = 0.08  # smallest area of the random train crops (the book's)
     lrs: tuple[float, ...] = (0.01, 0.1)  # exercises 1-2: the learning rates swept
     model: str = MODEL
     seed: int = 0
@@ -85,6 +86,7 @@ class NotebookSetup:
             momentum=self.momentum,
             wd=self.wd,
             image_size=self.image_size,
+            crop_scale=self.crop_scale,
             seed=self.seed,
             progress=False,
             out=str(self.run_dir / name),
@@ -107,7 +109,8 @@ class NotebookSetup:
             ("source weights", f"`{self.pretrained}` ({self.model})"),
             (
                 "image size, epochs, batch",
-                f"{self.image_size} px, {self.epochs}, {self.batch_size}",
+                f"{self.image_size} px (crops of {self.crop_scale:.0%}+ of the area), "
+                f"{self.epochs}, {self.batch_size}",
             ),
             ("fine-tune lr / scratch lr", f"{self.lr:g} (head x10) / {self.scratch_lr:g}"),
             ("momentum, wd", f"{self.momentum:g}, {self.wd:g}"),
@@ -218,6 +221,7 @@ def _synthetic_source(smoke: bool, log) -> _Source:
         scratch_lr=demo.scratch_lr,
         momentum=demo.momentum,
         wd=demo.wd,
+        crop_scale=demo.crop_scale,
         lrs=(0.01, 0.1) if smoke else (0.001, 0.003, 0.01, 0.03, 0.1),
     )
     source, target = task["classes"]["source"], task["classes"]["target"]
