@@ -45,6 +45,15 @@ def write_image_folder(
     return root
 
 
+def tiny_config(data: Path, out: Path, **changes):
+    """A run of seconds: mobilenet0.25 from scratch at 32 px, batches of 4, 1 epoch, no bar."""
+    from gluon_ft.train import TrainConfig
+
+    settings = dict(data=str(data), model="mobilenet0.25", pretrained="none", epochs=1)
+    settings.update(batch_size=4, image_size=32, out=str(out), progress=False)
+    return TrainConfig(**{**settings, **changes})
+
+
 def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """Run ``python -m gluon_ft ARGS`` as a user would; capture its output."""
     return subprocess.run(

@@ -18,6 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import conftest
 import mxnet as mx
 import numpy as np
 import pytest
@@ -33,19 +34,7 @@ STEPS_PER_EPOCH = 6  # 2 classes x 12 images, batches of 4
 
 
 def tiny_config(data: Path, out: Path, **changes) -> TrainConfig:
-    config = TrainConfig(
-        data=str(data),
-        model="mobilenet0.25",
-        pretrained="none",
-        epochs=2,
-        batch_size=4,
-        image_size=32,
-        momentum=0.9,
-        seed=3,
-        out=str(out),
-        progress=False,
-    )
-    return replace(config, **changes)
+    return conftest.tiny_config(data, out, **{"epochs": 2, "momentum": 0.9, "seed": 3, **changes})
 
 
 def cli_args(data: Path, out: Path, epochs: int = 2) -> list[str]:

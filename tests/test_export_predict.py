@@ -9,7 +9,7 @@ import mxnet as mx
 import numpy as np
 import onnx
 import pytest
-from conftest import run_cli, write_image_folder
+from conftest import run_cli, tiny_config, write_image_folder
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 from PIL import Image
@@ -20,7 +20,7 @@ from gluon_ft.cli import main
 from gluon_ft.errors import UsageError
 from gluon_ft.model import build_model
 from gluon_ft.predict import Predictor, load_run
-from gluon_ft.train import TrainConfig, train
+from gluon_ft.train import train
 
 
 @pytest.fixture(scope="module")
@@ -28,17 +28,7 @@ def finished(tmp_path_factory):
     """A trained 2-class mobilenet0.25 run at 32 px, and its data."""
     root = tmp_path_factory.mktemp("finished")
     data = write_image_folder(root / "data", n_train=6, n_test=2, size=40)
-    config = TrainConfig(
-        data=str(data),
-        model="mobilenet0.25",
-        pretrained="none",
-        epochs=1,
-        batch_size=4,
-        image_size=32,
-        out=str(root / "run"),
-        progress=False,
-    )
-    train(config)
+    train(tiny_config(data, root / "run"))
     return root / "run", data
 
 

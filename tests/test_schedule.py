@@ -10,7 +10,7 @@ import signal
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import run_cli, write_image_folder
+from conftest import run_cli, tiny_config, write_image_folder
 from mxnet import gluon
 
 from gluon_ft.errors import Interrupted, UsageError
@@ -52,22 +52,9 @@ def data(tmp_path_factory):
 
 
 def config(data, out, **changes) -> TrainConfig:
-    settings = dict(
-        data=str(data),
-        model="mobilenet0.25",
-        pretrained="none",
-        epochs=3,
-        batch_size=4,
-        image_size=32,
-        lr=0.05,
-        momentum=0.9,
-        lr_schedule="cosine",
-        warmup_epochs=1.0,
-        seed=1,
-        out=str(out),
-        progress=False,
-    )
-    return TrainConfig(**{**settings, **changes})
+    """3 epochs of cosine with 1 of warmup, and momentum."""
+    settings = dict(epochs=3, lr=0.05, momentum=0.9, lr_schedule="cosine", warmup_epochs=1.0)
+    return tiny_config(data, out, seed=1, **{**settings, **changes})
 
 
 def rates_seen(monkeypatch) -> list[float]:
