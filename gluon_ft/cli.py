@@ -197,6 +197,11 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
 
     add_train_arguments(p, TrainConfig(lr=0.1, head_lr_mult=1.0), run_flags=False)
     p.add_argument("--out", required=True, help="FILE.params to write (+ FILE.json beside it)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted pretraining (FILE.run) from its last complete checkpoint",
+    )
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
@@ -457,7 +462,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(format_table(results))
     if {"fine-tuned", "scratch"} <= results.keys():
         gain = results["fine-tuned"]["test_acc"] - results["scratch"]["test_acc"]
-        print(f"\nfine-tuned - scratch: {100 * gain:+.1f} points after {args.epochs} epochs")
+        epochs = f"{args.epochs} epoch{'s' if args.epochs > 1 else ''}"
+        print(f"\nfine-tuned - scratch: {100 * gain:+.1f} points after {epochs}")
     print(f"\nplots: {result['comparison_png']}, {result['samples_png']}")
     print(f"runs and summary.json: {result['out']} ({result['total_seconds']:.0f} s in all)")
     print()

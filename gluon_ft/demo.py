@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from gluon_ft.data import mxnet_home
+from gluon_ft.errors import Interrupted
 from gluon_ft.synthetic import DEFAULT_SPEC, TaskSpec, generate_task
 from gluon_ft.train import TrainConfig, pretrain, train
 
@@ -159,20 +160,27 @@ def run_demo(config: DemoConfig, log=print) -> dict:
 
     started = time.perf_counter()
     out = Path(config.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    task, params = prepare_source(config, log)
-    target = Path(task["target"])
-    out.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for step, variant in enumerate(config.variants, start=3):
-        log(f"[{step}/5] {variant}: training on {target.name} ({config.epochs} epochs)")
-        t0 = time.perf_counter()
-        run = train(variant_config(config, variant, target, params, out))
-        results[variant] = {
-            "history": run["history"],
-            "test_acc": run["history"][-1]["test_acc"],
-            "seconds": time.perf_counter() - t0,
-            "run_dir": str(run["run_dir"]),
-        }
+    try:
+        task, params = prepare_source(config, log)
+        target = Path(task["target"])
+        out.mkdir(parents=True, exist_ok=True)
+        results = {}
+        for step, variant in enumerate(config.variants, start=3):
+            log(f"[{step}/5] {variant}: training on {target.name} ({config.epochs} epochs)")
+            t0 = time.perf_counter()
+            run = train(variant_config(config, variant, target, params, out))
+            results[variant] = {
+                "history": run["history"],
+                "test_acc": run["history"][-1]["test_acc"],
+                "seconds": time.perf_counter() - t0,
+                "run_dir": str(run["run_dir"]),
+            }
+    except Interrupted:
+        # train's message says "--resume", which the demo does not take; its cache does it.
+        raise Interrupted(
+            "The demo was stopped (Ctrl-C or SIGTERM). Run it again: the generated task and a "
+            "finished source model are reused from the cache, and the stopped step starts over."
+        ) from None
     comparison = plot_comparison(
         {name: r["history"] for name, r in results.items()}, out / "comparison.png"
     )

@@ -867,8 +867,9 @@ def pretrain(config: TrainConfig, out_file: str | Path) -> dict:
     Raises
     ------
     UsageError
-        ``out_file`` is not a ``.params`` path or its folder cannot be written (checked before
-        any training), or the data is unusable.
+        ``out_file`` is not a ``.params`` path, exists already, or its folder cannot be
+        written; or its run directory holds an earlier run and ``config.resume`` is not set
+        (all checked before any training); or the data is unusable.
     """
     from gluon_ft.model import sidecar_path
 
@@ -877,12 +878,16 @@ def pretrain(config: TrainConfig, out_file: str | Path) -> dict:
         raise UsageError(f"--out {out_file}: the pretrained model file must end in .params.")
     # A finished model, or the run of an earlier pretrain, is never replaced: it may be hours.
     run_dir = Path(config.out or out_file.with_suffix(".run"))
-    for existing in (out_file, run_dir / "metrics.json"):
-        if existing.exists() or existing.is_symlink():
-            raise UsageError(
-                f"--out {out_file}: {existing} already exists; nothing was overwritten. Choose "
-                "another --out, or remove it to pretrain again."
-            )
+    if out_file.exists() or out_file.is_symlink():
+        raise UsageError(
+            f"--out {out_file} already exists; nothing was overwritten. Choose another --out, "
+            "or remove it to pretrain again."
+        )
+    if (run_dir / "config.json").exists() and not config.resume:
+        raise UsageError(
+            f"--out {out_file}: {run_dir} holds an earlier pretraining; nothing was "
+            "overwritten. Add --resume to continue it, or remove it to start again."
+        )
     try:
         out_file.parent.mkdir(parents=True, exist_ok=True)
         # Per process: the workers of a distributed run probe at once.

@@ -9,13 +9,17 @@ real gap needs the default sizes (``make demo``, minutes).
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 from conftest import run_cli
+from mxnet import gluon
 from PIL import Image
 
 from gluon_ft.demo import REAL_RUN_NOTE, DemoConfig, run_demo
+from gluon_ft.errors import Interrupted
 from gluon_ft.synthetic import SMALL_SPEC
 
 EPOCHS = 2
@@ -161,8 +165,27 @@ def test_demo_command_prints_the_table_the_gain_and_the_real_run_note(tmp_path):
         round(summary["results"][name]["test_acc"], 3) for name in VARIANTS
     ]
     gain = summary["results"]["fine-tuned"]["test_acc"] - summary["results"]["scratch"]["test_acc"]
-    assert f"fine-tuned - scratch: {100 * gain:+.1f} points after 1 epochs" in lines
+    assert f"fine-tuned - scratch: {100 * gain:+.1f} points after 1 epoch" in lines
     assert "In the real hot-dog run" in result.stdout
     assert REAL_RUN_NOTE in result.stdout
     assert "Traceback" not in result.stderr
     assert (out / "comparison.png").is_file() and (out / "samples.png").is_file()
+
+
+def test_ctrl_c_tells_to_run_the_demo_again_and_the_cache_survives(
+    first_demo, tmp_path, monkeypatch
+):
+    """train's "--resume" hint would be wrong here: the demo has no such flag."""
+    original = gluon.Trainer.step
+
+    def step_then_signal(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(gluon.Trainer, "step", step_then_signal)
+    log: list[str] = []
+    with pytest.raises(Interrupted, match="Run it again: the generated task and a finished"):
+        run_demo(small_demo(first_demo["cache"], tmp_path / "stopped"), log=log.append)
+    assert "--resume" not in "\n".join(log)
+    assert log[-1].startswith("[3/5] fine-tuned")  # stopped in the first variant
+    assert Path(first_demo["result"]["source_params"]).is_file()  # the cache is intact

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import mxnet as mx
 import numpy as np
 import pytest
 from conftest import run_cli, write_image_folder
+from mxnet import gluon
 
 import gluon_ft.train
 from gluon_ft.cli import main
@@ -196,6 +198,38 @@ def test_an_existing_model_or_earlier_run_is_never_replaced(
     out.unlink()
     earlier = out.with_suffix(".run")
     earlier.mkdir()
-    (earlier / "metrics.json").write_text("[]")
+    (earlier / "config.json").write_text("{}")
     assert main(pretrain_args(tiny_data, out)) == 2
-    assert_refused(capsys.readouterr().err, f"{earlier / 'metrics.json'} already exists")
+    err = capsys.readouterr().err
+    assert_refused(err, f"{earlier} holds an earlier pretraining; nothing was overwritten")
+    assert "Add --resume to continue it" in err
+
+
+def test_an_interrupted_pretraining_resumes_to_the_same_model(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in epoch 2 says to add --resume; ``pretrain --resume`` then ends where an
+    uninterrupted pretraining ends."""
+    source = write_image_folder(tmp_path / "source", SOURCE_CLASSES, n_train=4, n_test=1)
+    two_epochs = ["--epochs", "2", "--momentum", "0.9", "--lr-schedule", "cosine"]
+    whole = tmp_path / "whole.params"
+    assert main([*pretrain_args(source, whole), *two_epochs]) == 0
+    steps = []
+    original = gluon.Trainer.step
+
+    def step_then_signal(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == 3:  # 12 images in batches of 8: step 1 of epoch 2
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(gluon.Trainer, "step", step_then_signal)
+    out = tmp_path / "resumed.params"
+    assert main([*pretrain_args(source, out), *two_epochs]) == 130
+    assert "Continue with the same command and --resume" in capsys.readouterr().err
+    assert not out.exists()
+    monkeypatch.undo()
+    assert main([*pretrain_args(source, out), *two_epochs, "--resume"]) == 0
+    resumed, uninterrupted = mx.nd.load(str(out)), mx.nd.load(str(whole))
+    assert resumed.keys() == uninterrupted.keys()
+    for name, value in uninterrupted.items():
+        np.testing.assert_allclose(resumed[name].asnumpy(), value.asnumpy(), atol=1e-6)
+    assert json.loads(sidecar_path(out).read_text())["classes"] == sorted(SOURCE_CLASSES)
