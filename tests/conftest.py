@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,27 @@ def tiny_config(data: Path, out: Path, **changes):
     settings = dict(data=str(data), model="mobilenet0.25", pretrained="none", epochs=1)
     settings.update(batch_size=4, image_size=32, out=str(out), progress=False)
     return TrainConfig(**{**settings, **changes})
+
+
+def record_steps(monkeypatch, signal_after: int | None = None, signum=signal.SIGINT) -> list:
+    """Patch ``gluon.Trainer.step`` to record the learning rate of every step taken.
+
+    With ``signal_after=N``, step N (counted from 1 over the whole run) completes, then
+    ``signum`` goes to this process: a Ctrl-C (or SIGTERM) arriving between two steps.
+    """
+    from mxnet import gluon
+
+    rates: list[float] = []
+    original = gluon.Trainer.step
+
+    def step(self, *args, **kwargs):
+        rates.append(self.learning_rate)
+        original(self, *args, **kwargs)
+        if len(rates) == signal_after:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(gluon.Trainer, "step", step)
+    return rates
 
 
 def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:

@@ -22,7 +22,7 @@ import conftest
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import REPO, run_cli, write_image_folder
+from conftest import REPO, record_steps, run_cli, write_image_folder
 from mxnet import gluon
 from mxnet.gluon import nn
 
@@ -98,16 +98,7 @@ def test_ctrl_c_mid_epoch_saves_a_checkpoint_and_resume_is_exact(reference, tmp_
     signum = signal.SIGINT
     data, uninterrupted = reference
     run = tmp_path / "run"
-    original_step = gluon.Trainer.step
-    calls = []
-
-    def step_then_signal(self, *args, **kwargs):
-        original_step(self, *args, **kwargs)
-        calls.append(1)
-        if len(calls) == STEPS_PER_EPOCH + 2:
-            os.kill(os.getpid(), signum)
-
-    monkeypatch.setattr(gluon.Trainer, "step", step_then_signal)
+    calls = record_steps(monkeypatch, signal_after=STEPS_PER_EPOCH + 2, signum=signum)
     with pytest.raises(Interrupted, match=signal.Signals(signum).name) as err:
         train(tiny_config(data, run))
     monkeypatch.undo()

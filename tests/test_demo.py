@@ -9,13 +9,10 @@ real gap needs the default sizes (``make demo``, minutes).
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
-from mxnet import gluon
+from conftest import record_steps, run_cli
 from PIL import Image
 
 from gluon_ft.demo import REAL_RUN_NOTE, DemoConfig, run_demo
@@ -176,13 +173,7 @@ def test_ctrl_c_tells_to_run_the_demo_again_and_the_cache_survives(
     first_demo, tmp_path, monkeypatch
 ):
     """train's "--resume" hint would be wrong here: the demo has no such flag."""
-    original = gluon.Trainer.step
-
-    def step_then_signal(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(gluon.Trainer, "step", step_then_signal)
+    record_steps(monkeypatch, signal_after=1)
     log: list[str] = []
     with pytest.raises(Interrupted, match="Run it again: the generated task and a finished"):
         run_demo(small_demo(first_demo["cache"], tmp_path / "stopped"), log=log.append)

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
 
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import run_cli, write_image_folder
-from mxnet import gluon
+from conftest import record_steps, run_cli, write_image_folder
 
 import gluon_ft.train
 from gluon_ft.cli import main
@@ -212,16 +210,7 @@ def test_an_interrupted_pretraining_resumes_to_the_same_model(tmp_path, monkeypa
     two_epochs = ["--epochs", "2", "--momentum", "0.9", "--lr-schedule", "cosine"]
     whole = tmp_path / "whole.params"
     assert main([*pretrain_args(source, whole), *two_epochs]) == 0
-    steps = []
-    original = gluon.Trainer.step
-
-    def step_then_signal(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        steps.append(1)
-        if len(steps) == 3:  # 12 images in batches of 8: step 1 of epoch 2
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(gluon.Trainer, "step", step_then_signal)
+    record_steps(monkeypatch, signal_after=3)  # 12 images in batches of 8: step 1 of epoch 2
     out = tmp_path / "resumed.params"
     assert main([*pretrain_args(source, out), *two_epochs]) == 130
     assert "Continue with the same command and --resume" in capsys.readouterr().err

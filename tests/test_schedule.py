@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_config, write_image_folder
-from mxnet import gluon
+from conftest import record_steps, run_cli, tiny_config, write_image_folder
 
 from gluon_ft.errors import Interrupted, UsageError
 from gluon_ft.schedule import LrSchedule
@@ -57,21 +54,8 @@ def config(data, out, **changes) -> TrainConfig:
     return tiny_config(data, out, seed=1, **{**settings, **changes})
 
 
-def rates_seen(monkeypatch) -> list[float]:
-    """Record the Trainer's learning rate at every step."""
-    seen: list[float] = []
-    original = gluon.Trainer.step
-
-    def step(self, *args, **kwargs):
-        seen.append(self.learning_rate)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(gluon.Trainer, "step", step)
-    return seen
-
-
 def test_every_step_gets_its_scheduled_rate_and_metrics_record_it(data, tmp_path, monkeypatch):
-    seen = rates_seen(monkeypatch)
+    seen = record_steps(monkeypatch)
     result = train(config(data, tmp_path / "run"))
     want = LrSchedule(0.05, "cosine", 3, STEPS, 1.0)
     assert seen == pytest.approx([want.lr(e, s) for e in range(3) for s in range(STEPS)])
@@ -80,7 +64,7 @@ def test_every_step_gets_its_scheduled_rate_and_metrics_record_it(data, tmp_path
 
 
 def test_default_is_the_books_constant_rate(data, tmp_path, monkeypatch):
-    seen = rates_seen(monkeypatch)
+    seen = record_steps(monkeypatch)
     train(config(data, tmp_path / "run", lr_schedule="constant", warmup_epochs=0, epochs=1))
     assert seen == [0.05] * STEPS
 
@@ -98,19 +82,11 @@ def max_difference(a, b) -> float:
 def test_a_run_resumed_mid_epoch_follows_the_same_schedule(data, tmp_path, monkeypatch):
     """Interrupted at step 2 of epoch 2 (in the cosine part), then resumed: the same weights."""
     train(config(data, tmp_path / "whole"))
-    seen = rates_seen(monkeypatch)
-    original = gluon.Trainer.step
-
-    def step_then_signal(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        if len(seen) == STEPS + 2:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(gluon.Trainer, "step", step_then_signal)
+    record_steps(monkeypatch, signal_after=STEPS + 2)
     with pytest.raises(Interrupted):
         train(config(data, tmp_path / "resumed"))
     monkeypatch.undo()
-    seen_after = rates_seen(monkeypatch)
+    seen_after = record_steps(monkeypatch)
     train(config(data, tmp_path / "resumed", resume=True))
     want = LrSchedule(0.05, "cosine", 3, STEPS, 1.0)
     assert seen_after == pytest.approx(
@@ -130,7 +106,7 @@ def test_two_devices_apply_the_schedule_as_one(data, tmp_path, monkeypatch):
         return original(self, indices)
 
     monkeypatch.setattr(mx.optimizer.Optimizer, "_get_lrs", get_lrs)
-    seen = rates_seen(monkeypatch)
+    seen = record_steps(monkeypatch)
     train(config(data, tmp_path / "two", ctx="cpu:2"))
     want = LrSchedule(0.05, "cosine", 3, STEPS, 1.0)
     assert seen == pytest.approx([want.lr(e, s) for e in range(3) for s in range(STEPS)])
