@@ -295,7 +295,7 @@ def feature_loaders(net, train_split, test_split, ctx, config, shard=0, num_shar
     train_views = cached_views(
         backbone,
         train_split,
-        gdata.TrainTransform(config.image_size, scale=(config.crop_scale, 1.0)),
+        config.train_transform(),
         ctx,
         list(range(config.cache_views)),
         report=report,

@@ -324,7 +324,7 @@ def train_network(net, config: TrainConfig) -> list[dict]:
     train_split, test_split = load_dataset(config.data)
     size, batch = config.image_size, config.batch_size
     train_loader = gdata.make_loader(
-        train_split, gdata.TrainTransform(size), batch, shuffle=True, seed=config.seed
+        train_split, config.train_transform(), batch, shuffle=True, seed=config.seed
     )
     test_loader = gdata.make_loader(test_split, gdata.TestTransform(size), batch, shuffle=False)
     net.hybridize(static_alloc=True, static_shape=True)

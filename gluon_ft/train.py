@@ -106,6 +106,10 @@ class TrainConfig:
             raise UsageError("--accumulate cannot exceed --batch-size (its micro-batches).")
         self.freeze_plan().validate(self.epochs)
 
+    def train_transform(self) -> gdata.TrainTransform:
+        """The train augmentation of these settings: random crops of ``crop_scale`` or more."""
+        return gdata.TrainTransform(self.image_size, scale=(self.crop_scale, 1.0))
+
     def freeze_plan(self):
         """The :class:`gluon_ft.freeze.FreezePlan` of these settings."""
         from gluon_ft.freeze import FreezePlan
@@ -712,7 +716,7 @@ def _train(config: TrainConfig, stop: StopRequest) -> dict:
     else:
         train_loader = gdata.make_loader(
             train_split,
-            gdata.TrainTransform(config.image_size, scale=(config.crop_scale, 1.0)),
+            config.train_transform(),
             config.batch_size,
             shuffle=True,
             seed=config.seed,

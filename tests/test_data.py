@@ -90,6 +90,10 @@ def test_train_transform_semantics_and_determinism():
 
 def test_crop_scale_reaches_the_train_crops(tiny_data, tmp_path, monkeypatch):
     """``--crop-scale 0.5``: every random crop of a run keeps at least half the image area."""
+    import mxnet as mx
+
+    from gluon_ft.model import scratch_twin
+    from gluon_ft.notebook import train_network
     from gluon_ft.train import TrainConfig, train
 
     areas = []
@@ -108,6 +112,11 @@ def test_crop_scale_reaches_the_train_crops(tiny_data, tmp_path, monkeypatch):
     areas.clear()
     train(TrainConfig(**settings, crop_scale=0.5, out=str(tmp_path / "half")))
     assert len(areas) == 36 and min(areas) >= 0.45  # rounding to whole pixels
+    # The notebooks' loop for hand-built networks (exercise 4) takes the same crops.
+    areas.clear()
+    net = scratch_twin("mobilenet0.25", 2, [mx.cpu()], 32)
+    train_network(net, TrainConfig(**settings, crop_scale=0.5, ctx="cpu"))
+    assert len(areas) == 36 and min(areas) >= 0.45
 
 
 @pytest.mark.parametrize(
