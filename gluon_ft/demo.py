@@ -103,15 +103,10 @@ def prepare_source(config: DemoConfig, log=print) -> tuple[dict, Path]:
     if params.is_file() and params.with_suffix(".json").is_file():
         log(f"[2/5] source model: reused {params}")
         return task, params
-    log(f"[2/5] pretraining {config.model} on {len(spec_source_classes(task))} source classes")
+    log(f"[2/5] pretraining {config.model} on {len(task['classes']['source'])} source classes")
     pretrain_config.out = str(params.with_name(f"{params.stem}-{time.strftime('%H%M%S')}.run"))
     pretrain(pretrain_config, params)
     return task, params
-
-
-def spec_source_classes(task: dict) -> list[str]:
-    """Class folder names of the task's source training split."""
-    return sorted(p.name for p in (Path(task["source"]) / "train").iterdir() if p.is_dir())
 
 
 def variant_config(config: DemoConfig, variant: str, target: Path, params: Path, out: Path):
