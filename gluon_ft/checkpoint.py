@@ -29,6 +29,7 @@ import mxnet as mx
 from mxnet import gluon
 
 from gluon_ft.errors import UsageError
+from gluon_ft.model import load_parameters
 
 FORMAT = "gluon-ft-checkpoint/1"
 PARAMS_FILE = "model.params"
@@ -203,31 +204,6 @@ def restore_optimizer_state(
         trainer.set_learning_rate(float(info["learning_rate"]))
 
 
-# --- parameters --------------------------------------------------------------------------
-
-
-def load_parameters_checked(
-    net: gluon.Block, path: str | Path, ctx: list[mx.Context] | mx.Context, what: str
-) -> None:
-    """``net.load_parameters`` with a one-paragraph :class:`UsageError` when it cannot fit.
-
-    Parameters are cast to the network's own dtype, so a run trained in float16 loads into
-    a float32 network for prediction and export.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{what} {path} does not exist.")
-    try:
-        net.load_parameters(str(path), ctx=ctx, cast_dtype=True, dtype_source="current")
-    except (mx.base.MXNetError, AssertionError, ValueError, KeyError, OSError) as err:
-        lines = str(err).strip().splitlines()
-        first = lines[0][:300] if lines else type(err).__name__
-        raise UsageError(
-            f"{what} {path} does not fit this network ({first}). Was it saved from the same "
-            "architecture and number of classes?"
-        ) from None
-
-
 # --- saving and finding checkpoints ----------------------------------------------------------
 
 
@@ -384,7 +360,7 @@ def _alive(pid: int) -> bool:
 def restore_checkpoint(checkpoint: Checkpoint, net: gluon.Block, trainer: gluon.Trainer) -> dict:
     """Load ``checkpoint`` into ``net`` (on its contexts) and ``trainer``; return its metadata."""
     ctx = next(iter(net.collect_params().values())).list_ctx()
-    load_parameters_checked(net, checkpoint.path / PARAMS_FILE, ctx, "Checkpoint parameters")
+    load_parameters(net, checkpoint.path / PARAMS_FILE, ctx, what="Checkpoint parameters")
     try:
         arrays = mx.nd.load(str(checkpoint.path / OPTIMIZER_FILE))
     except mx.base.MXNetError as err:

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from gluon_ft.errors import UsageError
+from gluon_ft.paths import mxnet_home
 
 HOTDOG_URL = "http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip"
 HOTDOG_SHA1 = "fba480ffa8aa7e0febbb511d181409f899b9baa5"
@@ -32,11 +33,6 @@ IMAGE_EXTENSIONS = frozenset(
 # The book normalizes with ImageNet's statistics, on 0-1 RGB.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def mxnet_home() -> Path:
-    """Return ``$MXNET_HOME`` (default ``~/.mxnet``), where MXNet caches datasets and models."""
-    return Path(os.environ.get("MXNET_HOME", "~/.mxnet")).expanduser()
 
 
 def hotdog_root(

@@ -15,8 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from gluon_ft.data import mxnet_home
 from gluon_ft.errors import Interrupted
+from gluon_ft.paths import mxnet_home
 from gluon_ft.synthetic import DEFAULT_SPEC, TaskSpec, generate_task
 from gluon_ft.train import TrainConfig, pretrain, train
 

@@ -29,13 +29,14 @@ import numpy as np
 
 from gluon_ft import data as gdata
 from gluon_ft.errors import UsageError
+from gluon_ft.paths import mxnet_home, replacing
 
 CACHE_FORMAT = "gluon-ft-features/1"
 
 
 def cache_dir() -> Path:
     """Where feature files live: ``$MXNET_HOME/features``."""
-    return gdata.mxnet_home() / "features"
+    return mxnet_home() / "features"
 
 
 def frozen_backbone(net):
@@ -47,7 +48,8 @@ def frozen_backbone(net):
         A backbone parameter is trainable, a backbone BatchNorm uses batch statistics, or the
         backbone has Dropout (its training output would be random, not cacheable).
     """
-    from gluon_ft.freeze import _is_batchnorm, _walk, network_layout
+    from gluon_ft.freeze import is_batchnorm, network_layout
+    from gluon_ft.model import walk_blocks
 
     layout = network_layout(net)
     if layout.head is None or len(layout.features) != 1:
@@ -57,10 +59,9 @@ def frozen_backbone(net):
         )
     backbone = layout.features[0]
     trainable = [p.name for p in backbone.collect_params().values() if p.grad_req != "null"]
-    live_bn = [
-        b.name for _, b in _walk(backbone) if _is_batchnorm(b) and not b._kwargs["use_global_stats"]
-    ]
-    dropout = [b.name for _, b in _walk(backbone) if type(b).__name__ == "Dropout"]
+    blocks = [b for _, b in walk_blocks(backbone)]
+    live_bn = [b.name for b in blocks if is_batchnorm(b) and not b._kwargs["use_global_stats"]]
+    dropout = [b.name for b in blocks if type(b).__name__ == "Dropout"]
     problems = []
     if trainable:
         problems.append(f"{len(trainable)} backbone parameter(s) train (e.g. {trainable[0]})")
@@ -183,10 +184,8 @@ def compute_features(backbone, split, transform, ctx, *, view=0, seed=0, batch_s
 
 def _save(path: Path, features: np.ndarray, valid: np.ndarray, key: FeatureKey) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as out:
+    with replacing(path) as tmp, open(tmp, "wb") as out:  # a concurrent run reads all or none
         np.savez(out, features=features, valid=valid, key=np.array(json.dumps(key.__dict__)))
-    os.replace(tmp, path)  # atomic: a concurrent run reads a whole file or none
 
 
 def _load(path: Path, size: int):

@@ -29,7 +29,7 @@ import numpy as np
 from mxnet import gluon
 
 from gluon_ft.errors import UsageError
-from gluon_ft.model import get_head, split_head
+from gluon_ft.model import get_head, split_head, walk_blocks
 
 BN_MODES = ("freeze", "train")
 ALL = "all"
@@ -40,17 +40,10 @@ _BUILT_WITH = "_gluon_ft_built_with_global_stats"
 # ----------------------------------------------------------------------------- structure
 
 
-def _is_batchnorm(block: gluon.Block) -> bool:
+def is_batchnorm(block: gluon.Block) -> bool:
     """BatchNorm and its variants (SyncBatchNorm, BatchNormReLU, GluonCV's) by their kwargs."""
     kwargs = getattr(block, "_kwargs", None)
     return isinstance(kwargs, dict) and "use_global_stats" in kwargs
-
-
-def _walk(block: gluon.Block, path: str = ""):
-    """Yield ``(path, block)`` for ``block`` and every descendant, parents first."""
-    yield path, block
-    for name, child in block._children.items():
-        yield from _walk(child, f"{path}.{name}" if path else name)
 
 
 def _params_of(block: gluon.Block) -> list[gluon.Parameter]:
@@ -189,7 +182,7 @@ def select(net: gluon.Block, pattern: str) -> Selection:
     if pattern in parts:
         blocks = parts[pattern]
         params = _unique(p for b in blocks for p in _params_of(b))
-        batchnorms = _unique(blk for b in blocks for _, blk in _walk(b) if _is_batchnorm(blk))
+        batchnorms = _unique(blk for b in blocks for _, blk in walk_blocks(b) if is_batchnorm(blk))
         return Selection(pattern, params, batchnorms)
     try:
         regex = re.compile(pattern)
@@ -212,8 +205,8 @@ def select(net: gluon.Block, pattern: str) -> Selection:
     chosen = {id(p) for p in params}
     batchnorms = [
         blk
-        for _, blk in _walk(net)
-        if _is_batchnorm(blk) and any(id(p) in chosen for p in _params_of(blk))
+        for _, blk in walk_blocks(net)
+        if is_batchnorm(blk) and any(id(p) in chosen for p in _params_of(blk))
     ]
     return Selection(pattern, params, _unique(batchnorms))
 
@@ -257,7 +250,7 @@ def _forget_cached_graphs(net: gluon.Block) -> None:
     ``hybridize()`` keeps normalizing with batch statistics. (``grad_req`` changes were
     measured to work without it; rebuilding anyway keeps one rule for every change.)
     """
-    for _, block in _walk(net):
+    for _, block in walk_blocks(net):
         if isinstance(block, gluon.HybridBlock):
             block._clear_cached_op()
 
@@ -342,7 +335,8 @@ def set_trainable_grad_req(net: gluon.Block, grad_req: str) -> int:
 
 def frozen_batchnorms(net: gluon.Block) -> list[str]:
     """Names of the BatchNorm layers that use their running statistics in training."""
-    return [b.name for _, b in _walk(net) if _is_batchnorm(b) and b._kwargs["use_global_stats"]]
+    blocks = (b for _, b in walk_blocks(net))
+    return [b.name for b in blocks if is_batchnorm(b) and b._kwargs["use_global_stats"]]
 
 
 # ----------------------------------------------------------------------------- lr policies
@@ -536,7 +530,7 @@ def trainable_table(net: gluon.Block) -> ParamTable:
         ParamRow(p.name, tuple(p.shape or ()), p.grad_req, p.lr_mult, p.wd_mult, _count(p.shape))
         for p in net.collect_params().values()
     ]
-    layers = [b for _, b in _walk(net) if _is_batchnorm(b)]
+    layers = [b for _, b in walk_blocks(net) if is_batchnorm(b)]
     frozen = sum(bool(b._kwargs["use_global_stats"]) for b in layers)
     return ParamTable(rows, len(layers), frozen)
 

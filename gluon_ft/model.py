@@ -28,8 +28,8 @@ import mxnet as mx
 from mxnet import gluon
 
 from gluon_ft import zoo
-from gluon_ft.data import mxnet_home
 from gluon_ft.errors import UsageError
+from gluon_ft.paths import mxnet_home
 from gluon_ft.zoo import model_store_file
 
 
@@ -53,12 +53,15 @@ def build_model(name: str, num_classes: int, image_size: int | None = None) -> g
     return zoo.build(name, num_classes, image_size)
 
 
-def _walk(block: gluon.Block, prefix: str = ""):
-    """Yield ``(path, block)`` for every descendant, parents first, in registration order."""
+def walk_blocks(block: gluon.Block, path: str = ""):
+    """Yield ``(path, block)`` for ``block`` and every descendant, parents first.
+
+    Children come in registration order; ``path`` is the attribute path (``features.0``), the
+    root's is ``""``.
+    """
+    yield path, block
     for name, child in block._children.items():
-        path = f"{prefix}{name}"
-        yield path, child
-        yield from _walk(child, path + ".")
+        yield from walk_blocks(child, f"{path}.{name}" if path else name)
 
 
 def is_classifier_layer(block: gluon.Block) -> bool:
@@ -86,7 +89,7 @@ def get_head(net: gluon.Block) -> tuple[str, gluon.Block]:
     UsageError
         The last weighted layer is not a Dense or 1x1 convolution.
     """
-    weighted = [(p, b) for p, b in _walk(net) if not b._children and b._reg_params]
+    weighted = [(p, b) for p, b in walk_blocks(net) if p and not b._children and b._reg_params]
     if weighted and is_classifier_layer(weighted[-1][1]):
         return weighted[-1]
     last = f"{weighted[-1][0]} ({type(weighted[-1][1]).__name__})" if weighted else "nothing"
@@ -126,7 +129,7 @@ class HeadSplit:
 
 
 def _contains(block: gluon.Block, target: gluon.Block) -> bool:
-    return any(child is target for _, child in _walk(block))
+    return any(child is target for _, child in walk_blocks(block))
 
 
 def split_head(net: gluon.Block) -> HeadSplit:
@@ -209,6 +212,44 @@ def sidecar_path(params_file: str | Path) -> Path:
     return Path(params_file).with_suffix(".json")
 
 
+def load_parameters(
+    net: gluon.Block,
+    path: str | Path,
+    ctx: list[mx.Context] | mx.Context,
+    *,
+    what: str,
+    fits: str = "this network",
+    hint: str = "Was it saved from the same architecture and number of classes?",
+) -> None:
+    """``net.load_parameters`` with a one-paragraph :class:`UsageError` when it cannot fit.
+
+    Parameters are cast to the network's own dtype, so a run trained in float16 loads into
+    a float32 network for prediction and export.
+
+    Parameters
+    ----------
+    net : gluon.Block
+        The network to fill.
+    path : str or Path
+        A ``save_parameters`` file.
+    ctx : Context or list of Context
+        Where the parameters go.
+    what : str
+        What the file is, for the message ("Model parameters").
+    fits, hint : str
+        What it must fit, and what to do when it does not, for the message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{what} {path} does not exist.")
+    try:
+        net.load_parameters(str(path), ctx=ctx, cast_dtype=True, dtype_source="current")
+    except (mx.base.MXNetError, AssertionError, ValueError, KeyError, OSError) as err:
+        lines = str(err).strip().splitlines()
+        first = lines[0][:300] if lines else type(err).__name__
+        raise UsageError(f"{what} {path} does not fit {fits} ({first}). {hint}") from None
+
+
 def _load_params_file(
     name: str, path: Path, image_size: int | None
 ) -> tuple[gluon.HybridBlock, int, list | None]:
@@ -231,14 +272,21 @@ def _load_params_file(
         num_classes = len(classes) if classes else params_num_classes(path, head_path)
         if num_classes is None:
             raise UsageError(f"{path} has no {head_path}.weight; is it a {name} params file?")
-        net = build_model(name, num_classes, image_size)
-        net.load_parameters(str(path), ctx=mx.cpu())
-    except (mx.base.MXNetError, AssertionError) as err:  # a missing or misshapen parameter
+    except (mx.base.MXNetError, AssertionError) as err:  # not a params file
         first = str(err).strip().splitlines()[0][:300]
         raise UsageError(
             f"{path} does not fit the {name} architecture ({first}). Pass the --model it was "
             "trained with."
         ) from None
+    net = build_model(name, num_classes, image_size)
+    load_parameters(
+        net,
+        path,
+        mx.cpu(),
+        what="Params file",
+        fits=f"the {name} architecture",
+        hint="Pass the --model it was trained with.",
+    )
     return net, num_classes, classes
 
 

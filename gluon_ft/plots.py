@@ -6,21 +6,23 @@ figure, so long runs leak no memory; without a path it returns the figure for a 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+
+from gluon_ft.paths import replacing
 
 
 def _finish(fig, path: str | Path | None):
     if path is None:
         return fig
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with replacing(path, suffix=".png") as tmp:  # savefig picks the format by the suffix
+            fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -26,9 +26,8 @@ from mxnet import gluon
 from PIL import Image
 
 from gluon_ft import data as gdata
-from gluon_ft.checkpoint import load_parameters_checked
 from gluon_ft.errors import UsageError
-from gluon_ft.model import build_model
+from gluon_ft.model import build_model, load_parameters
 
 ImageInput = str | Path | bytes | Image.Image
 
@@ -87,7 +86,7 @@ def load_run(run_dir: str | Path, ctx: mx.Context | None = None) -> LoadedRun:
         )
     ctx = ctx or mx.cpu()
     net = build_model(model, len(classes))
-    load_parameters_checked(net, run_dir / "model.params", ctx, "Model parameters")
+    load_parameters(net, run_dir / "model.params", ctx, what="Model parameters")
     net.hybridize(static_alloc=True)
     return LoadedRun(run_dir, config, classes, net, image_size, ctx)
 

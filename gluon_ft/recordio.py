@@ -29,6 +29,7 @@ from PIL import Image
 
 from gluon_ft.data import UnreadableImageError, load_image, scan_dataset
 from gluon_ft.errors import UsageError
+from gluon_ft.paths import write_text
 
 PACK_FORMAT = "gluon-ft-recordio/1"
 SPLITS = ("train", "test")
@@ -152,10 +153,8 @@ def pack_dataset(root: str | Path, prefix: str | Path, resize: int = 256) -> dic
         "resize": resize,
         "splits": splits,
     }
-    target = manifest_path(prefix)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(manifest) + "\n")
-    os.replace(tmp, target)  # written last: a pack without its manifest is no pack
+    # Written last: a pack without its manifest is no pack.
+    write_text(manifest_path(prefix), json.dumps(manifest) + "\n")
     return manifest
 
 

@@ -25,8 +25,8 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
-from gluon_ft.data import mxnet_home
 from gluon_ft.errors import UsageError
+from gluon_ft.paths import mxnet_home
 
 GLUON, GLUONCV = "gluon", "gluoncv"
 DEFAULT_INPUT_SIZE = 224
