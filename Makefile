@@ -25,6 +25,7 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check gluon_ft tests
 	$(VENV)/bin/ruff format --check gluon_ft tests
+	$(VENV)/bin/lint-imports
 
 format: setup
 	$(VENV)/bin/ruff format gluon_ft tests

@@ -327,8 +327,8 @@ def environment(workers: int) -> dict:
     import mxnet as mx
 
     import gluon_ft
-    from gluon_ft.amp import cpu_flags
     from gluon_ft.threads import usable_cores
+    from gluon_ft.train.amp import cpu_flags
 
     flags = cpu_flags()
     model_name = ""
@@ -469,7 +469,7 @@ def measure_bf16(sizes: BenchSizes, fp32: GluonFTStep, result: dict, details: di
     MXNet AMP rewrites every graph built after it is turned on, for the rest of the process:
     this runs last. (The float32 step's graph was built before, so it stays float32.)
     """
-    from gluon_ft import amp
+    from gluon_ft.train import amp
 
     amp.enable("bfloat16")
     bf16 = GluonFTStep(sizes, dtype="bfloat16")
@@ -499,9 +499,8 @@ def run_bench(quick: bool = False, workers: int | None = None, log=None) -> dict
     """
     import mxnet as mx
 
-    from gluon_ft import amp
     from gluon_ft.errors import UsageError
-    from gluon_ft.train import TrainConfig
+    from gluon_ft.train import TrainConfig, amp
 
     log = log or (lambda line: None)
     sizes = QUICK if quick else FULL

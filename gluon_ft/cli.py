@@ -41,8 +41,8 @@ def _positive_float(text: str) -> float:
 def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=True) -> None:
     """The flags of ``train``; ``pretrain`` shares them with its own defaults and without
     the two ``run_flags`` whose meaning differs there (``--pretrained``, ``--out``)."""
-    from gluon_ft.schedule import SCHEDULES
     from gluon_ft.train import TrainConfig
+    from gluon_ft.train.schedule import SCHEDULES
 
     d = defaults or TrainConfig()
     p.add_argument("--data", default=d.data, help="hotdog, or DIR with train/<class>/* and test/")
@@ -274,7 +274,7 @@ def _exit_at_once_on_failure(kvstore: str | None):
     that never arrive, and the whole cluster would hang; a process that is gone lets the
     launcher stop the others.
     """
-    from gluon_ft.dist import is_distributed
+    from gluon_ft.train.dist import is_distributed
 
     if not is_distributed(kvstore):
         yield

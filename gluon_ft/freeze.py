@@ -664,12 +664,3 @@ class FreezePlan:
             ],
             "batchnorm_on_running_stats": frozen_batchnorms(net),
         }
-
-
-# ----------------------------------------------------------------------------- accumulation
-
-
-def micro_batches(images: np.ndarray, labels: np.ndarray, count: int):
-    """Split a host batch into ``count`` near-equal micro-batches (fewer if it is short)."""
-    pieces = max(1, min(count, len(labels)))
-    return list(zip(np.array_split(images, pieces), np.array_split(labels, pieces)))

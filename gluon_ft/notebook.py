@@ -298,8 +298,9 @@ def choose_data(
 def train_network(net, config: TrainConfig) -> list[dict]:
     """Train a network built by hand (e.g. exercise 4's head) with the loop of ``train``.
 
-    The same loaders, Trainer and steps as :func:`gluon_ft.train.train`, without the run
-    directory, for a network whose construction ``train`` does not offer.
+    The same loaders, Trainer, per-step seeds, learning-rate schedule and epoch engine as
+    :func:`gluon_ft.train.train`, without the run directory, for a network whose
+    construction ``train`` does not offer.
 
     Returns
     -------
@@ -311,22 +312,21 @@ def train_network(net, config: TrainConfig) -> list[dict]:
 
     from gluon_ft import data as gdata
     from gluon_ft.train import (
+        EpochSteps,
+        StopRequest,
         evaluate,
+        image_loaders,
         load_dataset,
         make_trainer,
         parse_contexts,
         train_epoch,
     )
+    from gluon_ft.train.schedule import LrSchedule
 
     config.validate()
     ctx = parse_contexts(config.ctx)
     net.collect_params().reset_ctx(ctx)
-    train_split, test_split = load_dataset(config.data)
-    size, batch = config.image_size, config.batch_size
-    train_loader = gdata.make_loader(
-        train_split, config.train_transform(), batch, shuffle=True, seed=config.seed
-    )
-    test_loader = gdata.make_loader(test_split, gdata.TestTransform(size), batch, shuffle=False)
+    train_loader, test_loader = image_loaders(config, *load_dataset(config.data))
     net.hybridize(static_alloc=True, static_shape=True)
     nan = float("nan")
     history = [
@@ -334,9 +334,11 @@ def train_network(net, config: TrainConfig) -> list[dict]:
     ]
     trainer = make_trainer(net, config, ctx)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    set_lr = LrSchedule.of(config, len(train_loader)).setter(trainer)
     for epoch in range(config.epochs):
         gdata.set_epoch(train_loader, epoch)
-        sums, _, _ = train_epoch(net, trainer, train_loader, ctx, loss_fn, config)
+        steps = EpochSteps(train_loader, config.seed, epoch, 0, StopRequest(), set_lr)
+        sums, _, _ = train_epoch(net, trainer, steps, ctx, loss_fn, config)
         loss, train_acc = sums.read()
         test_acc = evaluate(net, test_loader, ctx)
         history.append(

@@ -10,8 +10,8 @@ import pytest
 from mxnet import nd
 
 from gluon_ft.errors import UsageError
-from gluon_ft.features_cache import cache_dir
 from gluon_ft.train import TrainConfig, train
+from gluon_ft.train.features_cache import cache_dir
 
 EPOCHS = 2
 

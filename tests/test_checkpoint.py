@@ -26,9 +26,9 @@ from conftest import REPO, record_steps, run_cli, write_image_folder
 from mxnet import gluon
 from mxnet.gluon import nn
 
-from gluon_ft import checkpoint as ckpt
 from gluon_ft.errors import DivergedError, Interrupted, UsageError
 from gluon_ft.train import EpochSteps, StopRequest, TrainConfig, make_trainer, step_seed, train
+from gluon_ft.train import checkpoint as ckpt
 
 STEPS_PER_EPOCH = 6  # 2 classes x 12 images, batches of 4
 

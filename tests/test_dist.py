@@ -15,9 +15,9 @@ from conftest import run_cli, write_image_folder
 
 import gluon_ft  # noqa: F401  (thread settings before mxnet)
 from gluon_ft import data as gdata
-from gluon_ft.dist import connect
 from gluon_ft.errors import UsageError
 from gluon_ft.launch import launch
+from gluon_ft.train.dist import connect
 
 # The worker of the equivalence and learning-rate tests. "train" runs the real
 # gluon_ft.train.train() with one change: a tiny network without BatchNorm, whose result
@@ -33,6 +33,7 @@ import mxnet as mx
 from mxnet import autograd, gluon
 
 from gluon_ft import data as gdata
+import gluon_ft.train.run
 from gluon_ft import train as gtrain
 
 mode, out = sys.argv[1], Path(sys.argv[2])
@@ -49,7 +50,7 @@ if mode == "train":
         nets.append(net)
         return net, None
 
-    gtrain.build_network = tiny_network
+    gluon_ft.train.run.build_network = tiny_network
     decoded = []
     original_getitem = gdata.TransformedSplit.__getitem__
 
@@ -72,7 +73,7 @@ if mode == "train":
 elif mode == "lr":
     # y = w.x with x fixed per rank: the gradient never depends on w, so each step's update
     # is exactly lr * (summed gradient) / (global batch).
-    from gluon_ft.dist import connect
+    from gluon_ft.train.dist import connect
 
     dist = connect(sys.argv[3], batch_size=2)
     net = gluon.nn.Dense(1, use_bias=False, in_units=3)

@@ -13,8 +13,8 @@ import mxnet as mx
 import pytest
 from conftest import run_cli
 
-from gluon_ft.amp import BF16_CPU_FLAGS, check_dtype, cpu_flags, trainer_kwargs
 from gluon_ft.errors import UsageError
+from gluon_ft.train.amp import BF16_CPU_FLAGS, check_dtype, cpu_flags, trainer_kwargs
 
 HAS_BF16 = any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
 
@@ -71,7 +71,7 @@ def test_bfloat16_training_runs_convolutions_in_bfloat16(tiny_data, tmp_path):
     # The graph AMP builds casts the convolutions' inputs to bfloat16; the weights stay float32.
     code = (
         "import gluon_ft, mxnet as mx\n"
-        "from gluon_ft import amp\n"
+        "from gluon_ft.train import amp\n"
         "from gluon_ft.model import scratch_twin\n"
         "amp.enable('bfloat16')\n"
         "net = scratch_twin('resnet18_v2', 2, [mx.cpu()])\n"

@@ -17,7 +17,6 @@ from gluon_ft.errors import UsageError
 from gluon_ft.freeze import (
     FreezePlan,
     freeze,
-    micro_batches,
     named_parts,
     parse_unfreeze_schedule,
     select,
@@ -27,6 +26,7 @@ from gluon_ft.freeze import (
     unfreeze,
 )
 from gluon_ft.train import TrainConfig, make_trainer, train, train_epoch
+from gluon_ft.train.devices import micro_batches
 
 LOSS = gluon.loss.SoftmaxCrossEntropyLoss()
 

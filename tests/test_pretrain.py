@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import record_steps, run_cli, write_image_folder
 
-import gluon_ft.train
+import gluon_ft.train.run
 from gluon_ft.cli import main
 from gluon_ft.model import graft_new_head, load_source_model, sidecar_path
 
@@ -132,7 +132,7 @@ def no_training(monkeypatch):
     def refuse(config):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(gluon_ft.train, "train", refuse)
+    monkeypatch.setattr(gluon_ft.train.run, "train", refuse)
 
 
 def test_one_class_dataset_exits_2(tmp_path, capsys):

@@ -11,8 +11,8 @@ import pytest
 from conftest import record_steps, run_cli, tiny_config, write_image_folder
 
 from gluon_ft.errors import Interrupted, UsageError
-from gluon_ft.schedule import LrSchedule
 from gluon_ft.train import TrainConfig, train
+from gluon_ft.train.schedule import LrSchedule
 
 STEPS = 4  # 2 classes x 8 images, batches of 4
 

@@ -9,6 +9,7 @@ x10, ``--layer-lr-decay``): the Trainer multiplies the scheduled rate by it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 SCHEDULES = ("constant", "cosine")
@@ -51,6 +52,22 @@ class LrSchedule:
     @property
     def warmup_steps(self) -> int:
         return min(self.total_steps, round(self.warmup_epochs * self.steps_per_epoch))
+
+    @classmethod
+    def of(cls, config, steps_per_epoch: int) -> LrSchedule:
+        """The schedule of a :class:`~gluon_ft.train.config.TrainConfig`."""
+        return cls(
+            config.lr, config.lr_schedule, config.epochs, steps_per_epoch, config.warmup_epochs
+        )
+
+    def setter(self, trainer) -> Callable[[int, int], None]:
+        """``set_lr(epoch, step)`` for :class:`~gluon_ft.train.resume.EpochSteps`: sets
+        ``trainer``'s rate before each step."""
+
+        def set_lr(epoch: int, step: int) -> None:
+            trainer.set_learning_rate(self.lr(epoch, step))
+
+        return set_lr
 
     def lr(self, epoch: int, step: int) -> float:
         """The rate of step ``step`` (0-based) of epoch ``epoch`` (0-based)."""

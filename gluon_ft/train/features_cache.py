@@ -30,6 +30,7 @@ import numpy as np
 from gluon_ft import data as gdata
 from gluon_ft.errors import UsageError
 from gluon_ft.paths import mxnet_home, replacing
+from gluon_ft.train.devices import split_batch
 
 CACHE_FORMAT = "gluon-ft-features/1"
 
@@ -156,8 +157,6 @@ def compute_features(backbone, split, transform, ctx, *, view=0, seed=0, batch_s
         ``(features float32 [N, ...], valid bool [N])``; an unreadable image's row is invalid.
     """
     from mxnet.gluon.data import DataLoader
-
-    from gluon_ft.train import split_batch
 
     sampler = gdata.EpochBatchSampler(len(split), batch_size, shuffle=False, seed=seed)
     sampler.set_epoch(view)
@@ -303,7 +302,7 @@ def feature_loaders(net, train_split, test_split, ctx, config, shard=0, num_shar
     test_views = cached_views(
         backbone,
         test_split,
-        gdata.TestTransform(config.image_size),
+        config.test_transform(),
         ctx,
         [None],
         report=report,

@@ -1,0 +1,184 @@
+"""Stopping and resuming: signals, per-step seeds, and finding the checkpoint to continue.
+
+A run stops between two steps on SIGINT or SIGTERM (:class:`StopRequest`) and saves a
+checkpoint first. Every step draws from ``mx.random`` under its own seed and sets its own
+scheduled rate (:class:`EpochSteps`), so a resumed run, even one stopped mid-epoch, computes
+exactly what an uninterrupted run would. The checkpoint files themselves are
+:mod:`gluon_ft.train.checkpoint`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+
+from gluon_ft.errors import DivergedError, Interrupted, UsageError
+from gluon_ft.train.checkpoint import latest_checkpoint, remove_stale_temporaries
+from gluon_ft.train.config import TrainConfig
+
+# Settings that a resumed run may change, because
+# they do not change what is computed:
+RESUMABLE_CHANGES = frozenset(
+    {"epochs", "workers", "progress", "log_every", "resume", "strict", "out"}
+)
+
+
+class StopRequest:
+    """SIGINT and SIGTERM ask the loop to stop between two steps; a second signal stops at once.
+
+    Signals can only be caught in the main thread; elsewhere this never fires.
+    """
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous: dict = {}
+        self._pid = os.getpid()
+
+    def __enter__(self) -> StopRequest:
+        self._pid = os.getpid()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            # A forked DataLoader worker inherits this handler; it must die as a process does,
+            # or Pool.terminate() (the DataLoader's cleanup) waits for it forever.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+
+def step_seed(seed: int, epoch: int, step: int) -> int:
+    """The ``mx.random`` seed of one step, so a resumed run draws what the whole run drew."""
+    return int(np.random.SeedSequence([seed, epoch, step]).generate_state(1)[0]) % 2**31
+
+
+class EpochSteps:
+    """An epoch's batches from ``first_step`` on, each step under its own ``mx.random`` seed
+    and its scheduled learning rate.
+
+    Stops between two steps once ``stop`` has fired. ``done`` counts the epoch's finished
+    steps (those before ``first_step`` included); ``total`` is the epoch's step count.
+    """
+
+    def __init__(
+        self,
+        loader,
+        seed: int,
+        epoch: int,
+        first_step: int,
+        stop: StopRequest,
+        set_lr=None,
+    ):
+        self.loader = loader
+        self.seed = seed
+        self.epoch = epoch
+        self.stop = stop
+        self.set_lr = set_lr  # set_lr(epoch, step), 0-based, before each step
+        self.done = first_step
+        self.total = first_step + len(loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for step, batch in enumerate(self.loader, self.done + 1):
+            if self.stop.signal:
+                return
+            mx.random.seed(step_seed(self.seed, self.epoch, step))
+            if self.set_lr is not None:
+                self.set_lr(self.epoch, step - 1)
+            yield batch
+            self.done = step  # the loop asked for the next batch: this step is complete
+
+
+def checkpoint_meta(
+    config: TrainConfig, epoch: int, step: int, history: list, partial: dict | None, reason: str
+) -> dict:
+    """What a checkpoint records besides the arrays (see :mod:`gluon_ft.train.checkpoint`)."""
+    return {
+        "epoch": epoch,
+        "step": step,
+        "reason": reason,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": asdict(config),
+        "history": history,
+        "partial": partial,
+        "rng": {
+            "seed": config.seed,
+            "order": "np.random.default_rng([seed, epoch]).permutation",
+            "augmentation": "np.random.default_rng([seed, epoch, sample index])",
+            "mxnet": "mx.random.seed(step_seed(seed, epoch, step)) before each step",
+        },
+    }
+
+
+def find_resume_checkpoint(run_dir: Path, config: TrainConfig):
+    """Return ``(checkpoint or None, notes)`` for ``--resume`` of ``run_dir`` with ``config``.
+
+    Raises
+    ------
+    UsageError
+        ``run_dir`` holds no run, or its settings differ from ``config`` in more than
+        :data:`RESUMABLE_CHANGES`.
+    """
+    if not (run_dir / "config.json").is_file():
+        raise UsageError(
+            f"--resume: {run_dir} holds no run to continue (it has no config.json). Check "
+            "--out, or leave out --resume to start a new run."
+        )
+    removed = remove_stale_temporaries(run_dir / "checkpoints")
+    checkpoint, notes = latest_checkpoint(run_dir / "checkpoints")
+    notes = [n for n in notes if not any(n.startswith(p.name) for p in removed)]
+    notes += [f"{p.name}: removed, an unfinished checkpoint of a stopped process" for p in removed]
+    if checkpoint is not None:
+        saved = checkpoint.meta.get("config", {})
+        current = json.loads(json.dumps(asdict(config)))
+        changed = [
+            f"--{key.replace('_', '-')} was {saved[key]!r}, now {value!r}"
+            for key, value in current.items()
+            if key not in RESUMABLE_CHANGES and key in saved and saved[key] != value
+        ]
+        if changed:
+            raise UsageError(
+                f"--resume: the settings differ from the run in {run_dir}: {'; '.join(changed)}. "
+                "Repeat the original command with --resume; only --epochs, --workers and "
+                "--no-progress may change."
+            )
+    return checkpoint, notes
+
+
+def diverged_since(err: DivergedError, epoch: int, last) -> DivergedError:
+    """``err`` with the epoch and the last good checkpoint, for the exit-3 message."""
+    if last is None:
+        where = "No checkpoint was saved before it diverged."
+    else:
+        where = f"The last good checkpoint is {last.path} ({last.describe()})."
+    return DivergedError(f"Epoch {epoch + 1}: {err} {where}")
+
+
+def interrupted_at(stop: StopRequest, last) -> Interrupted:
+    """The exit-130 error once a signal stopped the run and its checkpoint is saved."""
+    if last is None:
+        return Interrupted(f"Stopped by {stop.signal} before the first step; nothing to save.")
+    return Interrupted(
+        f"Stopped by {stop.signal}; saved checkpoint {last.path} ({last.describe()}). "
+        "Continue with the same command and --resume."
+    )

@@ -1,0 +1,461 @@
+"""``train`` and ``pretrain``: the recipe as a short list of named phases.
+
+Open the run (devices, cluster, run directory, the checkpoint to resume), load the data,
+build the network and its Trainer, make the feeds, run the epochs, close the run. Each phase
+is a function below; the step and the epoch are :mod:`gluon_ft.train.step`'s.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mxnet as mx
+from mxnet import gluon
+
+import gluon_ft
+from gluon_ft import data as gdata
+from gluon_ft import paths, zoo
+from gluon_ft.errors import DivergedError, UsageError
+from gluon_ft.freeze import FreezePlan, ParamTable, log_table
+from gluon_ft.model import sidecar_path
+from gluon_ft.plots import plot_curves
+from gluon_ft.train import amp
+from gluon_ft.train.checkpoint import Checkpoint, restore_checkpoint, save_checkpoint
+from gluon_ft.train.config import TrainConfig
+from gluon_ft.train.devices import parse_contexts
+from gluon_ft.train.dist import DistContext, connect
+from gluon_ft.train.feeds import Feeds, load_dataset, make_feeds, require_readable
+from gluon_ft.train.network import build_network, infer_shapes, make_trainer
+from gluon_ft.train.resume import (
+    EpochSteps,
+    StopRequest,
+    checkpoint_meta,
+    diverged_since,
+    find_resume_checkpoint,
+    interrupted_at,
+)
+from gluon_ft.train.rundir import RunDirectory, default_out
+from gluon_ft.train.schedule import LrSchedule
+from gluon_ft.train.step import (
+    MetricSums,
+    check_finite,
+    check_params_finite,
+    evaluate,
+    sum_over_workers,
+    train_epoch,
+)
+
+
+@dataclass
+class EpochStats:
+    """One row of ``metrics.json``."""
+
+    epoch: int
+    loss: float
+    train_acc: float
+    test_acc: float
+    examples_per_sec: float
+    seconds: float
+    skipped: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        row = asdict(self)
+        row.update(row.pop("extra"))
+        return row
+
+
+@dataclass
+class Session:
+    """Where a run computes and writes: its devices, its cluster and its directory."""
+
+    ctx: list[mx.Context]
+    dist: DistContext
+    run: RunDirectory
+    resumed: Checkpoint | None  # the checkpoint --resume continues from
+
+    @property
+    def writer(self) -> bool:
+        """Rank 0 writes the run directory; other workers only log."""
+        return self.dist.is_writer
+
+
+@dataclass
+class Model:
+    """The network being trained, its freeze plan, parameter table and Trainer."""
+
+    net: gluon.Block
+    source: object  # the SourceModel of a graft, None from scratch
+    plan: FreezePlan
+    table: ParamTable
+    table_log: Path
+    trainer: gluon.Trainer | None = None
+    loss_fn: gluon.Block = field(default_factory=gluon.loss.SoftmaxCrossEntropyLoss)
+
+
+@dataclass
+class Progress:
+    """What the epochs have produced so far: the metrics rows and the last checkpoint."""
+
+    history: list[dict]
+    last_checkpoint: Checkpoint | None
+
+
+def log(message: str) -> None:
+    """A line for people, above the progress bar if one is drawn."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message)
+
+
+def say(config: TrainConfig, message: str) -> None:
+    """:func:`log`, unless ``--no-progress``."""
+    if config.progress:
+        log(message)
+
+
+def train(config: TrainConfig) -> dict:
+    """Run the fine-tuning (or scratch) recipe and write the run directory.
+
+    Every epoch ends with a checkpoint (``checkpoints/epoch-NNNN``); ``config.resume``
+    continues from the last complete one, and gives the same parameters as a run that was
+    never stopped. SIGINT or SIGTERM stops between two steps and saves a checkpoint first.
+
+    Returns
+    -------
+    dict
+        ``{"run_dir": Path, "history": [epoch rows], "classes": [...], "rank": int}``.
+
+    Raises
+    ------
+    UsageError
+        Bad settings or data (exit 2).
+    DivergedError
+        NaN or infinite loss (exit 3); the message names the last good checkpoint.
+    Interrupted
+        SIGINT or SIGTERM (exit 130), after the checkpoint is saved.
+    """
+    with StopRequest() as stop:
+        config.validate()
+        session = open_run(config)
+        try:
+            splits = load_data(config)  # (train, test)
+            classes = list(splits[0].classes)
+            model = build_model(config, session, len(classes))
+            feeds = make_feeds(config, model.net, *splits, session.ctx, session.dist)
+            write_config(config, session, model, feeds, classes, *splits)
+            history = run_epochs(config, session, model, feeds, stop)
+        except BaseException:
+            session.run.remove_if_unused()
+            raise
+        return close_run(config, session, model, history, classes)
+
+
+def open_run(config: TrainConfig) -> Session:
+    """Devices, AMP, the cluster, the run directory and the checkpoint to resume."""
+    ctx = parse_contexts(config.ctx)
+    amp.check_dtype(config.dtype, ctx)
+    amp.enable(config.dtype)  # before the first forward pass builds a graph
+    # A dist kvstore joins its cluster here, before the data: the rank picks the shard and the
+    # writer. From here on, a worker that fails must os._exit (see gluon_ft.train.dist).
+    dist = connect(config.kvstore, config.batch_size)
+    run = RunDirectory(config.out or default_out(config))
+    if dist.distributed:
+        say(
+            config,
+            f"worker rank {dist.rank} of {dist.num_workers} ({config.kvstore}): "
+            f"{'writing' if dist.is_writer else 'rank 0 writes'} {run.path}",
+        )
+    resumed, notes = find_resume_checkpoint(run.path, config) if config.resume else (None, [])
+    for note in notes:
+        log(f"warning: --resume passed over checkpoints/{note}")
+    saved_epochs = resumed.meta["config"].get("epochs") if resumed else config.epochs
+    if config.lr_schedule != "constant" and saved_epochs != config.epochs:
+        log(
+            f"warning: --epochs changed from {saved_epochs} to {config.epochs} under --lr-schedule "
+            f"{config.lr_schedule}: the remaining steps follow the schedule of {config.epochs} "
+            "epochs, so the result differs from a run that had that many from the start"
+        )
+    if dist.is_writer:  # before the data: an unwritable --out fails before a download
+        run.prepare(resume=config.resume)
+    return Session(ctx, dist, run, resumed)
+
+
+def load_data(config: TrainConfig):
+    """The train and test splits of ``--data``; ``--strict`` refuses unreadable files."""
+    train_split, test_split = load_dataset(config.data)
+    if config.strict and isinstance(train_split, gdata.ImageFolderSplit):  # packs: at pack time
+        require_readable(train_split, config.image_size)
+    return train_split, test_split
+
+
+def build_model(config: TrainConfig, session: Session, num_classes: int) -> Model:
+    """The graft (or scratch twin), frozen as planned, hybridized, with its Trainer."""
+    ctx = session.ctx
+    mx.random.seed(config.seed)  # before the graft: the new head's initialization draws from it
+    net, source = build_network(config, num_classes, ctx)
+    zoo.check_input_size(net, config.model, config.image_size)  # e.g. SqueezeNet below 224 px
+    plan = config.freeze_plan()
+    plan.setup(net)
+    infer_shapes(net, config, ctx)
+    # The parameter table, at the start and each change (rank 0's file only).
+    table_log = session.run.path / "trainable.txt" if session.writer else Path(os.devnull)
+    table = log_table(table_log, net, "epoch 1: at the start")
+    if session.writer:
+        say(config, f"{table.summary()} (table: {table_log})")
+    net.hybridize(static_alloc=True, static_shape=True)
+    model = Model(net, source, plan, table, table_log)
+    model.trainer = make_trainer(net, config, ctx, session.dist)
+    if session.resumed is not None:
+        resume_from(config, session.resumed, model)
+    return model
+
+
+def resume_from(config: TrainConfig, checkpoint: Checkpoint, model: Model) -> None:
+    """Load ``checkpoint``'s parameters and optimizer state into ``model``."""
+    restore_checkpoint(checkpoint, model.net, model.trainer)
+    log(f"resuming from {checkpoint.path} ({checkpoint.describe()})")
+    if not checkpoint.meta["optimizer"]["states_available"] and config.momentum:
+        log(
+            "warning: the checkpoint holds no momentum (a dist kvstore keeps it on its "
+            "servers); it restarts from zero, so the resumed run is not bit-exact"
+        )
+
+
+def write_config(config, session, model, feeds, classes, train_split, test_split) -> None:
+    """``config.json`` (the settings and what they resolved to) and ``classes.json``."""
+    resolved = {
+        **asdict(config),
+        "out": str(session.run.path),
+        "contexts": [str(c) for c in session.ctx],
+        "num_classes": len(classes),
+        "source_classes": model.source.num_classes if model.source else None,
+        "train_size": len(train_split),
+        "test_size": len(test_split),
+        "mxnet": mx.__version__,
+        "gluon_ft": gluon_ft.__version__,
+        "threads": gluon_ft.THREAD_SETTINGS,
+        "frozen": model.plan.record(model.net),
+        "cluster": session.dist.describe(),
+        "feature_cache": asdict(feeds.cache) if feeds.cache else None,
+    }
+    if feeds.cache:
+        say(config, feeds.cache.summary())
+    if session.writer:
+        session.run.write_json("config.json", resolved)
+        session.run.write_json("classes.json", classes)
+
+
+def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopRequest) -> list:
+    """Train from the start, or the resumed position, to ``config.epochs``; return the rows.
+
+    Each epoch: set its order, unfreeze what the plan says, train, check for divergence,
+    stop here if a signal came, then evaluate, report and checkpoint.
+    """
+    resumed = session.resumed
+    progress = Progress(list(resumed.meta["history"]) if resumed else [], resumed)
+    start_epoch, start_step = resumed.position if resumed else (0, 0)
+    # Steps per epoch from the loader's length: no set_epoch has skipped any yet.
+    set_lr = LrSchedule.of(config, len(feeds.train)).setter(model.trainer)
+    for epoch in range(start_epoch, config.epochs):
+        started = time.perf_counter()
+        first_step = start_step if epoch == start_epoch else 0
+        gdata.set_epoch(feeds.train, epoch, first_step)
+        steps = EpochSteps(feeds.train, config.seed, epoch, first_step, stop, set_lr)
+        unfrozen = unfreeze_for_epoch(config, session, model, epoch)
+        sums, skipped, seconds = fit_epoch(config, session, model, feeds, steps, progress)
+        if epoch == start_epoch and resumed is not None and resumed.step:
+            partial = resumed.meta["partial"]  # the steps taken before the interruption
+            sums.add_totals(partial["sums"])
+            skipped += partial["skipped"]
+            seconds += partial["seconds"]
+        check_epoch_finite(model, sums, steps, epoch, progress)
+        if steps.done < steps.total:  # a signal stopped the epoch between two steps
+            if steps.done > first_step and session.writer:
+                partial = {"sums": sums.totals(), "skipped": skipped, "seconds": seconds}
+                position = (epoch, steps.done)
+                save_progress(config, session, model, progress, position, partial, stop.signal)
+            raise interrupted_at(stop, progress.last_checkpoint)
+        if session.dist.distributed:  # the epoch's metrics over every worker's shard
+            sums, skipped = sum_over_workers(session.dist, sums, skipped)
+        test_acc = evaluate(feeds.net, feeds.test, session.ctx, session.dist, feeds.prepare)
+        row = epoch_row(model, epoch, sums, skipped, seconds, started, test_acc, unfrozen)
+        report_epoch(config, row, progress.history)
+        progress.history.append(row)
+        if session.writer:
+            save_progress(config, session, model, progress, (epoch + 1, 0), None, "epoch")
+            session.run.write_json("metrics.json", progress.history)
+            plot_curves(progress.history, session.run.path / "curves.png")
+        if stop.signal and epoch + 1 < config.epochs:
+            raise interrupted_at(stop, progress.last_checkpoint)
+    return progress.history
+
+
+def unfreeze_for_epoch(config, session: Session, model: Model, epoch: int) -> list[str]:
+    """Gradual unfreezing (``--unfreeze-at``): what opens at ``epoch``, logged in the table.
+
+    The Trainer sees the new ``grad_req`` at its next step.
+    """
+    unfrozen = [change.pattern for change in model.plan.at_epoch(model.net, epoch)]
+    if unfrozen:
+        heading = f"epoch {epoch + 1}: unfroze {', '.join(unfrozen)}"
+        model.table = log_table(model.table_log, model.net, heading)
+        say(config, f"{heading}: {model.table.summary()}")
+    return unfrozen
+
+
+def fit_epoch(config, session: Session, model: Model, feeds: Feeds, steps, progress: Progress):
+    """:func:`train_epoch` under a progress bar; returns ``(sums, skipped, seconds)``."""
+    from tqdm.auto import tqdm
+
+    # Workers step together; each step's gradient is divided by its global batch.
+    dist = session.dist
+    step_samples = gdata.global_batch_sizes(feeds.train) if dist.distributed else None
+    with tqdm(
+        total=len(feeds.train),
+        desc=f"epoch {steps.epoch + 1}/{config.epochs}",
+        unit="batch",
+        disable=not (config.progress and session.writer),
+        leave=False,
+    ) as bar:
+        try:
+            return train_epoch(
+                feeds.net,
+                model.trainer,
+                steps,
+                session.ctx,
+                model.loss_fn,
+                config,
+                bar,
+                step_samples,
+                feeds.prepare,
+            )
+        except DivergedError as err:
+            raise diverged_since(err, steps.epoch, progress.last_checkpoint) from None
+
+
+def check_epoch_finite(model: Model, sums: MetricSums, steps, epoch: int, progress) -> None:
+    """Stop with exit 3 if the epoch's loss or the trained weights are not finite."""
+    lr = model.trainer.learning_rate
+    try:
+        if sums.count:
+            check_finite(sums.read()[0], steps.done, lr)
+        check_params_finite(model.net, lr)
+    except DivergedError as err:
+        raise diverged_since(err, epoch, progress.last_checkpoint) from None
+
+
+def save_progress(config, session, model, progress: Progress, position, partial, reason) -> None:
+    """A checkpoint at ``position`` (finished epochs, steps into the next), which becomes
+    ``progress.last_checkpoint``; mid-epoch it keeps the ``partial`` sums so far."""
+    epoch, step = position
+    meta = checkpoint_meta(config, epoch, step, progress.history, partial, reason)
+    progress.last_checkpoint = save_checkpoint(
+        session.run.path / "checkpoints", model.net, model.trainer, meta
+    )
+
+
+def epoch_row(model: Model, epoch, sums, skipped, seconds, started, test_acc, unfrozen) -> dict:
+    """The ``metrics.json`` row of a finished epoch."""
+    loss, train_acc = sums.read()
+    return EpochStats(
+        epoch=epoch + 1,
+        loss=loss,
+        train_acc=train_acc,
+        test_acc=test_acc,
+        examples_per_sec=sums.count / seconds if seconds else 0.0,
+        seconds=time.perf_counter() - started,
+        skipped=skipped,
+        extra={
+            "trainable_params": model.table.trainable_count,
+            "frozen_params": model.table.frozen_count,
+            "train_samples": sums.count,  # over every worker of a distributed run
+            "lr": model.trainer.learning_rate,  # at the epoch's last step (see --lr-schedule)
+            **({"unfrozen": unfrozen} if unfrozen else {}),
+        },
+    ).as_dict()
+
+
+def report_epoch(config: TrainConfig, row: dict, earlier: list[dict]) -> None:
+    """The epoch's line, and once per run the warning about unreadable files."""
+    epoch, skipped = row["epoch"], row["skipped"]
+    if skipped and not any(r.get("skipped") for r in earlier):
+        log(
+            f"warning: skipped {skipped} unreadable image file(s) in epoch {epoch}, and "
+            "will in every epoch (metrics.json counts them; `gluon-ft check-data` lists "
+            "them; --strict refuses them)"
+        )
+    say(
+        config,
+        f"epoch {epoch}: loss {row['loss']:.3f}, train acc {row['train_acc']:.3f}, "
+        f"test acc {row['test_acc']:.3f}, {row['examples_per_sec']:.1f} examples/sec",
+    )
+
+
+def close_run(config, session: Session, model: Model, history: list[dict], classes) -> dict:
+    """Write the final weights (and the metrics of a resumed run that had nothing left)."""
+    resumed = session.resumed
+    if resumed is not None and resumed.position[0] >= config.epochs:
+        session.run.write_json("metrics.json", history)
+    if session.writer:
+        session.run.save_params(model.net)
+    return {
+        "run_dir": session.run.path,
+        "history": history,
+        "classes": classes,
+        "rank": session.dist.rank,
+    }
+
+
+def pretrain(config: TrainConfig, out_file: str | Path) -> dict:
+    """Train a source model from scratch on ``config.data`` and save it as a params file.
+
+    Step 1 of the book's recipe. The params file is what ``--pretrained FILE.params``
+    accepts; a sidecar ``FILE.json`` keeps the model name and the source classes, so the graft
+    knows what it drops. The run directory (curves, metrics) goes to ``FILE.run/``. It is the
+    same training loop as :func:`train`, not a copy.
+
+    Raises
+    ------
+    UsageError
+        ``out_file`` is not a ``.params`` path, exists already, or its folder cannot be
+        written; or its run directory holds an earlier run and ``config.resume`` is not set
+        (all checked before any training); or the data is unusable.
+    """
+    out_file = Path(out_file).expanduser()
+    if out_file.suffix != ".params":
+        raise UsageError(f"--out {out_file}: the pretrained model file must end in .params.")
+    # A finished model, or the run of an earlier pretrain, is never replaced: it may be hours.
+    run_dir = Path(config.out or out_file.with_suffix(".run"))
+    if out_file.exists() or out_file.is_symlink():
+        raise UsageError(
+            f"--out {out_file} already exists; nothing was overwritten. Choose another --out, "
+            "or remove it to pretrain again."
+        )
+    if (run_dir / "config.json").exists() and not config.resume:
+        raise UsageError(
+            f"--out {out_file}: {run_dir} holds an earlier pretraining; nothing was "
+            "overwritten. Add --resume to continue it, or remove it to start again."
+        )
+    try:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        # Per process: the workers of a distributed run probe at once.
+        probe = out_file.with_name(f".{out_file.name}.write-test.{os.getpid()}")
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UsageError(f"Cannot write {out_file}: {err}") from None
+    config.pretrained = "none"
+    config.head_lr_mult = 1.0  # there is no new head when training from scratch
+    config.out = str(run_dir)
+    result = train(config)
+    if result["rank"] != 0:  # rank 0 of a distributed run writes the file
+        return {**result, "params_file": out_file}
+    os.replace(result["run_dir"] / "model.params", out_file)
+    model = zoo.lookup(config.model).name  # the zoo's spelling, which the graft compares
+    meta = {"model": model, "classes": result["classes"], "image_size": config.image_size}
+    paths.write_json(sidecar_path(out_file), meta)
+    return {**result, "params_file": out_file}

@@ -1,0 +1,68 @@
+"""The run directory: where a run keeps its files, each replaced atomically.
+
+``config.json``, ``classes.json``, ``metrics.json``, ``curves.png``, ``trainable.txt``,
+``model.params`` and ``checkpoints/``. Only the writer (rank 0 of a distributed run) has one.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from mxnet import gluon
+
+from gluon_ft import paths
+from gluon_ft.errors import UsageError
+from gluon_ft.train.config import TrainConfig
+
+
+class RunDirectory:
+    """The files of one run; every write goes to a temporary name and is renamed."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.created = False  # by prepare(): a run that fails before writing removes it
+
+    def prepare(self, resume: bool = False) -> None:
+        """Create the folder, refusing to overwrite a finished or started run."""
+        if (self.path / "metrics.json").exists() and not resume:
+            raise UsageError(
+                f"{self.path} already holds a run. Pass another --out, or --resume to "
+                "continue it; nothing was overwritten."
+            )
+        self.created = not self.path.exists()
+        try:
+            (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise UsageError(f"Cannot write the run directory {self.path}: {err}") from None
+
+    def remove_if_unused(self) -> None:
+        """Remove the folder :meth:`prepare` created, if the run wrote nothing into it.
+
+        A run that fails on its data or settings leaves no empty run behind (``prepare``
+        runs first on purpose: an unwritable ``--out`` must fail before a download).
+        """
+        if not self.created:
+            return
+        for folder in (self.path / "checkpoints", self.path):
+            try:
+                folder.rmdir()  # only an empty folder goes
+            except OSError:
+                return
+
+    def write_json(self, name: str, obj) -> Path:
+        return paths.write_json(self.path / name, obj)
+
+    def save_params(self, net: gluon.Block, name: str = "model.params") -> Path:
+        with paths.replacing(self.path / name) as tmp:
+            net.save_parameters(str(tmp))
+        return self.path / name
+
+
+def default_out(config: TrainConfig) -> str:
+    """``runs/<data>-<model>-<time>`` for a run without ``--out``."""
+    data = "hotdog" if config.data == "hotdog" else Path(config.data).name or "data"
+    return str(Path("runs") / f"{data}-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -1,0 +1,208 @@
+"""The step and the epoch: ``train_batch``, ``train_epoch`` and ``evaluate``.
+
+As d2l's ``train_batch_ch13``/``train_ch13``: one optimizer step on a batch spread over the
+devices, a pass over a loader, and a predict-mode pass for accuracy. Loss and accuracy are
+summed on each device (:class:`MetricSums`) and read on the host only every
+``config.log_every`` steps, so a step never waits for the host.
+
+``Trainer.step`` divides the summed gradient by the samples of the step over all devices
+(and, in a distributed run, all workers), exactly once per step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import mxnet as mx
+from mxnet import autograd, gluon
+
+from gluon_ft import data as gdata
+from gluon_ft.errors import DivergedError
+from gluon_ft.train import amp
+from gluon_ft.train.config import TrainConfig
+from gluon_ft.train.devices import micro_batches, split_batch, zero_unused_grads
+from gluon_ft.train.dist import DistContext
+
+
+class MetricSums:
+    """Loss and accuracy summed on each device; read on the host only when asked."""
+
+    def __init__(self, ctx: list[mx.Context]):
+        self.loss = [mx.nd.zeros((1,), ctx=c) for c in ctx]
+        self.correct = [mx.nd.zeros((1,), ctx=c) for c in ctx]
+        self.count = 0
+
+    def add(self, outputs, labels, losses=None) -> None:
+        for i, (out, y) in enumerate(zip(outputs, labels)):
+            if losses is not None:
+                self.loss[i] += losses[i].sum()
+            # argmax in float32: bfloat16 (AMP's output) holds class indices exactly up to 256.
+            predicted = out.astype("float32", copy=False).argmax(axis=1)
+            self.correct[i] += (predicted == y.astype("float32")).sum()
+            self.count += y.shape[0]
+
+    def read(self) -> tuple[float, float]:
+        """Return ``(mean loss, accuracy)`` over the samples added so far."""
+        if not self.count:
+            return float("nan"), float("nan")
+        loss = sum(x.asscalar() for x in self.loss)
+        correct = sum(x.asscalar() for x in self.correct)
+        return float(loss) / self.count, float(correct) / self.count
+
+    def totals(self) -> dict:
+        """The raw sums as JSON numbers, for the checkpoint of an interrupted epoch."""
+        return {
+            "loss": float(sum(x.asscalar() for x in self.loss)),
+            "correct": float(sum(x.asscalar() for x in self.correct)),
+            "count": self.count,
+        }
+
+    def add_totals(self, totals: dict) -> None:
+        """Add sums saved by :meth:`totals`: the steps a resumed epoch took before."""
+        self.loss[0] += totals["loss"]
+        self.correct[0] += totals["correct"]
+        self.count += int(totals["count"])
+
+
+def sum_over_workers(dist: DistContext, sums: MetricSums, skipped: int = 0):
+    """Return ``(MetricSums, skipped)`` added up over every worker of a distributed run.
+
+    Every worker must call it at the same point (it is an allreduce); a one-process run gets
+    its own values back.
+    """
+    if not dist.distributed:
+        return sums, skipped
+    mine = sums.totals()
+    loss, correct, count, skipped = dist.allreduce_sum(
+        [mine["loss"], mine["correct"], mine["count"], skipped]
+    )
+    summed = MetricSums([mx.cpu()])
+    summed.add_totals({"loss": loss, "correct": correct, "count": round(count)})
+    return summed, round(skipped)
+
+
+def evaluate(
+    net: gluon.Block,
+    loader,
+    ctx: list[mx.Context],
+    dist: DistContext | None = None,
+    prepare=gdata.normalize_batch,
+) -> float:
+    """Accuracy of ``net`` over every readable sample of ``loader``, in predict mode.
+
+    ``prepare`` turns a device batch into the network's input (cached features: identity).
+
+    With a distributed ``dist``, ``loader`` is this worker's shard and the accuracy is over
+    every worker's.
+    """
+    sums = MetricSums(ctx)
+    for images, labels, _ in loader:
+        if images is None:
+            continue
+        xs, ys = split_batch(images, labels, ctx)
+        outs = [net(prepare(x)) for x in xs]
+        sums.add(outs, ys)
+    if dist is not None:
+        sums, _ = sum_over_workers(dist, sums)
+    return sums.read()[1]
+
+
+def train_batch(
+    net,
+    trainer: gluon.Trainer,
+    images,
+    labels,
+    ctx: list[mx.Context],
+    loss_fn,
+    config: TrainConfig,
+    sums: MetricSums,
+    prepare=gdata.normalize_batch,
+    step_size: int | None = None,
+) -> None:
+    """One optimizer step on a host batch, its loss and accuracy added to ``sums``.
+
+    ``images is None`` (every file of the batch unreadable) takes a step with zero gradients,
+    which a distributed worker must, since the others wait for it. ``step_size`` is the
+    step's global batch in a distributed run; else the batch's own size.
+    """
+    reached = 0  # contexts that got a slice of some micro-batch of this step
+    parts = [] if images is None else micro_batches(images, labels, config.accumulate)
+    for part_images, part_labels in parts:
+        xs, ys = split_batch(part_images, part_labels, ctx)
+        with autograd.record():
+            outs = [net(prepare(x)) for x in xs]
+            losses = [loss_fn(out, y) for out, y in zip(outs, ys)]
+        # With --accumulate, grad_req is 'add': the micro-batches' gradients sum up.
+        amp.backward(losses, trainer, config.dtype)
+        sums.add(outs, ys, losses)
+        reached = max(reached, len(xs))
+    if reached < len(ctx):
+        zero_unused_grads(net, ctx[reached:])
+    # The summed gradient is divided by the samples in this step, over all contexts.
+    trainer.step(len(labels) if step_size is None else step_size)
+    if config.accumulate > 1:
+        net.collect_params().zero_grad()
+
+
+def train_epoch(
+    net,
+    trainer,
+    loader,
+    ctx,
+    loss_fn,
+    config: TrainConfig,
+    bar=None,
+    step_samples=None,
+    prepare=gdata.normalize_batch,
+):
+    """One pass over ``loader``; returns ``(MetricSums, skipped files, seconds)``.
+
+    ``prepare`` turns a device batch into the network's input (cached features: identity).
+    The host reads the metrics every ``config.log_every`` steps only.
+
+    ``step_samples`` (distributed runs) lists the global batch size of each step: the summed
+    gradient of all workers is divided by it, and a worker takes every step, with zero
+    gradients when its part of the batch is empty, since the others wait for it.
+    """
+    sums = MetricSums(ctx)
+    skipped = 0
+    start = time.perf_counter()
+    for step, (images, labels, bad) in enumerate(loader, 1):
+        skipped += bad
+        if images is None and step_samples is None:
+            continue
+        step_size = None if step_samples is None else step_samples[step - 1]
+        train_batch(net, trainer, images, labels, ctx, loss_fn, config, sums, prepare, step_size)
+        if bar is not None:
+            bar.update(1)
+        if step % config.log_every == 0 and sums.count:
+            loss, acc = sums.read()
+            check_finite(loss, step, trainer.learning_rate)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
+    mx.nd.waitall()
+    return sums, skipped, time.perf_counter() - start
+
+
+def check_finite(loss: float, step: int, lr: float) -> None:
+    """Stop a run whose loss became NaN or infinite."""
+    if not math.isfinite(loss):
+        raise DivergedError(
+            f"The training loss became {loss} by step {step} (lr {lr:g}). Lower --lr or "
+            "check the data."
+        )
+
+
+def check_params_finite(net: gluon.Block, lr: float) -> None:
+    """Stop a run whose weights overflowed: a last step can do so while its loss was finite.
+
+    Only trained parameters are read: frozen ones cannot change, and reading a whole backbone
+    costs more than a cached-features epoch.
+    """
+    params = [p for p in net.collect_params().values() if p.grad_req != "null"]
+    sums = [p.list_data()[0].astype("float32").sum() for p in params]
+    if sums and not math.isfinite(float(mx.nd.add_n(*sums).asscalar())):
+        raise DivergedError(
+            f"The parameters became NaN or infinite (lr {lr:g}). Lower --lr or check the data."
+        )
