@@ -1,8 +1,12 @@
 """Datasets: the hot-dog download, image-folder splits, the book's transforms, loaders.
 
-Images are decoded with PIL (not OpenCV) so that every mode a user may hand us (grayscale,
-palette, RGBA, CMYK, 16-bit) becomes RGB, and decompression bombs are refused rather than
-loaded. The random train augmentation draws from a generator seeded per sample by
+Every image is decoded by :func:`load_image` (an opened PIL image by :func:`to_rgb`), with PIL
+rather than OpenCV: every mode a user may hand us becomes 8-bit RGB (deep integer and float
+modes scaled by their type's range, see :func:`_to_8bit`), photos are turned upright as their
+EXIF Orientation says (as a browser shows them), and decompression bombs are refused rather
+than loaded.
+
+The random train augmentation draws from a generator seeded per sample by
 ``(seed, epoch, index)``: the same run gives the same images whatever the worker count, a
 resumed run sees what the uninterrupted one saw, and distributed workers agree on the order.
 """
@@ -18,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import ExifTags, Image, ImageFile
 
 from gluon_ft.errors import UsageError
 
@@ -87,7 +91,11 @@ class UnreadableImageError(OSError):
 
 
 def load_image(path: str | Path | BinaryIO) -> Image.Image:
-    """Decode an image file (a path or an open binary file) as 8-bit RGB.
+    """Decode an image file (a path or an open binary file) as upright 8-bit RGB.
+
+    The one decoder of training, check-data, pack, predict, serve and the notebooks, so that
+    they all see the same pixels: the EXIF Orientation applied, deep modes scaled by their
+    type's range (:func:`_to_8bit`), transparency composited on white.
 
     Raises
     ------
@@ -103,12 +111,11 @@ def load_image(path: str | Path | BinaryIO) -> Image.Image:
             # Beyond MAX_IMAGE_PIXELS PIL only warns; a bomb must be refused, not loaded.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                img.load()
-                return _as_rgb(img)
+                return _upright_rgb(img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """An already opened PIL image as 8-bit RGB, by the rules of :func:`load_image`.
+    """An already opened PIL image as upright 8-bit RGB, by the rules of :func:`load_image`.
 
     Raises
     ------
@@ -118,8 +125,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     with _unreadable_reasons():
         if img.width * img.height > Image.MAX_IMAGE_PIXELS:
             raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels")
-        img.load()
-        return _as_rgb(img)
+        return _upright_rgb(img)
 
 
 @contextlib.contextmanager
@@ -147,19 +153,90 @@ def _unreadable_reasons():
         ) from None
 
 
+# The transposes that show a photo as its EXIF Orientation (2-8) says it is viewed: those of
+# ImageOps.exif_transpose, without its rewriting of the metadata, which can raise on an odd EXIF
+# block (and lose a good photo) and which a decoded training image does not keep anyway.
+_ORIENTATION_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright_rgb(img: Image.Image) -> Image.Image:
+    """Decode ``img``'s pixels as 8-bit RGB, turned as its EXIF Orientation says."""
+    img.load()
+    rgb = _as_rgb(img)
+    turn = _ORIENTATION_TRANSPOSES.get(_exif_orientation(img))
+    return rgb if turn is None else rgb.transpose(turn)
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    """The EXIF (or XMP) Orientation tag; 1 (as stored) when absent or unreadable."""
+    try:
+        return img.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # noqa: BLE001  a damaged EXIF block must not lose good pixels
+        return 1
+
+
 def _as_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grayscale: scale to 8 bits rather than clip to white.
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        img8 = Image.fromarray(np.clip(arr * 255.0 / peak, 0, 255).astype(np.uint8))
-        return img8.convert("RGB")
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        return Image.fromarray(_to_8bit(img)).convert("RGB")
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         # Composite on white: transparent pixels have arbitrary colour underneath.
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _to_8bit(img: Image.Image) -> np.ndarray:
+    """The uint8 grey levels of a one-channel integer (``I;16*``, ``I``) or float (``F``) image.
+
+    Scaled by the range of the sample type, never by the image's own extremes, so a dark image
+    stays dark and the same pixels give the same result in every file format:
+
+    - integers: the top 8 of the bits the file declares (16-bit: ``>> 8``, which is also what
+      Pillow does to 16-bit RGB); for signed types the range is ``0 .. 2**(bits-1) - 1`` and
+      negative values are black. See :func:`_integer_depth` for what each format declares.
+    - float: ``0 .. 1`` is black to white (the convention of float images in PFM, TIFF and
+      scikit-image); values outside are clipped, NaN is black.
+    """
+    pixels = np.asarray(img)
+    if img.mode == "F":
+        return np.round(np.clip(np.nan_to_num(pixels, nan=0.0), 0.0, 1.0) * 255).astype(np.uint8)
+    bits, signed = _integer_depth(img)
+    if not signed and pixels.dtype == np.int32:
+        pixels = pixels.view(np.uint32)  # Pillow holds unsigned 32-bit samples as int32
+    shift = max(0, bits - signed - 8)
+    return np.clip(pixels >> shift, 0, 255).astype(np.uint8)
+
+
+def _integer_depth(img: Image.Image) -> tuple[int, bool]:
+    """``(bits per sample, signed)`` of an integer-mode image, as its file declares them.
+
+    ``I;16*`` modes hold unsigned 16-bit samples. Pillow widens the others to ``I`` (32-bit
+    signed): a TIFF declares its bits and sign in its tags (16 or 32, signed or not); a PGM/PPM
+    with a maxval over 255 is rescaled by Pillow to ``0 .. 65535``, so 16 bits; anything else
+    in ``I`` (a FITS or IM file, an array made with ``Image.fromarray``) is signed 32-bit.
+    """
+    if img.format == "TIFF" and hasattr(img, "tag_v2"):
+        bits = _first(img.tag_v2.get(258))  # BitsPerSample
+        sample_format = _first(img.tag_v2.get(339))  # SampleFormat: 1 unsigned, 2 signed
+        if isinstance(bits, int) and 8 < bits <= 32:
+            return bits, sample_format == 2
+    if img.mode.startswith("I;16") or img.format == "PPM":
+        return 16, False
+    return 32, True
+
+
+def _first(value):
+    """A TIFF tag's value, or the first of its per-channel values."""
+    return value[0] if isinstance(value, tuple) and value else value
 
 
 @dataclass(frozen=True)
