@@ -1,4 +1,4 @@
-"""Image files as users hand them to us: rotated phone photos, deep bit depths.
+"""Image files as users hand them to us: rotated phone photos, deep bit depths, hidden files.
 
 Each kind is checked through the paths a user meets it on: the dataset scan and loader,
 ``gluon-ft check-data``, ``gluon-ft pack``, :class:`~gluon_ft.predict.Predictor` on a file,
@@ -235,3 +235,90 @@ def test_float_tiff_is_read_as_0_to_1(tmp_path):
     Image.fromarray(values, "F").save(path)
     got = np.asarray(gdata.load_image(path))[0, :, 0]
     np.testing.assert_array_equal(got, [0, 128, 255, 255, 0, 0])
+
+
+# --- hidden files, other extensions --------------------------------------------------------
+
+
+def apple_double() -> bytes:
+    """What macOS writes as ``._name`` beside a file on a foreign disk: not an image."""
+    return b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(64)
+
+
+@pytest.fixture
+def messy_data(tmp_path) -> Path:
+    """A dataset as it arrives from a Mac and a notebook: hidden copies, odd extensions, notes."""
+    root = write_image_folder(tmp_path / "data", n_train=2, n_test=1, size=36)
+    cat = root / "train" / "cat"
+    checkpoints = cat / ".ipynb_checkpoints"
+    checkpoints.mkdir()
+    for original in sorted(cat.glob("*.png")):
+        (checkpoints / original.name).write_bytes(original.read_bytes())  # would be duplicates
+    (cat / "._000.png").write_bytes(apple_double())
+    (cat / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(32))
+    (cat / "deep" / ".thumbs").mkdir(parents=True)
+    (cat / "deep" / ".thumbs" / "x.png").write_bytes((cat / "000.png").read_bytes())
+    (cat / "deep" / "kept.png").write_bytes((cat / "001.png").read_bytes())
+    (root / "train" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "train" / "README.txt").write_text("cats and dogs\n")
+    photo = Image.fromarray(upright_view())
+    for name, fmt in (("a.jfif", "JPEG"), ("b.jpe", "JPEG"), ("c.webp", "WEBP"), ("d.JPG", "JPEG")):
+        photo.save(root / "train" / "dog" / name, format=fmt)
+    (root / "train" / "dog" / "notes.txt").write_text("dogs I met\n")
+    (root / "train" / "dog" / "scan.pdf").write_bytes(b"%PDF-1.4\n")
+    return root
+
+
+def test_scan_ignores_hidden_names_and_reads_every_pillow_extension(messy_data):
+    train, _ = gdata.scan_dataset(messy_data)
+    names = [str(Path(p).relative_to(train.root)) for p, _ in train.items]
+    assert names == [
+        "cat/000.png",
+        "cat/001.png",
+        "cat/deep/kept.png",
+        "dog/000.png",
+        "dog/001.png",
+        "dog/a.jfif",
+        "dog/b.jpe",
+        "dog/c.webp",
+        "dog/d.JPG",
+    ]
+    loader = gdata.make_loader(train, gdata.TestTransform(16), len(train), shuffle=False)
+    [(images, labels, skipped)] = list(loader)
+    assert skipped == 0 and len(images) == 9
+
+
+def test_check_data_counts_ignored_and_skipped_files(messy_data):
+    done = run_cli("check-data", str(messy_data), "--image-size", "16", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    cat, dog = report["splits"]["train"]["cat"], report["splits"]["train"]["dog"]
+    assert (cat["images"], cat["unreadable"], cat["skipped"]) == (3, [], [])
+    assert cat["ignored"] == [
+        "train/cat/.DS_Store",
+        "train/cat/._000.png",
+        "train/cat/.ipynb_checkpoints/",
+        "train/cat/deep/.thumbs/",
+    ]
+    assert (dog["images"], dog["unreadable"], dog["ignored"]) == (6, [], [])
+    assert dog["skipped"] == ["train/dog/notes.txt", "train/dog/scan.pdf"]
+    assert report["beside_classes"]["train"] == {
+        "ignored": ["train/.DS_Store"],
+        "skipped": ["train/README.txt"],
+    }
+
+    done = run_cli("check-data", str(messy_data), "--image-size", "16")
+    assert done.returncode == 0 and "Traceback" not in done.stdout + done.stderr
+    text = done.stdout
+    assert "ignored (5 hidden names" in text and "  train/cat/.ipynb_checkpoints/" in text
+    assert "skipped (3 files" in text and "  train/dog/scan.pdf" in text
+    assert "  train/README.txt (not in a class folder)" in text
+
+
+def test_a_class_with_no_image_says_what_it_skipped(messy_data, tmp_path):
+    for image in (messy_data / "train" / "dog").glob("*.*"):
+        if image.suffix not in (".txt", ".pdf"):
+            image.unlink()
+    done = run_cli("check-data", str(messy_data), "--image-size", "16")
+    assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr
+    assert "class folder(s) with no image files: dog (skipped notes.txt, scan.pdf)" in done.stdout
