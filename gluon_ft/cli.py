@@ -339,26 +339,48 @@ def add_check_data_arguments(p: argparse.ArgumentParser) -> None:
 def _format_check_report(report: dict, shown: int = 20) -> str:
     lines = [f"{report['root']} (crop {report['crop']} px)"]
     if report["splits"]:
-        lines.append(f"  {'split':<6} {'class':<24} {'images':>7} {'unreadable':>11} {'small':>6}")
-    unreadable, small = [], []
+        lines.append(
+            f"  {'split':<6} {'class':<24} {'images':>7} {'unreadable':>11} {'small':>6}"
+            f" {'ignored':>8} {'skipped':>8}"
+        )
+    unreadable, small, ignored, skipped = [], [], [], []
     for split, classes in report["splits"].items():
         for name, counts in classes.items():
             lines.append(
                 f"  {split:<6} {name:<24} {counts['images']:>7} "
                 f"{len(counts['unreadable']):>11} {len(counts['small']):>6}"
+                f" {len(counts['ignored']):>8} {len(counts['skipped']):>8}"
             )
             unreadable += counts["unreadable"]
-            small += counts["small"]
+            small += [f"{s['path']}: {s['size'][0]}x{s['size'][1]}" for s in counts["small"]]
+            ignored += counts["ignored"]
+            skipped += counts["skipped"]
+    for beside in report["beside_classes"].values():
+        ignored += beside["ignored"]
+        skipped += [f"{path} (not in a class folder)" for path in beside["skipped"]]
     if unreadable:
         lines.append(f"unreadable ({len(unreadable)}; training skips them, --strict refuses):")
         lines += [f"  {bad['path']}: {bad['reason']}" for bad in unreadable]
-    if small:
-        lines.append(f"smaller than the {report['crop']}-px crop ({len(small)}; upscaled):")
-        lines += [f"  {s['path']}: {s['size'][0]}x{s['size'][1]}" for s in small[:shown]]
-        if len(small) > shown:
-            lines.append(f"  ... and {len(small) - shown} more (--json lists all)")
+    crop = report["crop"]
+    lines += _listing(f"smaller than the {crop}-px crop ({len(small)}; upscaled)", small, shown)
+    lines += _listing(f"ignored ({len(ignored)} hidden names, never read)", ignored, shown)
+    lines += _listing(
+        f"skipped ({len(skipped)} files of no format Pillow decodes, or beside the classes)",
+        skipped,
+        shown,
+    )
     lines += [f"problem: {problem}" for problem in report["problems"]]
     return "\n".join(lines)
+
+
+def _listing(title: str, entries: list[str], shown: int) -> list[str]:
+    """``title:`` and the first ``shown`` entries, indented; nothing when there are none."""
+    if not entries:
+        return []
+    lines = [f"{title}:"] + [f"  {entry}" for entry in entries[:shown]]
+    if len(entries) > shown:
+        lines.append(f"  ... and {len(entries) - shown} more (--json lists all)")
+    return lines
 
 
 def _run_check_data(args: argparse.Namespace) -> int:

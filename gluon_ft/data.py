@@ -1,8 +1,13 @@
 """Datasets: the hot-dog download, image-folder splits, the book's transforms, loaders.
 
-Images are decoded with PIL (not OpenCV) so that every mode a user may hand us (grayscale,
-palette, RGBA, CMYK, 16-bit) becomes RGB, and decompression bombs are refused rather than
-loaded. The random train augmentation draws from a generator seeded per sample by
+Every image is decoded by :func:`load_image` (an opened PIL image by :func:`to_rgb`), with PIL
+rather than OpenCV: every mode a user may hand us becomes 8-bit RGB (deep integer and float
+modes scaled by their type's range, see :func:`_to_8bit`), photos are turned upright as their
+EXIF Orientation says (as a browser shows them), and decompression bombs are refused rather
+than loaded. A dataset is every file with an extension Pillow decodes (:func:`image_extensions`)
+under its class folders, hidden (dot) names left out at any depth.
+
+The random train augmentation draws from a generator seeded per sample by
 ``(seed, epoch, index)``: the same run gives the same images whatever the worker count, a
 resumed run sees what the uninterrupted one saw, and distributed workers agree on the order.
 """
@@ -10,6 +15,7 @@ resumed run sees what the uninterrupted one saw, and distributed workers agree o
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import warnings
@@ -18,7 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import ExifTags, Image, ImageFile
 
 from gluon_ft.errors import UsageError
 from gluon_ft.paths import mxnet_home
@@ -27,9 +33,10 @@ HOTDOG_URL = "http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip"
 HOTDOG_SHA1 = "fba480ffa8aa7e0febbb511d181409f899b9baa5"
 HOTDOG_ZIP = "hotdog.zip"
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-)
+# Formats Pillow registers but cannot turn into pixels here: stubs that only identify a file
+# (BUFR, GRIB, HDF5, and WMF/EMF off Windows), MPEG (a video's header), and EPS/PS (drawings
+# that need Ghostscript). Their files are skipped as non-images, not retried every epoch.
+UNDECODED_FORMATS = frozenset({"BUFR", "GRIB", "HDF5", "WMF", "MPEG", "EPS"})
 # The book normalizes with ImageNet's statistics, on 0-1 RGB.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,7 +90,11 @@ class UnreadableImageError(OSError):
 
 
 def load_image(path: str | Path | BinaryIO) -> Image.Image:
-    """Decode an image file (a path or an open binary file) as 8-bit RGB.
+    """Decode an image file (a path or an open binary file) as upright 8-bit RGB.
+
+    The one decoder of training, check-data, pack, predict, serve and the notebooks, so that
+    they all see the same pixels: the EXIF Orientation applied, deep modes scaled by their
+    type's range (:func:`_to_8bit`), transparency composited on white.
 
     Raises
     ------
@@ -99,12 +110,11 @@ def load_image(path: str | Path | BinaryIO) -> Image.Image:
             # Beyond MAX_IMAGE_PIXELS PIL only warns; a bomb must be refused, not loaded.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                img.load()
-                return _as_rgb(img)
+                return _upright_rgb(img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """An already opened PIL image as 8-bit RGB, by the rules of :func:`load_image`.
+    """An already opened PIL image as upright 8-bit RGB, by the rules of :func:`load_image`.
 
     Raises
     ------
@@ -114,8 +124,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     with _unreadable_reasons():
         if img.width * img.height > Image.MAX_IMAGE_PIXELS:
             raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels")
-        img.load()
-        return _as_rgb(img)
+        return _upright_rgb(img)
 
 
 @contextlib.contextmanager
@@ -143,19 +152,90 @@ def _unreadable_reasons():
         ) from None
 
 
+# The transposes that show a photo as its EXIF Orientation (2-8) says it is viewed: those of
+# ImageOps.exif_transpose, without its rewriting of the metadata, which can raise on an odd EXIF
+# block (and lose a good photo) and which a decoded training image does not keep anyway.
+_ORIENTATION_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _upright_rgb(img: Image.Image) -> Image.Image:
+    """Decode ``img``'s pixels as 8-bit RGB, turned as its EXIF Orientation says."""
+    img.load()
+    rgb = _as_rgb(img)
+    turn = _ORIENTATION_TRANSPOSES.get(_exif_orientation(img))
+    return rgb if turn is None else rgb.transpose(turn)
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    """The EXIF (or XMP) Orientation tag; 1 (as stored) when absent or unreadable."""
+    try:
+        return img.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # noqa: BLE001  a damaged EXIF block must not lose good pixels
+        return 1
+
+
 def _as_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grayscale: scale to 8 bits rather than clip to white.
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        img8 = Image.fromarray(np.clip(arr * 255.0 / peak, 0, 255).astype(np.uint8))
-        return img8.convert("RGB")
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        return Image.fromarray(_to_8bit(img)).convert("RGB")
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         # Composite on white: transparent pixels have arbitrary colour underneath.
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _to_8bit(img: Image.Image) -> np.ndarray:
+    """The uint8 grey levels of a one-channel integer (``I;16*``, ``I``) or float (``F``) image.
+
+    Scaled by the range of the sample type, never by the image's own extremes, so a dark image
+    stays dark and the same pixels give the same result in every file format:
+
+    - integers: the top 8 of the bits the file declares (16-bit: ``>> 8``, which is also what
+      Pillow does to 16-bit RGB); for signed types the range is ``0 .. 2**(bits-1) - 1`` and
+      negative values are black. See :func:`_integer_depth` for what each format declares.
+    - float: ``0 .. 1`` is black to white (the convention of float images in PFM, TIFF and
+      scikit-image); values outside are clipped, NaN is black.
+    """
+    pixels = np.asarray(img)
+    if img.mode == "F":
+        return np.round(np.clip(np.nan_to_num(pixels, nan=0.0), 0.0, 1.0) * 255).astype(np.uint8)
+    bits, signed = _integer_depth(img)
+    if not signed and pixels.dtype == np.int32:
+        pixels = pixels.view(np.uint32)  # Pillow holds unsigned 32-bit samples as int32
+    shift = max(0, bits - signed - 8)
+    return np.clip(pixels >> shift, 0, 255).astype(np.uint8)
+
+
+def _integer_depth(img: Image.Image) -> tuple[int, bool]:
+    """``(bits per sample, signed)`` of an integer-mode image, as its file declares them.
+
+    ``I;16*`` modes hold unsigned 16-bit samples. Pillow widens the others to ``I`` (32-bit
+    signed): a TIFF declares its bits and sign in its tags (16 or 32, signed or not); a PGM/PPM
+    with a maxval over 255 is rescaled by Pillow to ``0 .. 65535``, so 16 bits; anything else
+    in ``I`` (a FITS or IM file, an array made with ``Image.fromarray``) is signed 32-bit.
+    """
+    if img.format == "TIFF" and hasattr(img, "tag_v2"):
+        bits = _first(img.tag_v2.get(258))  # BitsPerSample
+        sample_format = _first(img.tag_v2.get(339))  # SampleFormat: 1 unsigned, 2 signed
+        if isinstance(bits, int) and 8 < bits <= 32:
+            return bits, sample_format == 2
+    if img.mode.startswith("I;16") or img.format == "PPM":
+        return 16, False
+    return 32, True
+
+
+def _first(value):
+    """A TIFF tag's value, or the first of its per-channel values."""
+    return value[0] if isinstance(value, tuple) and value else value
 
 
 @dataclass(frozen=True)
@@ -184,17 +264,56 @@ class ImageFolderSplit:
         return load_image(self.items[index][0])
 
 
-def list_class_files(root: Path) -> dict[str, list[Path]]:
-    """``{class: sorted image files}`` of ``root/<class>/``, classes sorted, hidden ones skipped."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return {
-        name: sorted(
-            f
-            for f in (root / name).rglob("*")
-            if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
-        )
-        for name in classes
-    }
+@functools.cache
+def image_extensions() -> frozenset[str]:
+    """Every file extension (lower case, with its dot) of a format Pillow decodes here.
+
+    ``.jpg .jpeg .jpe .jfif .png .apng .webp .gif .bmp .tif .tiff .pgm .ppm .pnm .pfm .ico .psd
+    .tga .qoi .jp2 .mpo`` and more: every format Pillow opens, less :data:`UNDECODED_FORMATS`;
+    save-only ones (``.pdf``) are not among them.
+    """
+    registered = Image.registered_extensions()  # imports every plugin, which fills Image.OPEN
+    # MPO (a stereo camera's JPEG) is registered for saving only; the JPEG plugin opens it.
+    decodable = ({*Image.OPEN} | {"MPO"}) - UNDECODED_FORMATS
+    return frozenset(ext for ext, fmt in registered.items() if fmt in decodable)
+
+
+def is_hidden(path: Path) -> bool:
+    """A dot-name: ``.DS_Store``, macOS's ``._photo.jpg``, ``.ipynb_checkpoints/``, ``.git/``."""
+    return path.name.startswith(".")
+
+
+@dataclass(frozen=True)
+class FolderContents:
+    """A class folder's files, each list sorted: its images, and what a scan leaves out."""
+
+    images: tuple[Path, ...]
+    ignored: tuple[Path, ...]  # hidden files and folders (a folder's insides are not read)
+    skipped: tuple[Path, ...]  # files of no format Pillow decodes: notes, PDFs, videos
+
+
+def folder_contents(folder: Path) -> FolderContents:
+    """Sort every file under ``folder`` (at any depth) into images, ignored and skipped."""
+    images, ignored, skipped = [], [], []
+    for parent, folders, files in os.walk(folder):
+        here = Path(parent)
+        subfolders = [here / name for name in folders]
+        ignored += [path for path in subfolders if is_hidden(path)]
+        folders[:] = [path.name for path in subfolders if not is_hidden(path)]  # never entered
+        for path in (here / name for name in files):
+            if is_hidden(path):
+                ignored.append(path)
+            elif path.suffix.lower() in image_extensions():
+                images.append(path)
+            else:
+                skipped.append(path)
+    return FolderContents(*(tuple(sorted(found)) for found in (images, ignored, skipped)))
+
+
+def class_folders(root: Path) -> dict[str, FolderContents]:
+    """``{class: its contents}`` of ``root/<class>/``, classes sorted; hidden folders are none."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_hidden(p))
+    return {name: folder_contents(root / name) for name in classes}
 
 
 def scan_split(root: str | Path) -> ImageFolderSplit:
@@ -208,23 +327,31 @@ def scan_split(root: str | Path) -> ImageFolderSplit:
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"{root} is not a folder; expected {root}/<class>/<image files>.")
-    class_files = list_class_files(root)
-    classes = list(class_files)
+    contents = class_folders(root)
+    classes = list(contents)
     if not classes:
         raise UsageError(f"{root} has no class folders; expected {root}/<class>/<image files>.")
-    items = []
-    empty = []
-    for label, name in enumerate(classes):
-        files = class_files[name]
-        if not files:
-            empty.append(name)
-        items.extend((str(f), label) for f in files)
+    empty = [_left_out(name, found) for name, found in contents.items() if not found.images]
     if empty:
         raise UsageError(
-            f"{root}: class folder(s) with no image files: {', '.join(empty)}. "
-            f"Accepted extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}."
+            f"{root}: class folder(s) with no image files: {'; '.join(empty)}. Image files are "
+            "those of a format Pillow decodes (.jpg, .png, .webp, .tif, .bmp, .gif, ...); "
+            "hidden (dot) names are ignored. `gluon-ft check-data` lists what it leaves out."
         )
+    items = [(str(f), label) for label, name in enumerate(classes) for f in contents[name].images]
     return ImageFolderSplit(root, tuple(classes), tuple(items))
+
+
+def _left_out(name: str, contents: FolderContents, shown: int = 3) -> str:
+    """``dog (skipped notes.txt, scan.pdf; ignored .DS_Store)``: why a class has no images."""
+    parts = []
+    for verb, paths in (("skipped", contents.skipped), ("ignored", contents.ignored)):
+        names = [p.name for p in paths[:shown]]
+        if len(paths) > shown:
+            names.append(f"{len(paths) - shown} more")
+        if names:
+            parts.append(f"{verb} {', '.join(names)}")
+    return f"{name} ({'; '.join(parts)})" if parts else name
 
 
 def scan_dataset(root: str | Path) -> tuple[ImageFolderSplit, ImageFolderSplit]:
@@ -278,7 +405,9 @@ def check_dataset(root: str | Path, crop: int) -> dict:
     dict
         ``{"root", "crop", "problems": [why training would refuse the folder], "splits":
         {split: {class: {"images": n, "unreadable": [{"path", "reason"}], "small": [{"path",
-        "size": [w, h]}]}}}}``, paths relative to ``root``.
+        "size": [w, h]}], "ignored": [hidden paths], "skipped": [non-image paths]}}},
+        "beside_classes": {split: {"ignored": [...], "skipped": [files outside a class]}}}``,
+        paths relative to ``root``, a folder's with a trailing ``/``.
     """
     root = Path(root)
     problems = []
@@ -287,23 +416,49 @@ def check_dataset(root: str | Path, crop: int) -> dict:
     except UsageError as err:
         problems.append(str(err))
     splits: dict = {}
+    beside: dict = {}
     for split in ("train", "test"):
         if not (root / split).is_dir():
             continue
-        splits[split] = {}
-        for name, files in list_class_files(root / split).items():
-            unreadable, small = [], []
-            for file in files:
-                relative = str(file.relative_to(root))
-                try:
-                    width, height = load_image(file).size
-                except UnreadableImageError as err:
-                    unreadable.append({"path": relative, "reason": str(err)})
-                    continue
-                if min(width, height) < crop:
-                    small.append({"path": relative, "size": [width, height]})
-            splits[split][name] = {"images": len(files), "unreadable": unreadable, "small": small}
-    return {"root": str(root), "crop": crop, "problems": problems, "splits": splits}
+        splits[split] = {
+            name: _check_class(contents, root, crop)
+            for name, contents in class_folders(root / split).items()
+        }
+        entries = sorted((root / split).iterdir())
+        beside[split] = {
+            "ignored": [_relative(p, root) for p in entries if is_hidden(p)],
+            "skipped": [_relative(p, root) for p in entries if not (is_hidden(p) or p.is_dir())],
+        }
+    return {
+        "root": str(root),
+        "crop": crop,
+        "problems": problems,
+        "splits": splits,
+        "beside_classes": beside,
+    }
+
+
+def _check_class(contents: FolderContents, root: Path, crop: int) -> dict:
+    unreadable, small = [], []
+    for file in contents.images:
+        try:
+            width, height = load_image(file).size
+        except UnreadableImageError as err:
+            unreadable.append({"path": _relative(file, root), "reason": str(err)})
+            continue
+        if min(width, height) < crop:
+            small.append({"path": _relative(file, root), "size": [width, height]})
+    return {
+        "images": len(contents.images),
+        "unreadable": unreadable,
+        "small": small,
+        "ignored": [_relative(p, root) for p in contents.ignored],
+        "skipped": [_relative(p, root) for p in contents.skipped],
+    }
+
+
+def _relative(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) + ("/" if path.is_dir() else "")
 
 
 def unreadable_in(report: dict) -> list[dict]:

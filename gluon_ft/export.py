@@ -62,7 +62,8 @@ def preprocessing(run: LoadedRun, input_name: str) -> dict:
             "shape": [None, 3, run.image_size, run.image_size],
         },
         "steps": [
-            f"decode as 8-bit RGB; resize to {transform.resize}x{transform.resize} (bilinear)",
+            "decode as 8-bit RGB, turned upright as its EXIF Orientation says",
+            f"resize to {transform.resize}x{transform.resize} (bilinear)",
             f"centre crop {run.image_size}x{run.image_size}",
             "divide by 255; subtract mean and divide by std, per channel",
         ],
