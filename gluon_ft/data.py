@@ -25,6 +25,8 @@ from gluon_ft.errors import UsageError
 HOTDOG_URL = "http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip"
 HOTDOG_SHA1 = "fba480ffa8aa7e0febbb511d181409f899b9baa5"
 HOTDOG_ZIP = "hotdog.zip"
+# The zip is 261 MB; a server announcing more than this bound serves some other file.
+HOTDOG_MAX_BYTES = 300 * 10**6
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -68,7 +70,7 @@ def hotdog_root(
     extracted = cache / "hotdog"
     if not extracted.is_dir():
         try:
-            zip_path = fetch(url, cache / HOTDOG_ZIP, sha1)
+            zip_path = fetch(url, cache / HOTDOG_ZIP, sha1, max_bytes=HOTDOG_MAX_BYTES)
             extract_zip(zip_path, extracted)
         except DownloadError as err:
             raise UsageError(
