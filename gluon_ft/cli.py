@@ -560,7 +560,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from gluon_ft.errors import UsageError
 
     try:
-        from gluon_ft.serve import serve
+        from gluon_ft.serve import is_loopback_name, serve
     except ImportError as err:
         raise UsageError(
             f"gluon-ft serve needs the serve extra ({err.name} is missing): "
@@ -571,7 +571,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     contexts = parse_contexts(args.ctx)
     if len(contexts) != 1:
         raise UsageError(f"--ctx {args.ctx}: gluon-ft serve runs on one device, e.g. gpu:0.")
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if not is_loopback_name(args.host):
         print(
             f"gluon-ft: warning: --host {args.host} lets other machines reach this server; "
             "it has no password and uses plain HTTP.",

@@ -39,7 +39,6 @@ import ipaddress
 import math
 import queue
 import threading
-import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from importlib import resources
@@ -168,11 +167,10 @@ def fit_pixel_cap(data: bytes, filename: str, max_pixels: int) -> bytes | Image.
         413: the image has more pixels than the cap and cannot be decoded smaller.
     """
     try:
-        with warnings.catch_warnings():
-            # PIL warns past its own limit, and raises past twice it; this cap is lower.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
+        # PIL warns past its own limit (this cap is lower) and raises past twice it. The
+        # warning is left alone: filters changed here would race the decoder's on its thread.
+        img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise _ImageTooLarge(filename, None, max_pixels) from None
     except Exception:  # noqa: BLE001  not an image, or a broken header: the decoder explains
         return data
@@ -203,7 +201,7 @@ class _ImageTooLarge(HTTPException):
     def __init__(self, filename: str, size: tuple[int, int] | None, max_pixels: int):
         name = filename or "the upload"
         if size is None:
-            what = f"{name} has more than {2 * Image.MAX_IMAGE_PIXELS} pixels"
+            what = f"{name} has more than {Image.MAX_IMAGE_PIXELS} pixels"
         else:
             what = (
                 f"{name} is {size[0]}x{size[1]} pixels ({size[0] * size[1] / 1e6:.1f} megapixels)"
@@ -334,7 +332,9 @@ class _UploadLimit:
         await self.app(scope, limited_receive, send)
 
 
-def _error_response(status: int, message: str, headers=None) -> JSONResponse:
+def _error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -384,6 +384,25 @@ def _parse_top_k(request: Request, count: int) -> int:
     return min(int(text), count)
 
 
+def _answer_errors_as_json(app: FastAPI) -> None:
+    """Every error the application answers, 404 to 500, gets the body ``{"error": ...}``."""
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        # The headers carry Allow for a 405 and Retry-After for a 503.
+        return _error_response(err.status_code, str(err.detail), err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        return _error_response(422, "; ".join(e.get("msg", str(e)) for e in err.errors()))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception) -> JSONResponse:
+        # Starlette still hands the exception on, so the log keeps its traceback.
+        message = f"the server failed on this request ({type(err).__name__}); its log says why"
+        return _error_response(500, message)
+
+
 def create_app(
     predictor: Predictor,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
@@ -430,20 +449,7 @@ def create_app(
     app.add_middleware(_UploadLimit, max_bytes=max_upload_bytes)
     if is_loopback_name(host):  # added last, so it runs first
         app.add_middleware(_LoopbackHostsOnly, bound_to=host)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
-        return _error_response(err.status_code, str(err.detail), err.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-        return _error_response(422, "; ".join(e.get("msg", str(e)) for e in err.errors()))
-
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, err: Exception) -> JSONResponse:
-        # Starlette still hands the exception on, so the log keeps its traceback.
-        message = f"the server failed on this request ({type(err).__name__}); its log says why"
-        return _error_response(500, message)
+    _answer_errors_as_json(app)
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
