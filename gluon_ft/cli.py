@@ -545,14 +545,44 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         metavar="MB",
         help="largest upload accepted, in MiB (default %(default)s); larger ones get HTTP 413",
     )
+    p.add_argument(
+        "--max-pixels",
+        type=_pixel_cap,
+        default=24_000_000,
+        metavar="N",
+        help="largest image decoded, in pixels (default %(default)s: a 6000x4000 photo; the "
+        "decode costs 8 to 20 bytes a pixel). Larger ones get HTTP 413 from their header, "
+        "before any decoding; a baseline JPEG is decoded at 1/2, 1/4 or 1/8 scale instead when "
+        "that fits",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=_positive_int,
+        default=16,
+        metavar="N",
+        help="most /predict requests in progress at once (default %(default)s); more get HTTP "
+        "503 with Retry-After",
+    )
     p.add_argument("--ctx", default="cpu", help="the one device to run on: cpu | gpu:N")
+
+
+def _pixel_cap(text: str) -> int:
+    from PIL import Image
+
+    value = _positive_int(text)
+    if value > Image.MAX_IMAGE_PIXELS:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {Image.MAX_IMAGE_PIXELS} (the image decoder refuses more as a "
+            f"possible decompression bomb), got {value}"
+        )
+    return value
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from gluon_ft.errors import UsageError
 
     try:
-        from gluon_ft.serve import serve
+        from gluon_ft.serve import is_loopback_name, serve
     except ImportError as err:
         raise UsageError(
             f"gluon-ft serve needs the serve extra ({err.name} is missing): "
@@ -563,7 +593,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     contexts = parse_contexts(args.ctx)
     if len(contexts) != 1:
         raise UsageError(f"--ctx {args.ctx}: gluon-ft serve runs on one device, e.g. gpu:0.")
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if not is_loopback_name(args.host):
         print(
             f"gluon-ft: warning: --host {args.host} lets other machines reach this server; "
             "it has no password and uses plain HTTP.",
@@ -571,7 +601,15 @@ def _run_serve(args: argparse.Namespace) -> int:
         )
     url = f"http://{args.host}:{args.port}/"
     print(f"gluon-ft: loading {args.run_dir}; then open {url}", flush=True)
-    serve(args.run_dir, args.host, args.port, int(args.max_upload_mb * 2**20), contexts[0])
+    serve(
+        args.run_dir,
+        args.host,
+        args.port,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_pixels=args.max_pixels,
+        max_queue=args.max_queue,
+        ctx=contexts[0],
+    )
     return 0
 
 

@@ -32,6 +32,8 @@ from gluon_ft.paths import mxnet_home
 HOTDOG_URL = "http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip"
 HOTDOG_SHA1 = "fba480ffa8aa7e0febbb511d181409f899b9baa5"
 HOTDOG_ZIP = "hotdog.zip"
+# The zip is 261 MB; a server announcing more than this bound serves some other file.
+HOTDOG_MAX_BYTES = 300 * 10**6
 
 # Formats Pillow registers but cannot turn into pixels here: stubs that only identify a file
 # (BUFR, GRIB, HDF5, and WMF/EMF off Windows), MPEG (a video's header), and EPS/PS (drawings
@@ -71,7 +73,7 @@ def hotdog_root(
     extracted = cache / "hotdog"
     if not extracted.is_dir():
         try:
-            zip_path = fetch(url, cache / HOTDOG_ZIP, sha1)
+            zip_path = fetch(url, cache / HOTDOG_ZIP, sha1, max_bytes=HOTDOG_MAX_BYTES)
             extract_zip(zip_path, extracted)
         except DownloadError as err:
             raise UsageError(

@@ -11,6 +11,7 @@ message that the command line shows without a traceback.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -23,9 +24,11 @@ import time
 import zipfile
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+import urllib3
 from tqdm import tqdm
 
 from gluon_ft.errors import UsageError
@@ -41,6 +44,8 @@ _NET_CHUNK = 1 << 16
 # A refused or unroutable connection should fail in seconds, even when the read timeout is
 # long enough for a slow server.
 _MAX_CONNECT_TIMEOUT = 5.0
+# Each stall_timeout seconds of a download must bring at least this much data.
+_STALL_BYTES = 1 << 16
 # Worth another try: the server is overloaded or briefly broken, not refusing the request.
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _SHA1 = re.compile(r"[0-9a-f]{40}")
@@ -93,9 +98,11 @@ def fetch(
     dest: str | os.PathLike,
     sha1: str,
     *,
+    max_bytes: int | None = None,
     retries: int = 3,
     backoff: float = 0.5,
     timeout: float = 30,
+    stall_timeout: float = 60,
     progress: bool = True,
 ) -> Path:
     """Download ``url`` to ``dest`` unless a file with the right SHA-1 is already there.
@@ -104,8 +111,10 @@ def fetch(
     is verified and used without any network access. Otherwise the body is streamed into
     ``dest.part`` beside it, verified, and renamed to ``dest`` in one step, so ``dest`` is
     either absent or complete and correct. An interrupted download is resumed with an HTTP
-    ``Range`` request when the server supports it. Processes fetching the same ``dest``
-    take turns through an exclusive lock on ``dest.lock``; the later ones find the file.
+    ``Range`` request when the server supports it; a resumed file that fails the SHA-1 check
+    is downloaded once more from the start, since the part kept from before may belong to
+    another version of the file. Processes fetching the same ``dest`` take turns through an
+    exclusive lock on ``dest.lock``; the later ones find the file.
 
     Parameters
     ----------
@@ -115,14 +124,21 @@ def fetch(
         Where the file belongs; its directory is created if needed.
     sha1 : str
         Expected SHA-1 of the file, 40 hex digits.
+    max_bytes : int, optional
+        The most bytes the file can have. A server that announces more is refused before
+        anything is written, and one that sends more is cut off there, so a wrong or hostile
+        server cannot fill the disk.
     retries : int, optional
         How many more attempts after the first one fails with a connection error, a
-        dropped connection or an HTTP 5xx answer.
+        dropped connection, a stalled transfer or an HTTP 5xx answer.
     backoff : float, optional
         Seconds to wait before the first retry; the wait doubles with each further retry.
     timeout : float, optional
         Seconds without any data from the server before an attempt is given up. Connecting
         is given at most 5 s of it, so an unreachable server fails fast.
+    stall_timeout : float, optional
+        An attempt is given up when this many seconds bring less than 64 KiB (about 1 KiB/s
+        at the default): a server that sends a byte now and then never trips ``timeout``.
     progress : bool, optional
         Show a progress bar on stderr.
 
@@ -136,8 +152,9 @@ def fetch(
     DownloadError
         The file at ``dest`` has another SHA-1 (it is left in place), the server could not
         be reached or kept failing (what arrived stays in ``dest.part`` for the next call
-        to resume), it answered with an HTTP error, or it sent data with another SHA-1 (the
-        data is discarded).
+        to resume), it answered with an HTTP error, it announced or sent more than
+        ``max_bytes``, it sent data with another SHA-1 (the data is discarded), or the disk
+        is full (the partial file is deleted).
     """
     dest = Path(dest)
     expected = sha1.strip().lower()
@@ -145,25 +162,26 @@ def fetch(
         raise ValueError(f"sha1 must be 40 hex digits, got {sha1!r}")
     if dest.exists():
         return _verified_in_place(dest, expected, url)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(_sibling(dest, ".lock"), waiting_for=dest):
-        # Whoever held the lock before us may have just finished this very download.
-        if dest.exists():
-            return _verified_in_place(dest, expected, url)
-        part = _sibling(dest, ".part")
-        _download(url, part, retries=retries, backoff=backoff, timeout=timeout, show=progress)
-        actual = sha1sum(part)
-        if actual != expected:
-            part.unlink()
-            raise DownloadError(
-                f"The file downloaded from {url} has SHA-1 {actual}, but {expected} was "
-                f"expected, so it was discarded and nothing was saved at {dest}. The server "
-                "sent different data than expected (for example a proxy's error page or a "
-                "changed file).",
-                url=url,
-                path=dest,
-            )
-        os.replace(part, dest)
+    transfer = _Transfer(
+        url,
+        _sibling(dest, ".part"),
+        timeouts=(min(timeout, _MAX_CONNECT_TIMEOUT), min(timeout, stall_timeout)),
+        stall_timeout=stall_timeout,
+        max_bytes=max_bytes,
+        show=progress,
+    )
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(_sibling(dest, ".lock"), waiting_for=dest):
+            # Whoever held the lock before us may have just finished this very download.
+            if dest.exists():
+                return _verified_in_place(dest, expected, url)
+            _download_verified(transfer, expected, retries=retries, backoff=backoff)
+            os.replace(transfer.part, dest)
+    except OSError as exc:  # the cache folder cannot be created or written at all
+        raise DownloadError(
+            f"Could not save {dest}: {exc.strerror or exc}.", url=url, path=dest
+        ) from None
     return dest
 
 
@@ -310,18 +328,64 @@ def _same_file(fd: int, path: Path) -> bool:
     return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
 
 
-def _download(
-    url: str, part: Path, *, retries: int, backoff: float, timeout: float, show: bool
-) -> None:
-    """Fill ``part`` with the body of ``url``, resuming and retrying as needed."""
-    timeouts = (min(timeout, _MAX_CONNECT_TIMEOUT), timeout)
+@dataclass(frozen=True)
+class _Transfer:
+    """One file to download into ``part``, and the limits every attempt keeps to."""
+
+    url: str
+    part: Path
+    timeouts: tuple[float, float]  # (connect, read) for requests
+    stall_timeout: float
+    max_bytes: int | None
+    show: bool
+
+    @property
+    def dest(self) -> Path:
+        return self.part.with_name(self.part.name.removesuffix(".part"))
+
+
+def _download_verified(transfer: _Transfer, expected: str, *, retries: int, backoff: float):
+    """Fill ``transfer.part`` with the file whose SHA-1 is ``expected``, or raise.
+
+    A download that was resumed (appended to what an earlier attempt or run left) and fails
+    the check is downloaded once more from the start; a fresh one that fails is final, since
+    the server sent that data whole.
+    """
+    for from_scratch in (False, True):
+        resumed = _download(transfer, retries=retries, backoff=backoff)
+        actual = sha1sum(transfer.part)
+        if actual == expected:
+            return
+        transfer.part.unlink()
+        if not resumed or from_scratch:
+            again = " even when downloaded again from the start," if from_scratch else ""
+            raise DownloadError(
+                f"The file downloaded from {transfer.url} has SHA-1 {actual}, but {expected} "
+                f"was expected,{again} so it was discarded and nothing was saved at "
+                f"{transfer.dest}. The server sent different data than expected (for example a "
+                "proxy's error page or a changed file).",
+                url=transfer.url,
+                path=transfer.dest,
+            )
+        log.warning(
+            "the resumed download of %s failed its SHA-1 check; downloading it again from the "
+            "start",
+            transfer.url,
+        )
+
+
+def _download(transfer: _Transfer, *, retries: int, backoff: float) -> bool:
+    """Fill ``transfer.part`` with the body of its URL, resuming and retrying as needed.
+
+    Returns whether the finished file was resumed: its first bytes came before this attempt.
+    """
     attempt = 0
+    url, dest = transfer.url, transfer.dest
     with requests.Session() as session:
         while True:
             attempt += 1
             try:
-                _download_once(session, url, part, timeouts, show)
-                return
+                return _download_once(session, transfer) > 0
             except _Transient as exc:
                 reason = str(exc)
             except (requests.ConnectionError, requests.Timeout) as exc:
@@ -331,40 +395,50 @@ def _download(
                 reason = "the connection broke off in the middle of the download"
             except requests.RequestException as exc:  # a bad URL, too many redirects, ...
                 raise DownloadError(
-                    f"Could not download {url} to {_final(part)}: {exc}.",
-                    url=url,
-                    path=_final(part),
-                ) from None
-            except OSError as exc:  # writing the partial file failed, e.g. the disk is full
-                raise DownloadError(
-                    f"Could not save the download of {url} to {part}: {exc.strerror or exc}.",
-                    url=url,
-                    path=_final(part),
+                    f"Could not download {url} to {dest}: {exc}.", url=url, path=dest
                 ) from None
             if attempt > retries:
                 raise DownloadError(
-                    f"Could not download {url} to {_final(part)}: {reason} (gave up after "
-                    f"{attempt} attempts). Check the network connection and the address.",
+                    f"Could not download {url} to {dest}: {reason} (gave up after {attempt} "
+                    f"attempt{'s' if attempt > 1 else ''}). Check the network connection and the "
+                    "address.",
                     url=url,
-                    path=_final(part),
+                    path=dest,
                 )
             log.info("download of %s failed (%s); retrying", url, reason)
             time.sleep(backoff * 2 ** (attempt - 1))
 
 
-def _final(part: Path) -> Path:
-    return part.with_name(part.name.removesuffix(".part"))
+def _save_failed(transfer: _Transfer, exc: OSError, total: int | None) -> DownloadError:
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return DownloadError(
+            f"Could not save the download of {transfer.url} to {transfer.part}: "
+            f"{exc.strerror or exc}.",
+            url=transfer.url,
+            path=transfer.dest,
+        )
+    # A partial file on a full disk only holds on to the space the user has to free.
+    transfer.part.unlink(missing_ok=True)
+    folder = transfer.part.parent
+    needs = f"{transfer.dest.name} needs {total / 2**20:.1f} MiB, " if total else ""
+    return DownloadError(
+        f"Could not save the download of {transfer.url} in {folder}: {exc.strerror} ({needs}"
+        f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB is free there). The partial file "
+        "was deleted. Free some space, or choose a cache folder on a larger disk (MXNET_HOME).",
+        url=transfer.url,
+        path=transfer.dest,
+    )
 
 
-def _download_once(
-    session: requests.Session, url: str, part: Path, timeouts: tuple[float, float], show: bool
-) -> None:
+def _download_once(session: requests.Session, transfer: _Transfer) -> int:
+    """One attempt; returns the offset it resumed at (0 for the whole file)."""
+    part = transfer.part
     offset = part.stat().st_size if part.exists() else 0
     # Identity encoding: byte ranges must count the file's bytes, not a compressed stream's.
     headers = {"Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-    with session.get(url, headers=headers, stream=True, timeout=timeouts) as resp:
+    with session.get(transfer.url, headers=headers, stream=True, timeout=transfer.timeouts) as resp:
         status = resp.status_code
         if status == 416 and offset:
             # The partial file is as long as the whole file, or longer: start over.
@@ -374,10 +448,10 @@ def _download_once(
             raise _Transient(f"the server answered HTTP {status} {resp.reason}")
         if status not in (200, 206):
             raise DownloadError(
-                f"Could not download {url} to {_final(part)}: the server answered HTTP "
-                f"{status} {resp.reason}.",
-                url=url,
-                path=_final(part),
+                f"Could not download {transfer.url} to {transfer.dest}: the server answered "
+                f"HTTP {status} {resp.reason}.",
+                url=transfer.url,
+                path=transfer.dest,
             )
         if status == 206 and _range_start(resp) != offset:
             part.unlink()
@@ -386,28 +460,98 @@ def _download_once(
             offset = 0  # the server ignored the Range header and sends the whole file
         length = resp.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
+        if total is not None and transfer.max_bytes is not None and total > transfer.max_bytes:
+            raise _too_large(transfer, f"the server announced {total} bytes")
+        _write_body(resp, transfer, offset, total)
+    if total is not None and part.stat().st_size < total:
+        raise _Transient("the connection broke off in the middle of the download")
+    return offset
+
+
+def _write_body(resp: requests.Response, transfer: _Transfer, offset: int, total: int | None):
+    """Append the body to the partial file (or start it, at offset 0), within the limits."""
+    stall = _StallDeadline(transfer.stall_timeout)
+    try:
         with (
-            open(part, "ab" if offset else "wb") as f,
+            open(transfer.part, "ab" if offset else "wb") as f,
             tqdm(
                 total=total,
                 initial=offset,
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1024,
-                desc=_final(part).name,
+                desc=transfer.dest.name,
                 file=sys.stderr,
-                disable=not show,
+                disable=not transfer.show,
                 leave=False,
             ) as progress,
         ):
-            for chunk in resp.iter_content(_NET_CHUNK):
+            size = offset
+            for chunk in _body_chunks(resp):
+                size += len(chunk)
+                if transfer.max_bytes is not None and size > transfer.max_bytes:
+                    raise _too_large(transfer, f"the server sent {size} bytes")
                 f.write(chunk)
                 progress.update(len(chunk))
+                stall.arrived(len(chunk))
             f.flush()
             # The rename into place must not survive a crash that the data itself did not.
             os.fsync(f.fileno())
-    if total is not None and part.stat().st_size < total:
-        raise _Transient("the connection broke off in the middle of the download")
+    except requests.RequestException:  # an OSError too, but the network's: retried by caller
+        raise
+    except OSError as exc:  # the disk is full, or the folder is not writable
+        raise _save_failed(transfer, exc, total) from None
+
+
+def _too_large(transfer: _Transfer, what: str) -> DownloadError:
+    transfer.part.unlink(missing_ok=True)
+    return DownloadError(
+        f"Refusing the download of {transfer.url}: {what}, more than the "
+        f"{transfer.max_bytes} bytes that {transfer.dest.name} can have, so it is not the "
+        f"expected file. Nothing was saved at {transfer.dest}.",
+        url=transfer.url,
+        path=transfer.dest,
+    )
+
+
+def _body_chunks(resp: requests.Response) -> Iterator[bytes]:
+    """The response body as it arrives, with the errors that ``iter_content`` would raise.
+
+    Each read returns what the socket has, up to 64 KiB: ``iter_content`` waits for a full
+    chunk, so a server trickling a byte at a time would hold one read for hours.
+    """
+    while True:
+        try:
+            chunk = resp.raw.read1(_NET_CHUNK, decode_content=True)
+        except urllib3.exceptions.ReadTimeoutError as exc:
+            raise requests.ReadTimeout(exc) from exc
+        except urllib3.exceptions.ProtocolError as exc:
+            raise requests.exceptions.ChunkedEncodingError(exc) from exc
+        except urllib3.exceptions.DecodeError as exc:
+            raise requests.exceptions.ContentDecodingError(exc) from exc
+        except urllib3.exceptions.SSLError as exc:
+            raise requests.exceptions.SSLError(exc) from exc
+        if not chunk:
+            return
+        yield chunk
+
+
+class _StallDeadline:
+    """Gives an attempt up when ``seconds`` pass that bring less than :data:`_STALL_BYTES`."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._since, self._bytes = time.monotonic(), 0
+
+    def arrived(self, count: int) -> None:
+        now = time.monotonic()
+        self._bytes += count
+        if self._bytes >= _STALL_BYTES:
+            self._since, self._bytes = now, 0
+        elif now - self._since > self.seconds:
+            raise _Transient(
+                f"the download stalled ({self._bytes} bytes in {now - self._since:.1f} s)"
+            )
 
 
 def _range_start(resp: requests.Response) -> int | None:

@@ -7,17 +7,27 @@
                     {"run_id", "model", "filename", "classes", "probabilities"}
                     (every class, most probable first; ``?top_k=N`` keeps the first N)
     GET  /health    {"status": "ok", "run_id", "model", "classes", "image_size",
-                    "max_upload_bytes"}
+                    "max_upload_bytes", "max_pixels", "max_queue", "pending"}
+                    (``pending``: the /predict requests in progress now)
 
 A Gluon block must not run forward from two threads at once (a hybridized block with
 ``static_alloc`` reuses its buffers), so one :class:`InferenceWorker` thread owns the network
 and every request hands its image to it through a queue.
 
-Uploads are capped (:data:`DEFAULT_MAX_UPLOAD_BYTES`) before they are buffered, and decoded
-by the training code's safe loader (:func:`gluon_ft.data.load_image`: decompression bombs are
-refused). A bad request gets a 4xx answer with a JSON body ``{"error": "<reason>"}``: 400 for
-a malformed request (not a multipart form, no ``image`` file field, an empty file), 413 for a
-body over the cap, 422 for a file that is not a usable image (not an image, truncated, a bomb).
+Hostile input is bounded before it costs memory. Uploads are capped
+(:data:`DEFAULT_MAX_UPLOAD_BYTES`) before they are buffered; an image's size is read from its
+header, and one over :data:`DEFAULT_MAX_PIXELS` is refused before a pixel is decoded (a
+baseline JPEG is decoded at 1/2, 1/4 or 1/8 scale instead when that fits); at most
+:data:`DEFAULT_MAX_QUEUE` requests are in progress at once. The rest is decoded by the
+training code's safe loader (:func:`gluon_ft.data.load_image`). Bound to a loopback address,
+the server answers only requests addressed to a loopback name, so that a web page cannot reach
+it through a name of its own that it re-points at 127.0.0.1 (DNS rebinding).
+
+Every error is answered with a JSON body ``{"error": "<reason>"}``: 400 for a malformed request
+(not a multipart form, no ``image`` file field, an empty file), 403 for a Host header naming
+another machine, 404 and 405 for a wrong path or method, 413 for a body or an image over the
+caps, 422 for a file that is not a usable image (not an image, truncated), 500 for a failure
+of the server itself, and 503 (with ``Retry-After``) while the queue is full.
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import ipaddress
+import math
 import queue
 import threading
 from concurrent.futures import Future
@@ -39,18 +51,30 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from gluon_ft.predict import Predictor
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 2**20
+# Decoding and converting to RGB cost the server (VmHWM) 8 bytes a pixel for an RGB PNG and
+# 20 for an RGBA one: 190 and 470 MB at 24 MP, against 630 MB for an 81 MP PNG of 0.2 MB.
+# 24 MP takes a 6000x4000 camera photo or a 5K frame whole, and JPEGs (phone and camera
+# photos) up to 64 times larger are decoded at a reduced scale.
+DEFAULT_MAX_PIXELS = 24_000_000
+# Each request in progress may hold an upload of up to 10 MiB: 16 of them hold 160 MiB at most,
+# and keep a second of work queued for a network that answers in tens of milliseconds.
+DEFAULT_MAX_QUEUE = 16
+RETRY_AFTER_SECONDS = 1
 IMAGE_FIELD = "image"
+# The scales libjpeg can decode a JPEG at directly, without the full-size image in memory.
+_JPEG_SCALES = (2, 4, 8)
 
 
 @dataclass
 class _Job:
-    image: bytes
+    image: bytes | Image.Image
     future: Future = field(default_factory=Future)
 
 
@@ -85,10 +109,10 @@ class InferenceWorker:
         self._thread.start()
         return warm_up
 
-    def submit(self, image: bytes) -> Future:
-        """Queue an encoded image file; the future's result is ``Predictor.predict_images``'s
-        entry for it, with every class: ``{"ok": True, "top": [...]}`` or ``{"ok": False,
-        "error"}``."""
+    def submit(self, image: bytes | Image.Image) -> Future:
+        """Queue an encoded image file (or a lazily opened image); the future's result is
+        ``Predictor.predict_images``'s entry for it, with every class: ``{"ok": True, "top":
+        [...]}`` or ``{"ok": False, "error"}``."""
         job = _Job(image)
         self._jobs.put(job)
         return job.future
@@ -116,6 +140,149 @@ def _encode_png(img: Image.Image) -> bytes:
     buffer = io.BytesIO()
     img.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def fit_pixel_cap(data: bytes, filename: str, max_pixels: int) -> bytes | Image.Image:
+    """What to decode of an upload, judged from its image header alone.
+
+    Parameters
+    ----------
+    data : bytes
+        The uploaded file.
+    filename : str
+        Its name, for the error message.
+    max_pixels : int
+        The most pixels the server decodes at once.
+
+    Returns
+    -------
+    bytes or PIL.Image.Image
+        ``data`` itself when the image is within the cap (or is no image PIL recognizes: the
+        decoder's error says why), or, for a baseline JPEG over it, the image opened to
+        decode at the least of 1/2, 1/4 or 1/8 scale that fits.
+
+    Raises
+    ------
+    HTTPException
+        413: the image has more pixels than the cap and cannot be decoded smaller.
+    """
+    try:
+        # PIL warns past its own limit (this cap is lower) and raises past twice it. The
+        # warning is left alone: filters changed here would race the decoder's on its thread.
+        img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _ImageTooLarge(filename, None, max_pixels) from None
+    except Exception:  # noqa: BLE001  not an image, or a broken header: the decoder explains
+        return data
+    width, height = img.size
+    if width * height <= max_pixels:
+        return data
+    scale = _jpeg_scale(img, max_pixels)
+    if scale is not None:
+        img.draft(img.mode, (max(1, width // scale), max(1, height // scale)))
+        if img.width * img.height <= max_pixels:
+            return img
+    raise _ImageTooLarge(filename, (width, height), max_pixels)
+
+
+def _jpeg_scale(img: Image.Image, max_pixels: int) -> int | None:
+    """The least reduction that libjpeg decodes ``img`` at within ``max_pixels``, if any."""
+    # A progressive JPEG keeps every DCT coefficient in memory whatever the output scale
+    # (8000x6000: 141 MB at 1/8 scale, where a baseline one takes 4 MB).
+    if img.format not in ("JPEG", "MPO") or img.info.get("progressive"):
+        return None
+    for scale in _JPEG_SCALES:
+        if math.ceil(img.width / scale) * math.ceil(img.height / scale) <= max_pixels:
+            return scale
+    return None
+
+
+class _ImageTooLarge(HTTPException):
+    def __init__(self, filename: str, size: tuple[int, int] | None, max_pixels: int):
+        name = filename or "the upload"
+        if size is None:
+            what = f"{name} has more than {Image.MAX_IMAGE_PIXELS} pixels"
+        else:
+            what = (
+                f"{name} is {size[0]}x{size[1]} pixels ({size[0] * size[1] / 1e6:.1f} megapixels)"
+            )
+        super().__init__(
+            413,
+            f"{what}; this server decodes at most {max_pixels / 1e6:.1f} megapixels "
+            "(gluon-ft serve --max-pixels): scale the image down and send it again",
+        )
+
+
+def is_loopback_name(host: str) -> bool:
+    """Whether ``host`` (a Host header or a bind address, with or without a port) names this
+    machine's loopback interface: ``localhost``, ``127.x.x.x`` or ``::1``."""
+    if host.startswith("["):  # "[::1]:8000"
+        name = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:  # "localhost:8000"; more colons make a bare IPv6 address
+        name = host.split(":", 1)[0]
+    else:
+        name = host
+    name = name.rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class _LoopbackHostsOnly:
+    """ASGI middleware for a server bound to loopback: a request whose ``Host`` header names
+    another machine gets 403.
+
+    A web page on another site can otherwise reach the server: it points a name of its own
+    at 127.0.0.1 (DNS rebinding), and the browser sends that name as the Host.
+    """
+
+    def __init__(self, app, bound_to: str):
+        self.app = app
+        self.bound_to = bound_to
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host and not is_loopback_name(host):
+                message = (
+                    f"this server listens on {self.bound_to} and answers requests addressed to "
+                    f"localhost, 127.0.0.1 or [::1] only; the Host header {host!r} names another "
+                    "machine, as a web page using DNS rebinding would. To serve it under other "
+                    "names, start it with --host"
+                )
+                await _error_response(403, message)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _Admission:
+    """Counts the /predict requests in progress (reading their upload, waiting for the
+    worker, or being classified) and refuses more than ``limit`` with 503.
+
+    Only the event loop's thread touches the count, so it needs no lock.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.pending = 0
+
+    @contextlib.contextmanager
+    def slot(self):
+        if self.pending >= self.limit:
+            raise HTTPException(
+                503,
+                f"the server is busy: {self.limit} requests are in progress (gluon-ft serve "
+                f"--max-queue); try again in {RETRY_AFTER_SECONDS} s",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
 
 
 class _UploadTooLarge(HTTPException):
@@ -165,8 +332,10 @@ class _UploadLimit:
         await self.app(scope, limited_receive, send)
 
 
-def _error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def _bad_request(message: str) -> HTTPException:
@@ -187,6 +356,8 @@ async def _read_upload(request: Request) -> tuple[str, bytes]:
         form = await request.form(max_files=1, max_fields=16)
     except ValueError as err:  # python-multipart's parse errors, which Starlette lets through
         raise _bad_request(f"the multipart/form-data body is malformed ({err})") from None
+    except ClientDisconnect:  # nobody reads the answer, but the log stays clean
+        raise _bad_request("the client left before the upload was complete") from None
     try:
         upload = form.get(IMAGE_FIELD)
         if not isinstance(upload, UploadFile):
@@ -213,7 +384,32 @@ def _parse_top_k(request: Request, count: int) -> int:
     return min(int(text), count)
 
 
-def create_app(predictor: Predictor, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> FastAPI:
+def _answer_errors_as_json(app: FastAPI) -> None:
+    """Every error the application answers, 404 to 500, gets the body ``{"error": ...}``."""
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        # The headers carry Allow for a 405 and Retry-After for a 503.
+        return _error_response(err.status_code, str(err.detail), err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        return _error_response(422, "; ".join(e.get("msg", str(e)) for e in err.errors()))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception) -> JSONResponse:
+        # Starlette still hands the exception on, so the log keeps its traceback.
+        message = f"the server failed on this request ({type(err).__name__}); its log says why"
+        return _error_response(500, message)
+
+
+def create_app(
+    predictor: Predictor,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    host: str = DEFAULT_HOST,
+) -> FastAPI:
     """The web application around a loaded run; its network runs only on its worker thread.
 
     Parameters
@@ -222,10 +418,18 @@ def create_app(predictor: Predictor, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_
         The run to serve. The application owns it from now on.
     max_upload_bytes : int
         Largest request body accepted; larger ones get 413.
+    max_pixels : int
+        Largest image decoded; larger ones get 413 (see :func:`fit_pixel_cap`).
+    max_queue : int
+        Most /predict requests in progress at once; more get 503 with ``Retry-After``.
+    host : str
+        The address the server listens on. On a loopback one, requests must name a loopback
+        host too.
     """
     run = predictor.run
     identity = {"run_id": run.path.resolve().name, "model": run.config["model"]}
     worker = InferenceWorker(predictor)
+    admission = _Admission(max_queue)
     page = resources.files("gluon_ft").joinpath("static/index.html").read_text(encoding="utf-8")
 
     @contextlib.asynccontextmanager
@@ -243,14 +447,9 @@ def create_app(predictor: Predictor, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_
     )
     app.state.worker = worker
     app.add_middleware(_UploadLimit, max_bytes=max_upload_bytes)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
-        return _error_response(err.status_code, str(err.detail))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-        return _error_response(422, "; ".join(e.get("msg", str(e)) for e in err.errors()))
+    if is_loopback_name(host):  # added last, so it runs first
+        app.add_middleware(_LoopbackHostsOnly, bound_to=host)
+    _answer_errors_as_json(app)
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
@@ -264,13 +463,18 @@ def create_app(predictor: Predictor, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_
             "classes": predictor.classes,
             "image_size": run.image_size,
             "max_upload_bytes": max_upload_bytes,
+            "max_pixels": max_pixels,
+            "max_queue": max_queue,
+            "pending": admission.pending,
         }
 
     @app.post("/predict")
     async def predict(request: Request) -> dict:
-        top_k = _parse_top_k(request, len(predictor.classes))
-        filename, data = await _read_upload(request)
-        result = await asyncio.wrap_future(worker.submit(data))
+        with admission.slot():
+            top_k = _parse_top_k(request, len(predictor.classes))
+            filename, data = await _read_upload(request)
+            image = await asyncio.to_thread(fit_pixel_cap, data, filename, max_pixels)
+            result = await asyncio.wrap_future(worker.submit(image))
         if not result["ok"]:
             raise HTTPException(422, f"{filename or 'the upload'} is unusable: {result['error']}")
         top = result["top"][:top_k]
@@ -291,8 +495,12 @@ def serve(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     ctx: mx.Context | None = None,
     log_level: str = "info",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_queue: int = DEFAULT_MAX_QUEUE,
 ) -> None:
     """Load a finished run and serve it until interrupted (Ctrl-C).
+
+    The limits are those of :func:`create_app`.
 
     Raises
     ------
@@ -301,5 +509,6 @@ def serve(
     """
     import uvicorn
 
-    app = create_app(Predictor(run_dir, ctx), max_upload_bytes)
+    predictor = Predictor(run_dir, ctx)
+    app = create_app(predictor, max_upload_bytes, max_pixels, max_queue, host)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

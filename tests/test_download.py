@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import random
 import re
+import shutil
 import socket
 import stat
 import subprocess
@@ -60,6 +62,9 @@ class Behaviour:
     drop_always: bool = False
     fail_first: int = 0  # answer HTTP 500 to the first N requests
     seconds_per_chunk: float = 0.0  # slow the body down (64 KiB chunks)
+    seconds_per_byte: float = 0.0  # send the body a byte at a time: a server that trickles
+    announce: int | None = None  # the Content-Length to declare instead of the body's own
+    no_length: bool = False  # declare no length: the body ends when the connection closes
     requests: list[dict] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -97,15 +102,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(200)
         body = b.payload[start:]
         self.send_header("Content-Type", "application/zip")
-        self.send_header("Content-Length", str(len(body)))
+        if b.no_length:
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(b.announce or len(body)))
         self.end_headers()
         if b.drop_always or number <= b.fail_first + b.drop_first:
             body = body[: len(body) // 2]
             self.close_connection = True  # the client sees fewer bytes than Content-Length
-        for i in range(0, len(body), 1 << 16):
-            time.sleep(b.seconds_per_chunk)
-            self.wfile.write(body[i : i + (1 << 16)])
-            record["sent"] += len(body[i : i + (1 << 16)])
+        step = 1 if b.seconds_per_byte else 1 << 16
+        try:
+            for i in range(0, len(body), step):
+                time.sleep(b.seconds_per_byte or b.seconds_per_chunk)
+                self.wfile.write(body[i : i + step])
+                record["sent"] += len(body[i : i + step])
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up on this body
+            self.close_connection = True
 
     def log_message(self, *args):  # keep the test output clean
         pass
@@ -307,6 +319,170 @@ def test_two_processes_download_once(server, tmp_path):
     assert dest.read_bytes() == PAYLOAD
     assert len(b.requests) == 1
     assert sorted(p.name for p in dest.parent.iterdir()) == ["hotdog.zip"]
+
+
+# ---------------------------------------------------------------- hostile or failing servers
+
+
+def test_trickling_server_is_given_up_at_the_stall_deadline(server, tmp_path):
+    url, b = server
+    b.seconds_per_byte = 0.05  # data never stops long enough for a read timeout
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match="stalled") as info:
+        fetch(url, tmp_path / "hotdog.zip", PAYLOAD_SHA1, retries=1, stall_timeout=1.0, **FAST)
+    assert time.monotonic() - start < 6
+    assert "2 attempts" in str(info.value) and info.value.path == tmp_path / "hotdog.zip"
+    first, second = b.requests
+    # What trickled in is kept: the retry resumes after it, as after a dropped connection.
+    assert first["sent"] > 0 and second["headers"]["Range"].startswith("bytes=")
+    assert not (tmp_path / "hotdog.zip").exists()
+
+
+def test_slow_but_steady_server_outlasts_the_stall_deadline(server, tmp_path):
+    url, b = server
+    b.seconds_per_chunk = 0.3  # 4 chunks of 64 KiB: 1.2 s in all, each second brings data
+    dest = fetch(url, tmp_path / "hotdog.zip", PAYLOAD_SHA1, stall_timeout=1.0, **FAST)
+    assert dest.read_bytes() == PAYLOAD and len(b.requests) == 1
+
+
+def test_resumed_partial_with_a_bad_checksum_is_downloaded_again_from_zero(server, tmp_path):
+    url, b = server
+    stale = b"bytes of some other file " * 40  # an earlier run's .part of a changed file
+    (tmp_path / "hotdog.zip.part").write_bytes(stale)
+    dest = fetch(url, tmp_path / "hotdog.zip", PAYLOAD_SHA1, **FAST)
+    assert dest.read_bytes() == PAYLOAD
+    resumed, fresh = b.requests
+    assert resumed["headers"]["Range"] == f"bytes={len(stale)}-" and resumed["status"] == 206
+    assert "Range" not in fresh["headers"] and fresh["status"] == 200
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hotdog.zip"]
+
+
+def test_resumed_download_is_restarted_only_once(server, tmp_path):
+    url, b = server
+    (tmp_path / "hotdog.zip.part").write_bytes(PAYLOAD[:1000])
+    wrong = "0" * 40  # the server's file never matches
+    with pytest.raises(DownloadError, match="from the start") as info:
+        fetch(url, tmp_path / "hotdog.zip", wrong, **FAST)
+    assert wrong in str(info.value) and PAYLOAD_SHA1 in str(info.value)
+    assert ["Range" in r["headers"] for r in b.requests] == [True, False]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_server_announcing_more_than_the_expected_size_is_refused(server, tmp_path):
+    url, b = server
+    b.announce = 10**12  # a terabyte "hotdog.zip"
+    (tmp_path / "hotdog.zip.part").write_bytes(PAYLOAD[:1000])
+    with pytest.raises(DownloadError, match="announced") as info:
+        fetch(url, tmp_path / "hotdog.zip", PAYLOAD_SHA1, max_bytes=len(PAYLOAD), **FAST)
+    assert f"{len(PAYLOAD)}" in str(info.value) and info.value.url == url
+    assert len(b.requests) == 1  # another attempt would get the same answer
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_server_sending_more_than_the_expected_size_is_cut_off(server, tmp_path):
+    url, b = server
+    b.no_length = True  # nothing announced: the bound must hold while the body streams in
+    limit = len(PAYLOAD) // 2
+    with pytest.raises(DownloadError, match="more than") as info:
+        fetch(url, tmp_path / "hotdog.zip", PAYLOAD_SHA1, max_bytes=limit, **FAST)
+    assert str(limit) in str(info.value)
+    assert len(b.requests) == 1 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("no_length", [False, True], ids=["announced", "unannounced"])
+def test_file_of_exactly_the_expected_size_downloads(server, tmp_path, no_length):
+    url, b = server
+    b.no_length = no_length
+    dest = fetch(url, tmp_path / "hotdog.zip", PAYLOAD_SHA1, max_bytes=len(PAYLOAD), **FAST)
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_hotdog_download_refuses_a_server_announcing_more_than_the_dataset(
+    server, tmp_path, monkeypatch
+):
+    from gluon_ft.data import hotdog_root
+
+    url, b = server
+    b.announce = 10**12
+    monkeypatch.setenv("GLUON_FT_HOTDOG_URL", url)
+    with pytest.raises(UsageError, match="announced"):
+        hotdog_root(tmp_path / "datasets")
+    assert len(b.requests) == 1
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch) -> tuple[Path, bool]:
+    """A directory on a full-able disk: a real 1 MiB tmpfs (as root), else a folder whose
+    download writes fail with ENOSPC past 1 MiB. Returns (directory, is it a real tmpfs)."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)]
+    if shutil.which("mount") and subprocess.run(mount, capture_output=True).returncode == 0:
+        try:
+            yield folder, True
+        finally:
+            subprocess.run(["umount", "--lazy", str(folder)], check=True)
+        return
+    import gluon_ft.download
+
+    real_open = open
+
+    def open_on_a_small_disk(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if Path(path).is_relative_to(folder) and "b" in mode and mode[0] in "wa":
+            real_write = f.write
+
+            def write(data):
+                if f.tell() + len(data) > 1 << 20:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+                return real_write(data)
+
+            f.write = write
+        return f
+
+    monkeypatch.setattr(gluon_ft.download, "open", open_on_a_small_disk, raising=False)
+    yield folder, False
+
+
+BIG_PAYLOAD = random.Random(2).randbytes(2 << 20)  # twice the small disk
+
+
+def test_full_disk_is_reported_and_leaves_nothing_partial(server, small_disk):
+    url, b = server
+    b.payload = BIG_PAYLOAD
+    disk, _ = small_disk
+    dest = disk / "datasets" / "hotdog.zip"
+    with pytest.raises(DownloadError, match="No space left") as info:
+        fetch(url, dest, hashlib.sha1(BIG_PAYLOAD).hexdigest(), **FAST)
+    assert [p for p in disk.rglob("*") if p.is_file()] == []
+    message = str(info.value)
+    assert str(dest.parent) in message and "free" in message
+    assert len(b.requests) == 1  # a full disk is not retried
+
+
+def test_full_disk_during_the_hotdog_download_exits_2_without_a_traceback(
+    server, small_disk, tmp_path
+):
+    url, b = server
+    b.payload = BIG_PAYLOAD
+    disk, real = small_disk
+    if not real:
+        pytest.skip("mounting a tmpfs was refused (not root); the in-process test covers it")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MXNET_HOME": str(disk)}
+    env["GLUON_FT_HOTDOG_URL"] = url
+    argv = ["train", "--data", "hotdog", "--pretrained", "none", "--out", str(tmp_path / "run")]
+    result = subprocess.run(
+        [sys.executable, "-m", "gluon_ft", *argv, "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "gluon-ft: error:" in result.stderr and "No space left" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert [p for p in disk.rglob("*") if p.is_file()] == []
 
 
 def _symlink(name: str) -> zipfile.ZipInfo:

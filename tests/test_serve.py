@@ -141,6 +141,28 @@ def png_header_only(width: int, height: int) -> bytes:
     )
 
 
+def jpeg_declaring(width: int, height: int, progressive: bool = False) -> bytes:
+    """A small JPEG file whose frame header declares ``width`` x ``height`` pixels."""
+    data = bytearray(encode_jpeg(Image.new("RGB", (16, 16), (90, 20, 160)), progressive))
+    frame = data.index(b"\xff\xc2" if progressive else b"\xff\xc0")
+    data[frame + 5 : frame + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def encode_jpeg(img: Image.Image, progressive: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=90, progressive=progressive)
+    return buffer.getvalue()
+
+
+def gradient(width: int, height: int) -> Image.Image:
+    """A smooth photo-like image that compresses well at any size."""
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
+    rgb = np.stack(np.broadcast_arrays(x, y, (x + y) / 2), axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
 def post_image(url: str, data: bytes, name: str = "photo.png", session=None, **kwargs):
     return (session or requests).post(
         url + "predict", files={"image": (name, data)}, timeout=60, **kwargs
@@ -299,6 +321,9 @@ def test_health_names_the_run_and_its_limit(server, trained_run):
         "classes": ["cat", "dog"],
         "image_size": 32,
         "max_upload_bytes": int(CAP_MB * 2**20),
+        "max_pixels": 24_000_000,
+        "max_queue": 16,
+        "pending": 0,
     }
 
 
@@ -371,16 +396,28 @@ _BAD_REQUESTS = {
         422,
         "truncated",
     ),
+    # Refused from the header, before a pixel is decoded: 81 MP would cost 630 MB.
+    "over-the-pixel-cap": (
+        {"files": {"image": ("scan.png", png_header_only(9_000, 9_000))}},
+        413,
+        "9000x9000 pixels (81.0 megapixels); this server decodes at most 24.0",
+    ),
     "decompression-bomb": (
         {"files": {"image": ("bomb.png", png_header_only(30_000, 30_000))}},
-        422,
-        "decompression bomb",
+        413,
+        "--max-pixels",
     ),
-    # Between PIL's limit and twice it, PIL itself only warns; the loader must still refuse.
-    "bomb-just-over-the-limit": (
+    # Between PIL's limit and twice it, PIL itself only warns.
+    "bomb-just-over-pil-limit": (
         {"files": {"image": ("bomb.png", png_header_only(10_000, 9_000))}},
-        422,
-        "decompression bomb",
+        413,
+        "--max-pixels",
+    ),
+    # Past twice PIL's limit, PIL refuses to open it at all: no scale is tried.
+    "jpeg-bomb": (
+        {"files": {"image": ("huge.jpg", jpeg_declaring(60_000, 60_000))}},
+        413,
+        "--max-pixels",
     ),
     "bad-top-k": ({"files": {"image": ("a.png", _PNG)}, "params": {"top_k": "0"}}, 400, "top_k"),
 }
@@ -399,9 +436,209 @@ def test_bad_request_gets_its_4xx_and_the_server_lives(server, case):
     assert post_image(server.url, _PNG).status_code == 200
 
 
+def assert_json_error(response: requests.Response, status: int) -> str:
+    """The response has ``status`` and the documented body ``{"error": "<reason>"}``."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json", response.text
+    body = response.json()
+    assert list(body) == ["error"] and body["error"], body
+    return body["error"]
+
+
 def test_unknown_path_is_a_json_404(server):
-    response = requests.get(server.url + "nothing-here", timeout=10)
-    assert response.status_code == 404 and "error" in response.json()
+    assert_json_error(requests.get(server.url + "nothing-here", timeout=10), 404)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [("GET", "predict", "POST"), ("POST", "", "GET"), ("DELETE", "health", "GET")],
+)
+def test_wrong_method_is_a_json_405_that_names_the_allowed_one(server, method, path, allowed):
+    response = requests.request(method, server.url + path, timeout=10)
+    assert_json_error(response, 405)
+    assert allowed in response.headers["allow"]
+
+
+def test_client_leaving_in_the_middle_of_an_upload_leaves_no_traceback(server):
+    port = int(server.url.rsplit(":", 1)[1].strip("/"))
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 90000\r\n\r\n"
+    )
+    part = b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(head.encode() + part + b"x" * 1000)
+        time.sleep(0.5)  # the server is reading the body when the client goes
+    server.assert_alive()
+    assert post_image(server.url, _PNG).status_code == 200
+    assert "Traceback" not in server.log.read_text()
+
+
+# A page on another site can reach a server on 127.0.0.1 through a name it controls that it
+# re-points at 127.0.0.1 (DNS rebinding): the browser then sends that name as the Host.
+@pytest.mark.parametrize(
+    "host", ["evil.example", "evil.example:{port}", "localhost.evil.example", "10.0.0.8:{port}"]
+)
+def test_loopback_server_refuses_a_foreign_host_header(server, host):
+    port = server.url.rsplit(":", 1)[1].strip("/")
+    headers = {"Host": host.format(port=port)}
+    for method, path in [("GET", ""), ("GET", "health"), ("POST", "predict")]:
+        response = requests.request(method, server.url + path, headers=headers, timeout=10)
+        error = assert_json_error(response, 403)
+        assert host.format(port=port) in error and "--host" in error
+    server.assert_alive()
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1:{port}", "localhost:{port}", "[::1]:{port}", "localhost"]
+)
+def test_loopback_server_answers_loopback_names(server, host):
+    headers = {"Host": host.format(port=server.url.rsplit(":", 1)[1].strip("/"))}
+    assert requests.get(server.url + "health", headers=headers, timeout=10).status_code == 200
+    assert post_image(server.url, _PNG, headers=headers).status_code == 200
+
+
+# ---------------------------------------------------------------- the pixel cap
+
+
+@pytest.fixture(scope="module")
+def small_cap_server(trained_run, tmp_path_factory, subprocess_env) -> Iterator[Server]:
+    """A server that decodes at most 1 megapixel."""
+    log = tmp_path_factory.mktemp("small-cap") / "serve.log"
+    flags = ("--max-pixels", "1000000", "--max-upload-mb", "1")
+    with running_server(trained_run, log, *flags, env=subprocess_env) as s:
+        yield s
+
+
+def test_health_reports_the_pixel_cap(small_cap_server):
+    health = requests.get(small_cap_server.url + "health", timeout=10).json()
+    assert health["max_pixels"] == 1_000_000
+
+
+def test_png_over_the_pixel_cap_is_refused(small_cap_server):
+    photo = encode(gradient(1200, 1000))  # a real, decodable file: refused all the same
+    error = assert_json_error(post_image(small_cap_server.url, photo, "wide.png"), 413)
+    assert "wide.png is 1200x1000 pixels (1.2 megapixels)" in error
+    assert "at most 1.0 megapixels" in error and "--max-pixels" in error
+    assert post_image(small_cap_server.url, encode(gradient(1000, 1000))).status_code == 200
+
+
+def test_jpeg_over_the_pixel_cap_is_decoded_at_a_reduced_scale(small_cap_server, trained_run):
+    from gluon_ft.predict import Predictor
+
+    photo = encode_jpeg(gradient(1600, 1200))  # 1.9 MP: within the cap at half scale
+    response = post_image(small_cap_server.url, photo, "camera.jpg")
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    served = dict(zip(answer["classes"], answer["probabilities"]))
+    # The answer is the network's for the half-scale decode, which libjpeg does directly.
+    draft = Image.open(io.BytesIO(photo))
+    draft.draft("RGB", (800, 600))
+    assert draft.size == (800, 600)
+    [expected] = Predictor(trained_run).predict_images([draft], top_k=2)
+    for entry in expected["top"]:
+        assert served[entry["class"]] == pytest.approx(entry["probability"], rel=1e-5, abs=1e-6)
+
+
+def test_jpeg_over_the_pixel_cap_even_at_one_eighth_is_refused(small_cap_server):
+    photo = jpeg_declaring(9000, 8000)  # 1125x1000 at 1/8 scale: still over 1 MP
+    error = assert_json_error(post_image(small_cap_server.url, photo, "scan.jpg"), 413)
+    assert "scan.jpg is 9000x8000 pixels (72.0 megapixels)" in error
+
+
+def test_progressive_jpeg_over_the_pixel_cap_is_refused(small_cap_server):
+    # libjpeg keeps a progressive file's whole coefficient buffer, whatever the scale.
+    photo = encode_jpeg(gradient(1600, 1200), progressive=True)
+    error = assert_json_error(post_image(small_cap_server.url, photo, "camera.jpg"), 413)
+    assert "1600x1200" in error and "--max-pixels" in error
+
+
+# ---------------------------------------------------------------- a stand-in network
+
+
+class _GatedPredictor:
+    """Stands in for a Predictor in an in-process server: each forward pass waits for
+    ``gate``, and raises while ``broken`` is set."""
+
+    classes = ["a", "b"]
+
+    def __init__(self, run_dir: Path):
+        self.run = SimpleNamespace(path=run_dir, config={"model": "stand-in"}, image_size=8)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.broken = False
+        self.passes = 0
+
+    def predict_images(self, images, top_k):
+        self.passes += 1
+        assert self.gate.wait(30), "the test never opened the gate"
+        if self.broken:
+            raise RuntimeError("the network failed")
+        return [{"ok": True, "top": [{"class": "a", "probability": 0.75}]} for _ in images]
+
+
+@contextlib.contextmanager
+def serving_in_process(app) -> Iterator[str]:
+    """Run ``app`` under uvicorn on 127.0.0.1 in a thread of this process; its URL."""
+    import uvicorn
+
+    port = _free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_full_queue_answers_503_with_retry_after(tmp_path):
+    from gluon_ft.serve import create_app
+
+    predictor = _GatedPredictor(tmp_path)
+    with serving_in_process(create_app(predictor, max_queue=2)) as url:
+        predictor.gate.clear()
+        warm_passes = predictor.passes
+        with ThreadPoolExecutor(2) as pool:
+            admitted = [pool.submit(post_image, url, _PNG) for _ in range(2)]
+            deadline = time.monotonic() + 30
+            while requests.get(url + "health", timeout=10).json()["pending"] < 2:
+                assert time.monotonic() < deadline, "the two requests were never admitted"
+                time.sleep(0.02)
+            busy = post_image(url, _PNG)
+            error = assert_json_error(busy, 503)
+            assert busy.headers["retry-after"] == "1" and "--max-queue" in error
+            predictor.gate.set()
+            assert [f.result(timeout=30).status_code for f in admitted] == [200, 200]
+        assert predictor.passes == warm_passes + 2  # the refused request never reached it
+        assert post_image(url, _PNG).status_code == 200  # the queue drained
+
+
+def test_server_failure_is_a_json_500_and_the_server_lives(tmp_path):
+    from gluon_ft.serve import create_app
+
+    predictor = _GatedPredictor(tmp_path)
+    with serving_in_process(create_app(predictor)) as url:
+        predictor.broken = True
+        error = assert_json_error(post_image(url, _PNG), 500)
+        assert "RuntimeError" in error
+        predictor.broken = False
+        assert post_image(url, _PNG).status_code == 200
+
+
+def test_server_on_all_interfaces_does_not_check_the_host_header(tmp_path):
+    from gluon_ft.serve import create_app
+
+    # Served on 127.0.0.1 all the same: the test opens no port to the network.
+    with serving_in_process(create_app(_GatedPredictor(tmp_path), host="0.0.0.0")) as url:
+        response = requests.get(url + "health", headers={"Host": "gpu-box.lan:8000"}, timeout=10)
+        assert response.status_code == 200
 
 
 # ---------------------------------------------------------------- concurrency
@@ -521,11 +758,30 @@ def test_serve_binds_loopback_by_default_and_says_what_all_interfaces_expose(cap
 
     args = build_parser().parse_args(["serve", "runs/x"])
     assert (args.host, args.port, args.max_upload_mb) == ("127.0.0.1", 8000, 10.0)
+    assert (args.max_pixels, args.max_queue) == (24_000_000, 16)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "0.0.0.0 listens on every network interface" in help_text
     assert "without a password" in help_text
+
+
+@pytest.mark.parametrize(
+    ("flags", "reason"),
+    [
+        (["--max-pixels", "0"], "must be at least 1"),
+        (["--max-pixels", "200000000"], "must be at most 89478485"),
+        (["--max-queue", "0"], "must be at least 1"),
+    ],
+    ids=["no-pixels", "over-pil-limit", "no-queue"],
+)
+def test_serve_refuses_impossible_limits(flags, reason, capsys):
+    from gluon_ft.cli import build_parser
+
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["serve", "runs/x", *flags])
+    error = capsys.readouterr().err
+    assert info.value.code == 2 and f"argument {flags[0]}: {reason}" in error, error
 
 
 def test_serve_refuses_a_folder_that_is_not_a_run(tmp_path):
