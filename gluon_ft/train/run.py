@@ -32,7 +32,9 @@ from gluon_ft.train.network import build_network, infer_shapes, make_trainer
 from gluon_ft.train.resume import (
     EpochSteps,
     StopRequest,
+    check_same_data,
     checkpoint_meta,
+    data_fingerprint,
     diverged_since,
     find_resume_checkpoint,
     interrupted_at,
@@ -144,9 +146,12 @@ def train(config: TrainConfig) -> dict:
         try:
             splits = load_data(config)  # (train, test)
             classes = list(splits[0].classes)
+            data_files = data_fingerprint(*splits)
+            if config.resume:  # before any work: the same classes, the same files
+                check_same_data(session.run.path, classes, data_files)
             model = build_model(config, session, len(classes))
             feeds = make_feeds(config, model.net, *splits, session.ctx, session.dist)
-            write_config(config, session, model, feeds, classes, *splits)
+            write_config(config, session, model, feeds, classes, data_files)
             history = run_epochs(config, session, model, feeds, stop)
         except BaseException:
             session.run.remove_if_unused()
@@ -225,16 +230,20 @@ def resume_from(config: TrainConfig, checkpoint: Checkpoint, model: Model) -> No
         )
 
 
-def write_config(config, session, model, feeds, classes, train_split, test_split) -> None:
-    """``config.json`` (the settings and what they resolved to) and ``classes.json``."""
+def write_config(config, session, model, feeds, classes, data_files: dict) -> None:
+    """``config.json`` (the settings and what they resolved to) and ``classes.json``.
+
+    ``data_files`` is :func:`data_fingerprint` of the splits, which ``--resume`` compares.
+    """
     resolved = {
         **asdict(config),
         "out": str(session.run.path),
         "contexts": [str(c) for c in session.ctx],
         "num_classes": len(classes),
         "source_classes": model.source.num_classes if model.source else None,
-        "train_size": len(train_split),
-        "test_size": len(test_split),
+        "train_size": data_files["train"]["files"],
+        "test_size": data_files["test"]["files"],
+        "data_files": data_files,
         "mxnet": mx.__version__,
         "gluon_ft": gluon_ft.__version__,
         "threads": gluon_ft.THREAD_SETTINGS,
@@ -244,9 +253,9 @@ def write_config(config, session, model, feeds, classes, train_split, test_split
     }
     if feeds.cache:
         say(config, feeds.cache.summary())
-    if session.writer:
-        session.run.write_json("config.json", resolved)
+    if session.writer:  # classes.json first: a run with a config.json has both
         session.run.write_json("classes.json", classes)
+        session.run.write_json("config.json", resolved)
 
 
 def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopRequest) -> list:
