@@ -69,9 +69,14 @@ class StopRequest:
         self.signal = signal.Signals(signum).name
 
 
-def step_seed(seed: int, epoch: int, step: int) -> int:
-    """The ``mx.random`` seed of one step, so a resumed run draws what the whole run drew."""
-    return int(np.random.SeedSequence([seed, epoch, step]).generate_state(1)[0]) % 2**31
+def step_seed(seed: int, epoch: int, step: int, rank: int | None = None) -> int:
+    """The ``mx.random`` seed of one step, so a resumed run draws what the whole run drew.
+
+    ``rank`` is the worker of a distributed run (None in one process): each worker draws its
+    own Dropout masks, rather than the same ones on other samples.
+    """
+    entropy = [seed, epoch, step] if rank is None else [seed, epoch, step, rank]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0]) % 2**31
 
 
 class EpochSteps:
@@ -80,6 +85,7 @@ class EpochSteps:
 
     Stops between two steps once ``stop`` has fired. ``done`` counts the epoch's finished
     steps (those before ``first_step`` included); ``total`` is the epoch's step count.
+    ``rank`` is the worker of a distributed run, None in one process (see :func:`step_seed`).
     """
 
     def __init__(
@@ -90,12 +96,14 @@ class EpochSteps:
         first_step: int,
         stop: StopRequest,
         set_lr=None,
+        rank: int | None = None,
     ):
         self.loader = loader
         self.seed = seed
         self.epoch = epoch
         self.stop = stop
         self.set_lr = set_lr  # set_lr(epoch, step), 0-based, before each step
+        self.rank = rank
         self.done = first_step
         self.total = first_step + len(loader)
 
@@ -106,7 +114,7 @@ class EpochSteps:
         for step, batch in enumerate(self.loader, self.done + 1):
             if self.stop.signal:
                 return
-            mx.random.seed(step_seed(self.seed, self.epoch, step))
+            mx.random.seed(step_seed(self.seed, self.epoch, step, self.rank))
             if self.set_lr is not None:
                 self.set_lr(self.epoch, step - 1)
             yield batch
@@ -129,7 +137,7 @@ def checkpoint_meta(
             "seed": config.seed,
             "order": "np.random.default_rng([seed, epoch]).permutation",
             "augmentation": "np.random.default_rng([seed, epoch, sample index])",
-            "mxnet": "mx.random.seed(step_seed(seed, epoch, step)) before each step",
+            "mxnet": "mx.random.seed(step_seed(seed, epoch, step[, rank])) before each step",
         },
     }
 

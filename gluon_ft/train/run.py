@@ -273,7 +273,8 @@ def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopR
         started = time.perf_counter()
         first_step = start_step if epoch == start_epoch else 0
         gdata.set_epoch(feeds.train, epoch, first_step)
-        steps = EpochSteps(feeds.train, config.seed, epoch, first_step, stop, set_lr)
+        rank = session.dist.rank if session.dist.distributed else None  # one process: no rank
+        steps = EpochSteps(feeds.train, config.seed, epoch, first_step, stop, set_lr, rank)
         unfrozen = unfreeze_for_epoch(config, session, model, epoch)
         sums, skipped, seconds = fit_epoch(config, session, model, feeds, steps, progress)
         if epoch == start_epoch and resumed is not None and resumed.step:
