@@ -20,7 +20,7 @@ from gluon_ft import data as gdata
 from gluon_ft import paths, zoo
 from gluon_ft.errors import DivergedError, UsageError
 from gluon_ft.freeze import FreezePlan, ParamTable, log_table
-from gluon_ft.model import sidecar_path
+from gluon_ft.model import get_head, sidecar_path
 from gluon_ft.plots import plot_curves
 from gluon_ft.train import amp
 from gluon_ft.train.checkpoint import Checkpoint, restore_checkpoint, save_checkpoint
@@ -241,6 +241,8 @@ def write_config(config, session, model, feeds, classes, data_files: dict) -> No
         "contexts": [str(c) for c in session.ctx],
         "num_classes": len(classes),
         "source_classes": model.source.num_classes if model.source else None,
+        # From scratch there is no new head: the output layer learns at --lr like the rest.
+        "head_lr_mult_used": get_head(model.net)[1].weight.lr_mult,
         "train_size": data_files["train"]["files"],
         "test_size": data_files["test"]["files"],
         "data_files": data_files,
