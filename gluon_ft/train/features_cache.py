@@ -38,7 +38,8 @@ from mxnet.gluon import nn
 
 from gluon_ft import data as gdata
 from gluon_ft.errors import UsageError
-from gluon_ft.model import get_head, walk_blocks
+from gluon_ft.freeze import is_batchnorm
+from gluon_ft.model import contains_block, get_head, walk_blocks
 from gluon_ft.paths import mxnet_home, replacing
 from gluon_ft.train.devices import split_batch
 
@@ -78,10 +79,6 @@ def _sequence(net: gluon.Block, blocks: list[gluon.Block]) -> gluon.Block:
     return chain
 
 
-def _contains(block: gluon.Block, target: gluon.Block) -> bool:
-    return any(b is target for _, b in walk_blocks(block))
-
-
 def _is_random(block: gluon.Block) -> bool:
     """Dropout, DropBlock: random in training, so their output cannot be stored."""
     return any("Drop" in type(b).__name__ for _, b in walk_blocks(block))
@@ -105,7 +102,7 @@ def cache_split(net: gluon.Block, image_size: int, ctx, dtype: str = "float32"):
     """
     _, head = get_head(net)
     order = run_order(net)
-    first_head = next(i for i, block in enumerate(order) if _contains(block, head))
+    first_head = next(i for i, block in enumerate(order) if contains_block(block, head))
     cut = next((i for i, b in enumerate(order[:first_head]) if _is_random(b)), first_head)
     if cut == 0:
         raise UsageError(
@@ -120,8 +117,6 @@ def cache_split(net: gluon.Block, image_size: int, ctx, dtype: str = "float32"):
 
 def _check_frozen(backbone: gluon.Block) -> None:
     """Refuse a backbone whose output would change during training."""
-    from gluon_ft.freeze import is_batchnorm
-
     trainable = [p.name for p in backbone.collect_params().values() if p.grad_req != "null"]
     blocks = [b for _, b in walk_blocks(backbone)]
     live_bn = [b.name for b in blocks if is_batchnorm(b) and not b._kwargs["use_global_stats"]]
