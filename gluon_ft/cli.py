@@ -60,9 +60,20 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
         default=d.batch_size,
         help="samples per step over all devices and workers (a dist run splits it)",
     )
-    p.add_argument("--lr", type=_positive_float, default=d.lr)
     p.add_argument(
-        "--head-lr-mult", type=_positive_float, default=d.head_lr_mult, help="lr_mult of the head"
+        "--lr",
+        type=_positive_float,
+        default=d.lr,
+        help="SGD rate per batch: trainer.step(batch_size) divides the summed gradient, as the "
+        "book's MXNet recipe (default %(default)s). d2l's text now writes it per sample, "
+        "lr / batch size with step(1): its 7.8125e-5 and 7.8125e-4 are --lr 0.01 and 0.1 here",
+    )
+    p.add_argument(
+        "--head-lr-mult",
+        type=_positive_float,
+        default=None,  # None: not given (see TrainConfig.warnings)
+        help=f"lr_mult of the new output layer (default {d.head_lr_mult:g}); from scratch "
+        "(--pretrained none, pretrain) there is no new head and it has no effect",
     )
     p.add_argument("--wd", type=float, default=d.wd)
     p.add_argument("--momentum", type=float, default=d.momentum)
@@ -174,13 +185,23 @@ def _config_from(args: argparse.Namespace):
     from gluon_ft.train import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if given["head_lr_mult"] is None:
+        del given["head_lr_mult"]  # the default
+    return TrainConfig(**given)
+
+
+def _warn_about_settings(config, args: argparse.Namespace) -> None:
+    """One line on stderr for each setting that most likely does not do what was meant."""
+    for warning in config.warnings(head_lr_mult_given=args.head_lr_mult is not None):
+        print(f"gluon-ft: warning: {warning}", file=sys.stderr)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from gluon_ft.train import train
 
     config = _config_from(args)
+    _warn_about_settings(config, args)
     with _exit_at_once_on_failure(config.kvstore):
         result = train(config)
     last = result["history"][-1]
@@ -210,6 +231,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     out_file = args.out
     args.out = None
     config = _config_from(args)
+    config.pretrained = "none"  # as pretrain() sets it: a source model starts from scratch
+    _warn_about_settings(config, args)
     with _exit_at_once_on_failure(config.kvstore):
         result = pretrain(config, out_file)
     last = result["history"][-1]

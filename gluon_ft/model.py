@@ -128,7 +128,8 @@ class HeadSplit:
         return {k: p for k, p in self.net._collect_params_with_prefix().items() if k not in head}
 
 
-def _contains(block: gluon.Block, target: gluon.Block) -> bool:
+def contains_block(block: gluon.Block, target: gluon.Block) -> bool:
+    """``target`` is ``block`` or one of its descendants."""
     return any(child is target for _, child in walk_blocks(block))
 
 
@@ -155,7 +156,7 @@ def split_head(net: gluon.Block) -> HeadSplit:
         for name, child in block._children.items():
             if child is head:
                 continue
-            if _contains(child, head):
+            if contains_block(child, head):
                 visit(child, f"{prefix}{name}.")
             else:
                 body.append((prefix + name, child))

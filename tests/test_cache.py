@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 from mxnet import nd
+from mxnet.gluon import nn
 
 from gluon_ft.errors import UsageError
 from gluon_ft.train import TrainConfig, train
@@ -104,3 +105,71 @@ def test_cache_refuses_a_backbone_that_is_not_frozen_whole(tiny_data, tmp_path, 
 def test_cache_refuses_gradual_unfreezing():
     with pytest.raises(UsageError, match="--unfreeze-at"):
         TrainConfig(freeze="none", unfreeze_at="0:output", cache_features=True).validate()
+
+
+def test_mobilenet_v2_trains_on_cached_features_as_without(tiny_data, tmp_path):
+    """Its classifier is a 1x1 convolution followed by a Flatten: the head part holds both."""
+    one_epoch = {"model": "mobilenetv2_0.25", "epochs": 1}
+    plain = run(tiny_data, tmp_path / "plain", **one_epoch)
+    cached = run(tiny_data, tmp_path / "cached", cache_features=True, **one_epoch)
+    assert cached[2]["built"]
+    assert same_training(plain, cached)
+
+
+class SmallNet(nn.HybridBlock):
+    """``features`` + ``output`` as in the zoo; with ``dropout`` a VGG-like Dropout between
+    frozen layers, with ``pool_in_forward`` a pooling outside any block, as in DarkNet."""
+
+    def __init__(self, classes: int, dropout: bool = False, pool_in_forward: bool = False):
+        super().__init__()
+        self.pool_in_forward = pool_in_forward
+        with self.name_scope():
+            self.features = nn.HybridSequential()
+            self.features.add(nn.Conv2D(8, 3, strides=2), nn.BatchNorm(), nn.Activation("relu"))
+            if not pool_in_forward:
+                self.features.add(nn.GlobalAvgPool2D())
+            if dropout:
+                self.features.add(nn.Dropout(0.5), nn.Dense(16, activation="relu"))
+            self.output = nn.Dense(classes)
+
+    def hybrid_forward(self, F, x):
+        x = self.features(x)
+        if self.pool_in_forward:
+            x = F.contrib.AdaptiveAvgPooling2D(x, output_size=1)
+        return self.output(x)
+
+
+def with_network(monkeypatch, **kwargs) -> None:
+    """Train ``SmallNet(**kwargs)`` in place of the zoo's network."""
+    import mxnet as mx
+
+    import gluon_ft.train.run
+
+    def build(config, num_classes, ctx):
+        net = SmallNet(num_classes, **kwargs)
+        net.initialize(mx.init.Xavier(), ctx=ctx)
+        return net, None
+
+    monkeypatch.setattr(gluon_ft.train.run, "build_network", build)
+
+
+def test_a_dropout_between_frozen_layers_moves_into_the_head_part(tiny_data, tmp_path, monkeypatch):
+    """VGG, AlexNet, Inception v3 and SqueezeNet have Dropout in their features: the cache
+    stops before it, and the steps run it (with the step's random seed) and what follows."""
+    with_network(monkeypatch, dropout=True)
+    plain = run(tiny_data, tmp_path / "plain")
+    cached = run(tiny_data, tmp_path / "cached", cache_features=True, cache_views=EPOCHS)
+    assert len(cached[2]["built"]) == EPOCHS + 1
+    assert same_training(plain, cached)
+
+
+def test_a_network_that_is_not_a_chain_of_its_blocks_is_refused_before_any_work(
+    tiny_data, tmp_path, monkeypatch
+):
+    with_network(monkeypatch, pool_in_forward=True)
+    with pytest.raises(UsageError, match="forward pass is not its blocks run in order") as err:
+        run(tiny_data, tmp_path / "x", cache_features=True)
+    assert "Train without --cache-features" in str(err.value)
+    assert not cache_dir().exists()  # no feature was computed
+    # Not a started run: the same --out takes the run without --cache-features.
+    assert not (tmp_path / "x" / "config.json").exists()

@@ -18,11 +18,13 @@ from gluon_ft import data as gdata
 from gluon_ft.errors import UsageError
 from gluon_ft.launch import launch
 from gluon_ft.train.dist import connect
+from gluon_ft.train.resume import step_seed
 
 # The worker of the equivalence and learning-rate tests. "train" runs the real
 # gluon_ft.train.train() with one change: a tiny network without BatchNorm, whose result
 # cannot depend on how a batch is split. It records which training samples this process
-# decoded and saves the parameters it ended with, per rank.
+# decoded, a draw from mx.random at each step (what Dropout would draw from; the network has
+# none, so the draws change nothing), and saves the parameters it ended with, per rank.
 WORKER = r"""
 import json
 import sys
@@ -60,6 +62,15 @@ if mode == "train":
         return original_getitem(self, key)
 
     gdata.TransformedSplit.__getitem__ = recording_getitem
+    draws = []
+    original_iter = gluon_ft.train.resume.EpochSteps.__iter__
+
+    def drawing_iter(self):
+        for batch in original_iter(self):
+            draws.append(mx.nd.random.uniform(shape=(2,)).asnumpy().tolist())
+            yield batch
+
+    gluon_ft.train.resume.EpochSteps.__iter__ = drawing_iter
     config = gtrain.TrainConfig(
         data=data, pretrained="none", epochs=2, batch_size=4, lr=0.02, momentum=0.9,
         image_size=32, kvstore=None if kvstore == "none" else kvstore, progress=False,
@@ -68,7 +79,8 @@ if mode == "train":
     result = gtrain.train(config)
     rank = result["rank"]
     nets[0].save_parameters(str(out / f"rank{rank}.params"))
-    (out / f"rank{rank}.json").write_text(json.dumps({"decoded": decoded, **result}, default=str))
+    record = {"decoded": decoded, "draws": draws, **result}
+    (out / f"rank{rank}.json").write_text(json.dumps(record, default=str))
 
 elif mode == "lr":
     # y = w.x with x fixed per rank: the gradient never depends on w, so each step's update
@@ -238,6 +250,17 @@ def test_two_workers_equal_one_worker_with_the_whole_batch(worker, tmp_path):
     orders = [[i for s, i, e in decoded[0] if (s, e) == ("train", epoch)] for epoch in (0, 1)]
     assert orders[0] != orders[1]  # reshuffled
     assert sorted(orders[0]) != sorted(orders[1])  # and sharded anew
+
+    # Each worker draws its own random numbers at every step (Dropout masks), while the one
+    # process run draws exactly what it always did: step_seed(seed, epoch, step).
+    draws = {r: json.loads((pair / f"rank{r}.json").read_text())["draws"] for r in (0, 1)}
+    assert len(draws[0]) == len(draws[1]) == 8  # 2 epochs of 4 steps
+    assert all(a != b for a, b in zip(draws[0], draws[1]))
+    expected = []
+    for epoch, step in [(e, s) for e in (0, 1) for s in range(1, 5)]:
+        mx.random.seed(step_seed(0, epoch, step))
+        expected.append(mx.nd.random.uniform(shape=(2,)).asnumpy().tolist())
+    assert json.loads((single / "rank0.json").read_text())["draws"] == expected
 
 
 @pytest.mark.timeout(90)

@@ -135,6 +135,15 @@ def test_parse_contexts():
             parse_contexts(bad)
 
 
+@pytest.mark.parametrize("spec, twice", [("gpu:0,0", "GPU 0"), ("gpu:1,0,1,0", "GPU 0, 1")])
+def test_a_device_listed_twice_is_refused(tiny_data, spec, twice):
+    """One device twice would take two slices of every batch as if it were two devices."""
+    done = run_cli("train", "--data", str(tiny_data), "--ctx", spec, "--pretrained", "none")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"--ctx {spec}: {twice} is listed more than once" in done.stderr
+
+
 def test_end_to_end_cli_writes_the_run_directory(tiny_data, tmp_path):
     out = tmp_path / "run"
     result = run_cli(

@@ -17,6 +17,12 @@ from gluon_ft.freeze import FreezePlan
 from gluon_ft.train.dist import is_distributed
 from gluon_ft.train.schedule import SCHEDULES
 
+# An SGD --lr below this, with a batch of PER_SAMPLE_BATCH or more, is most likely a per-sample
+# rate: d2l's MXNet text divides its rates by the batch (7.8125e-5 = 0.01 / 128) since its
+# train_batch_ch13 sums the loss and calls step(1); gluon-ft divides in trainer.step(batch).
+PER_SAMPLE_LR = 1e-3
+PER_SAMPLE_BATCH = 32
+
 
 @dataclass
 class TrainConfig:
@@ -93,6 +99,30 @@ class TrainConfig:
         if self.accumulate > self.batch_size:
             raise UsageError("--accumulate cannot exceed --batch-size (its micro-batches).")
         self.freeze_plan().validate(self.epochs)
+
+    def warnings(self, head_lr_mult_given: bool = False) -> list[str]:
+        """Settings that most likely do not do what was meant, one sentence each.
+
+        Parameters
+        ----------
+        head_lr_mult_given : bool
+            ``--head-lr-mult`` was given, rather than left at its default.
+        """
+        found = []
+        if self.lr < PER_SAMPLE_LR and self.batch_size >= PER_SAMPLE_BATCH:
+            found.append(
+                f"--lr {self.lr:g} looks like a per-sample rate (lr / batch size, as d2l's "
+                "text uses with step(1)); gluon-ft's --lr is per batch (trainer.step(batch_size) "
+                f"divides the summed gradient), so you probably meant --lr "
+                f"{self.lr * self.batch_size:g}."
+            )
+        if head_lr_mult_given and self.pretrained == "none" and self.head_lr_mult != 1:
+            found.append(
+                f"--head-lr-mult {self.head_lr_mult:g} has no effect from scratch: there is no "
+                "new head, so the output layer learns at --lr like every layer "
+                "(config.json: head_lr_mult_used 1.0)."
+            )
+        return found
 
     def train_transform(self) -> gdata.TrainTransform:
         """The train augmentation of these settings: random crops of ``crop_scale`` or more."""

@@ -19,6 +19,11 @@ def parse_contexts(spec: str) -> list[mx.Context]:
 
     ``auto`` is every GPU MXNet sees, else the CPU. ``cpu:N`` makes N CPU contexts, which
     MXNet treats as separate devices: the multi-device path without a GPU.
+
+    Raises
+    ------
+    UsageError
+        An unknown form, a GPU listed twice (``gpu:0,0``) or one MXNet does not see.
     """
     spec = spec.strip().lower()
     if spec == "auto":
@@ -33,6 +38,12 @@ def parse_contexts(spec: str) -> list[mx.Context]:
             return [mx.cpu(i) for i in range(count)]
         if kind == "gpu":
             ids = [int(i) for i in rest.split(",")] if rest else [0]
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            if twice:  # one device twice would take two slices of each batch, as two devices
+                raise UsageError(
+                    f"--ctx {spec}: GPU {', '.join(map(str, twice))} is listed more than "
+                    "once; list each device once, e.g. gpu:0,1."
+                )
             available = mx.context.num_gpus()
             missing = [i for i in ids if i >= available]
             if missing:

@@ -11,6 +11,12 @@ the stored arrays:
   seeded by ``(seed, epoch, index)``), and epoch ``e`` uses view ``e % K``. With ``K`` >= the
   epochs, training equals the uncached frozen run.
 
+The backbone is what comes before the classifier in the network's run order, or before its
+first Dropout; the head part, which every step runs on the stored arrays, is the rest: the
+classifier with what follows it (MobileNet V2's Flatten) and any frozen layers after a
+Dropout. One probe image checks that the two parts compute what the network does, before any
+feature is computed (:func:`cache_split`).
+
 Each view is a file under ``$MXNET_HOME/features/`` named by a digest of the backbone's
 weights, the image files (name, size, modification time), the transform, the seed and view,
 and the dtype. An lr sweep over the same frozen backbone pays for the features once.
@@ -25,10 +31,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mxnet as mx
 import numpy as np
+from mxnet import gluon
+from mxnet.gluon import nn
 
 from gluon_ft import data as gdata
 from gluon_ft.errors import UsageError
+from gluon_ft.freeze import is_batchnorm
+from gluon_ft.model import contains_block, get_head, walk_blocks
 from gluon_ft.paths import mxnet_home, replacing
 from gluon_ft.train.devices import split_batch
 
@@ -40,43 +51,109 @@ def cache_dir() -> Path:
     return mxnet_home() / "features"
 
 
-def frozen_backbone(net):
-    """Return ``(backbone, head)`` of ``net`` if the backbone is frozen for caching.
+def run_order(net: gluon.Block) -> list[gluon.Block]:
+    """``net``'s children in registration order, plain Sequentials opened into theirs.
+
+    For the zoo's ``features`` + ``output`` networks this is the order the forward pass runs
+    them in; :func:`cache_split` checks that it is, with one probe image.
+    """
+    order: list[gluon.Block] = []
+    for child in net._children.values():
+        opened = type(child) in (nn.HybridSequential, nn.Sequential)
+        for block in child._children.values() if opened else [child]:
+            if all(block is not seen for seen in order):  # GoogLeNet registers its head twice
+                order.append(block)
+    return order
+
+
+def _sequence(net: gluon.Block, blocks: list[gluon.Block]) -> gluon.Block:
+    """One block that runs ``blocks`` in order: the network's own container if it is one."""
+    if len(blocks) == 1:
+        return blocks[0]
+    for child in net._children.values():
+        held = list(child._children.values())
+        if len(held) == len(blocks) and all(a is b for a, b in zip(held, blocks)):
+            return child  # net.features, net.output: hybridized with the network
+    chain = nn.HybridSequential()
+    chain.add(*blocks)  # the blocks stay the network's: the same Parameters
+    return chain
+
+
+def _is_random(block: gluon.Block) -> bool:
+    """Dropout, DropBlock: random in training, so their output cannot be stored."""
+    return any("Drop" in type(b).__name__ for _, b in walk_blocks(block))
+
+
+def cache_split(net: gluon.Block, image_size: int, ctx, dtype: str = "float32"):
+    """Return ``(backbone, head part)``: what runs once per image, and what runs every step.
+
+    The backbone is the network's blocks in :func:`run_order` up to the first random one
+    (Dropout) or the one holding the classifier; the head part is everything from there on:
+    the classifier with what follows it (MobileNet V2's Flatten, SqueezeNet's pooling), and
+    the frozen layers after a Dropout (VGG's, Inception v3's).
 
     Raises
     ------
     UsageError
-        A backbone parameter is trainable, a backbone BatchNorm uses batch statistics, or the
-        backbone has Dropout (its training output would be random, not cacheable).
+        Before any feature is computed: a backbone parameter trains, a backbone BatchNorm
+        uses batch statistics, the network starts with a random block, or the two parts do
+        not compute what the whole network does (its forward pass is not a chain of its
+        blocks, as in NASNet or DarkNet).
     """
-    from gluon_ft.freeze import is_batchnorm, network_layout
-    from gluon_ft.model import walk_blocks
-
-    layout = network_layout(net)
-    if layout.head is None or len(layout.features) != 1:
+    _, head = get_head(net)
+    order = run_order(net)
+    first_head = next(i for i, block in enumerate(order) if contains_block(block, head))
+    cut = next((i for i, b in enumerate(order[:first_head]) if _is_random(b)), first_head)
+    if cut == 0:
         raise UsageError(
-            f"--cache-features needs a network made of a backbone and a head; "
-            f"{type(net).__name__} is not."
+            f"--cache-features: {type(net).__name__} has no fixed part before its "
+            f"{type(order[0]).__name__} to cache. Train without --cache-features."
         )
-    backbone = layout.features[0]
+    backbone, head_part = _sequence(net, order[:cut]), _sequence(net, order[cut:])
+    _check_frozen(backbone)
+    _check_same_output(net, backbone, head_part, image_size, ctx[0], dtype)
+    return backbone, head_part
+
+
+def _check_frozen(backbone: gluon.Block) -> None:
+    """Refuse a backbone whose output would change during training."""
     trainable = [p.name for p in backbone.collect_params().values() if p.grad_req != "null"]
     blocks = [b for _, b in walk_blocks(backbone)]
     live_bn = [b.name for b in blocks if is_batchnorm(b) and not b._kwargs["use_global_stats"]]
-    dropout = [b.name for b in blocks if type(b).__name__ == "Dropout"]
     problems = []
     if trainable:
         problems.append(f"{len(trainable)} backbone parameter(s) train (e.g. {trainable[0]})")
     if live_bn:
         problems.append(f"{len(live_bn)} BatchNorm layer(s) use batch statistics")
-    if dropout:
-        problems.append(f"the backbone has Dropout ({dropout[0]}), random in training")
     if problems:
         raise UsageError(
             "--cache-features reuses the backbone's output, so the backbone must be frozen "
             f"whole, BatchNorm included: {'; '.join(problems)}. Pass --freeze features "
             "(with the default --bn freeze), or leave out --cache-features."
         )
-    return backbone, layout.head
+
+
+def _check_same_output(net, backbone, head_part, image_size: int, ctx, dtype: str) -> None:
+    """Refuse a split whose two parts, run one after the other, differ from ``net``."""
+    pixels = np.random.default_rng(0).integers(0, 256, (1, image_size, image_size, 3))
+    x = gdata.normalize_batch(mx.nd.array(pixels, ctx=ctx, dtype="uint8"))
+    try:  # in predict mode: BatchNorm uses its running statistics, Dropout passes through
+        whole = net(x).astype("float32").asnumpy()
+        parts = head_part(backbone(x).astype("float32")).astype("float32").asnumpy()
+        problem = None if parts.shape == whole.shape else f"shape {parts.shape}, not {whole.shape}"
+    except (mx.base.MXNetError, TypeError, ValueError) as err:
+        problem = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+    if problem is None:
+        tolerance = 1e-4 if dtype == "float32" else 3e-2  # bf16/fp16 keep about 3 digits
+        scale = 1.0 + float(np.abs(whole).max())
+        if not np.allclose(parts, whole, rtol=tolerance, atol=tolerance * scale):
+            problem = f"outputs differ by up to {float(np.abs(parts - whole).max()):.3g}"
+    if problem is not None:
+        raise UsageError(
+            f"--cache-features cannot split {type(net).__name__} into a cached backbone and "
+            f"a head: its forward pass is not its blocks run in order ({problem}). Train "
+            "without --cache-features."
+        )
 
 
 def weights_digest(block) -> str:
@@ -279,14 +356,18 @@ class FeatureLoader:
 
 
 def feature_loaders(net, train_split, test_split, ctx, config, shard=0, num_shards=1):
-    """Train and test :class:`FeatureLoader`s for ``net``'s frozen backbone, and a report.
+    """Return ``(train loader, test loader, head part, report)``.
+
+    The loaders give the features of ``net``'s frozen backbone (:class:`FeatureLoader`); the
+    head part runs on them (see :func:`cache_split`).
 
     Raises
     ------
     UsageError
-        The backbone is not frozen whole (see :func:`frozen_backbone`).
+        The network cannot be split for the cache (see :func:`cache_split`); nothing was
+        computed.
     """
-    backbone, _ = frozen_backbone(net)
+    backbone, head_part = cache_split(net, config.image_size, ctx, config.dtype)
     report = CacheReport(str(cache_dir()))
     common = {"seed": config.seed, "dtype": config.dtype, "batch_size": config.batch_size}
     common["workers"] = config.workers
@@ -325,4 +406,4 @@ def feature_loaders(net, train_split, test_split, ctx, config, shard=0, num_shar
         shard=shard,
         num_shards=num_shards,
     )
-    return train_loader, test_loader, report
+    return train_loader, test_loader, head_part, report

@@ -16,7 +16,6 @@ from mxnet import gluon
 
 from gluon_ft import data as gdata
 from gluon_ft.errors import UsageError
-from gluon_ft.model import get_head
 from gluon_ft.recordio import load_pack, pack_prefix
 from gluon_ft.train.config import TrainConfig
 
@@ -90,7 +89,7 @@ def make_feeds(config: TrainConfig, net, train_split, test_split, ctx, dist) -> 
         return Feeds(*loaders, net)
     from gluon_ft.train.features_cache import feature_loaders
 
-    train_loader, test_loader, cache = feature_loaders(
+    train_loader, test_loader, head_part, cache = feature_loaders(
         net, train_split, test_split, ctx, config, dist.rank, dist.num_workers
     )
-    return Feeds(train_loader, test_loader, get_head(net)[1], lambda features: features, cache)
+    return Feeds(train_loader, test_loader, head_part, lambda features: features, cache)

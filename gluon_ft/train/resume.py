@@ -1,14 +1,17 @@
-"""Stopping and resuming: signals, per-step seeds, and finding the checkpoint to continue.
+"""Stopping and resuming: signals, per-step seeds, and checking what ``--resume`` continues.
 
 A run stops between two steps on SIGINT or SIGTERM (:class:`StopRequest`) and saves a
 checkpoint first. Every step draws from ``mx.random`` under its own seed and sets its own
 scheduled rate (:class:`EpochSteps`), so a resumed run, even one stopped mid-epoch, computes
-exactly what an uninterrupted run would. The checkpoint files themselves are
+exactly what an uninterrupted run would. ``--resume`` continues only the same run: the
+settings of ``config.json`` (:func:`find_resume_checkpoint`), and the classes and image files
+the run started with (:func:`check_same_data`). The checkpoint files themselves are
 :mod:`gluon_ft.train.checkpoint`'s.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -29,6 +32,7 @@ from gluon_ft.train.config import TrainConfig
 RESUMABLE_CHANGES = frozenset(
     {"epochs", "workers", "progress", "log_every", "resume", "strict", "out"}
 )
+RESUMABLE_FLAGS = "--epochs, --workers, --strict and --no-progress"
 
 
 class StopRequest:
@@ -65,9 +69,14 @@ class StopRequest:
         self.signal = signal.Signals(signum).name
 
 
-def step_seed(seed: int, epoch: int, step: int) -> int:
-    """The ``mx.random`` seed of one step, so a resumed run draws what the whole run drew."""
-    return int(np.random.SeedSequence([seed, epoch, step]).generate_state(1)[0]) % 2**31
+def step_seed(seed: int, epoch: int, step: int, rank: int | None = None) -> int:
+    """The ``mx.random`` seed of one step, so a resumed run draws what the whole run drew.
+
+    ``rank`` is the worker of a distributed run (None in one process): each worker draws its
+    own Dropout masks, rather than the same ones on other samples.
+    """
+    entropy = [seed, epoch, step] if rank is None else [seed, epoch, step, rank]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0]) % 2**31
 
 
 class EpochSteps:
@@ -76,6 +85,7 @@ class EpochSteps:
 
     Stops between two steps once ``stop`` has fired. ``done`` counts the epoch's finished
     steps (those before ``first_step`` included); ``total`` is the epoch's step count.
+    ``rank`` is the worker of a distributed run, None in one process (see :func:`step_seed`).
     """
 
     def __init__(
@@ -86,12 +96,14 @@ class EpochSteps:
         first_step: int,
         stop: StopRequest,
         set_lr=None,
+        rank: int | None = None,
     ):
         self.loader = loader
         self.seed = seed
         self.epoch = epoch
         self.stop = stop
         self.set_lr = set_lr  # set_lr(epoch, step), 0-based, before each step
+        self.rank = rank
         self.done = first_step
         self.total = first_step + len(loader)
 
@@ -102,7 +114,7 @@ class EpochSteps:
         for step, batch in enumerate(self.loader, self.done + 1):
             if self.stop.signal:
                 return
-            mx.random.seed(step_seed(self.seed, self.epoch, step))
+            mx.random.seed(step_seed(self.seed, self.epoch, step, self.rank))
             if self.set_lr is not None:
                 self.set_lr(self.epoch, step - 1)
             yield batch
@@ -125,13 +137,46 @@ def checkpoint_meta(
             "seed": config.seed,
             "order": "np.random.default_rng([seed, epoch]).permutation",
             "augmentation": "np.random.default_rng([seed, epoch, sample index])",
-            "mxnet": "mx.random.seed(step_seed(seed, epoch, step)) before each step",
+            "mxnet": "mx.random.seed(step_seed(seed, epoch, step[, rank])) before each step",
         },
     }
 
 
+def read_run_file(run_dir: Path, name: str):
+    """The JSON file ``name`` of the run in ``run_dir``, or None if it has none.
+
+    Raises
+    ------
+    UsageError
+        The file exists but is not JSON (edited by hand, or from another program).
+    """
+    path = run_dir / name
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(
+            f"--resume: {path} cannot be read ({err}); it is not the file gluon-ft wrote. "
+            "Start a new run (another --out)."
+        ) from None
+
+
+def changed_settings(saved: dict, config: TrainConfig) -> list[str]:
+    """``--flag was X, now Y`` for each setting that changes the weights and differs."""
+    current = json.loads(json.dumps(asdict(config)))
+    return [
+        f"--{key.replace('_', '-')} was {saved[key]!r}, now {value!r}"
+        for key, value in current.items()
+        if key not in RESUMABLE_CHANGES and key in saved and saved[key] != value
+    ]
+
+
 def find_resume_checkpoint(run_dir: Path, config: TrainConfig):
     """Return ``(checkpoint or None, notes)`` for ``--resume`` of ``run_dir`` with ``config``.
+
+    The settings are compared with the run's ``config.json``, so a run stopped before its
+    first checkpoint is checked too.
 
     Raises
     ------
@@ -139,30 +184,91 @@ def find_resume_checkpoint(run_dir: Path, config: TrainConfig):
         ``run_dir`` holds no run, or its settings differ from ``config`` in more than
         :data:`RESUMABLE_CHANGES`.
     """
-    if not (run_dir / "config.json").is_file():
+    saved = read_run_file(run_dir, "config.json")
+    if saved is None:
         raise UsageError(
             f"--resume: {run_dir} holds no run to continue (it has no config.json). Check "
             "--out, or leave out --resume to start a new run."
+        )
+    changed = changed_settings(saved, config)
+    if changed:
+        raise UsageError(
+            f"--resume: the settings differ from the run in {run_dir}: {'; '.join(changed)}. "
+            f"Repeat the original command with --resume; only {RESUMABLE_FLAGS} may change."
         )
     removed = remove_stale_temporaries(run_dir / "checkpoints")
     checkpoint, notes = latest_checkpoint(run_dir / "checkpoints")
     notes = [n for n in notes if not any(n.startswith(p.name) for p in removed)]
     notes += [f"{p.name}: removed, an unfinished checkpoint of a stopped process" for p in removed]
-    if checkpoint is not None:
-        saved = checkpoint.meta.get("config", {})
-        current = json.loads(json.dumps(asdict(config)))
-        changed = [
-            f"--{key.replace('_', '-')} was {saved[key]!r}, now {value!r}"
-            for key, value in current.items()
-            if key not in RESUMABLE_CHANGES and key in saved and saved[key] != value
-        ]
-        if changed:
-            raise UsageError(
-                f"--resume: the settings differ from the run in {run_dir}: {'; '.join(changed)}. "
-                "Repeat the original command with --resume; only --epochs, --workers and "
-                "--no-progress may change."
-            )
     return checkpoint, notes
+
+
+def split_files(split) -> dict:
+    """``{"files": count, "sha256": digest}`` of a split's sorted relative file paths.
+
+    A folder split's paths are relative to its root (``dog/001.jpg``), so moving the dataset
+    keeps them and renaming a class folder changes them; a pack stores them so already.
+    """
+    if getattr(split, "pack_files", None):
+        names = [name for name, _ in split.items]
+    else:
+        names = [Path(os.path.relpath(path, split.root)).as_posix() for path, _ in split.items]
+    digest = hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()
+    return {"files": len(names), "sha256": digest}
+
+
+def data_fingerprint(train_split, test_split) -> dict:
+    """What ``config.json`` records of the data (``data_files``), for :func:`check_same_data`."""
+    return {"train": split_files(train_split), "test": split_files(test_split)}
+
+
+def check_same_data(run_dir: Path, classes: list[str], fingerprint: dict) -> None:
+    """Refuse to continue the run in ``run_dir`` on other classes or other image files.
+
+    A renamed class folder reorders the sorted classes: output 0 would silently change
+    meaning. ``classes.json`` holds the run's classes, ``config.json`` its ``data_files``
+    (:func:`data_fingerprint`; runs from before it are checked by their classes only).
+
+    Raises
+    ------
+    UsageError
+        The classes (names or order) or a split's files differ.
+    """
+    saved_classes = read_run_file(run_dir, "classes.json")
+    if saved_classes is not None and list(saved_classes) != list(classes):
+        raise UsageError(
+            f"--resume: the classes of --data differ from those of the run in {run_dir}: "
+            f"{describe_class_change(saved_classes, classes)}. Continuing would change what "
+            "the outputs mean. Restore the class folders' names, or start a new run "
+            "(another --out)."
+        )
+    saved = (read_run_file(run_dir, "config.json") or {}).get("data_files")
+    if not saved:
+        return
+    changed = [
+        f"{name}: {saved[name]['files']} file(s) then, {now['files']} now"
+        if saved[name]["files"] != now["files"]
+        else f"{name}: {now['files']} file(s) as then, but not the same ones"
+        for name, now in fingerprint.items()
+        if name in saved and saved[name] != now
+    ]
+    if changed:
+        raise UsageError(
+            f"--resume: the image files of --data differ from those the run in {run_dir} "
+            f"started with ({'; '.join(changed)}): files were added, removed or renamed. "
+            "Resume with the data it started with, or start a new run (another --out)."
+        )
+
+
+def describe_class_change(saved: list[str], now: list[str]) -> str:
+    """``output 1 was 'dog', now 'puppy'``, or both lists when their lengths differ."""
+    if len(saved) != len(now):
+        return f"the run has {len(saved)} class(es) {saved}, the data {len(now)} {now}"
+    moved = [
+        f"output {i} was {a!r}, now {b!r}" for i, (a, b) in enumerate(zip(saved, now)) if a != b
+    ]
+    shown = "; ".join(moved[:5]) + (f"; and {len(moved) - 5} more" if len(moved) > 5 else "")
+    return shown
 
 
 def diverged_since(err: DivergedError, epoch: int, last) -> DivergedError:

@@ -20,7 +20,7 @@ from gluon_ft import data as gdata
 from gluon_ft import paths, zoo
 from gluon_ft.errors import DivergedError, UsageError
 from gluon_ft.freeze import FreezePlan, ParamTable, log_table
-from gluon_ft.model import sidecar_path
+from gluon_ft.model import get_head, sidecar_path
 from gluon_ft.plots import plot_curves
 from gluon_ft.train import amp
 from gluon_ft.train.checkpoint import Checkpoint, restore_checkpoint, save_checkpoint
@@ -32,7 +32,9 @@ from gluon_ft.train.network import build_network, infer_shapes, make_trainer
 from gluon_ft.train.resume import (
     EpochSteps,
     StopRequest,
+    check_same_data,
     checkpoint_meta,
+    data_fingerprint,
     diverged_since,
     find_resume_checkpoint,
     interrupted_at,
@@ -144,9 +146,12 @@ def train(config: TrainConfig) -> dict:
         try:
             splits = load_data(config)  # (train, test)
             classes = list(splits[0].classes)
+            data_files = data_fingerprint(*splits)
+            if config.resume:  # before any work: the same classes, the same files
+                check_same_data(session.run.path, classes, data_files)
             model = build_model(config, session, len(classes))
             feeds = make_feeds(config, model.net, *splits, session.ctx, session.dist)
-            write_config(config, session, model, feeds, classes, *splits)
+            write_config(config, session, model, feeds, classes, data_files)
             history = run_epochs(config, session, model, feeds, stop)
         except BaseException:
             session.run.remove_if_unused()
@@ -225,16 +230,22 @@ def resume_from(config: TrainConfig, checkpoint: Checkpoint, model: Model) -> No
         )
 
 
-def write_config(config, session, model, feeds, classes, train_split, test_split) -> None:
-    """``config.json`` (the settings and what they resolved to) and ``classes.json``."""
+def write_config(config, session, model, feeds, classes, data_files: dict) -> None:
+    """``config.json`` (the settings and what they resolved to) and ``classes.json``.
+
+    ``data_files`` is :func:`data_fingerprint` of the splits, which ``--resume`` compares.
+    """
     resolved = {
         **asdict(config),
         "out": str(session.run.path),
         "contexts": [str(c) for c in session.ctx],
         "num_classes": len(classes),
         "source_classes": model.source.num_classes if model.source else None,
-        "train_size": len(train_split),
-        "test_size": len(test_split),
+        # From scratch there is no new head: the output layer learns at --lr like the rest.
+        "head_lr_mult_used": get_head(model.net)[1].weight.lr_mult,
+        "train_size": data_files["train"]["files"],
+        "test_size": data_files["test"]["files"],
+        "data_files": data_files,
         "mxnet": mx.__version__,
         "gluon_ft": gluon_ft.__version__,
         "threads": gluon_ft.THREAD_SETTINGS,
@@ -244,9 +255,9 @@ def write_config(config, session, model, feeds, classes, train_split, test_split
     }
     if feeds.cache:
         say(config, feeds.cache.summary())
-    if session.writer:
-        session.run.write_json("config.json", resolved)
+    if session.writer:  # classes.json first: a run with a config.json has both
         session.run.write_json("classes.json", classes)
+        session.run.write_json("config.json", resolved)
 
 
 def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopRequest) -> list:
@@ -264,7 +275,8 @@ def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopR
         started = time.perf_counter()
         first_step = start_step if epoch == start_epoch else 0
         gdata.set_epoch(feeds.train, epoch, first_step)
-        steps = EpochSteps(feeds.train, config.seed, epoch, first_step, stop, set_lr)
+        rank = session.dist.rank if session.dist.distributed else None  # one process: no rank
+        steps = EpochSteps(feeds.train, config.seed, epoch, first_step, stop, set_lr, rank)
         unfrozen = unfreeze_for_epoch(config, session, model, epoch)
         sums, skipped, seconds = fit_epoch(config, session, model, feeds, steps, progress)
         if epoch == start_epoch and resumed is not None and resumed.step:

@@ -24,11 +24,20 @@ class RunDirectory:
         self.created = False  # by prepare(): a run that fails before writing removes it
 
     def prepare(self, resume: bool = False) -> None:
-        """Create the folder, refusing to overwrite a finished or started run."""
-        if (self.path / "metrics.json").exists() and not resume:
+        """Create the folder, refusing to overwrite a finished or started run.
+
+        A run has started once it wrote ``config.json`` (before its first step).
+        """
+        if not resume and (self.path / "metrics.json").exists():
+            state = "with finished epochs in metrics.json"
+        elif not resume and (self.path / "config.json").exists():
+            state = "started, with no finished epoch yet (it has config.json)"
+        else:
+            state = None
+        if state:
             raise UsageError(
-                f"{self.path} already holds a run. Pass another --out, or --resume to "
-                "continue it; nothing was overwritten."
+                f"{self.path} already holds a run, {state}. Pass another --out, or --resume "
+                "to continue it; nothing was overwritten."
             )
         self.created = not self.path.exists()
         try:
