@@ -45,7 +45,27 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
     from gluon_ft.train.schedule import SCHEDULES
 
     d = defaults or TrainConfig()
-    p.add_argument("--data", default=d.data, help="hotdog, or DIR with train/<class>/* and test/")
+    p.add_argument(
+        "--data",
+        default=d.data,
+        help="hotdog, DIR/<class>/* (split for you), DIR with train/<class>/* and test/ "
+        "(and optionally val/), or a pack PREFIX",
+    )
+    p.add_argument(
+        "--val-split",
+        type=float,
+        default=d.val_split,
+        metavar="F",
+        help="fraction of each class held out for validation, from the train part "
+        "(default: 0.1 for DIR/<class>/*, 0 for train/ + test/, the book's)",
+    )
+    p.add_argument(
+        "--test-split",
+        type=float,
+        default=d.test_split,
+        metavar="F",
+        help="fraction of each class held out for the test, for DIR/<class>/* (default 0.1)",
+    )
     p.add_argument("--model", default=d.model, help="model zoo name (default %(default)s)")
     if run_flags:
         p.add_argument(
@@ -150,6 +170,27 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
         metavar="K",
         help="random train augmentations cached per image; epoch e uses view e %% K (default 1)",
     )
+    p.add_argument(
+        "--monitor",
+        choices=("val_acc", "val_loss"),
+        default=d.monitor,
+        help="what picks the best epoch, whose weights become model.params (default "
+        "%(default)s; needs a val part, else the last epoch is kept)",
+    )
+    p.add_argument(
+        "--early-stop",
+        type=_positive_int,
+        default=d.early_stop,
+        metavar="N",
+        help="stop after N epochs without improvement of --monitor (needs a val part)",
+    )
+    p.add_argument(
+        "--keep-checkpoints",
+        type=_positive_int,
+        default=d.keep_checkpoints,
+        metavar="K",
+        help="keep the checkpoints of the last K epochs and of the best (default %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
         "--strict",
@@ -183,10 +224,24 @@ def _run_train(args: argparse.Namespace) -> int:
     config = _config_from(args)
     with _exit_at_once_on_failure(config.kvstore):
         result = train(config)
-    last = result["history"][-1]
+    summary, epochs = result["summary"], len(result["history"])
+    if summary is None:  # a worker other than rank 0: the report is rank 0's
+        last = result["history"][-1]
+        key = "test_acc" if "test_acc" in last else "val_acc"
+        print(
+            f"done: {key.replace('_', ' ')} {last[key]:.3f} after {epochs} epoch(s); "
+            f"rank 0 writes the run directory"
+        )
+        return 0
+    kept = (
+        f"epoch {summary['best_epoch']}, the best by {summary['monitor']}"
+        if summary["monitor"]
+        else f"epoch {summary['best_epoch']}, the last"
+    )
+    stopped = ", stopped early" if summary["stopped_early"] else ""
     print(
-        f"done: test acc {last['test_acc']:.3f} after {last['epoch']} epoch(s); "
-        f"run directory {result['run_dir']}"
+        f"done: test acc {summary['test_acc']:.3f} with the weights of {kept} "
+        f"({epochs} epoch(s){stopped}); run directory {result['run_dir']}"
     )
     return 0
 
@@ -212,9 +267,9 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     config = _config_from(args)
     with _exit_at_once_on_failure(config.kvstore):
         result = pretrain(config, out_file)
-    last = result["history"][-1]
+    test_acc = (result["summary"] or {}).get("test_acc", float("nan"))
     print(
-        f"done: source test acc {last['test_acc']:.3f} over {len(result['classes'])} classes; "
+        f"done: source test acc {test_acc:.3f} over {len(result['classes'])} classes; "
         f"wrote {result['params_file']} (use it with --pretrained {result['params_file']})"
     )
     return 0
@@ -397,6 +452,36 @@ def _run_predict(args: argparse.Namespace) -> int:
             print(f"{result['source']}: {top}")
     # Exit 2 (bad input) when any file could not be classified; the others were.
     return 0 if all(r["ok"] for r in results) else 2
+
+
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN", help="a finished run directory")
+    p.add_argument(
+        "--split",
+        default="test",
+        metavar="test|val|DIR",
+        help="the run's test or val part (from its split.json), or a folder DIR/<class>/* "
+        "(default %(default)s)",
+    )
+    p.add_argument("--out", help="output folder (default RUN for test, else RUN/report-<name>)")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from gluon_ft.report import build_report
+
+    summary, out = build_report(args.run_dir, args.split, args.out)
+    accuracy = next(value for key, value in summary.items() if key.endswith("_acc"))
+    print(
+        f"{summary['split']}: {summary['images']} images, accuracy {accuracy:.3f}, balanced "
+        f"accuracy {summary['balanced_acc']:.3f}, macro-F1 {summary['macro_f1']:.3f}"
+    )
+    for row in summary["per_class"]:
+        print(
+            f"  {row['class']:<24} precision {row['precision']:.3f}  recall {row['recall']:.3f}"
+            f"  F1 {row['f1']:.3f}  support {row['support']}"
+        )
+    print(f"wrote {out / 'report.md'}, confusion.png, mistakes.png and summary.json")
+    return 0
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -603,6 +688,11 @@ COMMANDS = {
         "classify image files with a finished run",
         add_predict_arguments,
         _run_predict,
+    ),
+    "report": (
+        "per-class report of a finished run on its test split or any folder",
+        add_report_arguments,
+        _run_report,
     ),
     "export": (
         "export a run as MXNet symbol+params and as ONNX, each verified",

@@ -16,6 +16,7 @@ from gluon_ft.errors import UsageError
 from gluon_ft.freeze import FreezePlan
 from gluon_ft.train.dist import is_distributed
 from gluon_ft.train.schedule import SCHEDULES
+from gluon_ft.train.selection import MONITORS
 
 
 @dataclass
@@ -23,6 +24,8 @@ class TrainConfig:
     """Every setting of a training run; ``config.json`` is this, plus what was resolved."""
 
     data: str = "hotdog"
+    val_split: float | None = None  # None: 0.1 for a folder of classes, 0 for train/ + test/
+    test_split: float | None = None  # None: 0.1 for a folder of classes (else test/ is used)
     model: str = "resnet18_v2"
     pretrained: str = "imagenet"
     epochs: int = 5
@@ -49,6 +52,9 @@ class TrainConfig:
     progress: bool = True
     log_every: int = 10  # steps between host reads of the running metrics
     resume: bool = False  # continue --out from its last complete checkpoint
+    monitor: str = "val_acc"  # what picks the best epoch on the val part: val_acc | val_loss
+    early_stop: int | None = None  # stop after N epochs without improvement of --monitor
+    keep_checkpoints: int = 2  # the last K epochs' checkpoints are kept, and the best one
     strict: bool = False  # refuse a dataset with unreadable images instead of skipping them
     cache_features: bool = False  # frozen backbone: train the head on cached features
     cache_views: int = 1  # cached train augmentations per image; epoch e uses view e % K
@@ -75,6 +81,18 @@ class TrainConfig:
                 f"--warmup-epochs must be between 0 and --epochs ({self.epochs}), "
                 f"got {self.warmup_epochs:g}."
             )
+        for name in ("val_split", "test_split"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and 0 <= value < 1):
+                raise UsageError(
+                    f"--{name.replace('_', '-')} must be a fraction in [0, 1), got {value:g}."
+                )
+        if self.monitor not in MONITORS:
+            raise UsageError(f"--monitor must be one of {', '.join(MONITORS)}.")
+        if self.early_stop is not None and self.early_stop < 1:
+            raise UsageError("--early-stop must be at least 1 (epochs without improvement).")
+        if self.keep_checkpoints < 1:
+            raise UsageError("--keep-checkpoints must be at least 1: --resume needs the last.")
         if self.workers < 0:
             raise UsageError("--workers must be >= 0.")
         if self.resume and not self.out:

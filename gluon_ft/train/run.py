@@ -7,6 +7,7 @@ is a function below; the step and the epoch are :mod:`gluon_ft.train.step`'s.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,13 +18,22 @@ from mxnet import gluon
 
 import gluon_ft
 from gluon_ft import data as gdata
-from gluon_ft import paths, zoo
+from gluon_ft import paths, splits, zoo
 from gluon_ft.errors import DivergedError, UsageError
 from gluon_ft.freeze import FreezePlan, ParamTable, log_table
 from gluon_ft.model import sidecar_path
 from gluon_ft.plots import plot_curves
+from gluon_ft.report import build_report
+from gluon_ft.splits import DatasetParts
 from gluon_ft.train import amp
-from gluon_ft.train.checkpoint import Checkpoint, restore_checkpoint, save_checkpoint
+from gluon_ft.train.checkpoint import (
+    PARAMS_FILE,
+    Checkpoint,
+    checkpoint_name,
+    prune_checkpoints,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from gluon_ft.train.config import TrainConfig
 from gluon_ft.train.devices import parse_contexts
 from gluon_ft.train.dist import DistContext, connect
@@ -37,13 +47,15 @@ from gluon_ft.train.resume import (
     find_resume_checkpoint,
     interrupted_at,
 )
-from gluon_ft.train.rundir import RunDirectory, default_out
+from gluon_ft.train.rundir import SPLIT_FILE, RunDirectory, default_out
 from gluon_ft.train.schedule import LrSchedule
+from gluon_ft.train.selection import epochs_without_improvement, selection
 from gluon_ft.train.step import (
     MetricSums,
     check_finite,
     check_params_finite,
     evaluate,
+    evaluate_sums,
     sum_over_workers,
     train_epoch,
 )
@@ -56,7 +68,7 @@ class EpochStats:
     epoch: int
     loss: float
     train_acc: float
-    test_acc: float
+    scores: dict  # val_loss and val_acc; without a val part, the book's test_acc
     examples_per_sec: float
     seconds: float
     skipped: int = 0
@@ -64,8 +76,9 @@ class EpochStats:
 
     def as_dict(self) -> dict:
         row = asdict(self)
-        row.update(row.pop("extra"))
-        return row
+        scores, extra = row.pop("scores"), row.pop("extra")
+        first = {key: row.pop(key) for key in ("epoch", "loss", "train_acc")}
+        return {**first, **scores, **row, **extra}
 
 
 @dataclass
@@ -142,16 +155,15 @@ def train(config: TrainConfig) -> dict:
         config.validate()
         session = open_run(config)
         try:
-            splits = load_data(config)  # (train, test)
-            classes = list(splits[0].classes)
-            model = build_model(config, session, len(classes))
-            feeds = make_feeds(config, model.net, *splits, session.ctx, session.dist)
-            write_config(config, session, model, feeds, classes, *splits)
+            parts = load_data(config, session)
+            model = build_model(config, session, len(parts.classes))
+            feeds = make_feeds(config, model.net, parts, session.ctx, session.dist)
+            write_config(config, session, model, feeds, parts)
             history = run_epochs(config, session, model, feeds, stop)
         except BaseException:
             session.run.remove_if_unused()
             raise
-        return close_run(config, session, model, history, classes)
+        return close_run(config, session, model, parts, history)
 
 
 def open_run(config: TrainConfig) -> Session:
@@ -184,12 +196,25 @@ def open_run(config: TrainConfig) -> Session:
     return Session(ctx, dist, run, resumed)
 
 
-def load_data(config: TrainConfig):
-    """The train and test splits of ``--data``; ``--strict`` refuses unreadable files."""
-    train_split, test_split = load_dataset(config.data)
-    if config.strict and isinstance(train_split, gdata.ImageFolderSplit):  # packs: at pack time
-        require_readable(train_split, config.image_size)
-    return train_split, test_split
+def load_data(config: TrainConfig, session: Session) -> DatasetParts:
+    """The parts of ``--data`` (a resumed run: those of its ``split.json``); ``--strict``
+    refuses unreadable files."""
+    saved = None
+    split_file = session.run.path / SPLIT_FILE
+    if config.resume and split_file.is_file():
+        try:
+            saved = json.loads(split_file.read_text())
+        except ValueError as err:
+            raise UsageError(f"--resume: {split_file} is not valid JSON: {err}") from None
+    parts = load_dataset(config.data, config.val_split, config.test_split, config.seed, saved)
+    if config.strict and parts.layout != splits.PACK:  # packs: at pack time
+        require_readable(parts, config.image_size)
+    if config.early_stop and parts.val is None:
+        raise UsageError(
+            f"--early-stop {config.early_stop} needs a validation part to watch: add "
+            "--val-split F (or a val/ folder) to --data."
+        )
+    return parts
 
 
 def build_model(config: TrainConfig, session: Session, num_classes: int) -> Model:
@@ -225,16 +250,20 @@ def resume_from(config: TrainConfig, checkpoint: Checkpoint, model: Model) -> No
         )
 
 
-def write_config(config, session, model, feeds, classes, train_split, test_split) -> None:
-    """``config.json`` (the settings and what they resolved to) and ``classes.json``."""
+def write_config(config, session, model, feeds, parts: DatasetParts) -> None:
+    """``config.json`` (the settings and what they resolved to), ``classes.json`` and
+    ``split.json`` (which file is in which part)."""
+    classes = list(parts.classes)
     resolved = {
         **asdict(config),
         "out": str(session.run.path),
         "contexts": [str(c) for c in session.ctx],
         "num_classes": len(classes),
         "source_classes": model.source.num_classes if model.source else None,
-        "train_size": len(train_split),
-        "test_size": len(test_split),
+        "layout": parts.layout,
+        "train_size": len(parts.train),
+        "val_size": len(parts.val) if parts.val is not None else 0,
+        "test_size": len(parts.test),
         "mxnet": mx.__version__,
         "gluon_ft": gluon_ft.__version__,
         "threads": gluon_ft.THREAD_SETTINGS,
@@ -247,6 +276,8 @@ def write_config(config, session, model, feeds, classes, train_split, test_split
     if session.writer:
         session.run.write_json("config.json", resolved)
         session.run.write_json("classes.json", classes)
+        settings = {"seed": config.seed, "val_split": config.val_split}
+        session.run.write_json(SPLIT_FILE, parts.record(**settings, test_split=config.test_split))
 
 
 def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopRequest) -> list:
@@ -260,7 +291,11 @@ def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopR
     start_epoch, start_step = resumed.position if resumed else (0, 0)
     # Steps per epoch from the loader's length: no set_epoch has skipped any yet.
     set_lr = LrSchedule.of(config, len(feeds.train)).setter(model.trainer)
+    if feeds.eval_part == "test" and session.writer:
+        say(config, NO_VALIDATION_NOTE)
     for epoch in range(start_epoch, config.epochs):
+        if should_stop_early(config, progress.history):
+            break
         started = time.perf_counter()
         first_step = start_step if epoch == start_epoch else 0
         gdata.set_epoch(feeds.train, epoch, first_step)
@@ -281,17 +316,48 @@ def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopR
             raise interrupted_at(stop, progress.last_checkpoint)
         if session.dist.distributed:  # the epoch's metrics over every worker's shard
             sums, skipped = sum_over_workers(session.dist, sums, skipped)
-        test_acc = evaluate(feeds.net, feeds.test, session.ctx, session.dist, feeds.prepare)
-        row = epoch_row(model, epoch, sums, skipped, seconds, started, test_acc, unfrozen)
+        scores = score_epoch(feeds, session)
+        row = epoch_row(model, epoch, sums, skipped, seconds, started, scores, unfrozen)
         report_epoch(config, row, progress.history)
         progress.history.append(row)
         if session.writer:
             save_progress(config, session, model, progress, (epoch + 1, 0), None, "epoch")
+            best = best_epoch(config, feeds, progress.history)
+            prune_checkpoints(session.run.path / "checkpoints", config.keep_checkpoints, [best])
             session.run.write_json("metrics.json", progress.history)
             plot_curves(progress.history, session.run.path / "curves.png")
         if stop.signal and epoch + 1 < config.epochs:
             raise interrupted_at(stop, progress.last_checkpoint)
     return progress.history
+
+
+NO_VALIDATION_NOTE = (
+    "note: no validation part, so each epoch reports the book's test accuracy; it is not a "
+    "selection metric: the last epoch is kept (--val-split F holds out a validation part)"
+)
+
+
+def should_stop_early(config: TrainConfig, history: list[dict]) -> bool:
+    """``--early-stop N``: N epochs have passed without an improvement of ``--monitor``."""
+    if not config.early_stop or not history:
+        return False
+    return epochs_without_improvement(history, config.monitor) >= config.early_stop
+
+
+def best_epoch(config: TrainConfig, feeds: Feeds, history: list[dict]) -> int:
+    """The epoch ``model.params`` will hold: the best by ``--monitor``, else the last."""
+    validated = feeds.eval_part == "val"
+    return selection(history, config.monitor, validated, config.epochs)["best_epoch"]
+
+
+def score_epoch(feeds: Feeds, session: Session) -> dict:
+    """The epoch's scores: val loss and accuracy, or without a val part the test accuracy."""
+    ctx, dist = session.ctx, session.dist
+    if feeds.eval_part == "test":
+        return {"test_acc": evaluate(feeds.net, feeds.eval, ctx, dist, feeds.prepare)}
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    loss, acc = evaluate_sums(feeds.net, feeds.eval, ctx, dist, feeds.prepare, loss_fn).read()
+    return {"val_loss": loss, "val_acc": acc}
 
 
 def unfreeze_for_epoch(config, session: Session, model: Model, epoch: int) -> list[str]:
@@ -358,14 +424,14 @@ def save_progress(config, session, model, progress: Progress, position, partial,
     )
 
 
-def epoch_row(model: Model, epoch, sums, skipped, seconds, started, test_acc, unfrozen) -> dict:
+def epoch_row(model: Model, epoch, sums, skipped, seconds, started, scores, unfrozen) -> dict:
     """The ``metrics.json`` row of a finished epoch."""
     loss, train_acc = sums.read()
     return EpochStats(
         epoch=epoch + 1,
         loss=loss,
         train_acc=train_acc,
-        test_acc=test_acc,
+        scores=scores,
         examples_per_sec=sums.count / seconds if seconds else 0.0,
         seconds=time.perf_counter() - started,
         skipped=skipped,
@@ -388,25 +454,48 @@ def report_epoch(config: TrainConfig, row: dict, earlier: list[dict]) -> None:
             "will in every epoch (metrics.json counts them; `gluon-ft check-data` lists "
             "them; --strict refuses them)"
         )
+    scores = ", ".join(
+        f"{key.replace('_', ' ')} {row[key]:.3f}"
+        for key in ("val_loss", "val_acc", "test_acc")
+        if key in row
+    )
     say(
         config,
         f"epoch {epoch}: loss {row['loss']:.3f}, train acc {row['train_acc']:.3f}, "
-        f"test acc {row['test_acc']:.3f}, {row['examples_per_sec']:.1f} examples/sec",
+        f"{scores}, {row['examples_per_sec']:.1f} examples/sec",
     )
 
 
-def close_run(config, session: Session, model: Model, history: list[dict], classes) -> dict:
-    """Write the final weights (and the metrics of a resumed run that had nothing left)."""
+def close_run(config, session: Session, model: Model, parts: DatasetParts, history) -> dict:
+    """Keep the best epoch's weights as ``model.params``; test them once, in the report.
+
+    The report (:mod:`gluon_ft.report`) evaluates the test part as ``gluon-ft predict`` would
+    and writes ``summary.json``, ``report.md``, ``confusion.png`` and ``mistakes.png``.
+
+    Returns
+    -------
+    dict
+        ``{"run_dir", "history", "classes", "rank", "summary"}``; the summary (the content of
+        ``summary.json``) is None on workers other than rank 0.
+    """
     resumed = session.resumed
-    if resumed is not None and resumed.position[0] >= config.epochs:
-        session.run.write_json("metrics.json", history)
+    if resumed is not None and len(history) == len(resumed.meta["history"]):
+        session.run.write_json("metrics.json", history)  # nothing was left to train
+    summary = None
     if session.writer:
-        session.run.save_params(model.net)
+        chosen = selection(history, config.monitor, parts.val is not None, config.epochs)
+        if chosen["monitor"] is None:  # the book's: the last epoch's weights
+            session.run.save_params(model.net)
+        else:
+            name = checkpoint_name(chosen["best_epoch"])
+            session.run.copy_params(session.run.path / "checkpoints" / name / PARAMS_FILE)
+        summary, _ = build_report(session.run.path, "test", selection=chosen, ctx=session.ctx[0])
     return {
         "run_dir": session.run.path,
         "history": history,
-        "classes": classes,
+        "classes": list(parts.classes),
         "rank": session.dist.rank,
+        "summary": summary,
     }
 
 

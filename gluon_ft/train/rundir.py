@@ -1,11 +1,13 @@
 """The run directory: where a run keeps its files, each replaced atomically.
 
-``config.json``, ``classes.json``, ``metrics.json``, ``curves.png``, ``trainable.txt``,
-``model.params`` and ``checkpoints/``. Only the writer (rank 0 of a distributed run) has one.
+``config.json``, ``classes.json``, ``split.json``, ``metrics.json``, ``curves.png``,
+``trainable.txt``, ``model.params`` and ``checkpoints/``. Only the writer (rank 0 of a
+distributed run) has one.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from mxnet import gluon
 from gluon_ft import paths
 from gluon_ft.errors import UsageError
 from gluon_ft.train.config import TrainConfig
+
+SPLIT_FILE = "split.json"  # which dataset file is in which part; --resume reuses it
 
 
 class RunDirectory:
@@ -55,6 +59,12 @@ class RunDirectory:
 
     def write_json(self, name: str, obj) -> Path:
         return paths.write_json(self.path / name, obj)
+
+    def copy_params(self, source: Path, name: str = "model.params") -> Path:
+        """``name`` becomes a byte-for-byte copy of ``source`` (the best checkpoint's)."""
+        with paths.replacing(self.path / name) as tmp:
+            shutil.copyfile(source, tmp)
+        return self.path / name
 
     def save_params(self, net: gluon.Block, name: str = "model.params") -> Path:
         with paths.replacing(self.path / name) as tmp:
