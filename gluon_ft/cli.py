@@ -191,6 +191,20 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
         metavar="K",
         help="keep the checkpoints of the last K epochs and of the best (default %(default)s)",
     )
+    p.add_argument(
+        "--class-weights",
+        choices=("none", "auto"),
+        default=d.class_weights,
+        help="auto: weight each sample's loss by the inverse frequency of its class in the "
+        "train part (default %(default)s)",
+    )
+    p.add_argument(
+        "--sampler",
+        choices=("uniform", "balanced"),
+        default=d.sampler,
+        help="balanced: draw each epoch's samples so that every class comes equally often "
+        "(with replacement, from --seed) (default %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
         "--strict",
@@ -384,7 +398,9 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def add_check_data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", metavar="DIR", help="dataset folder: DIR/train/<class>/*, DIR/test/")
+    p.add_argument(
+        "dir", metavar="DIR", help="dataset folder: DIR/<class>/*, or DIR/train/<class>/* and test/"
+    )
     p.add_argument(
         "--image-size", type=_positive_int, default=224, help="the training crop (default 224)"
     )
@@ -413,7 +429,27 @@ def _format_check_report(report: dict, shown: int = 20) -> str:
         if len(small) > shown:
             lines.append(f"  ... and {len(small) - shown} more (--json lists all)")
     lines += [f"problem: {problem}" for problem in report["problems"]]
+    lines += imbalance_warnings(report)
     return "\n".join(lines)
+
+
+def imbalance_warnings(report: dict) -> list[str]:
+    """A line for each split whose largest class has over 5 times the smallest's images."""
+    from gluon_ft.balance import IMBALANCE_WARNING, imbalance_ratio
+
+    lines = []
+    for split, classes in report["splits"].items():
+        counts = {name: c["images"] for name, c in classes.items()}
+        if counts and imbalance_ratio(counts.values()) > IMBALANCE_WARNING:
+            largest, smallest = max(counts, key=counts.get), min(counts, key=counts.get)
+            where = report["root"] if split == "." else f"{split}/"
+            lines.append(
+                f"warning: the classes of {where} are imbalanced: {largest} has "
+                f"{counts[largest]} images, {smallest} {counts[smallest]} (over "
+                f"{IMBALANCE_WARNING:g}x). Consider --class-weights auto or --sampler balanced, "
+                "and judge the run by its balanced accuracy and per-class recall (the report)."
+            )
+    return lines
 
 
 def _run_check_data(args: argparse.Namespace) -> int:
@@ -423,6 +459,8 @@ def _run_check_data(args: argparse.Namespace) -> int:
 
     report = check_dataset(args.dir, args.image_size)
     print(json.dumps(report, indent=2) if args.json else _format_check_report(report))
+    for line in imbalance_warnings(report) if args.json else []:
+        print(line, file=sys.stderr)
     bad = unreadable_in(report)
     if report["problems"] or bad:
         return 2

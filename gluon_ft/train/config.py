@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from gluon_ft import data as gdata
 from gluon_ft import zoo
+from gluon_ft.balance import balanced_probabilities
 from gluon_ft.errors import UsageError
 from gluon_ft.freeze import FreezePlan
 from gluon_ft.train.dist import is_distributed
@@ -55,6 +56,8 @@ class TrainConfig:
     monitor: str = "val_acc"  # what picks the best epoch on the val part: val_acc | val_loss
     early_stop: int | None = None  # stop after N epochs without improvement of --monitor
     keep_checkpoints: int = 2  # the last K epochs' checkpoints are kept, and the best one
+    class_weights: str = "none"  # none | auto: inverse class frequency as the loss's weights
+    sampler: str = "uniform"  # uniform (a shuffle) | balanced (each class drawn equally often)
     strict: bool = False  # refuse a dataset with unreadable images instead of skipping them
     cache_features: bool = False  # frozen backbone: train the head on cached features
     cache_views: int = 1  # cached train augmentations per image; epoch e uses view e % K
@@ -87,6 +90,10 @@ class TrainConfig:
                 raise UsageError(
                     f"--{name.replace('_', '-')} must be a fraction in [0, 1), got {value:g}."
                 )
+        if self.class_weights not in ("none", "auto"):
+            raise UsageError("--class-weights must be none or auto.")
+        if self.sampler not in ("uniform", "balanced"):
+            raise UsageError("--sampler must be uniform or balanced.")
         if self.monitor not in MONITORS:
             raise UsageError(f"--monitor must be one of {', '.join(MONITORS)}.")
         if self.early_stop is not None and self.early_stop < 1:
@@ -115,6 +122,10 @@ class TrainConfig:
     def train_transform(self) -> gdata.TrainTransform:
         """The train augmentation of these settings: random crops of ``crop_scale`` or more."""
         return gdata.TrainTransform(self.image_size, scale=(self.crop_scale, 1.0))
+
+    def sample_probabilities(self, labels):
+        """``--sampler balanced``: each train item's draw probability; None: a shuffle."""
+        return balanced_probabilities(labels) if self.sampler == "balanced" else None
 
     def test_transform(self) -> gdata.TestTransform:
         """The evaluation transform: the book's resize and center crop to ``image_size``."""

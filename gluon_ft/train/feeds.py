@@ -84,6 +84,7 @@ def image_loaders(
         workers=config.workers,
         shard=shard,
         num_shards=num_shards,
+        probabilities=config.sample_probabilities(train_split.labels()),
     )
     test_loader = gdata.make_loader(
         test_split,

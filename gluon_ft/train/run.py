@@ -38,7 +38,7 @@ from gluon_ft.train.config import TrainConfig
 from gluon_ft.train.devices import parse_contexts
 from gluon_ft.train.dist import DistContext, connect
 from gluon_ft.train.feeds import Feeds, load_dataset, make_feeds, require_readable
-from gluon_ft.train.network import build_network, infer_shapes, make_trainer
+from gluon_ft.train.network import build_network, infer_shapes, make_loss, make_trainer
 from gluon_ft.train.resume import (
     EpochSteps,
     StopRequest,
@@ -157,6 +157,7 @@ def train(config: TrainConfig) -> dict:
         try:
             parts = load_data(config, session)
             model = build_model(config, session, len(parts.classes))
+            model.loss_fn = make_loss(config, parts.train.labels(), len(parts.classes), session.ctx)
             feeds = make_feeds(config, model.net, parts, session.ctx, session.dist)
             write_config(config, session, model, feeds, parts)
             history = run_epochs(config, session, model, feeds, stop)
