@@ -220,7 +220,17 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
             action="store_true",
             help="continue the run in --out from its last complete checkpoint",
         )
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write each epoch's numbers as TensorBoard event files under RUN/tensorboard/",
+    )
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no epoch lines (progress bars are drawn only on a terminal)",
+    )
 
 
 def _config_from(args: argparse.Namespace):

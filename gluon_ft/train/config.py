@@ -50,7 +50,8 @@ class TrainConfig:
     layer_lr_decay: float | None = None  # stage k from the top learns D**k as fast
     unfreeze_at: str | None = None  # gradual unfreezing, "0:output,2:stage4,4:all"
     accumulate: int = 1  # micro-batches per step (gradient accumulation, grad_req 'add')
-    progress: bool = True
+    progress: bool = True  # the epoch lines (and on a terminal, progress bars)
+    tensorboard: bool = False  # event files under RUN/tensorboard/ (tensorboardX)
     log_every: int = 10  # steps between host reads of the running metrics
     resume: bool = False  # continue --out from its last complete checkpoint
     monitor: str = "val_acc"  # what picks the best epoch on the val part: val_acc | val_loss

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ from gluon_ft.train.resume import (
     find_resume_checkpoint,
     interrupted_at,
 )
-from gluon_ft.train.rundir import SPLIT_FILE, RunDirectory, default_out
+from gluon_ft.train.rundir import SPLIT_FILE, RunDirectory, TensorBoardLog, default_out
 from gluon_ft.train.schedule import LrSchedule
 from gluon_ft.train.selection import epochs_without_improvement, selection
 from gluon_ft.train.step import (
@@ -89,6 +90,7 @@ class Session:
     dist: DistContext
     run: RunDirectory
     resumed: Checkpoint | None  # the checkpoint --resume continues from
+    tensorboard: TensorBoardLog | None = None  # --tensorboard, on the writer
 
     @property
     def writer(self) -> bool:
@@ -122,6 +124,13 @@ def log(message: str) -> None:
     from tqdm.auto import tqdm
 
     tqdm.write(message)
+
+
+def bars_render() -> bool:
+    """Progress bars only where they redraw in place: a terminal, or a Jupyter kernel (a
+    widget). Into a file or a pipe, their carriage-return redraws would fill the log; there
+    the epoch's one plain line says enough."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
 def say(config: TrainConfig, message: str) -> None:
@@ -164,6 +173,9 @@ def train(config: TrainConfig) -> dict:
         except BaseException:
             session.run.remove_if_unused()
             raise
+        finally:
+            if session.tensorboard is not None:
+                session.tensorboard.close()
         return close_run(config, session, model, parts, history)
 
 
@@ -194,7 +206,9 @@ def open_run(config: TrainConfig) -> Session:
         )
     if dist.is_writer:  # before the data: an unwritable --out fails before a download
         run.prepare(resume=config.resume)
-    return Session(ctx, dist, run, resumed)
+    logs_events = config.tensorboard and dist.is_writer
+    tensorboard = TensorBoardLog(run.path / "tensorboard") if logs_events else None
+    return Session(ctx, dist, run, resumed, tensorboard)
 
 
 def load_data(config: TrainConfig, session: Session) -> DatasetParts:
@@ -325,7 +339,9 @@ def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopR
             save_progress(config, session, model, progress, (epoch + 1, 0), None, "epoch")
             best = best_epoch(config, feeds, progress.history)
             prune_checkpoints(session.run.path / "checkpoints", config.keep_checkpoints, [best])
-            session.run.write_json("metrics.json", progress.history)
+            session.run.write_metrics(progress.history)
+            if session.tensorboard is not None:
+                session.tensorboard.add_epoch(row)
             plot_curves(progress.history, session.run.path / "curves.png")
         if stop.signal and epoch + 1 < config.epochs:
             raise interrupted_at(stop, progress.last_checkpoint)
@@ -385,7 +401,7 @@ def fit_epoch(config, session: Session, model: Model, feeds: Feeds, steps, progr
         total=len(feeds.train),
         desc=f"epoch {steps.epoch + 1}/{config.epochs}",
         unit="batch",
-        disable=not (config.progress and session.writer),
+        disable=not (config.progress and session.writer and bars_render()),
         leave=False,
     ) as bar:
         try:
@@ -481,7 +497,7 @@ def close_run(config, session: Session, model: Model, parts: DatasetParts, histo
     """
     resumed = session.resumed
     if resumed is not None and len(history) == len(resumed.meta["history"]):
-        session.run.write_json("metrics.json", history)  # nothing was left to train
+        session.run.write_metrics(history)  # nothing was left to train
     summary = None
     if session.writer:
         chosen = selection(history, config.monitor, parts.val is not None, config.epochs)
