@@ -429,8 +429,8 @@ def measure_data(sizes: BenchSizes, workers: int, quick: bool, result: dict, det
             details["pack_s"] = time.perf_counter() - pack_start
 
             log(f"loaders: folder and RecordIO, {workers} worker(s) (interleaved)")
-            from_folder = LoaderPass(load_dataset(str(folder))[0], sizes, workers)
-            from_pack = LoaderPass(load_dataset(str(tmp / "pack" / "photos"))[0], sizes, workers)
+            from_folder = LoaderPass(load_dataset(str(folder)).train, sizes, workers)
+            from_pack = LoaderPass(load_dataset(str(tmp / "pack" / "photos")).train, sizes, workers)
             for warm_up in (from_folder, from_pack):  # page cache, worker processes
                 warm_up()
             timings = {"loader_folder_img_s": from_folder, "loader_recordio_img_s": from_pack}

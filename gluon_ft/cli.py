@@ -45,7 +45,27 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
     from gluon_ft.train.schedule import SCHEDULES
 
     d = defaults or TrainConfig()
-    p.add_argument("--data", default=d.data, help="hotdog, or DIR with train/<class>/* and test/")
+    p.add_argument(
+        "--data",
+        default=d.data,
+        help="hotdog, DIR/<class>/* (split for you), DIR with train/<class>/* and test/ "
+        "(and optionally val/), or a pack PREFIX",
+    )
+    p.add_argument(
+        "--val-split",
+        type=float,
+        default=d.val_split,
+        metavar="F",
+        help="fraction of each class held out for validation, from the train part "
+        "(default: 0.1 for DIR/<class>/*, 0 for train/ + test/, the book's)",
+    )
+    p.add_argument(
+        "--test-split",
+        type=float,
+        default=d.test_split,
+        metavar="F",
+        help="fraction of each class held out for the test, for DIR/<class>/* (default 0.1)",
+    )
     p.add_argument("--model", default=d.model, help="model zoo name (default %(default)s)")
     if run_flags:
         p.add_argument(
@@ -161,6 +181,41 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
         metavar="K",
         help="random train augmentations cached per image; epoch e uses view e %% K (default 1)",
     )
+    p.add_argument(
+        "--monitor",
+        choices=("val_acc", "val_loss"),
+        default=d.monitor,
+        help="what picks the best epoch, whose weights become model.params (default "
+        "%(default)s; needs a val part, else the last epoch is kept)",
+    )
+    p.add_argument(
+        "--early-stop",
+        type=_positive_int,
+        default=d.early_stop,
+        metavar="N",
+        help="stop after N epochs without improvement of --monitor (needs a val part)",
+    )
+    p.add_argument(
+        "--keep-checkpoints",
+        type=_positive_int,
+        default=d.keep_checkpoints,
+        metavar="K",
+        help="keep the checkpoints of the last K epochs and of the best (default %(default)s)",
+    )
+    p.add_argument(
+        "--class-weights",
+        choices=("none", "auto"),
+        default=d.class_weights,
+        help="auto: weight each sample's loss by the inverse frequency of its class in the "
+        "train part (default %(default)s)",
+    )
+    p.add_argument(
+        "--sampler",
+        choices=("uniform", "balanced"),
+        default=d.sampler,
+        help="balanced: draw each epoch's samples so that every class comes equally often "
+        "(with replacement, from --seed) (default %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
         "--strict",
@@ -176,7 +231,17 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
             action="store_true",
             help="continue the run in --out from its last complete checkpoint",
         )
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write each epoch's numbers as TensorBoard event files under RUN/tensorboard/",
+    )
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no epoch lines (progress bars are drawn only on a terminal)",
+    )
 
 
 def _config_from(args: argparse.Namespace):
@@ -204,10 +269,24 @@ def _run_train(args: argparse.Namespace) -> int:
     _warn_about_settings(config, args)
     with _exit_at_once_on_failure(config.kvstore):
         result = train(config)
-    last = result["history"][-1]
+    summary, epochs = result["summary"], len(result["history"])
+    if summary is None:  # a worker other than rank 0: the report is rank 0's
+        last = result["history"][-1]
+        key = "test_acc" if "test_acc" in last else "val_acc"
+        print(
+            f"done: {key.replace('_', ' ')} {last[key]:.3f} after {epochs} epoch(s); "
+            f"rank 0 writes the run directory"
+        )
+        return 0
+    kept = (
+        f"epoch {summary['best_epoch']}, the best by {summary['monitor']}"
+        if summary["monitor"]
+        else f"epoch {summary['best_epoch']}, the last"
+    )
+    stopped = ", stopped early" if summary["stopped_early"] else ""
     print(
-        f"done: test acc {last['test_acc']:.3f} after {last['epoch']} epoch(s); "
-        f"run directory {result['run_dir']}"
+        f"done: test acc {summary['test_acc']:.3f} with the weights of {kept} "
+        f"({epochs} epoch(s){stopped}); run directory {result['run_dir']}"
     )
     return 0
 
@@ -235,9 +314,9 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     _warn_about_settings(config, args)
     with _exit_at_once_on_failure(config.kvstore):
         result = pretrain(config, out_file)
-    last = result["history"][-1]
+    test_acc = (result["summary"] or {}).get("test_acc", float("nan"))
     print(
-        f"done: source test acc {last['test_acc']:.3f} over {len(result['classes'])} classes; "
+        f"done: source test acc {test_acc:.3f} over {len(result['classes'])} classes; "
         f"wrote {result['params_file']} (use it with --pretrained {result['params_file']})"
     )
     return 0
@@ -352,7 +431,9 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def add_check_data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", metavar="DIR", help="dataset folder: DIR/train/<class>/*, DIR/test/")
+    p.add_argument(
+        "dir", metavar="DIR", help="dataset folder: DIR/<class>/*, or DIR/train/<class>/* and test/"
+    )
     p.add_argument(
         "--image-size", type=_positive_int, default=224, help="the training crop (default 224)"
     )
@@ -393,6 +474,7 @@ def _format_check_report(report: dict, shown: int = 20) -> str:
         shown,
     )
     lines += [f"problem: {problem}" for problem in report["problems"]]
+    lines += imbalance_warnings(report)
     return "\n".join(lines)
 
 
@@ -406,6 +488,25 @@ def _listing(title: str, entries: list[str], shown: int) -> list[str]:
     return lines
 
 
+def imbalance_warnings(report: dict) -> list[str]:
+    """A line for each split whose largest class has over 5 times the smallest's images."""
+    from gluon_ft.balance import IMBALANCE_WARNING, imbalance_ratio
+
+    lines = []
+    for split, classes in report["splits"].items():
+        counts = {name: c["images"] for name, c in classes.items()}
+        if counts and imbalance_ratio(counts.values()) > IMBALANCE_WARNING:
+            largest, smallest = max(counts, key=counts.get), min(counts, key=counts.get)
+            where = report["root"] if split == "." else f"{split}/"
+            lines.append(
+                f"warning: the classes of {where} are imbalanced: {largest} has "
+                f"{counts[largest]} images, {smallest} {counts[smallest]} (over "
+                f"{IMBALANCE_WARNING:g}x). Consider --class-weights auto or --sampler balanced, "
+                "and judge the run by its balanced accuracy and per-class recall (the report)."
+            )
+    return lines
+
+
 def _run_check_data(args: argparse.Namespace) -> int:
     import json
 
@@ -413,6 +514,8 @@ def _run_check_data(args: argparse.Namespace) -> int:
 
     report = check_dataset(args.dir, args.image_size)
     print(json.dumps(report, indent=2) if args.json else _format_check_report(report))
+    for line in imbalance_warnings(report) if args.json else []:
+        print(line, file=sys.stderr)
     bad = unreadable_in(report)
     if report["problems"] or bad:
         return 2
@@ -442,6 +545,36 @@ def _run_predict(args: argparse.Namespace) -> int:
             print(f"{result['source']}: {top}")
     # Exit 2 (bad input) when any file could not be classified; the others were.
     return 0 if all(r["ok"] for r in results) else 2
+
+
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN", help="a finished run directory")
+    p.add_argument(
+        "--split",
+        default="test",
+        metavar="test|val|DIR",
+        help="the run's test or val part (from its split.json), or a folder DIR/<class>/* "
+        "(default %(default)s)",
+    )
+    p.add_argument("--out", help="output folder (default RUN for test, else RUN/report-<name>)")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from gluon_ft.report import build_report
+
+    summary, out = build_report(args.run_dir, args.split, args.out)
+    accuracy = next(value for key, value in summary.items() if key.endswith("_acc"))
+    print(
+        f"{summary['split']}: {summary['images']} images, accuracy {accuracy:.3f}, balanced "
+        f"accuracy {summary['balanced_acc']:.3f}, macro-F1 {summary['macro_f1']:.3f}"
+    )
+    for row in summary["per_class"]:
+        print(
+            f"  {row['class']:<24} precision {row['precision']:.3f}  recall {row['recall']:.3f}"
+            f"  F1 {row['f1']:.3f}  support {row['support']}"
+        )
+    print(f"wrote {out / 'report.md'}, confusion.png, mistakes.png and summary.json")
+    return 0
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -686,6 +819,11 @@ COMMANDS = {
         "classify image files with a finished run",
         add_predict_arguments,
         _run_predict,
+    ),
+    "report": (
+        "per-class report of a finished run on its test split or any folder",
+        add_report_arguments,
+        _run_report,
     ),
     "export": (
         "export a run as MXNet symbol+params and as ONNX, each verified",

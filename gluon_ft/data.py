@@ -392,12 +392,13 @@ def scan_dataset(root: str | Path) -> tuple[ImageFolderSplit, ImageFolderSplit]:
 
 
 def check_dataset(root: str | Path, crop: int) -> dict:
-    """Decode every image under ``root/train`` and ``root/test``; report what training meets.
+    """Decode every image of a dataset folder; report what training meets.
 
     Parameters
     ----------
     root : str or Path
-        The dataset folder (``train/<class>/*``, ``test/<class>/*``).
+        The dataset folder: ``train/<class>/*``, ``test/<class>/*`` (and ``val/``), or class
+        folders only (reported as the split ``"."``).
     crop : int
         The training crop (``--image-size``); smaller images are listed, as training upscales
         them.
@@ -413,15 +414,15 @@ def check_dataset(root: str | Path, crop: int) -> dict:
     """
     root = Path(root)
     problems = []
+    folders = [split for split in ("train", "val", "test") if (root / split).is_dir()]
     try:
-        scan_dataset(root)
+        # Without train/ or test/, the class folders themselves ("."), split at train time.
+        scan_dataset(root) if folders else scan_split(root)
     except UsageError as err:
         problems.append(str(err))
     splits: dict = {}
     beside: dict = {}
-    for split in ("train", "test"):
-        if not (root / split).is_dir():
-            continue
+    for split in folders or (["."] if root.is_dir() else []):
         splits[split] = {
             name: _check_class(contents, root, crop)
             for name, contents in class_folders(root / split).items()
@@ -588,8 +589,12 @@ class EpochBatchSampler:
         seed: int = 0,
         shard: int = 0,
         num_shards: int = 1,
+        probabilities: np.ndarray | None = None,
     ):
         self.size = size
+        # --sampler balanced: each epoch draws `size` samples with these probabilities, with
+        # replacement, from the same (seed, epoch) generator as the shuffle.
+        self.probabilities = probabilities
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -609,6 +614,9 @@ class EpochBatchSampler:
 
     def order(self) -> np.ndarray:
         """Return every sample index, in the current epoch's order (the same on every shard)."""
+        if self.probabilities is not None:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            return rng.choice(self.size, size=self.size, replace=True, p=self.probabilities)
         if self.shuffle:
             return np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
         return np.arange(self.size)
@@ -646,14 +654,18 @@ def make_loader(
     workers: int = 0,
     shard: int = 0,
     num_shards: int = 1,
+    probabilities: np.ndarray | None = None,
 ):
     """Return a Gluon ``DataLoader`` whose sampler is an :class:`EpochBatchSampler`.
 
     Call ``loader._batch_sampler.set_epoch(e)`` (or :func:`set_epoch`) before each epoch.
+    ``probabilities`` (per item) makes each epoch a draw with replacement instead.
     """
     from mxnet.gluon.data import DataLoader
 
-    sampler = EpochBatchSampler(len(split), batch_size, shuffle, seed, shard, num_shards)
+    sampler = EpochBatchSampler(
+        len(split), batch_size, shuffle, seed, shard, num_shards, probabilities
+    )
     dataset = TransformedSplit(split, transform, seed)
     return DataLoader(dataset, batch_sampler=sampler, batchify_fn=collate, num_workers=workers)
 

@@ -326,7 +326,8 @@ def train_network(net, config: TrainConfig) -> list[dict]:
     config.validate()
     ctx = parse_contexts(config.ctx)
     net.collect_params().reset_ctx(ctx)
-    train_loader, test_loader = image_loaders(config, *load_dataset(config.data))
+    parts = load_dataset(config.data, config.val_split, config.test_split, config.seed)
+    train_loader, test_loader = image_loaders(config, parts.train, parts.test)
     net.hybridize(static_alloc=True, static_shape=True)
     nan = float("nan")
     history = [

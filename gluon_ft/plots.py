@@ -27,12 +27,15 @@ def _finish(fig, path: str | Path | None):
 
 
 def plot_curves(history: Sequence[dict], path: str | Path | None = None, title: str = ""):
-    """Train loss, train accuracy and test accuracy per epoch, as in the book's plot."""
+    """Train loss and accuracy per epoch, as in the book's plot, with the val loss and
+    accuracy, or without a val part the book's test accuracy."""
     epochs = [row["epoch"] for row in history]
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     ax.plot(epochs, [row["loss"] for row in history], "-o", label="train loss")
     ax.plot(epochs, [row["train_acc"] for row in history], "--o", label="train acc")
-    ax.plot(epochs, [row["test_acc"] for row in history], ":o", label="test acc")
+    for key, style in (("val_loss", "-.s"), ("val_acc", ":s"), ("test_acc", ":o")):
+        if key in history[0]:
+            ax.plot(epochs, [row[key] for row in history], style, label=key.replace("_", " "))
     ax.set_xlabel("epoch")
     ax.set_xlim(0.5, max(epochs) + 0.5)
     ax.grid(True, alpha=0.3)
@@ -67,6 +70,16 @@ def show_images(images, titles: Sequence[str] | None = None, cols: int = 8, path
             ax.imshow(images[i])
             if titles is not None:
                 ax.set_title(titles[i], fontsize=8)
+    return _finish(fig, path)
+
+
+def plot_mistakes(images, titles: Sequence[str], path=None, cols: int = 8):
+    """The wrong predictions as an image grid, or a note that there were none."""
+    if images:
+        return show_images(images, titles, cols=min(cols, len(images)), path=path, scale=1.6)
+    fig, ax = plt.subplots(figsize=(3, 1))
+    ax.axis("off")
+    ax.text(0.5, 0.5, "no mistakes", ha="center", va="center")
     return _finish(fig, path)
 
 

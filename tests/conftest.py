@@ -35,15 +35,27 @@ def write_image_folder(
     rng = np.random.default_rng(seed)
     for split, count in (("train", n_train), ("test", n_test)):
         for label, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            base = np.zeros(3)
-            base[label % 3] = 200
-            for i in range(count):
-                noise = rng.integers(0, 55, size=(size, size, 3))
-                pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+            write_class_images(root / split / name, label, count, size, rng)
     return root
+
+
+def write_class_folders(root: Path, counts: dict[str, int], size: int = 32, seed: int = 0) -> Path:
+    """Write ``root/<class>/*.png`` (the one-folder-per-class layout), ``counts[class]`` each."""
+    rng = np.random.default_rng(seed)
+    for label, (name, count) in enumerate(counts.items()):
+        write_class_images(root / name, label, count, size, rng)
+    return root
+
+
+def write_class_images(folder: Path, label: int, count: int, size: int, rng) -> None:
+    """``count`` PNGs of class ``label``'s colour (one of red, green, blue) plus noise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = np.zeros(3)
+    base[label % 3] = 200
+    for i in range(count):
+        noise = rng.integers(0, 55, size=(size, size, 3))
+        pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
 
 
 def tiny_config(data: Path, out: Path, **changes):

@@ -40,7 +40,8 @@ def test_pack_round_trip_keeps_classes_labels_and_pixels(folder, tmp_path):
         assert all(p.is_file() for p in split_paths(prefix, split))
 
     folder_splits = gdata.scan_dataset(folder)
-    pack_splits = load_dataset(str(prefix))  # the training code's own entry
+    packed_parts = load_dataset(str(prefix))  # the training code's own entry
+    pack_splits = (packed_parts.train, packed_parts.test)
     for original, packed in zip(folder_splits, pack_splits):
         readable = [(p, label) for p, label in original.items if not p.endswith("broken.jpg")]
         assert packed.classes == original.classes == ("ant", "moth", "zebra")

@@ -329,6 +329,22 @@ def latest_checkpoint(directory: str | Path) -> tuple[Checkpoint | None, list[st
     return None, skipped
 
 
+def prune_checkpoints(directory: str | Path, keep_last: int, keep_epochs=()) -> list[Path]:
+    """Delete end-of-epoch checkpoints but the newest ``keep_last`` and those of ``keep_epochs``.
+
+    ``--keep-checkpoints K`` keeps the last K (``--resume`` needs the last) and the best epoch's,
+    which becomes ``model.params``. Interrupted checkpoints are :func:`save_checkpoint`'s.
+    """
+    finished = [c for c in list_checkpoints(directory) if not c.step]
+    kept = {c.path for c in finished[-keep_last:]} | {
+        c.path for c in finished if c.epoch in set(keep_epochs)
+    }
+    removed = [c.path for c in finished if c.path not in kept]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     """Delete temporary checkpoint directories left by processes that no longer run."""
     removed = []

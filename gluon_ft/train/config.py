@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 from gluon_ft import data as gdata
 from gluon_ft import zoo
+from gluon_ft.balance import balanced_probabilities
 from gluon_ft.errors import UsageError
 from gluon_ft.freeze import FreezePlan
 from gluon_ft.train.dist import is_distributed
 from gluon_ft.train.schedule import SCHEDULES
+from gluon_ft.train.selection import MONITORS
 
 # An SGD --lr below this, with a batch of PER_SAMPLE_BATCH or more, is most likely a per-sample
 # rate: d2l's MXNet text divides its rates by the batch (7.8125e-5 = 0.01 / 128) since its
@@ -29,6 +31,8 @@ class TrainConfig:
     """Every setting of a training run; ``config.json`` is this, plus what was resolved."""
 
     data: str = "hotdog"
+    val_split: float | None = None  # None: 0.1 for a folder of classes, 0 for train/ + test/
+    test_split: float | None = None  # None: 0.1 for a folder of classes (else test/ is used)
     model: str = "resnet18_v2"
     pretrained: str = "imagenet"
     epochs: int = 5
@@ -52,9 +56,15 @@ class TrainConfig:
     layer_lr_decay: float | None = None  # stage k from the top learns D**k as fast
     unfreeze_at: str | None = None  # gradual unfreezing, "0:output,2:stage4,4:all"
     accumulate: int = 1  # micro-batches per step (gradient accumulation, grad_req 'add')
-    progress: bool = True
+    progress: bool = True  # the epoch lines (and on a terminal, progress bars)
+    tensorboard: bool = False  # event files under RUN/tensorboard/ (tensorboardX)
     log_every: int = 10  # steps between host reads of the running metrics
     resume: bool = False  # continue --out from its last complete checkpoint
+    monitor: str = "val_acc"  # what picks the best epoch on the val part: val_acc | val_loss
+    early_stop: int | None = None  # stop after N epochs without improvement of --monitor
+    keep_checkpoints: int = 2  # the last K epochs' checkpoints are kept, and the best one
+    class_weights: str = "none"  # none | auto: inverse class frequency as the loss's weights
+    sampler: str = "uniform"  # uniform (a shuffle) | balanced (each class drawn equally often)
     strict: bool = False  # refuse a dataset with unreadable images instead of skipping them
     cache_features: bool = False  # frozen backbone: train the head on cached features
     cache_views: int = 1  # cached train augmentations per image; epoch e uses view e % K
@@ -81,6 +91,22 @@ class TrainConfig:
                 f"--warmup-epochs must be between 0 and --epochs ({self.epochs}), "
                 f"got {self.warmup_epochs:g}."
             )
+        for name in ("val_split", "test_split"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and 0 <= value < 1):
+                raise UsageError(
+                    f"--{name.replace('_', '-')} must be a fraction in [0, 1), got {value:g}."
+                )
+        if self.class_weights not in ("none", "auto"):
+            raise UsageError("--class-weights must be none or auto.")
+        if self.sampler not in ("uniform", "balanced"):
+            raise UsageError("--sampler must be uniform or balanced.")
+        if self.monitor not in MONITORS:
+            raise UsageError(f"--monitor must be one of {', '.join(MONITORS)}.")
+        if self.early_stop is not None and self.early_stop < 1:
+            raise UsageError("--early-stop must be at least 1 (epochs without improvement).")
+        if self.keep_checkpoints < 1:
+            raise UsageError("--keep-checkpoints must be at least 1: --resume needs the last.")
         if self.workers < 0:
             raise UsageError("--workers must be >= 0.")
         if self.resume and not self.out:
@@ -127,6 +153,10 @@ class TrainConfig:
     def train_transform(self) -> gdata.TrainTransform:
         """The train augmentation of these settings: random crops of ``crop_scale`` or more."""
         return gdata.TrainTransform(self.image_size, scale=(self.crop_scale, 1.0))
+
+    def sample_probabilities(self, labels):
+        """``--sampler balanced``: each train item's draw probability; None: a shuffle."""
+        return balanced_probabilities(labels) if self.sampler == "balanced" else None
 
     def test_transform(self) -> gdata.TestTransform:
         """The evaluation transform: the book's resize and center crop to ``image_size``."""

@@ -333,11 +333,22 @@ class FeatureLoader:
     reads view ``e % len(views)``.
     """
 
-    def __init__(self, views, labels, batch_size, *, shuffle, seed=0, shard=0, num_shards=1):
+    def __init__(
+        self,
+        views,
+        labels,
+        batch_size,
+        *,
+        shuffle,
+        seed=0,
+        shard=0,
+        num_shards=1,
+        probabilities=None,
+    ):
         self.views = views
         self.labels = np.asarray(labels, dtype=np.int32)
         self._batch_sampler = gdata.EpochBatchSampler(
-            len(self.labels), batch_size, shuffle, seed, shard, num_shards
+            len(self.labels), batch_size, shuffle, seed, shard, num_shards, probabilities
         )
 
     def __len__(self) -> int:
@@ -397,6 +408,7 @@ def feature_loaders(net, train_split, test_split, ctx, config, shard=0, num_shar
         seed=config.seed,
         shard=shard,
         num_shards=num_shards,
+        probabilities=config.sample_probabilities(train_split.labels()),
     )
     test_loader = FeatureLoader(
         test_views,

@@ -1,4 +1,4 @@
-"""What a run trains and evaluates on: the dataset's splits and the loaders over them.
+"""What a run trains and evaluates on: the dataset's parts and the loaders over them.
 
 One place builds the train and test loaders of a config (:func:`image_loaders`): ``train``,
 the feature cache and the notebooks all call it, so the augmentation cannot drift between
@@ -15,25 +15,48 @@ from pathlib import Path
 from mxnet import gluon
 
 from gluon_ft import data as gdata
+from gluon_ft import splits
 from gluon_ft.errors import UsageError
 from gluon_ft.recordio import load_pack, pack_prefix
+from gluon_ft.splits import DatasetParts
 from gluon_ft.train.config import TrainConfig
 
 
-def load_dataset(spec: str) -> tuple[gdata.ImageFolderSplit, gdata.ImageFolderSplit]:
-    """Return the train and test splits for ``--data hotdog``, ``DIR`` or a RecordIO ``PREFIX``.
+def load_dataset(
+    spec: str,
+    val_split: float | None = None,
+    test_split: float | None = None,
+    seed: int = 0,
+    saved: dict | None = None,
+) -> DatasetParts:
+    """The parts of ``--data hotdog``, ``DIR`` (either layout) or a RecordIO ``PREFIX``.
 
-    A pack (``gluon-ft pack``) gives splits with the same interface, classes and labels.
+    ``saved`` is a run's ``split.json``: a resumed run gets the same parts, not a new split.
+    A pack (``gluon-ft pack``) gives its train and test splits, with the same interface.
+
+    Raises
+    ------
+    UsageError
+        No dataset there, or fractions the layout cannot use (see
+        :func:`gluon_ft.splits.split_dataset`).
     """
     if spec != "hotdog" and pack_prefix(spec) is not None:
-        return load_pack(spec)
+        if val_split or test_split:
+            raise UsageError(
+                f"--data {spec} is a RecordIO pack of a train and a test split: "
+                "--val-split and --test-split split image folders only."
+            )
+        train, test = load_pack(spec)
+        return DatasetParts(Path(spec), splits.PACK, train, test)
     root = gdata.hotdog_root() if spec == "hotdog" else Path(spec).expanduser()
-    return gdata.scan_dataset(root)
+    if saved is not None:
+        return splits.parts_from_record(root, saved)
+    return splits.split_dataset(root, val_split, test_split, seed)
 
 
-def require_readable(train_split: gdata.ImageFolderSplit, image_size: int) -> None:
+def require_readable(parts: DatasetParts, image_size: int) -> None:
     """``--strict``: refuse a dataset with any unreadable image, listing them."""
-    report = gdata.check_dataset(train_split.root.parent, image_size)
+    report = gdata.check_dataset(parts.root, image_size)
     bad = gdata.unreadable_in(report)
     if bad:
         shown = "; ".join(f"{b['path']} ({b['reason']})" for b in bad[:20])
@@ -48,7 +71,9 @@ def image_loaders(
     config: TrainConfig, train_split, test_split, shard: int = 0, num_shards: int = 1
 ) -> tuple:
     """The ``(train, test)`` loaders of ``config``: shuffled augmented batches, and the
-    book's test transform in order. A distributed worker reads its ``shard`` of each."""
+    book's test transform in order. A distributed worker reads its ``shard`` of each.
+
+    ``test_split`` is whichever split is evaluated each epoch: val when there is one."""
     train_loader = gdata.make_loader(
         train_split,
         config.train_transform(),
@@ -58,6 +83,7 @@ def image_loaders(
         workers=config.workers,
         shard=shard,
         num_shards=num_shards,
+        probabilities=config.sample_probabilities(train_split.labels()),
     )
     test_loader = gdata.make_loader(
         test_split,
@@ -76,20 +102,26 @@ class Feeds:
     """The loaders of a run, and what each step runs on what they give."""
 
     train: object
-    test: object
+    eval: object  # evaluated after each epoch: the val split, or test without one
     net: gluon.Block  # the whole network, or its head on cached features
     prepare: Callable = gdata.normalize_batch  # a device batch -> the network's input
     cache: object = None  # the feature cache's report (features_cache.CacheReport)
+    eval_part: str = "test"  # which part `eval` reads: "val" or "test"
 
 
-def make_feeds(config: TrainConfig, net, train_split, test_split, ctx, dist) -> Feeds:
-    """The image loaders, or with ``--cache-features`` the cached features and the head."""
+def make_feeds(config: TrainConfig, net, parts: DatasetParts, ctx, dist) -> Feeds:
+    """The image loaders, or with ``--cache-features`` the cached features and the head.
+
+    Each epoch evaluates the val part, or the test part when there is no val part.
+    """
+    eval_part = "val" if parts.val is not None else "test"
+    evaluated = parts.val if parts.val is not None else parts.test
     if not config.cache_features:
-        loaders = image_loaders(config, train_split, test_split, dist.rank, dist.num_workers)
-        return Feeds(*loaders, net)
+        loaders = image_loaders(config, parts.train, evaluated, dist.rank, dist.num_workers)
+        return Feeds(*loaders, net, eval_part=eval_part)
     from gluon_ft.train.features_cache import feature_loaders
 
-    train_loader, test_loader, head_part, cache = feature_loaders(
-        net, train_split, test_split, ctx, config, dist.rank, dist.num_workers
+    train_loader, eval_loader, head_part, cache = feature_loaders(
+        net, parts.train, evaluated, ctx, config, dist.rank, dist.num_workers
     )
-    return Feeds(train_loader, test_loader, head_part, lambda features: features, cache)
+    return Feeds(train_loader, eval_loader, head_part, lambda features: features, cache, eval_part)

@@ -11,6 +11,7 @@ import mxnet as mx
 from mxnet import gluon
 
 from gluon_ft import data as gdata
+from gluon_ft.balance import inverse_frequency
 from gluon_ft.model import graft_new_head, load_source_model, scratch_twin
 from gluon_ft.train import amp
 from gluon_ft.train.config import TrainConfig
@@ -23,6 +24,26 @@ def build_network(config: TrainConfig, num_classes: int, ctx: list[mx.Context]):
         return scratch_twin(config.model, num_classes, ctx, config.image_size), None
     source = load_source_model(config.model, config.pretrained, config.image_size)
     return graft_new_head(source, num_classes, config.head_lr_mult, ctx), source
+
+
+class ClassWeightedLoss:
+    """Softmax cross-entropy with each sample's term weighted by its class's weight."""
+
+    def __init__(self, class_weights, ctx: list[mx.Context]):
+        self.loss = gluon.loss.SoftmaxCrossEntropyLoss()
+        self.weights = {c: mx.nd.array(class_weights, ctx=c) for c in ctx}
+
+    def __call__(self, out, label):
+        weights = self.weights[label.context].take(label).reshape((-1, 1))
+        return self.loss(out, label, weights)
+
+
+def make_loss(config: TrainConfig, train_labels, num_classes: int, ctx: list[mx.Context]):
+    """The training loss: plain, or with ``--class-weights auto`` weighted by the inverse
+    frequency of each class in the train part (the loss's sample weights)."""
+    if config.class_weights == "none":
+        return gluon.loss.SoftmaxCrossEntropyLoss()
+    return ClassWeightedLoss(inverse_frequency(train_labels, num_classes), ctx)
 
 
 def make_trainer(

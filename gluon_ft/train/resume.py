@@ -217,9 +217,10 @@ def split_files(split) -> dict:
     return {"files": len(names), "sha256": digest}
 
 
-def data_fingerprint(train_split, test_split) -> dict:
-    """What ``config.json`` records of the data (``data_files``), for :func:`check_same_data`."""
-    return {"train": split_files(train_split), "test": split_files(test_split)}
+def data_fingerprint(parts: dict) -> dict:
+    """What ``config.json`` records of the data (``data_files``), for :func:`check_same_data`:
+    :func:`split_files` of each of ``parts`` (``{"train": split, "val": ..., "test": ...}``)."""
+    return {name: split_files(split) for name, split in parts.items()}
 
 
 def check_same_data(run_dir: Path, classes: list[str], fingerprint: dict) -> None:

@@ -7,7 +7,9 @@ is a function below; the step and the epoch are :mod:`gluon_ft.train.step`'s.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,18 +19,27 @@ from mxnet import gluon
 
 import gluon_ft
 from gluon_ft import data as gdata
-from gluon_ft import paths, zoo
+from gluon_ft import paths, splits, zoo
 from gluon_ft.errors import DivergedError, UsageError
 from gluon_ft.freeze import FreezePlan, ParamTable, log_table
 from gluon_ft.model import get_head, sidecar_path
 from gluon_ft.plots import plot_curves
+from gluon_ft.report import build_report
+from gluon_ft.splits import DatasetParts
 from gluon_ft.train import amp
-from gluon_ft.train.checkpoint import Checkpoint, restore_checkpoint, save_checkpoint
+from gluon_ft.train.checkpoint import (
+    PARAMS_FILE,
+    Checkpoint,
+    checkpoint_name,
+    prune_checkpoints,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from gluon_ft.train.config import TrainConfig
 from gluon_ft.train.devices import parse_contexts
 from gluon_ft.train.dist import DistContext, connect
 from gluon_ft.train.feeds import Feeds, load_dataset, make_feeds, require_readable
-from gluon_ft.train.network import build_network, infer_shapes, make_trainer
+from gluon_ft.train.network import build_network, infer_shapes, make_loss, make_trainer
 from gluon_ft.train.resume import (
     EpochSteps,
     StopRequest,
@@ -39,13 +50,15 @@ from gluon_ft.train.resume import (
     find_resume_checkpoint,
     interrupted_at,
 )
-from gluon_ft.train.rundir import RunDirectory, default_out
+from gluon_ft.train.rundir import SPLIT_FILE, RunDirectory, TensorBoardLog, default_out
 from gluon_ft.train.schedule import LrSchedule
+from gluon_ft.train.selection import epochs_without_improvement, selection
 from gluon_ft.train.step import (
     MetricSums,
     check_finite,
     check_params_finite,
     evaluate,
+    evaluate_sums,
     sum_over_workers,
     train_epoch,
 )
@@ -58,7 +71,7 @@ class EpochStats:
     epoch: int
     loss: float
     train_acc: float
-    test_acc: float
+    scores: dict  # val_loss and val_acc; without a val part, the book's test_acc
     examples_per_sec: float
     seconds: float
     skipped: int = 0
@@ -66,8 +79,9 @@ class EpochStats:
 
     def as_dict(self) -> dict:
         row = asdict(self)
-        row.update(row.pop("extra"))
-        return row
+        scores, extra = row.pop("scores"), row.pop("extra")
+        first = {key: row.pop(key) for key in ("epoch", "loss", "train_acc")}
+        return {**first, **scores, **row, **extra}
 
 
 @dataclass
@@ -78,6 +92,7 @@ class Session:
     dist: DistContext
     run: RunDirectory
     resumed: Checkpoint | None  # the checkpoint --resume continues from
+    tensorboard: TensorBoardLog | None = None  # --tensorboard, on the writer
 
     @property
     def writer(self) -> bool:
@@ -113,6 +128,13 @@ def log(message: str) -> None:
     tqdm.write(message)
 
 
+def bars_render() -> bool:
+    """Progress bars only where they redraw in place: a terminal, or a Jupyter kernel (a
+    widget). Into a file or a pipe, their carriage-return redraws would fill the log; there
+    the epoch's one plain line says enough."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
 def say(config: TrainConfig, message: str) -> None:
     """:func:`log`, unless ``--no-progress``."""
     if config.progress:
@@ -144,19 +166,22 @@ def train(config: TrainConfig) -> dict:
         config.validate()
         session = open_run(config)
         try:
-            splits = load_data(config)  # (train, test)
-            classes = list(splits[0].classes)
-            data_files = data_fingerprint(*splits)
+            parts = load_data(config, session)
+            data_files = data_fingerprint(parts.named())
             if config.resume:  # before any work: the same classes, the same files
-                check_same_data(session.run.path, classes, data_files)
-            model = build_model(config, session, len(classes))
-            feeds = make_feeds(config, model.net, *splits, session.ctx, session.dist)
-            write_config(config, session, model, feeds, classes, data_files)
+                check_same_data(session.run.path, list(parts.classes), data_files)
+            model = build_model(config, session, len(parts.classes))
+            model.loss_fn = make_loss(config, parts.train.labels(), len(parts.classes), session.ctx)
+            feeds = make_feeds(config, model.net, parts, session.ctx, session.dist)
+            write_config(config, session, model, feeds, parts, data_files)
             history = run_epochs(config, session, model, feeds, stop)
         except BaseException:
             session.run.remove_if_unused()
             raise
-        return close_run(config, session, model, history, classes)
+        finally:
+            if session.tensorboard is not None:
+                session.tensorboard.close()
+        return close_run(config, session, model, parts, history)
 
 
 def open_run(config: TrainConfig) -> Session:
@@ -186,15 +211,30 @@ def open_run(config: TrainConfig) -> Session:
         )
     if dist.is_writer:  # before the data: an unwritable --out fails before a download
         run.prepare(resume=config.resume)
-    return Session(ctx, dist, run, resumed)
+    logs_events = config.tensorboard and dist.is_writer
+    tensorboard = TensorBoardLog(run.path / "tensorboard") if logs_events else None
+    return Session(ctx, dist, run, resumed, tensorboard)
 
 
-def load_data(config: TrainConfig):
-    """The train and test splits of ``--data``; ``--strict`` refuses unreadable files."""
-    train_split, test_split = load_dataset(config.data)
-    if config.strict and isinstance(train_split, gdata.ImageFolderSplit):  # packs: at pack time
-        require_readable(train_split, config.image_size)
-    return train_split, test_split
+def load_data(config: TrainConfig, session: Session) -> DatasetParts:
+    """The parts of ``--data`` (a resumed run: those of its ``split.json``); ``--strict``
+    refuses unreadable files."""
+    saved = None
+    split_file = session.run.path / SPLIT_FILE
+    if config.resume and split_file.is_file():
+        try:
+            saved = json.loads(split_file.read_text())
+        except ValueError as err:
+            raise UsageError(f"--resume: {split_file} is not valid JSON: {err}") from None
+    parts = load_dataset(config.data, config.val_split, config.test_split, config.seed, saved)
+    if config.strict and parts.layout != splits.PACK:  # packs: at pack time
+        require_readable(parts, config.image_size)
+    if config.early_stop and parts.val is None:
+        raise UsageError(
+            f"--early-stop {config.early_stop} needs a validation part to watch: add "
+            "--val-split F (or a val/ folder) to --data."
+        )
+    return parts
 
 
 def build_model(config: TrainConfig, session: Session, num_classes: int) -> Model:
@@ -230,11 +270,13 @@ def resume_from(config: TrainConfig, checkpoint: Checkpoint, model: Model) -> No
         )
 
 
-def write_config(config, session, model, feeds, classes, data_files: dict) -> None:
-    """``config.json`` (the settings and what they resolved to) and ``classes.json``.
+def write_config(config, session, model, feeds, parts: DatasetParts, data_files: dict) -> None:
+    """``config.json`` (the settings and what they resolved to), ``classes.json`` and
+    ``split.json`` (which file is in which part).
 
-    ``data_files`` is :func:`data_fingerprint` of the splits, which ``--resume`` compares.
+    ``data_files`` is :func:`data_fingerprint` of the parts, which ``--resume`` compares.
     """
+    classes = list(parts.classes)
     resolved = {
         **asdict(config),
         "out": str(session.run.path),
@@ -243,8 +285,10 @@ def write_config(config, session, model, feeds, classes, data_files: dict) -> No
         "source_classes": model.source.num_classes if model.source else None,
         # From scratch there is no new head: the output layer learns at --lr like the rest.
         "head_lr_mult_used": get_head(model.net)[1].weight.lr_mult,
-        "train_size": data_files["train"]["files"],
-        "test_size": data_files["test"]["files"],
+        "layout": parts.layout,
+        "train_size": len(parts.train),
+        "val_size": len(parts.val) if parts.val is not None else 0,
+        "test_size": len(parts.test),
         "data_files": data_files,
         "mxnet": mx.__version__,
         "gluon_ft": gluon_ft.__version__,
@@ -257,6 +301,8 @@ def write_config(config, session, model, feeds, classes, data_files: dict) -> No
         say(config, feeds.cache.summary())
     if session.writer:  # classes.json first: a run with a config.json has both
         session.run.write_json("classes.json", classes)
+        settings = {"seed": config.seed, "val_split": config.val_split}
+        session.run.write_json(SPLIT_FILE, parts.record(**settings, test_split=config.test_split))
         session.run.write_json("config.json", resolved)
 
 
@@ -271,7 +317,11 @@ def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopR
     start_epoch, start_step = resumed.position if resumed else (0, 0)
     # Steps per epoch from the loader's length: no set_epoch has skipped any yet.
     set_lr = LrSchedule.of(config, len(feeds.train)).setter(model.trainer)
+    if feeds.eval_part == "test" and session.writer:
+        say(config, NO_VALIDATION_NOTE)
     for epoch in range(start_epoch, config.epochs):
+        if should_stop_early(config, progress.history):
+            break
         started = time.perf_counter()
         first_step = start_step if epoch == start_epoch else 0
         gdata.set_epoch(feeds.train, epoch, first_step)
@@ -293,17 +343,50 @@ def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopR
             raise interrupted_at(stop, progress.last_checkpoint)
         if session.dist.distributed:  # the epoch's metrics over every worker's shard
             sums, skipped = sum_over_workers(session.dist, sums, skipped)
-        test_acc = evaluate(feeds.net, feeds.test, session.ctx, session.dist, feeds.prepare)
-        row = epoch_row(model, epoch, sums, skipped, seconds, started, test_acc, unfrozen)
+        scores = score_epoch(feeds, session)
+        row = epoch_row(model, epoch, sums, skipped, seconds, started, scores, unfrozen)
         report_epoch(config, row, progress.history)
         progress.history.append(row)
         if session.writer:
             save_progress(config, session, model, progress, (epoch + 1, 0), None, "epoch")
-            session.run.write_json("metrics.json", progress.history)
+            best = best_epoch(config, feeds, progress.history)
+            prune_checkpoints(session.run.path / "checkpoints", config.keep_checkpoints, [best])
+            session.run.write_metrics(progress.history)
+            if session.tensorboard is not None:
+                session.tensorboard.add_epoch(row)
             plot_curves(progress.history, session.run.path / "curves.png")
         if stop.signal and epoch + 1 < config.epochs:
             raise interrupted_at(stop, progress.last_checkpoint)
     return progress.history
+
+
+NO_VALIDATION_NOTE = (
+    "note: no validation part, so each epoch reports the book's test accuracy; it is not a "
+    "selection metric: the last epoch is kept (--val-split F holds out a validation part)"
+)
+
+
+def should_stop_early(config: TrainConfig, history: list[dict]) -> bool:
+    """``--early-stop N``: N epochs have passed without an improvement of ``--monitor``."""
+    if not config.early_stop or not history:
+        return False
+    return epochs_without_improvement(history, config.monitor) >= config.early_stop
+
+
+def best_epoch(config: TrainConfig, feeds: Feeds, history: list[dict]) -> int:
+    """The epoch ``model.params`` will hold: the best by ``--monitor``, else the last."""
+    validated = feeds.eval_part == "val"
+    return selection(history, config.monitor, validated, config.epochs)["best_epoch"]
+
+
+def score_epoch(feeds: Feeds, session: Session) -> dict:
+    """The epoch's scores: val loss and accuracy, or without a val part the test accuracy."""
+    ctx, dist = session.ctx, session.dist
+    if feeds.eval_part == "test":
+        return {"test_acc": evaluate(feeds.net, feeds.eval, ctx, dist, feeds.prepare)}
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    loss, acc = evaluate_sums(feeds.net, feeds.eval, ctx, dist, feeds.prepare, loss_fn).read()
+    return {"val_loss": loss, "val_acc": acc}
 
 
 def unfreeze_for_epoch(config, session: Session, model: Model, epoch: int) -> list[str]:
@@ -330,7 +413,7 @@ def fit_epoch(config, session: Session, model: Model, feeds: Feeds, steps, progr
         total=len(feeds.train),
         desc=f"epoch {steps.epoch + 1}/{config.epochs}",
         unit="batch",
-        disable=not (config.progress and session.writer),
+        disable=not (config.progress and session.writer and bars_render()),
         leave=False,
     ) as bar:
         try:
@@ -370,14 +453,14 @@ def save_progress(config, session, model, progress: Progress, position, partial,
     )
 
 
-def epoch_row(model: Model, epoch, sums, skipped, seconds, started, test_acc, unfrozen) -> dict:
+def epoch_row(model: Model, epoch, sums, skipped, seconds, started, scores, unfrozen) -> dict:
     """The ``metrics.json`` row of a finished epoch."""
     loss, train_acc = sums.read()
     return EpochStats(
         epoch=epoch + 1,
         loss=loss,
         train_acc=train_acc,
-        test_acc=test_acc,
+        scores=scores,
         examples_per_sec=sums.count / seconds if seconds else 0.0,
         seconds=time.perf_counter() - started,
         skipped=skipped,
@@ -400,25 +483,48 @@ def report_epoch(config: TrainConfig, row: dict, earlier: list[dict]) -> None:
             "will in every epoch (metrics.json counts them; `gluon-ft check-data` lists "
             "them; --strict refuses them)"
         )
+    scores = ", ".join(
+        f"{key.replace('_', ' ')} {row[key]:.3f}"
+        for key in ("val_loss", "val_acc", "test_acc")
+        if key in row
+    )
     say(
         config,
         f"epoch {epoch}: loss {row['loss']:.3f}, train acc {row['train_acc']:.3f}, "
-        f"test acc {row['test_acc']:.3f}, {row['examples_per_sec']:.1f} examples/sec",
+        f"{scores}, {row['examples_per_sec']:.1f} examples/sec",
     )
 
 
-def close_run(config, session: Session, model: Model, history: list[dict], classes) -> dict:
-    """Write the final weights (and the metrics of a resumed run that had nothing left)."""
+def close_run(config, session: Session, model: Model, parts: DatasetParts, history) -> dict:
+    """Keep the best epoch's weights as ``model.params``; test them once, in the report.
+
+    The report (:mod:`gluon_ft.report`) evaluates the test part as ``gluon-ft predict`` would
+    and writes ``summary.json``, ``report.md``, ``confusion.png`` and ``mistakes.png``.
+
+    Returns
+    -------
+    dict
+        ``{"run_dir", "history", "classes", "rank", "summary"}``; the summary (the content of
+        ``summary.json``) is None on workers other than rank 0.
+    """
     resumed = session.resumed
-    if resumed is not None and resumed.position[0] >= config.epochs:
-        session.run.write_json("metrics.json", history)
+    if resumed is not None and len(history) == len(resumed.meta["history"]):
+        session.run.write_metrics(history)  # nothing was left to train
+    summary = None
     if session.writer:
-        session.run.save_params(model.net)
+        chosen = selection(history, config.monitor, parts.val is not None, config.epochs)
+        if chosen["monitor"] is None:  # the book's: the last epoch's weights
+            session.run.save_params(model.net)
+        else:
+            name = checkpoint_name(chosen["best_epoch"])
+            session.run.copy_params(session.run.path / "checkpoints" / name / PARAMS_FILE)
+        summary, _ = build_report(session.run.path, "test", selection=chosen, ctx=session.ctx[0])
     return {
         "run_dir": session.run.path,
         "history": history,
-        "classes": classes,
+        "classes": list(parts.classes),
         "rank": session.dist.rank,
+        "summary": summary,
     }
 
 

@@ -1,11 +1,16 @@
 """The run directory: where a run keeps its files, each replaced atomically.
 
-``config.json``, ``classes.json``, ``metrics.json``, ``curves.png``, ``trainable.txt``,
-``model.params`` and ``checkpoints/``. Only the writer (rank 0 of a distributed run) has one.
+``config.json``, ``classes.json``, ``split.json``, ``metrics.json``, ``curves.png``,
+``metrics.csv``, ``trainable.txt``, ``model.params``, ``checkpoints/`` and, with
+``--tensorboard``, ``tensorboard/``. Only the writer (rank 0 of a
+distributed run) has one.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import shutil
 import time
 from pathlib import Path
 
@@ -14,6 +19,8 @@ from mxnet import gluon
 from gluon_ft import paths
 from gluon_ft.errors import UsageError
 from gluon_ft.train.config import TrainConfig
+
+SPLIT_FILE = "split.json"  # which dataset file is in which part; --resume reuses it
 
 
 class RunDirectory:
@@ -65,10 +72,60 @@ class RunDirectory:
     def write_json(self, name: str, obj) -> Path:
         return paths.write_json(self.path / name, obj)
 
+    def write_metrics(self, history: list[dict]) -> None:
+        """``metrics.json`` and the same rows as ``metrics.csv`` (lists joined by ``;``)."""
+        self.write_json("metrics.json", history)
+        columns = list(dict.fromkeys(key for row in history for key in row))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, columns, lineterminator="\n")
+        writer.writeheader()
+        for row in history:
+            writer.writerow(
+                {k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in row.items()}
+            )
+        paths.write_text(self.path / "metrics.csv", text.getvalue())
+
+    def copy_params(self, source: Path, name: str = "model.params") -> Path:
+        """``name`` becomes a byte-for-byte copy of ``source`` (the best checkpoint's)."""
+        with paths.replacing(self.path / name) as tmp:
+            shutil.copyfile(source, tmp)
+        return self.path / name
+
     def save_params(self, net: gluon.Block, name: str = "model.params") -> Path:
         with paths.replacing(self.path / name) as tmp:
             net.save_parameters(str(tmp))
         return self.path / name
+
+
+class TensorBoardLog:
+    """``--tensorboard``: every number of each epoch's row as a scalar, under ``folder``.
+
+    Written with tensorboardX, which needs no TensorFlow; ``tensorboard --logdir RUN`` shows it.
+    """
+
+    def __init__(self, folder: Path):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise UsageError(
+                "--tensorboard needs tensorboardX: pip install tensorboardX "
+                "(with requirements/constraints.txt)."
+            ) from None
+        self.folder = folder
+        self.writer_class = SummaryWriter
+        self.writer = None  # opened at the first epoch: a run that fails before leaves no file
+
+    def add_epoch(self, row: dict) -> None:
+        if self.writer is None:
+            self.writer = self.writer_class(str(self.folder))
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, int | float) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, row["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def default_out(config: TrainConfig) -> str:

@@ -82,19 +82,19 @@ def sum_over_workers(dist: DistContext, sums: MetricSums, skipped: int = 0):
     return summed, round(skipped)
 
 
-def evaluate(
+def evaluate_sums(
     net: gluon.Block,
     loader,
     ctx: list[mx.Context],
     dist: DistContext | None = None,
     prepare=gdata.normalize_batch,
-) -> float:
-    """Accuracy of ``net`` over every readable sample of ``loader``, in predict mode.
+    loss_fn=None,
+) -> MetricSums:
+    """Accuracy (and with ``loss_fn`` the loss) of ``net`` over ``loader``, in predict mode.
 
-    ``prepare`` turns a device batch into the network's input (cached features: identity).
-
-    With a distributed ``dist``, ``loader`` is this worker's shard and the accuracy is over
-    every worker's.
+    Every readable sample counts. ``prepare`` turns a device batch into the network's input
+    (cached features: identity). With a distributed ``dist``, ``loader`` is this worker's
+    shard and the sums are over every worker's.
     """
     sums = MetricSums(ctx)
     for images, labels, _ in loader:
@@ -102,10 +102,22 @@ def evaluate(
             continue
         xs, ys = split_batch(images, labels, ctx)
         outs = [net(prepare(x)) for x in xs]
-        sums.add(outs, ys)
+        losses = [loss_fn(out, y) for out, y in zip(outs, ys)] if loss_fn else None
+        sums.add(outs, ys, losses)
     if dist is not None:
         sums, _ = sum_over_workers(dist, sums)
-    return sums.read()[1]
+    return sums
+
+
+def evaluate(
+    net: gluon.Block,
+    loader,
+    ctx: list[mx.Context],
+    dist: DistContext | None = None,
+    prepare=gdata.normalize_batch,
+) -> float:
+    """Accuracy of ``net`` over every readable sample of ``loader`` (see :func:`evaluate_sums`)."""
+    return evaluate_sums(net, loader, ctx, dist, prepare).read()[1]
 
 
 def train_batch(

@@ -1,0 +1,249 @@
+"""Which image is in which part: the dataset layouts, the stratified split and ``split.json``.
+
+Two folder layouts are accepted:
+
+- class folders only, ``DIR/<class>/*``: split into train, val and test here, per class
+  (stratified), by a seeded permutation, so that the same seed gives the same parts;
+- ``DIR/train/<class>/*`` and ``DIR/test/<class>/*``, with an optional ``DIR/val``: a
+  validation part may be carved out of train the same way.
+
+A run writes the parts it used as ``split.json`` (relative paths per part and class), and a
+resumed run or a report rebuilds them from it rather than splitting again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gluon_ft.data import ImageFolderSplit, scan_dataset, scan_split
+from gluon_ft.errors import UsageError
+
+CLASS_FOLDERS = "class-folders"
+TRAIN_TEST = "train-test"
+PACK = "pack"
+PART_NAMES = ("train", "val", "test")
+# The defaults of --val-split and --test-split per layout: a folder of classes needs both
+# parts made; a train/test folder keeps the book's behaviour (no validation part).
+DEFAULT_FRACTIONS = {CLASS_FOLDERS: (0.1, 0.1), TRAIN_TEST: (0.0, 0.0), PACK: (0.0, 0.0)}
+
+
+@dataclass(frozen=True)
+class DatasetParts:
+    """The train, val (or None) and test parts of a dataset, and where they came from."""
+
+    root: Path
+    layout: str
+    train: ImageFolderSplit
+    test: ImageFolderSplit
+    val: ImageFolderSplit | None = None
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.train.classes
+
+    def named(self) -> dict[str, ImageFolderSplit]:
+        """``{"train": ..., "val": ..., "test": ...}`` without an absent val part."""
+        parts = {"train": self.train, "val": self.val, "test": self.test}
+        return {name: part for name, part in parts.items() if part is not None}
+
+    def record(self, **settings) -> dict:
+        """The content of ``split.json``: the layout, ``settings``, the classes, and per part
+        ``{class: [paths relative to the dataset root]}``."""
+        return {
+            "layout": self.layout,
+            "root": str(self.root),
+            **settings,
+            "classes": list(self.classes),
+            "parts": {
+                name: _relative_items(self.root, part) for name, part in self.named().items()
+            },
+        }
+
+
+def _relative_items(root: Path, part: ImageFolderSplit) -> dict[str, list[str]]:
+    by_class: dict[str, list[str]] = {name: [] for name in part.classes}
+    for path, label in part.items:
+        relative = Path(path).relative_to(root) if Path(path).is_absolute() else Path(path)
+        by_class[part.classes[label]].append(relative.as_posix())
+    return by_class
+
+
+def stratified_split(labels, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
+    """Split item indices into parts with the given fractions within every class.
+
+    Each class's items are permuted by a generator seeded with ``(seed, class)``, and the
+    first ``round(n * fraction)`` go to each named part in turn; the rest form ``"train"``.
+    So every part holds each class's share to within half an image, the parts are disjoint
+    and complete, and the same seed gives the same parts.
+
+    Parameters
+    ----------
+    labels : array of int
+        The class of each item.
+    fractions : dict
+        ``{part name: fraction}`` of the parts to carve out (e.g. ``{"test": 0.1, "val": 0.1}``).
+    seed : int
+        The split's seed (``--seed``).
+
+    Returns
+    -------
+    dict
+        ``{"train": indices, **{name: indices}}``, each sorted.
+    """
+    labels = np.asarray(labels)
+    chosen: dict[str, list] = {"train": [], **{name: [] for name in fractions}}
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        order = np.random.default_rng([seed, int(label)]).permutation(members)
+        start = 0
+        for name, fraction in fractions.items():
+            count = math.floor(len(members) * fraction + 0.5)
+            chosen[name].extend(order[start : start + count])
+            start += count
+        chosen["train"].extend(order[start:])
+    return {name: np.sort(np.array(indices, dtype=np.int64)) for name, indices in chosen.items()}
+
+
+def _subset(split: ImageFolderSplit, indices, root: Path | None = None) -> ImageFolderSplit:
+    return ImageFolderSplit(
+        root or split.root, split.classes, tuple(split.items[i] for i in indices)
+    )
+
+
+def layout_of(root: Path) -> str:
+    """:data:`TRAIN_TEST` when ``root`` has a ``train/`` or ``test/`` folder, else
+    :data:`CLASS_FOLDERS`."""
+    return TRAIN_TEST if (root / "train").is_dir() or (root / "test").is_dir() else CLASS_FOLDERS
+
+
+def split_dataset(
+    root: str | Path, val_split: float | None, test_split: float | None, seed: int
+) -> DatasetParts:
+    """The parts of the image folder ``root`` in either layout.
+
+    ``None`` fractions take the layout's default (:data:`DEFAULT_FRACTIONS`).
+
+    Raises
+    ------
+    UsageError
+        The folder is not a dataset, a fraction is outside [0, 1) or does not apply to the
+        layout, or a part (or the train part of a class) would be empty.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(
+            f"Dataset folder {root} does not exist. Expected {root}/<class>/* (split for you), "
+            f"or {root}/train/<class>/* and {root}/test/<class>/*, or --data hotdog."
+        )
+    layout = layout_of(root)
+    default_val, default_test = DEFAULT_FRACTIONS[layout]
+    val = default_val if val_split is None else val_split
+    test = default_test if test_split is None else test_split
+    for flag, value in (("--val-split", val), ("--test-split", test)):
+        if not (math.isfinite(value) and 0 <= value < 1):
+            raise UsageError(f"{flag} must be a fraction in [0, 1), got {value:g}.")
+    if layout == CLASS_FOLDERS:
+        whole = _scan_classes(root)
+        carve = {"test": test, "val": val}
+        if test <= 0:
+            raise UsageError(f"{root} holds class folders only: --test-split must be above 0.")
+    else:
+        whole, test_part, given_val = _scan_train_test(root)
+        if test_split:
+            raise UsageError(
+                f"{root} has a test/ folder; --test-split only splits a folder of classes."
+            )
+        if given_val is not None and val:
+            raise UsageError(f"{root} has a val/ folder; leave out --val-split to use it.")
+        carve = {"val": val}
+    indices = stratified_split(whole.labels(), {k: v for k, v in carve.items() if v}, seed)
+    parts = {name: _subset(whole, chosen) for name, chosen in indices.items()}
+    if layout == TRAIN_TEST:
+        parts["test"] = test_part
+        parts.setdefault("val", given_val)
+    _check_not_empty(parts, carve, root)
+    return DatasetParts(root, layout, parts["train"], parts["test"], parts.get("val"))
+
+
+def _scan_classes(root: Path) -> ImageFolderSplit:
+    whole = scan_split(root)
+    if len(whole.classes) < 2:
+        raise UsageError(
+            f"{root} has a single class ({whole.classes[0]}); a classifier needs two or more."
+        )
+    return whole
+
+
+def _scan_train_test(root: Path):
+    """``(train, test, val or None)`` of a train/test folder, checked to share classes."""
+    train, test = scan_dataset(root)
+    val = scan_split(root / "val") if (root / "val").is_dir() else None
+    if val is not None and val.classes != train.classes:
+        raise UsageError(
+            f"The class folders of {root}/val differ from {root}/train: "
+            f"{', '.join(val.classes)} against {', '.join(train.classes)}."
+        )
+    return train, test, val
+
+
+def _check_not_empty(parts: dict, carved: dict, root: Path) -> None:
+    for name, fraction in carved.items():
+        if fraction and not len(parts[name]):
+            raise UsageError(
+                f"--{name}-split {fraction:g} leaves the {name} part of {root} empty: every "
+                f"class has fewer than {math.ceil(0.5 / fraction)} images. Add images or raise "
+                f"--{name}-split."
+            )
+    train_labels = set(parts["train"].labels().tolist())
+    missing = [c for i, c in enumerate(parts["train"].classes) if i not in train_labels]
+    if missing:
+        raise UsageError(
+            f"The split of {root} leaves no training image for {', '.join(missing)}; "
+            "add images or lower --val-split/--test-split."
+        )
+
+
+def parts_from_record(root: str | Path, record: dict) -> DatasetParts:
+    """Rebuild the parts a run used from its ``split.json``, under the dataset ``root``.
+
+    ``root`` may differ from the recorded one (the folder was moved); the relative paths
+    must still be there.
+
+    Raises
+    ------
+    UsageError
+        The record is malformed, or a listed file is missing.
+    """
+    root = Path(root)
+    try:
+        classes = tuple(record["classes"])
+        listed = {name: record["parts"][name] for name in PART_NAMES if name in record["parts"]}
+        layout = record["layout"]
+    except (KeyError, TypeError):
+        raise UsageError("split.json lacks its layout, classes or parts.") from None
+    parts = {}
+    for name, by_class in listed.items():
+        items = [
+            (str(root / path), label)
+            for label, cls in enumerate(classes)
+            for path in by_class.get(cls, [])
+        ]
+        missing = [path for path, _ in items if not Path(path).is_file()]
+        if missing:
+            raise UsageError(
+                f"split.json lists {len(missing)} file(s) of the {name} part that are not in "
+                f"{root}, e.g. {missing[0]}. Restore them, or start a new run."
+            )
+        parts[name] = ImageFolderSplit(root, classes, tuple(items))
+    if "train" not in parts or "test" not in parts:
+        raise UsageError("split.json must list a train and a test part.")
+    return DatasetParts(root, layout, parts["train"], parts["test"], parts.get("val"))
+
+
+def class_counts(split: ImageFolderSplit) -> np.ndarray:
+    """Items per class of ``split``, in class order."""
+    return np.bincount(split.labels(), minlength=len(split.classes))

@@ -1,0 +1,92 @@
+"""The report (issue 16): per-class scores checked by hand on a fixed confusion matrix, and
+`gluon-ft report` rebuilding a finished run's report on its test part or any folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import run_cli, tiny_config, write_class_folders, write_image_folder
+
+from gluon_ft.metrics import class_scores
+from gluon_ft.train import train
+
+
+def test_class_scores_equal_hand_computed_ones():
+    # Rows: true class; columns: predicted. "eel" has no example and is never predicted.
+    confusion = [[5, 1, 0, 0], [2, 3, 1, 0], [0, 0, 4, 0], [0, 0, 0, 0]]
+    scores = class_scores(confusion, ["ant", "bee", "cow", "eel"])
+    by_class = {row["class"]: row for row in scores["per_class"]}
+    expected = {  # precision = tp / column, recall = tp / row, F1 = 2 tp / (row + column)
+        "ant": (5 / 7, 5 / 6, 10 / 13, 6),
+        "bee": (3 / 4, 3 / 6, 6 / 10, 6),
+        "cow": (4 / 5, 4 / 4, 8 / 9, 4),
+        "eel": (0.0, 0.0, 0.0, 0),
+    }
+    for name, (precision, recall, f1, support) in expected.items():
+        row = by_class[name]
+        assert row["precision"] == pytest.approx(precision), name
+        assert row["recall"] == pytest.approx(recall), name
+        assert row["f1"] == pytest.approx(f1), name
+        assert row["support"] == support
+    assert scores["accuracy"] == pytest.approx(12 / 16)
+    # Averages over the classes that occur: eel, absent from both, does not drag them down.
+    assert scores["balanced_acc"] == pytest.approx((5 / 6 + 1 / 2 + 1) / 3)
+    assert scores["macro_f1"] == pytest.approx((10 / 13 + 6 / 10 + 8 / 9) / 3)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    data = write_class_folders(root / "photos", {"red": 10, "green": 10, "blue": 10})
+    run = root / "run"
+    train(tiny_config(data, run, epochs=1, batch_size=8))
+    return data, run
+
+
+def test_every_run_writes_the_report(finished_run):
+    _, run = finished_run
+    summary = json.loads((run / "summary.json").read_text())
+    per_class = summary["per_class"]
+    assert [row["class"] for row in per_class] == ["blue", "green", "red"]
+    assert sum(row["support"] for row in per_class) == summary["images"] == 3  # 10 % of each
+    for key in ("test_acc", "test_loss", "balanced_acc", "macro_f1", "best_epoch", "monitor"):
+        assert key in summary, key
+    report = (run / "report.md").read_text()
+    assert "| blue |" in report and "balanced accuracy" in report and "confusion.png" in report
+    assert "train 24, val 3, test 3" in report
+    for figure in ("confusion.png", "mistakes.png"):
+        assert (run / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_command_rebuilds_the_run_report_and_reports_on_a_folder(finished_run, tmp_path):
+    data, run = finished_run
+    before = json.loads((run / "summary.json").read_text())
+    (run / "report.md").unlink()
+    done = run_cli("report", str(run))
+    assert done.returncode == 0, done.stderr
+    assert json.loads((run / "summary.json").read_text()) == before  # selection fields kept
+    assert (run / "report.md").is_file()
+
+    folder = tmp_path / "more"
+    shutil.copytree(data / "red", folder / "red")  # one class of the run's three
+    done = run_cli("report", str(run), "--split", str(folder))
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((run / "report-more" / "summary.json").read_text())
+    assert summary["images"] == 10 and summary["split"] == str(folder)
+    assert [row["support"] for row in summary["per_class"]] == [0, 0, 10]
+
+
+def test_report_command_refuses_bad_input(finished_run, tmp_path):
+    _, run = finished_run
+    unknown = write_image_folder(tmp_path / "other", classes=("cat", "dog")) / "train"
+    for args, message in (
+        (["--split", str(unknown)], "class folder(s) the run does not know: cat, dog"),
+        (["--split", "nowhere"], "expected test, val or a folder"),
+    ):
+        done = run_cli("report", str(run), *args)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert message in done.stderr
+    done = run_cli("report", str(tmp_path / "no-run"))
+    assert done.returncode == 2 and "does not exist" in done.stderr
