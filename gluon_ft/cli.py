@@ -127,7 +127,8 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
     p.add_argument(
         "--freeze",
         default=d.freeze,
-        help="none | a part (features, output, stem, stage1..stage4) | a regex on parameter names",
+        help="none | a part (features, output, stem, stage1.., tail: `gluon-ft models NAME "
+        "--parts`) | a regex on parameter names",
     )
     p.add_argument(
         "--bn",
@@ -654,6 +655,18 @@ def _run_demo(args: argparse.Namespace) -> int:
 def add_models_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pattern", nargs="?", help="only names matching this regex (e.g. resnet50)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument(
+        "--parts",
+        action="store_true",
+        help="also list the parts --freeze, --unfreeze-at and --layer-lr-decay name (stem, "
+        "stage1.., tail, output): their scale, parameters and blocks",
+    )
+
+
+def _print_parts(parts: list) -> None:
+    for part in parts:
+        blocks = " ".join(part.blocks)
+        print(f"  {part.name:<8} {part.scale:>5} {part.params / 1e6:>7.2f}M  {blocks}")
 
 
 def _run_models(args: argparse.Namespace) -> int:
@@ -676,11 +689,22 @@ def _run_models(args: argparse.Namespace) -> int:
         )
     for name in names:  # each row builds its network (about 0.1 s): print as we go
         info = describe(name).as_dict()
+        parts = _model_parts(name, info["input_size"]) if args.parts else None
         if args.json:
-            print(json.dumps(info), flush=True)
-        else:
-            print(row.format(**{**info, "params": f"{info['params'] / 1e6:.1f}M"}), flush=True)
+            extra = {"parts": [part.as_dict() for part in parts]} if parts else {}
+            print(json.dumps({**info, **extra}), flush=True)
+            continue
+        print(row.format(**{**info, "params": f"{info['params'] / 1e6:.1f}M"}), flush=True)
+        if parts:
+            _print_parts(parts)
     return 0
+
+
+def _model_parts(name: str, image_size: int) -> list:
+    from gluon_ft.model import build_model
+    from gluon_ft.parts import summarize_parts
+
+    return summarize_parts(build_model(name, 1000), image_size)
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:

@@ -29,10 +29,10 @@ import numpy as np
 from mxnet import gluon
 
 from gluon_ft.errors import UsageError
-from gluon_ft.model import get_head, split_head, walk_blocks
+from gluon_ft.model import walk_blocks
+from gluon_ft.parts import ALL, describe_parts, named_parts, network_layout
 
 BN_MODES = ("freeze", "train")
-ALL = "all"
 # BatchNorm remembers the use_global_stats it was built with here, so unfreezing restores it.
 _BUILT_WITH = "_gluon_ft_built_with_global_stats"
 
@@ -48,94 +48,6 @@ def is_batchnorm(block: gluon.Block) -> bool:
 
 def _params_of(block: gluon.Block) -> list[gluon.Parameter]:
     return list(block.collect_params().values())
-
-
-def _find_head(net: gluon.Block) -> gluon.Block | None:
-    try:
-        return get_head(net)[1]
-    except UsageError:
-        return None
-
-
-def _is_stage(block: gluon.Block) -> bool:
-    """A stage is a container of blocks (ResNet's stageN, GluonCV's layerN) holding weights."""
-    return (
-        isinstance(block, gluon.nn.HybridSequential | gluon.nn.Sequential)
-        and len(block._children) > 0
-        and bool(_params_of(block))
-    )
-
-
-@dataclass
-class Layout:
-    """The named parts of a network, found from its block structure.
-
-    ``features`` is ``net.features`` when the network has one, else every child but the head.
-    Stages are the container children of the features (ResNet: 4); ``stem`` is what precedes
-    the first stage and ``tail`` what follows the last (ResNet V2's final BatchNorm).
-    """
-
-    head: gluon.Block | None
-    features: list[gluon.Block]
-    stem: list[gluon.Block] = field(default_factory=list)
-    stages: list[gluon.Block] = field(default_factory=list)
-    tail: list[gluon.Block] = field(default_factory=list)
-
-    def parts(self, net: gluon.Block) -> dict[str, list[gluon.Block]]:
-        """Part name -> blocks, in the order a user reads the network."""
-        parts = {}
-        if self.features:
-            parts["features"] = self.features
-        if self.head is not None:
-            parts["output"] = [self.head]
-        if self.stages and self.stem:
-            parts["stem"] = self.stem
-        for i, stage in enumerate(self.stages, 1):
-            parts[f"stage{i}"] = [stage]
-        parts[ALL] = [net]
-        return parts
-
-
-def network_layout(net: gluon.Block) -> Layout:
-    """Find the head, the features and the stages of ``net``."""
-    head = _find_head(net)
-    features = getattr(net, "features", None)
-    if isinstance(features, gluon.Block):
-        container, feature_blocks = features, [features]
-    else:
-        # Without a features block, "features" is the body: every block but the head, found
-        # by model.split_head (GoogLeNet registers its head twice; NASNet nests it).
-        container = net
-        feature_blocks = [block for _, block in split_head(net).body] if head is not None else []
-    children = [c for c in container._children.values() if c is not head]
-    stage_index = [i for i, c in enumerate(children) if _is_stage(c)]
-    if not stage_index:
-        return Layout(head, feature_blocks)
-    first, last = stage_index[0], stage_index[-1]
-    return Layout(
-        head,
-        feature_blocks,
-        stem=[c for c in children[:first] if _params_of(c)],
-        stages=[children[i] for i in stage_index],
-        tail=[c for c in children[last + 1 :] if _params_of(c)],
-    )
-
-
-def named_parts(net: gluon.Block) -> dict[str, list[gluon.Block]]:
-    """Return ``{part name: blocks}``: ``features``, ``output``, ``stem``, ``stage1``.., ``all``.
-
-    Only the parts this network has are listed (a VGG has no stages).
-    """
-    return network_layout(net).parts(net)
-
-
-def _describe_parts(net: gluon.Block) -> str:
-    names = list(named_parts(net))
-    stages = [n for n in names if n.startswith("stage")]
-    if len(stages) > 2:
-        names = [n for n in names if n not in stages[1:]]
-        names[names.index(stages[0])] = f"{stages[0]}..{stages[-1]}"
-    return ", ".join(names)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -188,7 +100,7 @@ def select(net: gluon.Block, pattern: str) -> Selection:
         regex = re.compile(pattern)
     except re.error as err:
         raise UsageError(
-            f"{pattern!r} is not a part of this network ({_describe_parts(net)}) nor a valid "
+            f"{pattern!r} is not a part of this network ({describe_parts(net)}) nor a valid "
             f"regular expression ({err})."
         ) from None
     by_path = net._collect_params_with_prefix()
@@ -199,7 +111,7 @@ def select(net: gluon.Block, pattern: str) -> Selection:
         hint = f" (e.g. {example[1].name} or {example[0]})" if example[1] is not None else ""
         raise UsageError(
             f"Unknown {kind} {pattern!r}: it is not a part of this network and matches no "
-            f"parameter name{hint}. Parts: {_describe_parts(net)}; or pass a regular "
+            f"parameter name{hint}. Parts: {describe_parts(net)}; or pass a regular "
             "expression on parameter names."
         )
     chosen = {id(p) for p in params}
@@ -290,8 +202,8 @@ def freeze(net: gluon.Block, pattern: str, bn: str = "freeze") -> FreezeChange:
     net : Block
         The whole network, hybridized or not.
     pattern : str
-        A part (``features``, ``output``, ``stem``, ``stage1``..``stage4``, ``all``) or a
-        regex on parameter names; see :func:`select`.
+        A part (``features``, ``output``, ``stem``, ``stage1``.., ``tail``, ``all``; see
+        :mod:`gluon_ft.parts`) or a regex on parameter names; see :func:`select`.
     bn : {"freeze", "train"}
         ``"train"`` leaves the BatchNorm layers of the selection trainable (fastai's
         ``train_bn``).
@@ -358,7 +270,7 @@ def set_lr_policy(
         ``lr_mult`` of the head (the book's 10).
     layer_decay : float, optional
         ``D``: counting from the top, where the head is 0, stage k gets ``D**k``. The last
-        stage (with what follows it, ResNet V2's final BatchNorm) is 1, the stem is
+        stage (with the tail after it, VGG's Dense layers) is 1, the stem is
         ``len(stages) + 1``.
 
     Returns
@@ -381,14 +293,12 @@ def set_lr_policy(
         if not layout.stages:
             raise UsageError(
                 f"--layer-lr-decay needs a network built from stages (like a ResNet); "
-                f"{type(net).__name__} has none. Parts: {_describe_parts(net)}."
+                f"{type(net).__name__} has none. Parts: {describe_parts(net)}."
             )
-        n = len(layout.stages)
-        for k, stage in enumerate(reversed(layout.stages), 1):
-            blocks = [stage, *layout.tail] if k == 1 else [stage]
-            groups.append((f"stage{n + 1 - k}", blocks, layer_decay**k))
-        if layout.stem:
-            groups.append(("stem", layout.stem, layer_decay ** (n + 1)))
+        n, parts = len(layout.stages), layout.parts(net)
+        # Ranks from the top: the tail learns as fast as the last stage, the stem slowest.
+        ranks = {"tail": 1, **{f"stage{k}": n + 1 - k for k in range(n, 0, -1)}, "stem": n + 1}
+        groups += [(p, parts[p], layer_decay**k) for p, k in ranks.items() if p in parts]
     applied = {}
     for name, blocks, mult in groups:
         for block in blocks:

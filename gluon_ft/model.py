@@ -44,13 +44,41 @@ class SourceModel:
     weights: str  # "imagenet", "none" or the params file
 
 
-def build_model(name: str, num_classes: int, image_size: int | None = None) -> gluon.HybridBlock:
+def build_model(
+    name: str, num_classes: int, image_size: int | None = None, **kwargs
+) -> gluon.HybridBlock:
     """Build a zoo network with ``num_classes`` outputs and uninitialized parameters.
 
     ``image_size`` is the size it will train at, default its native one (see
-    :func:`gluon_ft.zoo.build`).
+    :func:`gluon_ft.zoo.build`, which also takes ``kwargs``). A fixed-size final average pool
+    becomes global average pooling (:func:`global_average_pooling`), so the network takes any
+    input size its convolutions allow.
     """
-    return zoo.build(name, num_classes, image_size)
+    net = zoo.build(name, num_classes, image_size, **kwargs)
+    global_average_pooling(net, zoo.lookup(name).input_size)
+    return net
+
+
+def global_average_pooling(net: gluon.Block, image_size: int) -> list[str]:
+    """Replace every average pool that covers its whole input map at ``image_size`` px.
+
+    SqueezeNet, DenseNet and Inception v3 end in a fixed-size pool (13, 7 and 8 px) that
+    their native input size fills exactly: there it computes the mean of the whole map, as
+    global average pooling does at every size. Returns the paths of the pools replaced.
+    """
+    pools = [(path, b) for path, b in walk_blocks(net) if type(b) is gluon.nn.AvgPool2D]
+    if not pools:
+        return []
+    traced = zoo.trace_shapes(net, image_size)
+    replaced = []
+    for path, pool in pools:
+        call = traced.get(id(pool))
+        kwargs = pool._kwargs
+        if call is None or any(kwargs["pad"]) or call.inputs[0][2:] != tuple(kwargs["kernel"]):
+            continue
+        _replace_block(net, path, gluon.nn.GlobalAvgPool2D(layout=kwargs["layout"]))
+        replaced.append(path)
+    return replaced
 
 
 def walk_blocks(block: gluon.Block, path: str = ""):
@@ -186,7 +214,7 @@ def _load_imagenet(name: str, image_size: int | None) -> gluon.HybridBlock:
     target = model_store_file(name)  # raises for the models GluonCV publishes no weights for
     try:
         root = str(mxnet_home() / "models")
-        return zoo.build(name, 1000, image_size, pretrained=True, root=root)
+        return build_model(name, 1000, image_size, pretrained=True, root=root)
     except Exception as err:  # the model stores raise bare requests/OSError/ValueError
         raise UsageError(
             f"Could not load the ImageNet weights of {name} ({type(err).__name__}: "

@@ -260,6 +260,58 @@ def infer_shapes(net: gluon.HybridBlock, image_size: int) -> tuple[dict, tuple]:
     return shapes, outs[0]
 
 
+@dataclass(frozen=True)
+class Traced:
+    """The shapes one block received and returned in a symbolic pass (lists: HRNet's branches)."""
+
+    inputs: tuple[tuple[int, ...], ...]
+    outputs: tuple[tuple[int, ...], ...]
+
+
+def _symbols(value) -> list:
+    if isinstance(value, mx.sym.Symbol):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [s for item in value for s in _symbols(item)]
+    return []
+
+
+def trace_shapes(net: gluon.HybridBlock, image_size: int) -> dict[int, Traced]:
+    """Input and output shapes of every block ``net`` calls for a ``(1, 3, S, S)`` image.
+
+    Keys are ``id(block)``; a block called twice keeps its first call, a block never called
+    as a whole (a list of branches) is absent. One symbolic pass in predict mode, as
+    :func:`infer_shapes`: nothing is computed or allocated.
+
+    Raises
+    ------
+    mxnet.base.MXNetError
+        The network cannot take that input size.
+    """
+    calls: dict[int, tuple[list, list]] = {}
+    handles = []
+
+    def record(block, inputs, output):
+        calls.setdefault(id(block), (_symbols(inputs), _symbols(output)))
+
+    net.apply(lambda block: handles.append(block.register_forward_hook(record)))
+    try:
+        net(mx.sym.var("data"))
+    finally:
+        for handle in handles:
+            handle.detach()
+    symbols = [s for ins, outs in calls.values() for s in ins + outs]
+    # Symbol.infer_shape prints its arguments to stdout before raising; keep stdout clean.
+    with contextlib.redirect_stdout(io.StringIO()):
+        _, shapes, _ = mx.sym.Group(symbols).infer_shape(data=(1, 3, image_size, image_size))
+    if shapes is None:  # some shape could not be decided (a warning, not an error)
+        raise mx.base.MXNetError(f"the shapes of {type(net).__name__} are not all known")
+    found, at = {}, iter(shapes)
+    for key, (ins, outs) in calls.items():
+        found[key] = Traced(tuple(next(at) for _ in ins), tuple(next(at) for _ in outs))
+    return found
+
+
 def check_input_size(net: gluon.HybridBlock, name: str, image_size: int) -> None:
     """Raise :class:`UsageError` unless ``net`` maps ``image_size`` px images to class scores."""
     try:

@@ -105,15 +105,15 @@ def test_parts_are_found_from_the_block_structure():
         "all",
     ]
     assert parts["features"] == [net.features] and parts["output"] == [net.output]
-    assert [b.name for p in ("stage1", "stage4") for b in parts[p]] == [
-        net.features[5].name,
-        net.features[8].name,
-    ]
-    # A network without stages (VGG) has no stageN parts; asking for one fails clearly.
-    vgg = vision.get_model("vgg11", classes=2)
-    assert "stage1" not in named_parts(vgg) and "features" in named_parts(vgg)
+    assert parts["stage1"] == [net.features[5]]
+    # The final BatchNorm computes at stage 4's resolution, so it belongs to stage 4.
+    assert parts["stage4"] == [net.features[8], net.features[9]]
+    # A network without spatial maps has no stages; asking for one fails clearly.
+    mlp = gluon.nn.HybridSequential()
+    mlp.add(gluon.nn.Dense(8), gluon.nn.Dense(2))
+    assert list(named_parts(mlp)) == ["features", "output", "all"]
     with pytest.raises(UsageError, match="Parts: features, output, all"):
-        select(vgg, "stage1")
+        select(mlp, "stage1")
 
 
 def test_select_by_regex_searches_names_and_attribute_paths():
@@ -301,8 +301,10 @@ def test_effective_learning_rate_is_lr_times_the_policy_multiplier(policy):
 
 
 def test_layer_decay_needs_stages():
+    mlp = gluon.nn.HybridSequential()
+    mlp.add(gluon.nn.Dense(8), gluon.nn.Dense(2))
     with pytest.raises(UsageError, match="needs a network built from stages"):
-        set_lr_policy(vision.get_model("vgg11", classes=2), layer_decay=0.5)
+        set_lr_policy(mlp, layer_decay=0.5)
 
 
 # ----------------------------------------------------------------------------- the table

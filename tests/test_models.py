@@ -12,7 +12,13 @@ from conftest import run_cli, write_image_folder
 
 from gluon_ft import zoo
 from gluon_ft.errors import UsageError
-from gluon_ft.model import build_model, graft_new_head, load_source_model
+from gluon_ft.model import (
+    build_model,
+    global_average_pooling,
+    graft_new_head,
+    load_source_model,
+    walk_blocks,
+)
 from gluon_ft.train import TrainConfig, train
 
 ALL_MODELS = os.environ.get("GLUON_FT_ALL_MODELS") == "1"
@@ -204,16 +210,59 @@ def test_models_command_unknown_pattern_and_excluded_model_exit_2(tiny_data):
 
 
 def test_image_size_too_small_for_the_model_exits_2(tiny_data, tmp_path):
+    """AlexNet's pools need more than 32 px: refused before any work, with the way out."""
     out = tmp_path / "run"
     done = run_cli(
         "train",
-        *("--model", "squeezenet1.1", "--pretrained", "none", "--image-size", "64"),
+        *("--model", "alexnet", "--pretrained", "none", "--image-size", "32"),
         *("--data", str(tiny_data), "--ctx", "cpu", "--epochs", "1", "--out", str(out)),
     )
     assert done.returncode == 2, done.stderr
-    assert "squeezenet1.1 cannot take 64 px images" in done.stderr
-    assert "--image-size 224" in done.stderr
+    assert "alexnet cannot take 32 px images" in done.stderr
+    assert "--image-size 224" in done.stderr and "Traceback" not in done.stderr
     assert not (out / "metrics.json").exists()
+
+
+def test_vgg_with_imagenet_shaped_weights_keeps_its_fixed_input():
+    net = build_model("vgg11", 1000)
+    net.features[21].weight.shape = (4096, 512 * 7 * 7)  # its first Dense, as ImageNet's
+    with pytest.raises(UsageError, match="vgg11 cannot take 64 px images"):
+        zoo.check_input_size(net, "vgg11", 64)
+    zoo.check_input_size(net, "vgg11", 224)
+
+
+@pytest.mark.parametrize(
+    ("name", "size"), [("squeezenet1.1", 224), ("densenet121", 224), ("inceptionv3", 299)]
+)
+def test_global_pooling_changes_nothing_at_the_native_size(name, size):
+    """The fixed final pool becomes global average pooling: the same output at its size."""
+    mx.random.seed(0)
+    net = zoo.build(name, 5)  # as the zoo builds it, with its fixed-size pool
+    net.initialize(mx.init.Xavier())
+    x = mx.nd.random.uniform(shape=(1, 3, size, size))
+    before = net(x).asnumpy()
+    replaced = global_average_pooling(net, size)
+    assert len(replaced) == 1
+    assert type(dict(walk_blocks(net))[replaced[0]]) is mx.gluon.nn.GlobalAvgPool2D
+    np.testing.assert_allclose(net(x).asnumpy(), before, rtol=0, atol=1e-6)
+    # built by gluon-ft, it takes small images (Inception v3's convolutions need 75 px)
+    small = 75 if name == "inceptionv3" else 32
+    zoo.check_input_size(build_model(name, 5), name, small)
+
+
+def test_densenet_trains_at_64_px(tiny_data, tmp_path):
+    """Once refused below 224 px (its 7x7 final pool), now one epoch of 64 px images."""
+    out = tmp_path / "run"
+    done = run_cli(
+        "train",
+        *("--model", "densenet121", "--pretrained", "none", "--image-size", "64"),
+        *("--data", str(tiny_data), "--ctx", "cpu", "--epochs", "1", "--batch-size", "4"),
+        *("--out", str(out), "--no-progress"),
+    )
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics) == 1 and np.isfinite(metrics[0]["loss"])
+    assert json.loads((out / "config.json").read_text())["image_size"] == 64
 
 
 @pytest.mark.skipif(not ALL_MODELS, reason="lists every network: make test-all")
