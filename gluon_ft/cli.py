@@ -130,6 +130,14 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
         default=d.kvstore,
         help="kvstore type (default: fits --ctx); dist_sync under `gluon-ft launch`",
     )
+    p.add_argument(
+        "--sync-bn-stats",
+        action=argparse.BooleanOptionalAction,
+        default=d.sync_bn_stats,
+        help="average the BatchNorm running statistics over devices and workers at the end of "
+        "each epoch, before the test pass and the save (default: on with several devices or "
+        "workers)",
+    )
     p.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
     p.add_argument(
         "--dtype",

@@ -37,6 +37,7 @@ class TrainConfig:
     crop_scale: float = 0.08  # smallest area fraction of the random train crop (the book's)
     ctx: str = "auto"
     kvstore: str | None = None
+    sync_bn_stats: bool | None = None  # average BatchNorm running statistics; None: if >1 copy
     dtype: str = "float32"
     workers: int = 0
     seed: int = 0

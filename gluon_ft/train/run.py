@@ -23,6 +23,7 @@ from gluon_ft.freeze import FreezePlan, ParamTable, log_table
 from gluon_ft.model import sidecar_path
 from gluon_ft.plots import plot_curves
 from gluon_ft.train import amp
+from gluon_ft.train.bn_stats import sync_bn_stats, wants_sync
 from gluon_ft.train.checkpoint import Checkpoint, restore_checkpoint, save_checkpoint
 from gluon_ft.train.config import TrainConfig
 from gluon_ft.train.devices import parse_contexts
@@ -281,6 +282,7 @@ def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopR
             raise interrupted_at(stop, progress.last_checkpoint)
         if session.dist.distributed:  # the epoch's metrics over every worker's shard
             sums, skipped = sum_over_workers(session.dist, sums, skipped)
+        share_bn_stats(config, session, model)
         test_acc = evaluate(feeds.net, feeds.test, session.ctx, session.dist, feeds.prepare)
         row = epoch_row(model, epoch, sums, skipped, seconds, started, test_acc, unfrozen)
         report_epoch(config, row, progress.history)
@@ -292,6 +294,13 @@ def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopR
         if stop.signal and epoch + 1 < config.epochs:
             raise interrupted_at(stop, progress.last_checkpoint)
     return progress.history
+
+
+def share_bn_stats(config, session: Session, model: Model) -> None:
+    """``--sync-bn-stats``: one set of BatchNorm running statistics over the devices and
+    workers, so that the test pass measures the statistics that are saved."""
+    if wants_sync(config.sync_bn_stats, len(session.ctx), session.dist):
+        sync_bn_stats(model.net, session.dist)
 
 
 def unfreeze_for_epoch(config, session: Session, model: Model, epoch: int) -> list[str]:
