@@ -73,6 +73,29 @@ def test_one_device_leaves_the_statistics_alone_by_default(tmp_path, monkeypatch
     assert bn_stats.wants_sync(None, 1, run_module.DistContext()) is False
 
 
+# A worker that runs `gluon-ft train` as the command line does, then saves the running
+# statistics its network ended with, per rank.
+WORKER = r"""
+import sys
+from pathlib import Path
+
+import gluon_ft
+import mxnet as mx
+import gluon_ft.train.run as run
+from gluon_ft.cli import main
+
+seen = {}
+build_network, connect = run.build_network, run.connect
+run.build_network = lambda *a: seen.setdefault("net", build_network(*a))
+run.connect = lambda *a: seen.setdefault("dist", connect(*a))
+code = main(["train", *sys.argv[2:]])
+params = seen["net"][0]._collect_params_with_prefix()
+stats = {name: p.data() for name, p in params.items() if ".running_" in name}
+mx.nd.save(str(Path(sys.argv[1]) / f"rank{seen['dist'].rank}.params"), stats)
+sys.exit(code)
+"""
+
+
 def predicted_accuracy(run_dir, data) -> tuple[float, int]:
     images = sorted(str(p) for p in (data / "test").glob("*/*.png"))
     done = run_cli("predict", str(run_dir), *images, "--json", "--top-k", "1", timeout=120)
@@ -84,17 +107,28 @@ def predicted_accuracy(run_dir, data) -> tuple[float, int]:
 
 @pytest.mark.timeout(240)
 def test_a_two_worker_run_reports_the_accuracy_of_the_saved_model(tmp_path):
-    # Small per-worker batches from scratch: each worker's statistics follow its own last
-    # samples, so without the averaging rank 1's shard is tested with statistics that rank 0
-    # does not save.
-    data = write_image_folder(tmp_path / "data", n_train=12, n_test=12, size=32, seed=3)
+    data = write_image_folder(tmp_path / "data", n_train=8, n_test=8, size=32)
     out = tmp_path / "run"
-    train_command = [sys.executable, "-m", "gluon_ft", "train", "--kvstore", "dist_sync"]
-    train_command += ["--data", str(data), "--model", "mobilenet0.25", "--pretrained", "none"]
-    train_command += ["--epochs", "2", "--image-size", "32", "--batch-size", "4"]
-    train_command += ["--lr", "0.05", "--out", str(out), "--no-progress"]
-    done = run_cli("launch", "-n", "2", "--", *train_command, cwd=tmp_path, timeout=220)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    train_args = ["--kvstore", "dist_sync", "--data", str(data), "--model", "mobilenet0.25"]
+    train_args += ["--pretrained", "none", "--epochs", "2", "--image-size", "32"]
+    train_args += ["--batch-size", "4", "--out", str(out), "--no-progress"]
+    command = [sys.executable, str(script), str(tmp_path), *train_args]
+    done = run_cli("launch", "-n", "2", "--", *command, cwd=tmp_path, timeout=220)
     assert done.returncode == 0, done.stdout + done.stderr
+
+    import mxnet as mx
+
+    # Each worker normalized its own shard's batches, yet both end with one set of
+    # statistics, and it is the set that rank 0 saved.
+    ranks = [mx.nd.load(str(tmp_path / f"rank{r}.params")) for r in (0, 1)]
+    saved = mx.nd.load(str(out / "model.params"))
+    assert ranks[0] and ranks[0].keys() == ranks[1].keys()
+    for name, value in ranks[0].items():
+        np.testing.assert_array_equal(value.asnumpy(), ranks[1][name].asnumpy(), err_msg=name)
+        np.testing.assert_array_equal(value.asnumpy(), saved[name].asnumpy(), err_msg=name)
+    # So the accuracy the run reported is the saved model's.
     reported = json.loads((out / "metrics.json").read_text())[-1]["test_acc"]
     accuracy, count = predicted_accuracy(out, data)
     assert abs(accuracy - reported) * count <= 1 + 1e-9, (accuracy, reported)
