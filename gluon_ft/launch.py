@@ -65,7 +65,7 @@ from gluon_ft.threads import THREAD_VARIABLES, usable_cores
 
 # Importing mxnet is all a scheduler or server needs (see the module docstring).
 PS_LOOP_COMMAND = (sys.executable, "-c", "import mxnet")
-# How often the launcher looks at its stop flag and its deadlines.
+# How often the launcher looks at its signal count and its deadlines.
 POLL_SECONDS = 0.1
 
 # One lock for every launch in this process: concurrent launches share sys.stdout, and a
@@ -96,6 +96,7 @@ def launch(
     env: dict | None = None,
     dead_timeout: float = 30.0,
     stream: TextIO | None = None,
+    stop_timeout: float = 60.0,
 ) -> int:
     """Run ``command`` as each worker of a local ps-lite cluster and wait for the cluster.
 
@@ -128,13 +129,17 @@ def launch(
         linger after every worker has succeeded.
     stream : text stream, optional
         Where the output goes; ``sys.stdout`` (looked up at call time) by default.
+    stop_timeout : float, default 60
+        After SIGINT or SIGTERM, how long the workers may take to stop by themselves
+        (``gluon-ft train`` saves a checkpoint first).
 
     Returns
     -------
     int
         0 when every process succeeded (scheduler or servers that had to be stopped after the
         workers succeeded do not count); else the status of the first process that failed:
-        its exit code, or 128 + N when signal N killed it; 130 after SIGINT or SIGTERM.
+        its exit code, or 128 + N when signal N killed it; 130 after SIGINT or SIGTERM, or
+        once a worker exits with 130 (interrupted).
 
     Raises
     ------
@@ -148,11 +153,16 @@ def launch(
     in the environment or in ``env``), each worker gets ``cores // num_workers`` OpenMP
     threads (at least 1) and the scheduler and servers 1 each.
 
+    The first SIGINT or SIGTERM goes on to the workers (SIGTERM), and the launcher waits up
+    to ``stop_timeout`` for them to exit: ``gluon-ft train`` workers agree on a step, rank 0
+    saves a checkpoint, and all exit with 130. A worker that exits with 130 by itself starts
+    the same wait. A second signal, or the end of the wait, stops everything at once.
+
     SIGINT and SIGTERM are caught only when ``launch`` runs in the main thread. Processes
     that leave their session (``setsid``, daemons) escape the cleanup, and so does the whole
     cluster if the launcher itself is killed with SIGKILL.
     """
-    _check_arguments(command, num_workers, num_servers, dead_timeout)
+    _check_arguments(command, num_workers, num_servers, dead_timeout, stop_timeout)
     port = _free_port(host) if port is None else _check_port_free(host, port)
     out = sys.stdout if stream is None else stream
 
@@ -162,15 +172,15 @@ def launch(
     # SIGTERM, then SIGKILL this long after; two such waits plus the workers' grace period
     # fit in dead_timeout.
     kill_after = min(5.0, dead_timeout / 3)
-    stop = threading.Event()
+    signals = _Signals()
     exits: queue.Queue[_Node] = queue.Queue()
     nodes: list[_Node] = []
     readers: list[threading.Thread] = []
-    with _stop_on_signals(stop):
+    with _stop_on_signals(signals):
         try:
             plan = _plan_cluster(list(command), num_workers, num_servers, host, port, env)
             for role, label, argv, node_env in plan:
-                if stop.is_set():
+                if signals.count:
                     break
                 node = _start(role, label, argv, node_env, exits, out, readers)
                 nodes.append(node)
@@ -178,7 +188,8 @@ def launch(
                 f"scheduler on {host}:{port}; started "
                 + ", ".join(f"{n.label} (pid {n.pid})" for n in nodes)
             )
-            return _supervise(nodes, exits, stop, dead_timeout - 2 * kill_after, say)
+            waits = _Waits(linger=dead_timeout - 2 * kill_after, stop=stop_timeout)
+            return _supervise(nodes, exits, signals, waits, say)
         finally:
             if _stop(nodes, kill_after):
                 say("stopped the remaining processes")
@@ -189,7 +200,11 @@ def launch(
 
 
 def _check_arguments(
-    command: Sequence[str], num_workers: int, num_servers: int, dead_timeout: float
+    command: Sequence[str],
+    num_workers: int,
+    num_servers: int,
+    dead_timeout: float,
+    stop_timeout: float,
 ) -> None:
     if isinstance(command, str) or not command or not command[0]:
         raise UsageError(
@@ -199,8 +214,9 @@ def _check_arguments(
     for name, value in (("workers", num_workers), ("servers", num_servers)):
         if not isinstance(value, int) or value < 1:
             raise UsageError(f"The number of {name} must be a whole number >= 1, not {value!r}.")
-    if not dead_timeout > 0:
-        raise UsageError(f"dead_timeout must be a positive number of seconds, not {dead_timeout}.")
+    for name, value in (("dead_timeout", dead_timeout), ("stop_timeout", stop_timeout)):
+        if not value > 0:
+            raise UsageError(f"{name} must be a positive number of seconds, not {value}.")
 
 
 def _free_port(host: str) -> int:
@@ -350,43 +366,102 @@ def _write_line(out: TextIO, line: str) -> None:
             pass
 
 
+@dataclass(frozen=True)
+class _Waits:
+    """How long the launcher waits: for the scheduler and servers after every worker has
+    succeeded (``linger``), and for the workers to stop after an interruption (``stop``)."""
+
+    linger: float
+    stop: float
+
+
+class _Signals:
+    """Counts SIGINT and SIGTERM: the first asks the workers to stop, a second insists."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, *_) -> None:
+        self.count += 1
+
+
 def _supervise(
     nodes: list[_Node],
     exits: queue.Queue,
-    stop: threading.Event,
-    linger: float,
+    signals: _Signals,
+    waits: _Waits,
     say: Callable[[str], None],
 ) -> int:
     """Wait for the cluster; return its status as soon as it is decided."""
     running = set(nodes)
-    workers_left = sum(node.role == "worker" for node in nodes)
+    workers = {node for node in nodes if node.role == "worker"}
     workers_done_at = None
+    stopping = _Stopping(workers, waits.stop, say)
     while running:
-        if stop.is_set():
-            say("interrupted; stopping the cluster")
+        if signals.count and not stopping.since:
+            stopping.begin("interrupted", forward=True)
+        if stopping.since and (signals.count > 1 or stopping.overdue()):
+            say("stopping the cluster now" if signals.count > 1 else stopping.overdue_message())
             return Interrupted.exit_code
         try:
             node = exits.get(timeout=POLL_SECONDS)
         except queue.Empty:
-            if workers_done_at is not None and time.monotonic() - workers_done_at > linger:
+            if workers_done_at is not None and time.monotonic() - workers_done_at > waits.linger:
                 names = ", ".join(n.label for n in nodes if n in running)
                 say(
-                    f"every worker succeeded but {names} did not exit within {linger:.1f} s; "
-                    "stopping them"
+                    f"every worker succeeded but {names} did not exit within "
+                    f"{waits.linger:.1f} s; stopping them"
                 )
                 return 0
             continue
         running.discard(node)
         code = node.popen.returncode
+        if node.role == "worker" and (stopping.since or code == Interrupted.exit_code):
+            if not stopping.since:
+                stopping.begin(f"{node.label} (pid {node.pid}) was interrupted", forward=False)
+            if not workers & running:
+                say("every worker has stopped")
+                return Interrupted.exit_code
+            continue
         if code != 0:
             others = len(running)
             say(f"{node.label} (pid {node.pid}) {_describe(code)}; stopping {others} other(s)")
             return 128 - code if code < 0 else code
-        if node.role == "worker":
-            workers_left -= 1
-            if workers_left == 0:
-                workers_done_at = time.monotonic()
+        if node.role == "worker" and not workers & running:
+            workers_done_at = time.monotonic()
     return 0
+
+
+class _Stopping:
+    """The wait for the workers to stop by themselves after an interruption.
+
+    ``gluon-ft train`` workers stop at a step they agree on through the kvstore, and rank 0
+    saves a checkpoint meanwhile: the scheduler and servers must live until they are done.
+    """
+
+    def __init__(self, workers: set[_Node], seconds: float, say: Callable[[str], None]):
+        self.workers = workers
+        self.seconds = seconds
+        self.say = say
+        self.since: float | None = None
+
+    def begin(self, why: str, forward: bool) -> None:
+        self.since = time.monotonic()
+        if forward:
+            for node in self.workers:
+                if not node.exited.is_set():
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(node.pid, signal.SIGTERM)
+        self.say(
+            f"{why}: {'asking' if forward else 'waiting for'} the workers to save a checkpoint "
+            f"and stop (at most {self.seconds:g} s; interrupt again to stop at once)"
+        )
+
+    def overdue(self) -> bool:
+        return time.monotonic() - self.since > self.seconds
+
+    def overdue_message(self) -> str:
+        return f"the workers did not stop within {self.seconds:g} s; stopping the cluster"
 
 
 def _describe(returncode: int) -> str:
@@ -475,8 +550,8 @@ def _signal_group(node: _Node, signum: int) -> None:
 
 
 @contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """Turn SIGINT and SIGTERM into ``stop.set()`` while the cluster runs.
+def _stop_on_signals(signals: _Signals) -> Iterator[None]:
+    """Count SIGINT and SIGTERM in ``signals`` while the cluster runs.
 
     Python delivers signals to the main thread only, so a launch from another thread leaves
     signal handling to its caller.
@@ -485,8 +560,7 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
         yield
         return
     previous = {
-        signum: signal.signal(signum, lambda *_: stop.set())
-        for signum in (signal.SIGINT, signal.SIGTERM)
+        signum: signal.signal(signum, signals) for signum in (signal.SIGINT, signal.SIGTERM)
     }
     try:
         yield

@@ -14,7 +14,6 @@ from gluon_ft import data as gdata
 from gluon_ft import zoo
 from gluon_ft.errors import UsageError
 from gluon_ft.freeze import FreezePlan
-from gluon_ft.train.dist import is_distributed
 from gluon_ft.train.schedule import SCHEDULES
 
 
@@ -80,11 +79,6 @@ class TrainConfig:
             raise UsageError("--workers must be >= 0.")
         if self.resume and not self.out:
             raise UsageError("--resume needs --out RUN_DIR: the run directory to continue.")
-        if self.resume and is_distributed(self.kvstore):
-            raise UsageError(
-                f"--resume does not work with --kvstore {self.kvstore} yet: only rank 0 holds "
-                "the checkpoints. Start a new run (another --out)."
-            )
         if self.cache_views < 1:
             raise UsageError("--cache-views must be at least 1.")
         if self.cache_features and self.unfreeze_at:

@@ -33,6 +33,7 @@ from gluon_ft.train.network import build_network, infer_shapes, make_trainer
 from gluon_ft.train.resume import (
     EpochSteps,
     StopRequest,
+    agree_on_checkpoint,
     checkpoint_meta,
     diverged_since,
     find_resume_checkpoint,
@@ -142,6 +143,7 @@ def train(config: TrainConfig) -> dict:
     with StopRequest() as stop:
         config.validate()
         session = open_run(config)
+        stop.dist = session.dist  # the workers of a distributed run stop together
         try:
             splits = load_data(config)  # (train, test)
             classes = list(splits[0].classes)
@@ -170,7 +172,10 @@ def open_run(config: TrainConfig) -> Session:
             f"worker rank {dist.rank} of {dist.num_workers} ({config.kvstore}): "
             f"{'writing' if dist.is_writer else 'rank 0 writes'} {run.path}",
         )
-    resumed, notes = find_resume_checkpoint(run.path, config) if config.resume else (None, [])
+    resumed, notes = None, []
+    if config.resume:  # every worker reads rank 0's checkpoint from --out (shared storage)
+        resumed, notes = find_resume_checkpoint(run.path, config, tidy=dist.is_writer)
+        agree_on_checkpoint(dist, resumed)
     for note in notes:
         log(f"warning: --resume passed over checkpoints/{note}")
     saved_epochs = resumed.meta["config"].get("epochs") if resumed else config.epochs
@@ -268,18 +273,19 @@ def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopR
         steps = EpochSteps(feeds.train, config.seed, epoch, first_step, stop, set_lr)
         unfrozen = unfreeze_for_epoch(config, session, model, epoch)
         sums, skipped, seconds = fit_epoch(config, session, model, feeds, steps, progress)
-        if epoch == start_epoch and resumed is not None and resumed.step:
-            partial = resumed.meta["partial"]  # the steps taken before the interruption
+        if epoch == start_epoch and resumed is not None and resumed.step and session.writer:
+            # The steps taken before the interruption, summed over the workers: added once.
+            partial = resumed.meta["partial"]
             sums.add_totals(partial["sums"])
             skipped += partial["skipped"]
             seconds += partial["seconds"]
         check_epoch_finite(model, sums, steps, epoch, progress)
         if steps.done < steps.total:  # a signal stopped the epoch between two steps
-            if steps.done > first_step and session.writer:
-                partial = {"sums": sums.totals(), "skipped": skipped, "seconds": seconds}
+            if steps.done > first_step:
+                partial = (sums, skipped, seconds)
                 position = (epoch, steps.done)
-                save_progress(config, session, model, progress, position, partial, stop.signal)
-            raise interrupted_at(stop, progress.last_checkpoint)
+                save_interrupted(config, session, model, progress, position, partial, stop.signal)
+            raise interrupted_at(stop, progress.last_checkpoint, session.writer)
         if session.dist.distributed:  # the epoch's metrics over every worker's shard
             sums, skipped = sum_over_workers(session.dist, sums, skipped)
         share_bn_stats(config, session, model)
@@ -291,8 +297,8 @@ def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopR
             save_progress(config, session, model, progress, (epoch + 1, 0), None, "epoch")
             session.run.write_json("metrics.json", progress.history)
             plot_curves(progress.history, session.run.path / "curves.png")
-        if stop.signal and epoch + 1 < config.epochs:
-            raise interrupted_at(stop, progress.last_checkpoint)
+        if epoch + 1 < config.epochs and stop.requested():
+            raise interrupted_at(stop, progress.last_checkpoint, session.writer)
     return progress.history
 
 
@@ -367,6 +373,22 @@ def save_progress(config, session, model, progress: Progress, position, partial,
     )
 
 
+def save_interrupted(config, session, model, progress, position, partial, reason) -> None:
+    """The checkpoint of an epoch that a signal stopped at ``position``, with the metric sums
+    of its steps so far (``partial``: sums, skipped files, seconds).
+
+    The workers of a distributed run all call it: the sums and the BatchNorm statistics are
+    taken over every worker, which is what the resumed run needs to end as if never stopped.
+    """
+    sums, skipped, seconds = partial
+    if session.dist.distributed:
+        sums, skipped = sum_over_workers(session.dist, sums, skipped)
+    share_bn_stats(config, session, model)
+    if session.writer:
+        totals = {"sums": sums.totals(), "skipped": skipped, "seconds": seconds}
+        save_progress(config, session, model, progress, position, totals, reason)
+
+
 def epoch_row(model: Model, epoch, sums, skipped, seconds, started, test_acc, unfrozen) -> dict:
     """The ``metrics.json`` row of a finished epoch."""
     loss, train_acc = sums.read()
@@ -407,9 +429,9 @@ def report_epoch(config: TrainConfig, row: dict, earlier: list[dict]) -> None:
 def close_run(config, session: Session, model: Model, history: list[dict], classes) -> dict:
     """Write the final weights (and the metrics of a resumed run that had nothing left)."""
     resumed = session.resumed
-    if resumed is not None and resumed.position[0] >= config.epochs:
-        session.run.write_json("metrics.json", history)
     if session.writer:
+        if resumed is not None and resumed.position[0] >= config.epochs:
+            session.run.write_json("metrics.json", history)
         session.run.save_params(model.net)
     return {
         "run_dir": session.run.path,
