@@ -34,7 +34,8 @@ format: setup
 test: setup lint
 	$(VENV)/bin/python -m pytest -q $(ARGS)
 
-# make test grafts one model per family; this grafts every name `gluon-ft models` lists.
+# make test grafts one model per family; this grafts every name `gluon-ft models` lists, and
+# runs the two-host test in network namespaces (tests/test_multihost.py, root only).
 test-all: setup lint
 	GLUON_FT_ALL_MODELS=1 $(VENV)/bin/python -m pytest -q $(ARGS)
 

@@ -23,24 +23,13 @@ How ps-lite behaves here (mxnet 1.9.1, measured):
 
 Several machines
 ----------------
-The same variables drive a real cluster; only the launcher changes.
-
-- MXNet's ``tools/launch.py`` (the wheel ships it as ``mxnet.tools.launch``, with
-  ``dmlc_tracker``) starts the processes over ssh or MPI from a host file::
-
-      python -m mxnet.tools.launch -n 4 -s 2 -H hosts --launcher ssh \\
-          --sync-dst-dir /tmp/job gluon-ft train --kvstore dist_sync ...
-
-  It runs the scheduler on the submitting machine, sets ``DMLC_PS_ROOT_URI`` to its address
-  and runs the same command as workers and as servers (importing mxnet turns the latter
-  into servers that never return to the script). Set ``DMLC_INTERFACE`` (e.g. ``eth0``)
-  where a machine has several networks. It neither prefixes output nor fails fast.
-- On Kubernetes, the Kubeflow training operator's ``MXJob`` declares ``Scheduler``,
-  ``Server`` and ``Worker`` replicas and injects the same ``DMLC_*`` variables into each
-  pod; all of them may run the training command, for the same reason.
-
-Either way each worker reads its rank from ``kv.rank``. Keep such a cluster on a private
-network: its servers unpickle what workers send them.
+:func:`launch_node` (``gluon-ft launch --nnodes N --node-rank R --scheduler HOST:PORT``) runs
+one host's part: node 0 the scheduler, every node its servers and workers. The launchers find
+each other and watch each other through :mod:`gluon_ft.rendezvous`, so a failure or a lost
+host anywhere stops every node. The same ``DMLC_*`` variables also let MXNet's
+``mxnet.tools.launch`` (ssh, MPI) or a Kubeflow ``MXJob`` start the processes, without the
+fail-fast. Either way each worker reads its rank from ``kv.rank``. Keep such a cluster on a
+private network: its servers unpickle what workers send them.
 """
 
 from __future__ import annotations
@@ -59,13 +48,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from gluon_ft import THREAD_SETTINGS
+from gluon_ft import THREAD_SETTINGS, rendezvous
 from gluon_ft.errors import Interrupted, UsageError
 from gluon_ft.threads import THREAD_VARIABLES, usable_cores
 
 # Importing mxnet is all a scheduler or server needs (see the module docstring).
 PS_LOOP_COMMAND = (sys.executable, "-c", "import mxnet")
-# How often the launcher looks at its stop flag and its deadlines.
+# How often the launcher looks at its signal count and its deadlines.
 POLL_SECONDS = 0.1
 
 # One lock for every launch in this process: concurrent launches share sys.stdout, and a
@@ -96,6 +85,7 @@ def launch(
     env: dict | None = None,
     dead_timeout: float = 30.0,
     stream: TextIO | None = None,
+    stop_timeout: float = 60.0,
 ) -> int:
     """Run ``command`` as each worker of a local ps-lite cluster and wait for the cluster.
 
@@ -128,13 +118,17 @@ def launch(
         linger after every worker has succeeded.
     stream : text stream, optional
         Where the output goes; ``sys.stdout`` (looked up at call time) by default.
+    stop_timeout : float, default 60
+        After SIGINT or SIGTERM, how long the workers may take to stop by themselves
+        (``gluon-ft train`` saves a checkpoint first).
 
     Returns
     -------
     int
         0 when every process succeeded (scheduler or servers that had to be stopped after the
         workers succeeded do not count); else the status of the first process that failed:
-        its exit code, or 128 + N when signal N killed it; 130 after SIGINT or SIGTERM.
+        its exit code, or 128 + N when signal N killed it; 130 after SIGINT or SIGTERM, or
+        once a worker exits with 130 (interrupted).
 
     Raises
     ------
@@ -148,48 +142,192 @@ def launch(
     in the environment or in ``env``), each worker gets ``cores // num_workers`` OpenMP
     threads (at least 1) and the scheduler and servers 1 each.
 
+    The first SIGINT or SIGTERM goes on to the workers (SIGTERM), and the launcher waits up
+    to ``stop_timeout`` for them to exit: ``gluon-ft train`` workers agree on a step, rank 0
+    saves a checkpoint, and all exit with 130. A worker that exits with 130 by itself starts
+    the same wait. A second signal, or the end of the wait, stops everything at once.
+
     SIGINT and SIGTERM are caught only when ``launch`` runs in the main thread. Processes
     that leave their session (``setsid``, daemons) escape the cleanup, and so does the whole
     cluster if the launcher itself is killed with SIGKILL.
     """
-    _check_arguments(command, num_workers, num_servers, dead_timeout)
+    _check_arguments(command, num_workers, num_servers, dead_timeout, stop_timeout)
     port = _free_port(host) if port is None else _check_port_free(host, port)
     out = sys.stdout if stream is None else stream
+    layout = _Layout(host, port, num_workers, num_servers, host)
+    plan = _plan_node(list(command), layout, num_workers, num_servers, True, env)
+    signals = _Signals()
+    with _stop_on_signals(signals):
+        return _run_node(plan, out, signals, _Waits.of(dead_timeout, stop_timeout))
+
+
+def launch_node(
+    command: Sequence[str],
+    nnodes: int,
+    node_rank: int,
+    scheduler: str,
+    num_workers: int = 1,
+    num_servers: int = 1,
+    env: dict | None = None,
+    dead_timeout: float = 30.0,
+    stream: TextIO | None = None,
+    stop_timeout: float = 60.0,
+    join_timeout: float = 300.0,
+    heartbeat_timeout: float = 10.0,
+) -> int:
+    """Run this host's part of a ``nnodes``-host ps-lite cluster; one call on every host.
+
+    Node 0 listens at ``scheduler`` (``HOST:PORT``, an address of node 0) until the other
+    nodes have joined (:mod:`gluon_ft.rendezvous`), then runs ps-lite's scheduler on ``HOST``.
+    Every node runs ``num_servers`` servers and ``num_workers`` workers with the cluster's
+    ``DMLC_*`` variables, ``DMLC_NODE_HOST`` being the address node 0 sees it on. Output,
+    fail-fast and signals work as in :func:`launch`; in addition, when a process on another
+    node fails, its launcher goes quiet for ``heartbeat_timeout`` seconds, or node 0's
+    scheduler dies, every node stops its processes and returns, naming what was lost.
+
+    Parameters
+    ----------
+    command, num_workers, num_servers, env, dead_timeout, stream, stop_timeout
+        As for :func:`launch`; the counts are this node's (``num_servers`` may be 0 where
+        another node runs a server).
+    nnodes : int
+        Number of hosts, at least 1.
+    node_rank : int
+        This host's place, 0 to ``nnodes - 1``; 0 runs the scheduler.
+    scheduler : str
+        ``HOST:PORT`` where node 0's launcher listens.
+    join_timeout : float, default 300
+        How long node 0 waits for the others to join, and they for node 0.
+    heartbeat_timeout : float, default 10
+        Silence after which another node's launcher counts as lost.
+
+    Returns
+    -------
+    int
+        As :func:`launch`; 1 when another node was lost, or that node's status when it
+        reported a failure.
+
+    Raises
+    ------
+    UsageError
+        Bad arguments; an address node 0 cannot listen on; node 0 unreachable, or the nodes
+        not all joined, within ``join_timeout``; a duplicate or out-of-range ``node_rank``, or
+        another ``nnodes`` than node 0's; no server on any node. Nothing is left running.
+    Interrupted
+        SIGINT or SIGTERM before the processes started.
+    """
+    # A node may run no server (-s 0) when others do; node 0 checks that one does.
+    _check_arguments(command, num_workers, max(num_servers, 1), dead_timeout, stop_timeout)
+    if not isinstance(num_servers, int) or num_servers < 0:
+        raise UsageError(f"The number of servers must be a whole number >= 0, not {num_servers!r}.")
+    for name, value in (("nnodes", nnodes), ("node_rank", node_rank)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UsageError(f"--{name.replace('_', '-')} must be a whole number, not {value!r}.")
+    if nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise UsageError(
+            f"--node-rank must be from 0 to --nnodes - 1 ({nnodes - 1}), not {node_rank}."
+        )
+    address = rendezvous.parse_address(scheduler)
+    spec = rendezvous.NodeSpec(nnodes, node_rank, num_workers, num_servers)
+    out = sys.stdout if stream is None else stream
+    signals = _Signals()
+    with _stop_on_signals(signals):
+        links, cluster = _meet(spec, address, join_timeout, heartbeat_timeout, signals, out)
+        layout = _Layout(
+            address[0], cluster.ps_port, cluster.num_workers, cluster.num_servers, cluster.node_host
+        )
+        plan = _plan_node(list(command), layout, num_workers, num_servers, node_rank == 0, env)
+        waits = _Waits.of(dead_timeout, stop_timeout)
+        return _run_node(plan, out, signals, waits, _Peers(links), f"node {node_rank}")
+
+
+def _meet(spec, address, join_timeout, heartbeat_timeout, signals, out):
+    """The rendezvous of :func:`launch_node`: ``(links to the other nodes, Cluster)``."""
 
     def say(message: str) -> None:
         _write_line(out, f"[launch] {message}")
 
-    # SIGTERM, then SIGKILL this long after; two such waits plus the workers' grace period
-    # fit in dead_timeout.
-    kill_after = min(5.0, dead_timeout / 3)
-    stop = threading.Event()
-    exits: queue.Queue[_Node] = queue.Queue()
+    stopped = lambda: signals.count > 0  # noqa: E731
+    if spec.node_rank == 0:
+        pick = lambda: _free_port(address[0])  # noqa: E731
+        return rendezvous.host(address, spec, pick, join_timeout, heartbeat_timeout, stopped, say)
+    link, cluster = rendezvous.join(address, spec, join_timeout, heartbeat_timeout, stopped, say)
+    return [link], cluster
+
+
+class _Peers:
+    """The links to the other nodes' launchers (none for a one-host :func:`launch`)."""
+
+    def __init__(self, links: list | None = None):
+        self.links = links or []
+
+    def listen(self, events: queue.Queue) -> None:
+        for link in self.links:
+            link.start(events.put)
+
+    def tell(self, message: dict) -> None:
+        for link in self.links:
+            link.send(message)
+
+    def close(self, outcome: _Outcome) -> None:
+        """Tell the others how this node ended, and hang up."""
+        if outcome.code == 0:
+            final = {"event": "done"}
+        elif outcome.code == Interrupted.exit_code:
+            final = {"event": "interrupted", "what": outcome.why}
+        else:
+            final = {"event": "failed", "what": outcome.why, "code": outcome.code}
+        for link in self.links:
+            link.close({**final, "final": True})
+
+
+def _run_node(
+    plan: list, out: TextIO, signals: _Signals, waits: _Waits, peers=None, name: str = ""
+) -> int:
+    """Start the processes of ``plan``, supervise them, stop what is left; return the status.
+
+    Every process starts in a session of its own, so stopping it also stops anything it
+    started.
+    """
+    peers = peers or _Peers()
+
+    def say(message: str) -> None:
+        _write_line(out, f"[launch] {message}")
+
+    exits: queue.Queue = queue.Queue()
     nodes: list[_Node] = []
     readers: list[threading.Thread] = []
-    with _stop_on_signals(stop):
-        try:
-            plan = _plan_cluster(list(command), num_workers, num_servers, host, port, env)
-            for role, label, argv, node_env in plan:
-                if stop.is_set():
-                    break
-                node = _start(role, label, argv, node_env, exits, out, readers)
-                nodes.append(node)
-            say(
-                f"scheduler on {host}:{port}; started "
-                + ", ".join(f"{n.label} (pid {n.pid})" for n in nodes)
-            )
-            return _supervise(nodes, exits, stop, dead_timeout - 2 * kill_after, say)
-        finally:
-            if _stop(nodes, kill_after):
-                say("stopped the remaining processes")
-            for reader in readers:
-                # The pipes close once the process groups are gone; a process that escaped
-                # its group (its own setsid) could hold one open, so never wait forever.
-                reader.join(timeout=1.0)
+    outcome = _Outcome(Interrupted.exit_code, f"{name or 'this node'} was interrupted")
+    try:
+        for role, label, argv, node_env in plan:
+            if signals.count:
+                break
+            nodes.append(_start(role, label, argv, node_env, exits, out, readers))
+        where = plan[0][3]
+        say(
+            f"{name + ': ' if name else ''}scheduler on {where['DMLC_PS_ROOT_URI']}:"
+            f"{where['DMLC_PS_ROOT_PORT']}; started "
+            + ", ".join(f"{n.label} (pid {n.pid})" for n in nodes)
+        )
+        peers.listen(exits)
+        outcome = _supervise(nodes, exits, signals, waits, say, peers, name)
+        return outcome.code
+    finally:
+        peers.close(outcome)
+        if _stop(nodes, waits.kill_after):
+            say("stopped the remaining processes")
+        for reader in readers:
+            # The pipes close once the process groups are gone; a process that escaped
+            # its group (its own setsid) could hold one open, so never wait forever.
+            reader.join(timeout=1.0)
 
 
 def _check_arguments(
-    command: Sequence[str], num_workers: int, num_servers: int, dead_timeout: float
+    command: Sequence[str],
+    num_workers: int,
+    num_servers: int,
+    dead_timeout: float,
+    stop_timeout: float,
 ) -> None:
     if isinstance(command, str) or not command or not command[0]:
         raise UsageError(
@@ -199,8 +337,9 @@ def _check_arguments(
     for name, value in (("workers", num_workers), ("servers", num_servers)):
         if not isinstance(value, int) or value < 1:
             raise UsageError(f"The number of {name} must be a whole number >= 1, not {value!r}.")
-    if not dead_timeout > 0:
-        raise UsageError(f"dead_timeout must be a positive number of seconds, not {dead_timeout}.")
+    for name, value in (("dead_timeout", dead_timeout), ("stop_timeout", stop_timeout)):
+        if not value > 0:
+            raise UsageError(f"{name} must be a positive number of seconds, not {value}.")
 
 
 def _free_port(host: str) -> int:
@@ -243,24 +382,36 @@ def _bound_socket(host: str, port: int) -> Iterator[socket.socket]:
         yield sock
 
 
-def _plan_cluster(
+@dataclass(frozen=True)
+class _Layout:
+    """Where the cluster's scheduler is, how big the cluster is, and this node's address."""
+
+    root_host: str
+    root_port: int
+    num_workers: int  # over every node
+    num_servers: int
+    node_host: str
+
+
+def _plan_node(
     command: list[str],
+    layout: _Layout,
     num_workers: int,
     num_servers: int,
-    host: str,
-    port: int,
+    with_scheduler: bool,
     extra_env: dict | None,
 ) -> list[tuple[str, str, list[str], dict]]:
-    """Return ``(role, label, argv, environment)`` for the scheduler, servers and workers."""
+    """Return ``(role, label, argv, environment)`` for this node's scheduler (if
+    ``with_scheduler``), its ``num_servers`` servers and ``num_workers`` workers."""
     # Inherited DMLC_* variables describe some other cluster (say, the pod this runs in).
     base = {k: v for k, v in os.environ.items() if not k.startswith("DMLC_")}
     base.update({str(k): str(v) for k, v in (extra_env or {}).items()})
     base.update(
-        DMLC_PS_ROOT_URI=host,
-        DMLC_PS_ROOT_PORT=str(port),
-        DMLC_NUM_SERVER=str(num_servers),
-        DMLC_NUM_WORKER=str(num_workers),
-        DMLC_NODE_HOST=host,
+        DMLC_PS_ROOT_URI=layout.root_host,
+        DMLC_PS_ROOT_PORT=str(layout.root_port),
+        DMLC_NUM_SERVER=str(layout.num_servers),
+        DMLC_NUM_WORKER=str(layout.num_workers),
+        DMLC_NODE_HOST=layout.node_host,
     )
     # Without it Python workers fill an 8 KB pipe buffer before anything shows up.
     base.setdefault("PYTHONUNBUFFERED", "1")
@@ -277,7 +428,9 @@ def _plan_cluster(
         return environment
 
     worker_threads = max(1, usable_cores() // num_workers)
-    plan = [("scheduler", "scheduler", list(PS_LOOP_COMMAND), node_env("scheduler", 1))]
+    plan = []
+    if with_scheduler:
+        plan.append(("scheduler", "scheduler", list(PS_LOOP_COMMAND), node_env("scheduler", 1)))
     plan += [
         ("server", f"server {i}", list(PS_LOOP_COMMAND), node_env("server", 1))
         for i in range(num_servers)
@@ -350,43 +503,149 @@ def _write_line(out: TextIO, line: str) -> None:
             pass
 
 
+@dataclass(frozen=True)
+class _Waits:
+    """How long the launcher waits: for the scheduler and servers after every worker has
+    succeeded (``linger``), for the workers to stop after an interruption (``stop``), and
+    between SIGTERM and SIGKILL (``kill_after``)."""
+
+    linger: float
+    stop: float
+    kill_after: float
+
+    @classmethod
+    def of(cls, dead_timeout: float, stop_timeout: float) -> _Waits:
+        # Two SIGTERM-to-SIGKILL waits plus the linger fit in dead_timeout.
+        kill_after = min(5.0, dead_timeout / 3)
+        return cls(dead_timeout - 2 * kill_after, stop_timeout, kill_after)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """How a node ended: its exit status and, for the other nodes, why."""
+
+    code: int
+    why: str
+
+
+class _Signals:
+    """Counts SIGINT and SIGTERM: the first asks the workers to stop, a second insists."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, *_) -> None:
+        self.count += 1
+
+
 def _supervise(
     nodes: list[_Node],
     exits: queue.Queue,
-    stop: threading.Event,
-    linger: float,
+    signals: _Signals,
+    waits: _Waits,
     say: Callable[[str], None],
-) -> int:
-    """Wait for the cluster; return its status as soon as it is decided."""
+    peers: _Peers,
+    name: str = "",
+) -> _Outcome:
+    """Wait for the cluster; return its outcome as soon as it is decided.
+
+    ``exits`` brings the processes that ended and what the other nodes report
+    (:class:`gluon_ft.rendezvous.PeerEvent`).
+    """
+    here = f"{name}: " if name else ""
     running = set(nodes)
-    workers_left = sum(node.role == "worker" for node in nodes)
+    workers = {node for node in nodes if node.role == "worker"}
     workers_done_at = None
+    stopping = _Stopping(workers, waits.stop, say, peers)
     while running:
-        if stop.is_set():
-            say("interrupted; stopping the cluster")
-            return Interrupted.exit_code
+        if signals.count and not stopping.since:
+            stopping.begin(f"{here}interrupted", forward=True)
+        if stopping.since and (signals.count > 1 or stopping.overdue()):
+            say("stopping the cluster now" if signals.count > 1 else stopping.overdue_message())
+            return _Outcome(Interrupted.exit_code, f"{here}interrupted")
         try:
-            node = exits.get(timeout=POLL_SECONDS)
+            item = exits.get(timeout=POLL_SECONDS)
         except queue.Empty:
-            if workers_done_at is not None and time.monotonic() - workers_done_at > linger:
+            if workers_done_at is not None and time.monotonic() - workers_done_at > waits.linger:
                 names = ", ".join(n.label for n in nodes if n in running)
                 say(
-                    f"every worker succeeded but {names} did not exit within {linger:.1f} s; "
-                    "stopping them"
+                    f"every worker succeeded but {names} did not exit within "
+                    f"{waits.linger:.1f} s; stopping them"
                 )
-                return 0
+                return _Outcome(0, "done")
             continue
-        running.discard(node)
-        code = node.popen.returncode
+        if isinstance(item, rendezvous.PeerEvent):
+            outcome = _peer_event(item, stopping, peers, len(running), say)
+            if outcome is not None:
+                return outcome
+            continue
+        running.discard(item)
+        code = item.popen.returncode
+        what = f"{item.label} (pid {item.pid}) {_describe(code)}"
+        if item.role == "worker" and (stopping.since or code == Interrupted.exit_code):
+            if not stopping.since:
+                stopping.begin(f"{here}{what}", forward=False)
+            if not workers & running:
+                say("every worker has stopped")
+                return _Outcome(Interrupted.exit_code, stopping.why)
+            continue
         if code != 0:
-            others = len(running)
-            say(f"{node.label} (pid {node.pid}) {_describe(code)}; stopping {others} other(s)")
-            return 128 - code if code < 0 else code
-        if node.role == "worker":
-            workers_left -= 1
-            if workers_left == 0:
-                workers_done_at = time.monotonic()
-    return 0
+            say(f"{here}{what}; stopping {len(running)} other(s)")
+            return _Outcome(128 - code if code < 0 else code, what)
+        if item.role == "worker" and not workers & running:
+            workers_done_at = time.monotonic()
+    return _Outcome(0, "done")
+
+
+def _peer_event(event, stopping: _Stopping, peers: _Peers, running: int, say) -> _Outcome | None:
+    """What another node's report means here: None to go on, else this node's outcome."""
+    if event.kind == "done":
+        return None
+    if event.kind == "interrupted":
+        if not stopping.since:
+            stopping.begin(event.what, forward=True)
+        return None
+    if stopping.since:
+        return None  # the workers are stopping already; the stop wait bounds it
+    say(f"{event.what}; stopping {running} process(es) here")
+    return _Outcome(event.code if event.kind == "failed" else 1, event.what)
+
+
+class _Stopping:
+    """The wait for the workers to stop by themselves after an interruption.
+
+    ``gluon-ft train`` workers stop at a step they agree on through the kvstore, and rank 0
+    saves a checkpoint meanwhile: the scheduler and servers must live until they are done.
+    """
+
+    def __init__(self, workers: set[_Node], seconds: float, say: Callable[[str], None], peers):
+        self.workers = workers
+        self.seconds = seconds
+        self.say = say
+        self.peers = peers
+        self.since: float | None = None
+        self.why = ""
+
+    def begin(self, why: str, forward: bool) -> None:
+        """Start the wait; ``forward`` the stop to the workers (SIGTERM) and other nodes."""
+        self.since = time.monotonic()
+        self.why = why
+        self.peers.tell({"event": "interrupted", "what": why})
+        if forward:
+            for node in self.workers:
+                if not node.exited.is_set():
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(node.pid, signal.SIGTERM)
+        self.say(
+            f"{why}: {'asking' if forward else 'waiting for'} the workers to save a checkpoint "
+            f"and stop (at most {self.seconds:g} s; interrupt again to stop at once)"
+        )
+
+    def overdue(self) -> bool:
+        return time.monotonic() - self.since > self.seconds
+
+    def overdue_message(self) -> str:
+        return f"the workers did not stop within {self.seconds:g} s; stopping the cluster"
 
 
 def _describe(returncode: int) -> str:
@@ -475,8 +734,8 @@ def _signal_group(node: _Node, signum: int) -> None:
 
 
 @contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """Turn SIGINT and SIGTERM into ``stop.set()`` while the cluster runs.
+def _stop_on_signals(signals: _Signals) -> Iterator[None]:
+    """Count SIGINT and SIGTERM in ``signals`` while the cluster runs.
 
     Python delivers signals to the main thread only, so a launch from another thread leaves
     signal handling to its caller.
@@ -485,8 +744,7 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
         yield
         return
     previous = {
-        signum: signal.signal(signum, lambda *_: stop.set())
-        for signum in (signal.SIGINT, signal.SIGTERM)
+        signum: signal.signal(signum, signals) for signum in (signal.SIGINT, signal.SIGTERM)
     }
     try:
         yield

@@ -12,6 +12,11 @@ import os
 import sys
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MXNET_OMP_MAX_THREADS")
+# What configure_threads chose, so that a child process (which inherits OMP_NUM_THREADS) can
+# tell gluon-ft's own choice from the user's: `gluon-ft launch` started from a gluon-ft
+# process must still size its workers' pools, or two-thread workers spin in OpenMP barriers
+# on a busy machine.
+CHOSEN_MARK = "GLUON_FT_CHOSE_OMP_NUM_THREADS"
 
 
 def usable_cores() -> int:
@@ -37,8 +42,10 @@ def configure_threads(environ: dict | None = None) -> dict:
     """
     env = os.environ if environ is None else environ
     user_set = [name for name in THREAD_VARIABLES if env.get(name)]
+    if user_set == ["OMP_NUM_THREADS"] and env.get(CHOSEN_MARK) == env["OMP_NUM_THREADS"]:
+        user_set = []  # inherited from a gluon-ft parent that chose it
     if not user_set:
-        env["OMP_NUM_THREADS"] = str(usable_cores())
+        env["OMP_NUM_THREADS"] = env[CHOSEN_MARK] = str(usable_cores())
     return {
         "omp_num_threads": env.get("OMP_NUM_THREADS") or env.get("MXNET_OMP_MAX_THREADS"),
         "source": "user" if user_set else "gluon-ft",

@@ -323,7 +323,9 @@ def test_interrupting_the_launcher_stops_everything(worker, tmp_path, signum):
     finally:
         launcher.kill()
     assert launcher.returncode == 130, output
-    assert "[launch] interrupted; stopping the cluster" in output
+    # The workers got SIGTERM and the launcher waited for them, not for its stop timeout.
+    assert "[launch] interrupted: asking the workers to save a checkpoint and stop" in output
+    assert "[launch] every worker has stopped" in output
     grandchildren = [int(path.read_text()) for path in files]
     assert_nothing_left(port, output, extra_pids=grandchildren)
 

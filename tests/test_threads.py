@@ -123,6 +123,13 @@ def test_settings_are_recorded_and_say_who_chose():
     }
     assert settings(theirs)["source"] == "user"
     assert settings(theirs)["omp_num_threads"] == "1"
+    # A child of a gluon-ft process inherits its choice, which is still not the user's (so
+    # `gluon-ft launch` run from Python sizes its workers' pools).
+    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {code!r}])"
+    inherited = subprocess.run(
+        [sys.executable, "-c", "import gluon_ft; " + child], env=env, capture_output=True, text=True
+    )
+    assert settings(inherited)["source"] == "gluon-ft", inherited.stderr
     # Imported after mxnet, gluon_ft cannot size MXNet's pool any more, and says so.
     assert settings(first)["mxnet_imported_first"] is True
 

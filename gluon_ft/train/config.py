@@ -15,7 +15,6 @@ from gluon_ft import zoo
 from gluon_ft.balance import balanced_probabilities
 from gluon_ft.errors import UsageError
 from gluon_ft.freeze import FreezePlan
-from gluon_ft.train.dist import is_distributed
 from gluon_ft.train.schedule import SCHEDULES
 from gluon_ft.train.selection import MONITORS
 
@@ -47,6 +46,7 @@ class TrainConfig:
     crop_scale: float = 0.08  # smallest area fraction of the random train crop (the book's)
     ctx: str = "auto"
     kvstore: str | None = None
+    sync_bn_stats: bool | None = None  # average BatchNorm running statistics; None: if >1 copy
     dtype: str = "float32"
     workers: int = 0
     seed: int = 0
@@ -111,11 +111,6 @@ class TrainConfig:
             raise UsageError("--workers must be >= 0.")
         if self.resume and not self.out:
             raise UsageError("--resume needs --out RUN_DIR: the run directory to continue.")
-        if self.resume and is_distributed(self.kvstore):
-            raise UsageError(
-                f"--resume does not work with --kvstore {self.kvstore} yet: only rank 0 holds "
-                "the checkpoints. Start a new run (another --out)."
-            )
         if self.cache_views < 1:
             raise UsageError("--cache-views must be at least 1.")
         if self.cache_features and self.unfreeze_at:

@@ -10,7 +10,8 @@ training loop reads the same whatever it runs on. What the loop takes from it:
   (:class:`gluon_ft.data.EpochBatchSampler`), and every worker takes the same number of steps,
   a step with no samples included, since a ``dist_sync`` step waits for every worker.
 - ``is_writer``: rank 0 alone writes the run directory; the others only log.
-- ``allreduce_sum``: sums of a few numbers over the workers (epoch metrics, test accuracy).
+- ``allreduce_sum``/``allreduce_array``: sums over the workers (epoch metrics, test accuracy,
+  BatchNorm running statistics).
 - ``trainer_options``: the kvstore for :class:`mxnet.gluon.Trainer`, with
   ``update_on_kvstore=False``. With MXNet's default for a dist kvstore (``True``) the
   optimizer is pickled to the servers once, and a later ``trainer.set_learning_rate`` changes
@@ -34,7 +35,7 @@ import numpy as np
 from gluon_ft.errors import UsageError
 
 DIST_KVSTORES = ("dist_sync", "dist_device_sync")
-# The Trainer keys its parameters 0, 1, ...; allreduce_sum uses keys from here on, one per
+# The Trainer keys its parameters 0, 1, ...; the allreduces use keys from here on, one per
 # vector length. ps-lite maps an int key to a server with key * 9973 in 32 bits, so it must
 # stay below 2**31 / 9973.
 RESERVED_KEY = 200_000
@@ -62,7 +63,7 @@ class DistContext:
     kvstore: mx.kvstore.KVStore | None = None
     rank: int = 0
     num_workers: int = 1
-    _initialized_keys: set[int] = field(default_factory=set, init=False, repr=False)
+    _keys: dict[int, int] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def distributed(self) -> bool:
@@ -79,16 +80,29 @@ class DistContext:
         Every worker must call it at the same point with the same number of values: it is a
         push and a pull through the servers, which in ``dist_sync`` wait for all workers.
         """
-        if not self.distributed:
-            return [float(v) for v in values]
-        key = RESERVED_KEY + len(values)
-        if key not in self._initialized_keys:
-            self.kvstore.init(key, mx.nd.zeros((len(values),), dtype="float64"))
-            self._initialized_keys.add(key)
-        summed = mx.nd.zeros((len(values),), dtype="float64")
-        self.kvstore.push(key, mx.nd.array(np.asarray(values, dtype=np.float64), dtype="float64"))
-        self.kvstore.pull(key, out=summed)
+        summed = self.allreduce_array(
+            mx.nd.array(np.asarray(values, dtype=np.float64), dtype="float64")
+        )
         return summed.asnumpy().tolist()
+
+    def allreduce_array(self, values: mx.nd.NDArray) -> mx.nd.NDArray:
+        """Return the float64 vector ``values`` (on the CPU) summed over every worker.
+
+        The same contract as :meth:`allreduce_sum`. Each vector length gets its own key, the
+        next free one from :data:`RESERVED_KEY` in the order of first use, which is the same
+        on every worker since they all call at the same points.
+        """
+        if not self.distributed:
+            return values.copy()
+        length = values.shape[0]
+        if length not in self._keys:
+            key = RESERVED_KEY + len(self._keys)
+            self.kvstore.init(key, mx.nd.zeros((length,), dtype="float64"))
+            self._keys[length] = key
+        summed = mx.nd.zeros((length,), dtype="float64")
+        self.kvstore.push(self._keys[length], values)
+        self.kvstore.pull(self._keys[length], out=summed)
+        return summed
 
     def broadcast_initial_parameters(self, trainer: mx.gluon.Trainer) -> None:
         """Give every worker rank 0's parameters now, and wait until they have arrived.

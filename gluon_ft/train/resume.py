@@ -26,6 +26,7 @@ import numpy as np
 from gluon_ft.errors import DivergedError, Interrupted, UsageError
 from gluon_ft.train.checkpoint import latest_checkpoint, remove_stale_temporaries
 from gluon_ft.train.config import TrainConfig
+from gluon_ft.train.dist import DistContext
 
 # Settings that a resumed run may change, because
 # they do not change what is computed:
@@ -38,13 +39,28 @@ RESUMABLE_FLAGS = "--epochs, --workers, --strict and --no-progress"
 class StopRequest:
     """SIGINT and SIGTERM ask the loop to stop between two steps; a second signal stops at once.
 
-    Signals can only be caught in the main thread; elsewhere this never fires.
+    Signals can only be caught in the main thread; elsewhere this never fires. The workers of
+    a distributed run must stop at the same step, or those that go on wait forever for the
+    others' gradients: once :attr:`dist` is set, :meth:`requested` asks every worker.
     """
 
     def __init__(self):
         self.signal: str | None = None
+        self.dist: DistContext | None = None
         self._previous: dict = {}
         self._pid = os.getpid()
+
+    def requested(self) -> bool:
+        """Whether to stop here: a signal came to this process, or to any worker.
+
+        In a distributed run every worker must call it at the same points (an allreduce).
+        """
+        if self.dist is None or not self.dist.distributed:
+            return self.signal is not None
+        (signalled,) = self.dist.allreduce_sum([self.signal is not None])
+        if signalled and self.signal is None:
+            self.signal = "a signal to another worker"
+        return bool(signalled)
 
     def __enter__(self) -> StopRequest:
         self._pid = os.getpid()
@@ -112,7 +128,7 @@ class EpochSteps:
 
     def __iter__(self):
         for step, batch in enumerate(self.loader, self.done + 1):
-            if self.stop.signal:
+            if self.stop.requested():
                 return
             mx.random.seed(step_seed(self.seed, self.epoch, step, self.rank))
             if self.set_lr is not None:
@@ -172,11 +188,13 @@ def changed_settings(saved: dict, config: TrainConfig) -> list[str]:
     ]
 
 
-def find_resume_checkpoint(run_dir: Path, config: TrainConfig):
+def find_resume_checkpoint(run_dir: Path, config: TrainConfig, tidy: bool = True):
     """Return ``(checkpoint or None, notes)`` for ``--resume`` of ``run_dir`` with ``config``.
 
     The settings are compared with the run's ``config.json``, so a run stopped before its
-    first checkpoint is checked too.
+    first checkpoint is checked too. ``tidy`` removes the temporary directories of stopped
+    processes first: the writer's job (the other workers of a distributed run only read, and
+    may run on other machines, where the process ids in those names mean nothing).
 
     Raises
     ------
@@ -188,7 +206,8 @@ def find_resume_checkpoint(run_dir: Path, config: TrainConfig):
     if saved is None:
         raise UsageError(
             f"--resume: {run_dir} holds no run to continue (it has no config.json). Check "
-            "--out, or leave out --resume to start a new run."
+            "--out, or leave out --resume to start a new run. Every worker of a distributed "
+            "run reads it: --out must be on storage that they all share."
         )
     changed = changed_settings(saved, config)
     if changed:
@@ -196,7 +215,7 @@ def find_resume_checkpoint(run_dir: Path, config: TrainConfig):
             f"--resume: the settings differ from the run in {run_dir}: {'; '.join(changed)}. "
             f"Repeat the original command with --resume; only {RESUMABLE_FLAGS} may change."
         )
-    removed = remove_stale_temporaries(run_dir / "checkpoints")
+    removed = remove_stale_temporaries(run_dir / "checkpoints") if tidy else []
     checkpoint, notes = latest_checkpoint(run_dir / "checkpoints")
     notes = [n for n in notes if not any(n.startswith(p.name) for p in removed)]
     notes += [f"{p.name}: removed, an unfinished checkpoint of a stopped process" for p in removed]
@@ -272,6 +291,33 @@ def describe_class_change(saved: list[str], now: list[str]) -> str:
     return shown
 
 
+def agree_on_checkpoint(dist: DistContext, checkpoint) -> None:
+    """Refuse a distributed resume whose workers found different checkpoints.
+
+    Every worker reads rank 0's checkpoint from ``--out``; a worker that sees another one (a
+    copy of the run directory, storage that is not shared) would train another model.
+    Every worker gets the same answer, so they all refuse together.
+
+    Raises
+    ------
+    UsageError
+        The workers' checkpoints differ.
+    """
+    if not dist.distributed:
+        return
+    epoch, step = checkpoint.position if checkpoint is not None else (-1, -1)
+    values = [epoch, step, epoch * epoch, step * step]
+    sums = dist.allreduce_sum(values)
+    n = dist.num_workers
+    # All equal exactly when each variance over the workers is zero.
+    if sums[2] * n != sums[0] ** 2 or sums[3] * n != sums[1] ** 2:
+        raise UsageError(
+            "--resume: the workers found different checkpoints in --out (this one: "
+            f"{checkpoint.path.name if checkpoint else 'none'}). Every worker must read the "
+            "same run directory: put --out on storage that every machine shares."
+        )
+
+
 def diverged_since(err: DivergedError, epoch: int, last) -> DivergedError:
     """``err`` with the epoch and the last good checkpoint, for the exit-3 message."""
     if last is None:
@@ -281,8 +327,10 @@ def diverged_since(err: DivergedError, epoch: int, last) -> DivergedError:
     return DivergedError(f"Epoch {epoch + 1}: {err} {where}")
 
 
-def interrupted_at(stop: StopRequest, last) -> Interrupted:
+def interrupted_at(stop: StopRequest, last, writer: bool = True) -> Interrupted:
     """The exit-130 error once a signal stopped the run and its checkpoint is saved."""
+    if not writer:
+        return Interrupted(f"Stopped by {stop.signal}; rank 0 saves the checkpoint.")
     if last is None:
         return Interrupted(f"Stopped by {stop.signal} before the first step; nothing to save.")
     return Interrupted(

@@ -27,6 +27,7 @@ from gluon_ft.plots import plot_curves
 from gluon_ft.report import build_report
 from gluon_ft.splits import DatasetParts
 from gluon_ft.train import amp
+from gluon_ft.train.bn_stats import sync_bn_stats, wants_sync
 from gluon_ft.train.checkpoint import (
     PARAMS_FILE,
     Checkpoint,
@@ -43,6 +44,7 @@ from gluon_ft.train.network import build_network, infer_shapes, make_loss, make_
 from gluon_ft.train.resume import (
     EpochSteps,
     StopRequest,
+    agree_on_checkpoint,
     check_same_data,
     checkpoint_meta,
     data_fingerprint,
@@ -165,6 +167,7 @@ def train(config: TrainConfig) -> dict:
     with StopRequest() as stop:
         config.validate()
         session = open_run(config)
+        stop.dist = session.dist  # the workers of a distributed run stop together
         try:
             parts = load_data(config, session)
             data_files = data_fingerprint(parts.named())
@@ -199,7 +202,10 @@ def open_run(config: TrainConfig) -> Session:
             f"worker rank {dist.rank} of {dist.num_workers} ({config.kvstore}): "
             f"{'writing' if dist.is_writer else 'rank 0 writes'} {run.path}",
         )
-    resumed, notes = find_resume_checkpoint(run.path, config) if config.resume else (None, [])
+    resumed, notes = None, []
+    if config.resume:  # every worker reads rank 0's checkpoint from --out (shared storage)
+        resumed, notes = find_resume_checkpoint(run.path, config, tidy=dist.is_writer)
+        agree_on_checkpoint(dist, resumed)
     for note in notes:
         log(f"warning: --resume passed over checkpoints/{note}")
     saved_epochs = resumed.meta["config"].get("epochs") if resumed else config.epochs
@@ -329,20 +335,22 @@ def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopR
         steps = EpochSteps(feeds.train, config.seed, epoch, first_step, stop, set_lr, rank)
         unfrozen = unfreeze_for_epoch(config, session, model, epoch)
         sums, skipped, seconds = fit_epoch(config, session, model, feeds, steps, progress)
-        if epoch == start_epoch and resumed is not None and resumed.step:
-            partial = resumed.meta["partial"]  # the steps taken before the interruption
+        if epoch == start_epoch and resumed is not None and resumed.step and session.writer:
+            # The steps taken before the interruption, summed over the workers: added once.
+            partial = resumed.meta["partial"]
             sums.add_totals(partial["sums"])
             skipped += partial["skipped"]
             seconds += partial["seconds"]
         check_epoch_finite(model, sums, steps, epoch, progress)
         if steps.done < steps.total:  # a signal stopped the epoch between two steps
-            if steps.done > first_step and session.writer:
-                partial = {"sums": sums.totals(), "skipped": skipped, "seconds": seconds}
+            if steps.done > first_step:
+                partial = (sums, skipped, seconds)
                 position = (epoch, steps.done)
-                save_progress(config, session, model, progress, position, partial, stop.signal)
-            raise interrupted_at(stop, progress.last_checkpoint)
+                save_interrupted(config, session, model, progress, position, partial, stop.signal)
+            raise interrupted_at(stop, progress.last_checkpoint, session.writer)
         if session.dist.distributed:  # the epoch's metrics over every worker's shard
             sums, skipped = sum_over_workers(session.dist, sums, skipped)
+        share_bn_stats(config, session, model)
         scores = score_epoch(feeds, session)
         row = epoch_row(model, epoch, sums, skipped, seconds, started, scores, unfrozen)
         report_epoch(config, row, progress.history)
@@ -355,8 +363,8 @@ def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopR
             if session.tensorboard is not None:
                 session.tensorboard.add_epoch(row)
             plot_curves(progress.history, session.run.path / "curves.png")
-        if stop.signal and epoch + 1 < config.epochs:
-            raise interrupted_at(stop, progress.last_checkpoint)
+        if epoch + 1 < config.epochs and stop.requested():
+            raise interrupted_at(stop, progress.last_checkpoint, session.writer)
     return progress.history
 
 
@@ -387,6 +395,13 @@ def score_epoch(feeds: Feeds, session: Session) -> dict:
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     loss, acc = evaluate_sums(feeds.net, feeds.eval, ctx, dist, feeds.prepare, loss_fn).read()
     return {"val_loss": loss, "val_acc": acc}
+
+
+def share_bn_stats(config, session: Session, model: Model) -> None:
+    """``--sync-bn-stats``: one set of BatchNorm running statistics over the devices and
+    workers, so that the test pass measures the statistics that are saved."""
+    if wants_sync(config.sync_bn_stats, len(session.ctx), session.dist):
+        sync_bn_stats(model.net, session.dist)
 
 
 def unfreeze_for_epoch(config, session: Session, model: Model, epoch: int) -> list[str]:
@@ -453,6 +468,22 @@ def save_progress(config, session, model, progress: Progress, position, partial,
     )
 
 
+def save_interrupted(config, session, model, progress, position, partial, reason) -> None:
+    """The checkpoint of an epoch that a signal stopped at ``position``, with the metric sums
+    of its steps so far (``partial``: sums, skipped files, seconds).
+
+    The workers of a distributed run all call it: the sums and the BatchNorm statistics are
+    taken over every worker, which is what the resumed run needs to end as if never stopped.
+    """
+    sums, skipped, seconds = partial
+    if session.dist.distributed:
+        sums, skipped = sum_over_workers(session.dist, sums, skipped)
+    share_bn_stats(config, session, model)
+    if session.writer:
+        totals = {"sums": sums.totals(), "skipped": skipped, "seconds": seconds}
+        save_progress(config, session, model, progress, position, totals, reason)
+
+
 def epoch_row(model: Model, epoch, sums, skipped, seconds, started, scores, unfrozen) -> dict:
     """The ``metrics.json`` row of a finished epoch."""
     loss, train_acc = sums.read()
@@ -508,10 +539,10 @@ def close_run(config, session: Session, model: Model, parts: DatasetParts, histo
         ``summary.json``) is None on workers other than rank 0.
     """
     resumed = session.resumed
-    if resumed is not None and len(history) == len(resumed.meta["history"]):
-        session.run.write_metrics(history)  # nothing was left to train
     summary = None
     if session.writer:
+        if resumed is not None and len(history) == len(resumed.meta["history"]):
+            session.run.write_metrics(history)  # nothing was left to train
         chosen = selection(history, config.monitor, parts.val is not None, config.epochs)
         if chosen["monitor"] is None:  # the book's: the last epoch's weights
             session.run.save_params(model.net)

@@ -1,0 +1,86 @@
+"""``--resume`` of a ``dist_sync`` run: SIGTERM to ``gluon-ft launch`` makes rank 0 save a
+checkpoint, and the relaunch ends where a run that was never stopped ends. Real scheduler,
+server and worker processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli, write_image_folder
+
+import gluon_ft  # noqa: F401  (thread settings before mxnet)
+
+
+def train_command(data: Path, out: Path, *extra: str) -> list[str]:
+    """A 3-epoch run of 8 steps per epoch, with momentum: its state must be restored too."""
+    command = [sys.executable, "-m", "gluon_ft", "train", "--kvstore", "dist_sync"]
+    command += ["--data", str(data), "--model", "mobilenet0.25", "--pretrained", "none"]
+    command += ["--epochs", "3", "--image-size", "32", "--batch-size", "4", "--lr", "0.05"]
+    command += ["--momentum", "0.9", "--lr-schedule", "cosine", "--out", str(out)]
+    return [*command, "--no-progress", *extra]
+
+
+def launch_command(*train: str) -> list[str]:
+    return [sys.executable, "-m", "gluon_ft", "launch", "-n", "2", "--", *train]
+
+
+def wait_for(path: Path, process: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[0]
+        assert time.monotonic() < deadline, f"{path} did not appear within {seconds} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_to_the_launcher_then_resume_equals_the_uninterrupted_run(tmp_path):
+    data = write_image_folder(tmp_path / "data", n_train=16, n_test=4, size=32)
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    done = subprocess.run(
+        launch_command(*train_command(data, whole)), capture_output=True, text=True, timeout=280
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    launcher = subprocess.Popen(
+        launch_command(*train_command(data, stopped)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for(stopped / "checkpoints" / "epoch-0001", launcher, 240)
+        launcher.send_signal(signal.SIGTERM)
+        output, _ = launcher.communicate(timeout=90)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 130, output
+    assert "[launch] interrupted: asking the workers to save a checkpoint and stop" in output
+    assert "every worker has stopped" in output
+    assert output.count("gluon-ft: error: Stopped by") == 2, output  # both workers, no hang
+    saved = sorted(p.name for p in (stopped / "checkpoints").iterdir())
+    assert "epoch-0003" not in saved and not (stopped / "model.params").exists(), saved
+
+    resumed = run_cli("launch", "-n", "2", "--", *train_command(data, stopped, "--resume"))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert resumed.stdout.count("resuming from") == 2  # every worker read rank 0's checkpoint
+
+    import mxnet as mx
+
+    expected = mx.nd.load(str(whole / "model.params"))
+    got = mx.nd.load(str(stopped / "model.params"))
+    assert got.keys() == expected.keys()
+    worst = max(np.abs(got[k].asnumpy() - expected[k].asnumpy()).max() for k in expected)
+    assert worst <= 1e-6, (worst, saved)
+    # The metrics of the interrupted epoch count every worker's steps once, as if never stopped.
+    rows = [json.loads((run / "metrics.json").read_text()) for run in (whole, stopped)]
+    for ours, theirs in zip(*rows, strict=True):
+        assert ours["train_samples"] == theirs["train_samples"] == 32
+        for key in ("loss", "train_acc", "test_acc", "lr"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), key
