@@ -15,8 +15,8 @@ from conftest import run_cli
 from test_graft import FAMILY_SAMPLE, GRAFT_NAMES
 
 from gluon_ft.errors import UsageError
-from gluon_ft.freeze import FreezePlan, freeze, select, set_lr_policy
-from gluon_ft.model import build_model
+from gluon_ft.freeze import FreezePlan, freeze, is_batchnorm, select, set_lr_policy
+from gluon_ft.model import build_model, walk_blocks
 from gluon_ft.parts import network_layout, shorten_paths
 
 # stageK is the K-th resolution group from 1/4 of the input on; the stem computes at full and
@@ -256,14 +256,18 @@ def ids(block) -> set[int]:
     return {id(p) for p in block.collect_params().values()}
 
 
+def weights(block) -> set[int]:
+    """The parameters that can train (not running statistics)."""
+    return {id(p) for p in block.collect_params().values() if p._differentiable}
+
+
 def test_deep_stem_resnet_freezes_and_decays_its_real_stages():
     net = initialized("resnet50_v1d")
     change = freeze(net, "stage4")
     assert {id(p) for p in select(net, "stage4").params} == ids(net.layer4)
-    assert {p.name for p in net.layer3.collect_params().values() if p.grad_req == "null"} <= {
-        p.name for p in net.layer3.collect_params().values() if not p._differentiable
-    }
-    assert len(change.batchnorms) == len([1 for n in net.layer4.collect_params() if "gamma" in n])
+    frozen = {id(p) for p in net.collect_params().values() if p.grad_req == "null"}
+    assert frozen & weights(net) == weights(net.layer4)  # layer3 and all else still train
+    assert len(change.batchnorms) == sum(is_batchnorm(b) for _, b in walk_blocks(net.layer4))
     with pytest.raises(UsageError, match=r"Parts: features, output, stem, stage1..stage4, all"):
         select(net, "stage5")
     # The stem's BatchNorm is in the stem: layer-wise decay reaches it.
@@ -292,9 +296,7 @@ def test_unfreeze_at_stage4_unfreezes_the_last_stage():
     head = ids(net.fc)
     assert trainable() == head
     plan.at_epoch(net, 2)
-    assert trainable() == head | {
-        id(p) for p in net.layer4.collect_params().values() if p._differentiable
-    }
+    assert trainable() == head | weights(net.layer4)
 
 
 def test_models_parts_shows_which_blocks_make_each_part():
@@ -304,9 +306,8 @@ def test_models_parts_shows_which_blocks_make_each_part():
     assert list(lines) == ["stem", "stage1", "stage2", "stage3", "stage4", "output"]
     assert lines["stem"][1:2] + lines["stem"][3:] == ["1/2", "conv1", "bn1"]
     for k in (1, 2, 3, 4):
-        assert lines[f"stage{k}"][1] == f"1/{2 ** (k + 1)}" and lines[f"stage{k}"][3:] == [
-            f"layer{k}"
-        ]
+        scale, _, *blocks = lines[f"stage{k}"][1:]
+        assert (scale, blocks) == (f"1/{2 ** (k + 1)}", [f"layer{k}"])
     assert lines["output"][2:] == ["fc"]  # no scale for the head
 
     done = run_cli("models", "densenet121", "--parts", "--json")
