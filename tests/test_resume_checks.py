@@ -80,7 +80,7 @@ def test_resume_refuses_other_image_files(tmp_path):
     assert recorded["train"]["files"] == 12 and recorded["test"]["files"] == 8
 
 
-def test_a_started_run_without_a_checkpoint_is_checked_and_kept(tmp_path):
+def test_a_started_run_without_a_checkpoint_is_checked_and_kept(tmp_path, capsys):
     data = write_image_folder(tmp_path / "data")
     run = tmp_path / "run"
     # A run that diverges in its first epoch has written config.json, and no checkpoint.
@@ -95,6 +95,11 @@ def test_a_started_run_without_a_checkpoint_is_checked_and_kept(tmp_path):
     with pytest.raises(UsageError, match="already holds a run, started, with no finished epoch"):
         train(tiny_config(data, run))  # not overwritten without --resume either
     assert run_files(run) == before
+
+    # The same settings continue it: from step 1, since nothing was saved.
+    with pytest.raises(DivergedError):
+        train(tiny_config(data, run, lr=1e30, resume=True))
+    assert "stopped before its first checkpoint; starting from step 1" in capsys.readouterr().out
 
     (run / "config.json").write_text("{ edited by hand")
     with pytest.raises(UsageError, match="config.json cannot be read"):

@@ -208,6 +208,8 @@ def open_run(config: TrainConfig) -> Session:
         agree_on_checkpoint(dist, resumed)
     for note in notes:
         log(f"warning: --resume passed over checkpoints/{note}")
+    if config.resume and resumed is None:
+        log(f"--resume: {run.path} stopped before its first checkpoint; starting from step 1")
     saved_epochs = resumed.meta["config"].get("epochs") if resumed else config.epochs
     if config.lr_schedule != "constant" and saved_epochs != config.epochs:
         log(
