@@ -222,24 +222,27 @@ def find_resume_checkpoint(run_dir: Path, config: TrainConfig, tidy: bool = True
     return checkpoint, notes
 
 
-def split_files(split) -> dict:
+def split_files(split, root: Path) -> dict:
     """``{"files": count, "sha256": digest}`` of a split's sorted relative file paths.
 
-    A folder split's paths are relative to its root (``dog/001.jpg``), so moving the dataset
-    keeps them and renaming a class folder changes them; a pack stores them so already.
+    A folder split's paths are relative to the dataset folder ``root`` (``train/dog/001.jpg``),
+    so moving the dataset keeps them and renaming a class folder changes them; a pack stores
+    them so already. (Relative to ``root``, not to the split's own folder: a part rebuilt from
+    ``split.json`` must give the digest of the part first carved out of the folders.)
     """
     if getattr(split, "pack_files", None):
         names = [name for name, _ in split.items]
     else:
-        names = [Path(os.path.relpath(path, split.root)).as_posix() for path, _ in split.items]
+        names = [Path(os.path.relpath(path, root)).as_posix() for path, _ in split.items]
     digest = hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()
     return {"files": len(names), "sha256": digest}
 
 
-def data_fingerprint(parts: dict) -> dict:
+def data_fingerprint(root: Path, parts: dict) -> dict:
     """What ``config.json`` records of the data (``data_files``), for :func:`check_same_data`:
-    :func:`split_files` of each of ``parts`` (``{"train": split, "val": ..., "test": ...}``)."""
-    return {name: split_files(split) for name, split in parts.items()}
+    :func:`split_files` of each of ``parts`` (``{"train": split, "val": ..., "test": ...}``)
+    of the dataset folder ``root``."""
+    return {name: split_files(split, root) for name, split in parts.items()}
 
 
 def check_same_data(run_dir: Path, classes: list[str], fingerprint: dict) -> None:

@@ -170,7 +170,7 @@ def train(config: TrainConfig) -> dict:
         stop.dist = session.dist  # the workers of a distributed run stop together
         try:
             parts = load_data(config, session)
-            data_files = data_fingerprint(parts.named())
+            data_files = data_fingerprint(parts.root, parts.named())
             if config.resume:  # before any work: the same classes, the same files
                 check_same_data(session.run.path, list(parts.classes), data_files)
             model = build_model(config, session, len(parts.classes))
@@ -234,7 +234,16 @@ def load_data(config: TrainConfig, session: Session) -> DatasetParts:
             saved = json.loads(split_file.read_text())
         except ValueError as err:
             raise UsageError(f"--resume: {split_file} is not valid JSON: {err}") from None
-    parts = load_dataset(config.data, config.val_split, config.test_split, config.seed, saved)
+    try:
+        parts = load_dataset(config.data, config.val_split, config.test_split, config.seed, saved)
+    except UsageError:
+        if saved is None:
+            raise
+        # The folders lack split.json's files: say what changed (a renamed class folder
+        # reorders the outputs) when the data as it is now tells; else split.json's message.
+        now = load_dataset(config.data, config.val_split, config.test_split, config.seed)
+        check_same_data(session.run.path, list(now.classes), {})
+        raise
     if config.strict and parts.layout != splits.PACK:  # packs: at pack time
         require_readable(parts, config.image_size)
     if config.early_stop and parts.val is None:
