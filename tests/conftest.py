@@ -107,6 +107,31 @@ def food_model() -> Path:
     return FOOD_MODEL
 
 
+def run_folders() -> dict[Path, int]:
+    """What ``runs/`` holds where a run without ``--out`` goes (the working folder, and the
+    repository: ``make test``'s working folder), with each entry's modification time."""
+    folders = {REPO / "runs", Path.cwd() / "runs"}
+    return {
+        entry: entry.stat().st_mtime_ns
+        for folder in folders
+        if folder.is_dir()
+        for entry in folder.iterdir()
+    }
+
+
+@pytest.fixture(autouse=True)
+def _no_run_folder_left_in_the_repository():
+    """Every test writes under its tmp_path; a ``train`` without ``--out`` would leave a
+    ``runs/<data>-<model>-<time>/`` behind in the repository. A folder of the same name made
+    earlier in the same second is reused, hence the modification times."""
+    before = run_folders()
+    yield
+    after = run_folders()
+    left = sorted(str(path) for path, mtime in after.items() if before.get(path) != mtime)
+    if left:
+        pytest.fail(f"the test left run folders {left}: give `train` an --out under tmp_path")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mxnet_home(tmp_path, monkeypatch):
     """Never touch the user's ~/.mxnet cache: datasets and weights go to a temp folder."""

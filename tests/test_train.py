@@ -167,8 +167,9 @@ def test_end_to_end_cli_writes_the_run_directory(tiny_data, tmp_path):
 
 
 def test_python_m_gluon_ft_train_is_the_same_command(tiny_data, tmp_path):
+    args = ["--data", str(tiny_data / "missing"), "--out", str(tmp_path / "run")]
     result = subprocess.run(
-        [sys.executable, "-m", "gluon_ft.train", "--data", str(tiny_data / "missing")],
+        [sys.executable, "-m", "gluon_ft.train", *args],
         capture_output=True,
         text=True,
         timeout=120,
