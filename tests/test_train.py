@@ -14,6 +14,7 @@ from mxnet import gluon
 from mxnet.gluon import nn
 
 from gluon_ft import data as gdata
+from gluon_ft.errors import UsageError
 from gluon_ft.model import SourceModel, build_model, graft_new_head
 from gluon_ft.train import TrainConfig, make_trainer, parse_contexts, train_epoch
 
@@ -130,12 +131,40 @@ def test_head_learns_ten_times_faster_than_backbone():
 def test_parse_contexts():
     assert parse_contexts("cpu") == [mx.cpu()]
     assert parse_contexts("cpu:3") == [mx.cpu(0), mx.cpu(1), mx.cpu(2)]
+    assert parse_contexts(" CPU:2 ") == [mx.cpu(0), mx.cpu(1)]
     assert parse_contexts("auto") == [mx.cpu()]  # no GPU on these machines
-    from gluon_ft.errors import UsageError
-
-    for bad in ("gpu:0", "cpu:0", "tpu", "cpu:x"):
-        with pytest.raises(UsageError):
+    # Each refusal for its own reason: a malformed spec is not "no such GPU", and back.
+    with pytest.raises(UsageError, match=r"MXNet sees 0 GPU\(s\), not \[0\]"):
+        parse_contexts("gpu:0")
+    for bad in ("cpu:0", "tpu", "cpu:x", "gpu:x", "gpu:0,,1"):
+        with pytest.raises(UsageError, match="use auto, cpu, cpu:N or gpu:0,1") as err:
             parse_contexts(bad)
+        assert repr(bad.strip().lower()) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("auto", [0, 1]),  # every GPU MXNet sees
+        ("gpu", [0]),
+        ("gpu:1", [1]),
+        ("gpu:0,1", [0, 1]),
+        ("GPU:1,0", [1, 0]),  # in the order given
+    ],
+)
+def test_gpu_contexts_with_two_gpus(monkeypatch, spec, expected):
+    """No GPU here: MXNet's GPU count is faked; a GPU context is just an object until used."""
+    monkeypatch.setattr(mx.context, "num_gpus", lambda: 2)
+    assert parse_contexts(spec) == [mx.gpu(i) for i in expected]
+
+
+def test_a_gpu_that_is_not_there_is_refused_naming_the_count(monkeypatch):
+    monkeypatch.setattr(mx.context, "num_gpus", lambda: 2)
+    with pytest.raises(UsageError, match=r"--ctx gpu:1,2: MXNet sees 2 GPU\(s\), not \[2\]"):
+        parse_contexts("gpu:1,2")
+    monkeypatch.setattr(mx.context, "num_gpus", lambda: 0)
+    with pytest.raises(UsageError, match=r"MXNet sees 0 GPU\(s\), not \[0\]"):
+        parse_contexts("gpu")
 
 
 def test_end_to_end_cli_writes_the_run_directory(tiny_data, tmp_path):
