@@ -27,10 +27,12 @@ def write_image_folder(
     n_test: int = 4,
     size: int = 40,
     seed: int = 0,
+    colors: list[tuple[int, int, int]] | None = None,
 ) -> Path:
     """Write ``root/{train,test}/<class>/*.png``: each class a colour, plus noise.
 
-    The classes are easy to tell apart, so a couple of epochs learn something.
+    The classes are easy to tell apart, so a couple of epochs learn something. The colour of
+    class ``i`` is ``colors[i]``, by default 200 in channel ``i % 3`` (red, green, blue).
     """
     rng = np.random.default_rng(seed)
     for split, count in (("train", n_train), ("test", n_test)):
@@ -39,6 +41,8 @@ def write_image_folder(
             folder.mkdir(parents=True, exist_ok=True)
             base = np.zeros(3)
             base[label % 3] = 200
+            if colors is not None:
+                base = np.array(colors[label], dtype=float)
             for i in range(count):
                 noise = rng.integers(0, 55, size=(size, size, 3))
                 pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
