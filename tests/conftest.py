@@ -27,15 +27,18 @@ def write_image_folder(
     n_test: int = 4,
     size: int = 40,
     seed: int = 0,
+    colors: list[tuple[int, int, int]] | None = None,
 ) -> Path:
     """Write ``root/{train,test}/<class>/*.png``: each class a colour, plus noise.
 
-    The classes are easy to tell apart, so a couple of epochs learn something.
+    The classes are easy to tell apart, so a couple of epochs learn something. The colour of
+    class ``i`` is ``colors[i]``, by default 200 in channel ``i % 3`` (red, green, blue).
     """
     rng = np.random.default_rng(seed)
     for split, count in (("train", n_train), ("test", n_test)):
         for label, name in enumerate(classes):
-            write_class_images(root / split / name, label, count, size, rng)
+            color = None if colors is None else colors[label]
+            write_class_images(root / split / name, label, count, size, rng, color)
     return root
 
 
@@ -47,11 +50,14 @@ def write_class_folders(root: Path, counts: dict[str, int], size: int = 32, seed
     return root
 
 
-def write_class_images(folder: Path, label: int, count: int, size: int, rng) -> None:
-    """``count`` PNGs of class ``label``'s colour (one of red, green, blue) plus noise."""
+def write_class_images(folder: Path, label: int, count: int, size: int, rng, color=None) -> None:
+    """``count`` PNGs of class ``label``'s colour plus noise: ``color``, by default 200 in
+    channel ``label % 3`` (red, green, blue)."""
     folder.mkdir(parents=True, exist_ok=True)
     base = np.zeros(3)
     base[label % 3] = 200
+    if color is not None:
+        base = np.array(color, dtype=float)
     for i in range(count):
         noise = rng.integers(0, 55, size=(size, size, 3))
         pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
@@ -117,6 +123,31 @@ def food_model() -> Path:
     if not FOOD_MODEL.is_file():
         pytest.skip(f"{FOOD_MODEL} is absent (shared models are optional)")
     return FOOD_MODEL
+
+
+def run_folders() -> dict[Path, int]:
+    """What ``runs/`` holds where a run without ``--out`` goes (the working folder, and the
+    repository: ``make test``'s working folder), with each entry's modification time."""
+    folders = {REPO / "runs", Path.cwd() / "runs"}
+    return {
+        entry: entry.stat().st_mtime_ns
+        for folder in folders
+        if folder.is_dir()
+        for entry in folder.iterdir()
+    }
+
+
+@pytest.fixture(autouse=True)
+def _no_run_folder_left_in_the_repository():
+    """Every test writes under its tmp_path; a ``train`` without ``--out`` would leave a
+    ``runs/<data>-<model>-<time>/`` behind in the repository. A folder of the same name made
+    earlier in the same second is reused, hence the modification times."""
+    before = run_folders()
+    yield
+    after = run_folders()
+    left = sorted(str(path) for path, mtime in after.items() if before.get(path) != mtime)
+    if left:
+        pytest.fail(f"the test left run folders {left}: give `train` an --out under tmp_path")
 
 
 @pytest.fixture(autouse=True)

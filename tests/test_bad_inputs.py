@@ -259,27 +259,27 @@ def test_check_data_on_a_clean_dataset_exits_0(tiny_data, capsys):
     assert "unreadable (" not in capsys.readouterr().out
 
 
-def test_empty_class_folder(tiny_data, capsys):
+def test_empty_class_folder(tiny_data, tmp_path, capsys):
     for f in (tiny_data / "train" / "dog").iterdir():
         f.unlink()
-    assert main(train_cli(tiny_data)) == 2
+    assert main(train_cli(tiny_data, "--out", str(tmp_path / "run"))) == 2
     assert "class folder(s) with no image files: dog" in capsys.readouterr().err
 
 
-def test_train_test_class_mismatch(tiny_data, capsys):
+def test_train_test_class_mismatch(tiny_data, tmp_path, capsys):
     (tiny_data / "test" / "dog").rename(tiny_data / "test" / "bird")
     assert main(["check-data", str(tiny_data)]) == 2
     assert "only in train: ['dog']; only in test: ['bird']" in capsys.readouterr().out
-    assert main(train_cli(tiny_data)) == 2
+    assert main(train_cli(tiny_data, "--out", str(tmp_path / "run"))) == 2
     assert "only in test: ['bird']" in capsys.readouterr().err
 
 
-def test_single_class_dataset(tiny_data, capsys):
+def test_single_class_dataset(tiny_data, tmp_path, capsys):
     for split in ("train", "test"):
         for f in (tiny_data / split / "dog").iterdir():
             f.unlink()
         (tiny_data / split / "dog").rmdir()
-    assert main(train_cli(tiny_data)) == 2
+    assert main(train_cli(tiny_data, "--out", str(tmp_path / "run"))) == 2
     assert "has a single class (cat); a classifier needs two or more" in capsys.readouterr().err
 
 

@@ -55,9 +55,10 @@ def test_bad_dataset_folders(tiny_data, breakage, message):
         gdata.scan_dataset(root)
 
 
-def test_bad_dataset_exits_2_without_traceback(tiny_data):
+def test_bad_dataset_exits_2_without_traceback(tiny_data, tmp_path):
     (tiny_data / "test" / "dog").rename(tiny_data / "test" / "bird")
-    result = run_cli("train", "--data", str(tiny_data), "--pretrained", "none")
+    out = str(tmp_path / "run")
+    result = run_cli("train", "--data", str(tiny_data), "--pretrained", "none", "--out", out)
     assert result.returncode == 2
     assert "differ" in result.stderr and "Traceback" not in result.stderr
 
@@ -238,7 +239,8 @@ def test_hotdog_wrong_sha1_exits_2_naming_both_hashes(zip_server, tmp_path, monk
     monkeypatch.setenv("GLUON_FT_HOTDOG_URL", zip_server.url)
     home = tmp_path / "home"
     monkeypatch.setenv("MXNET_HOME", str(home))
-    result = run_cli("train", "--data", "hotdog", "--pretrained", "none")
+    out = str(tmp_path / "run")
+    result = run_cli("train", "--data", "hotdog", "--pretrained", "none", "--out", out)
     assert result.returncode == 2, result.stderr
     actual = hashlib.sha1(zip_server.payload).hexdigest()
     assert gdata.HOTDOG_SHA1 in result.stderr and actual in result.stderr
@@ -253,7 +255,7 @@ def test_offline_without_data_exits_2_fast_naming_the_zip(tmp_path, monkeypatch)
     monkeypatch.setenv("GLUON_FT_HOTDOG_URL", "http://127.0.0.1:9/hotdog.zip")
     monkeypatch.setenv("MXNET_HOME", str(tmp_path / "home"))
     start = time.monotonic()
-    result = run_cli("train")
+    result = run_cli("train", cwd=tmp_path)  # the bare command: its run folder goes to ./runs/
     assert result.returncode == 2
     assert time.monotonic() - start < 60
     expected = str(tmp_path / "home" / "datasets" / "hotdog.zip")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import mxnet as mx
+import numpy as np
 import pytest
 from conftest import run_cli
 
@@ -55,38 +56,75 @@ def test_cli_refuses_float16_on_cpu_with_exit_2_and_no_run(tiny_data, tmp_path):
     assert not out.exists()
 
 
+# `gluon-ft train ARGS` in a process that records what the run's network computes: the dtype
+# of the scores the loss receives, and the inputs of each convolution in the graph it builds.
+RECORDING_TRAIN = """
+import json, sys
+import numpy as np
+import gluon_ft
+from mxnet import gluon
+from gluon_ft.cli import main
+
+seen = {"scores": set(), "convolutions": [], "casts": []}
+score_loss = gluon.loss.SoftmaxCrossEntropyLoss.hybrid_forward
+build_graph = gluon.HybridBlock._build_cache
+
+
+def recording_loss(self, F, pred, label, *args, **kwargs):
+    dtype = np.dtype(pred.dtype)
+    seen["scores"].add(dtype.names[0] if dtype.names else dtype.name)  # bfloat16 is a record
+    return score_loss(self, F, pred, label, *args, **kwargs)
+
+
+def recording_graph(self, *args):
+    build_graph(self, *args)
+    nodes = self._cached_graph[1].get_internals().list_outputs()
+    convolutions = [n for n in nodes if "_conv" in n and n.endswith("_fwd_output")]
+    seen["convolutions"] += [n[: -len("_fwd_output")] for n in convolutions]
+    seen["casts"] += [n for n in nodes if "_amp_cast" in n]
+
+
+gluon.loss.SoftmaxCrossEntropyLoss.hybrid_forward = recording_loss
+gluon.HybridBlock._build_cache = recording_graph
+code = main(["train", *sys.argv[1:]])
+print(json.dumps({key: sorted(value) for key, value in seen.items()}))
+sys.exit(code)
+"""
+
+
+def recorded_train(data, out, dtype: str) -> dict:
+    args = ["--data", str(data), "--pretrained", "none", "--epochs", "1", "--batch-size", "4"]
+    args += ["--image-size", "32", "--model", "mobilenet0.25", "--ctx", "cpu", "--no-progress"]
+    done = subprocess.run(
+        [sys.executable, "-c", RECORDING_TRAIN, *args, "--dtype", dtype, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 @pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16: the refusal is tested above")
 def test_bfloat16_training_runs_convolutions_in_bfloat16(tiny_data, tmp_path):
-    out = tmp_path / "run"
-    done = run_cli(
-        "train", "--data", str(tiny_data), "--pretrained", "none", "--epochs", "1",
-        "--batch-size", "4", "--image-size", "32", "--dtype", "bfloat16", "--ctx", "cpu",
-        "--out", str(out), "--no-progress",
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    config = json.loads((out / "config.json").read_text())
-    (row,) = json.loads((out / "metrics.json").read_text())
+    """The network that `train --dtype bfloat16` trains computes in bfloat16: AMP casts both
+    inputs of every convolution, and the scores reach the loss as bfloat16."""
+    seen = recorded_train(tiny_data, tmp_path / "bf16", "bfloat16")
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    (row,) = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
     assert config["dtype"] == "bfloat16"
     assert 0 < row["loss"] < 10 and 0 <= row["test_acc"] <= 1
-    # The graph AMP builds casts the convolutions' inputs to bfloat16; the weights stay float32.
-    code = (
-        "import gluon_ft, mxnet as mx\n"
-        "from gluon_ft.train import amp\n"
-        "from gluon_ft.model import scratch_twin\n"
-        "amp.enable('bfloat16')\n"
-        "net = scratch_twin('resnet18_v2', 2, [mx.cpu()])\n"
-        "net.hybridize()\n"
-        "net(mx.nd.zeros((1, 3, 32, 32)))\n"
-        "nodes = net._cached_graph[1].get_internals().list_outputs()\n"
-        "casts = [n for n in nodes if '_conv' in n and '_amp_cast' in n]\n"
-        "print(len(casts), net(mx.nd.zeros((1, 3, 32, 32))).dtype.names[0])\n"
-        "print(net.features[1].weight.dtype.__name__)\n"
-    )
-    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    casts, out_dtype, weight_dtype = probe.stdout.split()
-    assert int(casts) >= 2 * 20, probe.stderr[-2000:]  # data and weight of all 20 convolutions
-    assert out_dtype == "bfloat16"
-    assert weight_dtype == "float32"
+    assert seen["scores"] == ["bfloat16"]
+    assert len(seen["convolutions"]) == 27  # mobilenet0.25
+    for conv in seen["convolutions"]:  # data and weight
+        assert {f"{conv}_amp_cast0_output", f"{conv}_amp_cast1_output"} <= set(seen["casts"])
+    # The weights stay float32 (AMP keeps the master copy); the saved model too.
+    saved = mx.nd.load(str(tmp_path / "bf16" / "model.params"))
+    assert {array.dtype for array in saved.values()} == {np.float32}
+    # The same recording sees none of it in a float32 run.
+    seen = recorded_train(tiny_data, tmp_path / "fp32", "float32")
+    assert seen["scores"] == ["float32"] and seen["casts"] == []
+    assert len(seen["convolutions"]) == 27
 
 
 def test_accuracy_counts_class_indices_above_256_under_bfloat16():

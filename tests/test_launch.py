@@ -353,19 +353,33 @@ def test_a_worker_command_that_cannot_start_leaves_nothing_behind(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "arguments",
+    ("arguments", "message"),
     [
-        {"command": [], "num_workers": 1},
-        {"command": "python train.py", "num_workers": 1},
-        {"command": ["python"], "num_workers": 0},
-        {"command": ["python"], "num_workers": 1, "num_servers": 0},
-        {"command": ["python"], "num_workers": 1, "port": 70000},
-        {"command": ["python"], "num_workers": 1, "dead_timeout": 0},
-        {"command": ["python"], "num_workers": 1, "host": "no-such-host.invalid"},
-        {"command": ["python"], "num_workers": 1, "host": "203.0.113.77"},  # not ours
+        ({"command": [], "num_workers": 1}, "launch needs a worker command as a list of words"),
+        # A string would otherwise start its first letter, "p", as the worker command.
+        ({"command": "python train.py", "num_workers": 1}, "as a list of words"),
+        ({"command": ["python"], "num_workers": 0}, "number of workers must be a whole number"),
+        (
+            {"command": ["python"], "num_workers": 1, "num_servers": 0},
+            "number of servers must be a whole number >= 1, not 0",
+        ),
+        # Unchecked, the socket layer would wrap it to port 4464 and start a cluster there.
+        ({"command": ["python"], "num_workers": 1, "port": 70000}, "from 1 to 65535, not 70000"),
+        (
+            {"command": ["python"], "num_workers": 1, "dead_timeout": 0},
+            "dead_timeout must be a positive number of seconds",
+        ),
+        (
+            {"command": ["python"], "num_workers": 1, "host": "no-such-host.invalid"},
+            "Cannot resolve the launch host 'no-such-host.invalid'",
+        ),
+        (
+            {"command": ["python"], "num_workers": 1, "host": "203.0.113.77"},  # not ours
+            "the launch host must be an address of this machine",
+        ),
     ],
 )
-def test_bad_arguments_are_usage_errors(arguments):
-    with pytest.raises(UsageError) as error:
+def test_bad_arguments_are_usage_errors(arguments, message):
+    with pytest.raises(UsageError, match=re.escape(message)) as error:
         launch(stream=io.StringIO(), **arguments)
     assert error.value.exit_code == 2

@@ -194,12 +194,14 @@ def test_models_command_lists_family_input_params_and_weights(tmp_path):
 
 
 def test_unknown_model_exits_2_with_the_closest_names(tiny_data, tmp_path):
-    done = run_cli("train", "--model", "resnet18_v3", "--data", str(tiny_data), "--ctx", "cpu")
+    # Without --out a run goes to ./runs/: run where that folder can be looked for.
+    args = ("train", "--model", "resnet18_v3", "--data", str(tiny_data), "--ctx", "cpu")
+    done = run_cli(*args, cwd=tmp_path)
     assert done.returncode == 2
     assert "Unknown model 'resnet18_v3'" in done.stderr
     assert "Did you mean: resnet18_v2" in done.stderr
     assert "Traceback" not in done.stderr
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists()  # refused before a run folder was made
 
 
 def test_models_command_unknown_pattern_and_excluded_model_exit_2(tiny_data):

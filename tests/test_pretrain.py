@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import mxnet as mx
@@ -154,19 +155,36 @@ def test_out_under_a_regular_file_exits_2_before_training(tiny_data, tmp_path, c
     assert blocker.read_text() == "a file, not a folder"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder anyway")
-def test_out_in_a_read_only_folder_exits_2_before_training(
-    tiny_data, tmp_path, capsys, no_training
-):
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nobody can write into. Root (as CI runs) ignores permissions, so for root it
+    is a read-only tmpfs mount; for anyone else, mode 0500."""
     folder = tmp_path / "read-only"
     folder.mkdir()
-    folder.chmod(0o500)
+    if os.geteuid() != 0:
+        folder.chmod(0o500)
+        try:
+            yield folder
+        finally:
+            folder.chmod(0o700)
+        return
+    mount = ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)]
+    mounted = subprocess.run(mount, capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"root cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
     try:
-        assert main(pretrain_args(tiny_data, folder / "source.params")) == 2
-        assert_refused(capsys.readouterr().err, f"Cannot write {folder / 'source.params'}")
-        assert list(folder.iterdir()) == []  # no run directory, no checkpoint, no probe file
+        yield folder
     finally:
-        folder.chmod(0o700)
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_out_in_a_read_only_folder_exits_2_before_training(
+    tiny_data, read_only_folder, capsys, no_training
+):
+    out = read_only_folder / "source.params"
+    assert main(pretrain_args(tiny_data, out)) == 2
+    assert_refused(capsys.readouterr().err, f"Cannot write {out}")
+    assert list(read_only_folder.iterdir()) == []  # no run directory, no checkpoint, no probe
 
 
 @pytest.mark.parametrize("name", ["source.pt", "source", "source.params.json"])

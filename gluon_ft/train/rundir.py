@@ -28,7 +28,9 @@ class RunDirectory:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.created = False  # by prepare(): a run that fails before writing removes it
+        # The folders prepare() created, deepest first: a run that fails before it writes
+        # anything removes them again (the default ./runs/ included).
+        self.created: list[Path] = []
 
     def prepare(self, resume: bool = False) -> None:
         """Create the folder, refusing to overwrite a finished or started run.
@@ -46,7 +48,8 @@ class RunDirectory:
                 f"{self.path} already holds a run, {state}. Pass another --out, or --resume "
                 "to continue it; nothing was overwritten."
             )
-        self.created = not self.path.exists()
+        missing = [self.path / "checkpoints", self.path, *self.path.parents]
+        self.created = [folder for folder in missing if not folder.exists()]
         try:
             (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write-test"
@@ -61,9 +64,7 @@ class RunDirectory:
         A run that fails on its data or settings leaves no empty run behind (``prepare``
         runs first on purpose: an unwritable ``--out`` must fail before a download).
         """
-        if not self.created:
-            return
-        for folder in (self.path / "checkpoints", self.path):
+        for folder in self.created:
             try:
                 folder.rmdir()  # only an empty folder goes
             except OSError:
