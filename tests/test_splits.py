@@ -75,10 +75,8 @@ def test_class_folders_train_end_to_end_and_write_split_json(tmp_path):
     )
 
     # The same seed gives the same split; another seed another one.
-    same = train(tiny_config(data, tmp_path / "same", seed=7, val_split=0.2))["run_dir"]
-    assert json.loads((same / "split.json").read_text())["parts"] == record["parts"]
-    other = train(tiny_config(data, tmp_path / "other", seed=8, val_split=0.2))["run_dir"]
-    assert json.loads((other / "split.json").read_text())["parts"] != record["parts"]
+    assert split_dataset(data, 0.2, None, seed=7).record()["parts"] == record["parts"]
+    assert split_dataset(data, 0.2, None, seed=8).record()["parts"] != record["parts"]
 
 
 def test_resume_reuses_split_json_even_when_the_folder_changed(tmp_path):
