@@ -98,8 +98,9 @@ def plot_mistakes(images, titles: Sequence[str], path=None, cols: int = 8, tile:
         y, x = top + (tile - pixels.shape[0]) // 2, left + (tile - pixels.shape[1]) // 2
         montage[y : y + pixels.shape[0], x : x + pixels.shape[1]] = pixels
         ax.text(left + tile / 2, top - 3, title, ha="center", va="bottom", fontsize=7)
-    ax.imshow(montage)
-    if not images:
+    if images:
+        ax.imshow(montage)
+    else:
         ax.text(0.5, 0.5, "no mistakes", ha="center", va="center", transform=ax.transAxes)
     return _finish(fig, path)
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 from conftest import run_cli, tiny_config, write_class_folders, write_image_folder
 
 from gluon_ft.cli import main
 from gluon_ft.metrics import class_scores
+from gluon_ft.plots import plot_mistakes
 from gluon_ft.train import train
 
 
@@ -35,6 +37,15 @@ def test_class_scores_equal_hand_computed_ones():
     # Averages over the classes that occur: eel, absent from both, does not drag them down.
     assert scores["balanced_acc"] == pytest.approx((5 / 6 + 1 / 2 + 1) / 3)
     assert scores["macro_f1"] == pytest.approx((10 / 13 + 6 / 10 + 8 / 9) / 3)
+
+
+def test_mistakes_figure_with_and_without_mistakes(tmp_path):
+    picture = np.zeros((40, 30, 3), dtype=np.uint8)
+    for count in (0, 3):
+        path = plot_mistakes(
+            [picture] * count, ["true a\npred b (0.90)"] * count, tmp_path / "m.png"
+        )
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
