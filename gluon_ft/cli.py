@@ -293,8 +293,9 @@ def _run_train(args: argparse.Namespace) -> int:
         else f"epoch {summary['best_epoch']}, the last"
     )
     stopped = ", stopped early" if summary["stopped_early"] else ""
+    tested = f"test acc {summary['test_acc']:.3f}" if "test_acc" in summary else "no report"
     print(
-        f"done: test acc {summary['test_acc']:.3f} with the weights of {kept} "
+        f"done: {tested} with the weights of {kept} "
         f"({epochs} epoch(s){stopped}); run directory {result['run_dir']}"
     )
     return 0

@@ -73,13 +73,35 @@ def show_images(images, titles: Sequence[str] | None = None, cols: int = 8, path
     return _finish(fig, path)
 
 
-def plot_mistakes(images, titles: Sequence[str], path=None, cols: int = 8):
-    """The wrong predictions as an image grid, or a note that there were none."""
-    if images:
-        return show_images(images, titles, cols=min(cols, len(images)), path=path, scale=1.6)
-    fig, ax = plt.subplots(figsize=(3, 1))
+def plot_mistakes(images, titles: Sequence[str], path=None, cols: int = 8, tile: int = 96):
+    """The wrong predictions as a titled grid, or a note that there were none.
+
+    The pictures are pasted into one montage on one axes: a grid of subplots costs a second
+    or more of layout, at the end of every run.
+    """
+    import numpy as np
+    from PIL import Image
+
+    cols = max(1, min(cols, len(images)))
+    rows = -(-len(images) // cols)
+    band, gap = 34, 8  # px above each picture for its two-line title; px between pictures
+    width, height = tile + gap, tile + band
+    montage = np.full((rows * height, cols * width, 3), 255, dtype=np.uint8)
+    fig, ax = plt.subplots(figsize=(cols * width / 60, max(rows, 1) * height / 60))
     ax.axis("off")
-    ax.text(0.5, 0.5, "no mistakes", ha="center", va="center")
+    for i, (image, title) in enumerate(zip(images, titles)):
+        picture = Image.fromarray(np.asarray(image)).convert("RGB")
+        scale = tile / max(picture.size)  # fit the tile, small pictures enlarged
+        size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+        pixels = np.asarray(picture.resize(size, Image.BILINEAR))
+        top, left = (i // cols) * height + band, (i % cols) * width + gap // 2
+        y, x = top + (tile - pixels.shape[0]) // 2, left + (tile - pixels.shape[1]) // 2
+        montage[y : y + pixels.shape[0], x : x + pixels.shape[1]] = pixels
+        ax.text(left + tile / 2, top - 3, title, ha="center", va="bottom", fontsize=7)
+    if images:
+        ax.imshow(montage)
+    else:
+        ax.text(0.5, 0.5, "no mistakes", ha="center", va="center", transform=ax.transAxes)
     return _finish(fig, path)
 
 

@@ -181,7 +181,6 @@ def _plot_mistakes(predictions: SplitPredictions, images, classes: list[str], pa
     for position in predictions.confident_mistakes(MISTAKES_SHOWN):
         index = int(predictions.indices[position])
         picture = images.load(index)
-        picture.thumbnail((THUMBNAIL, THUMBNAIL))
         predicted = int(predictions.predicted[position])
         probability = float(predictions.probabilities[position, predicted])
         shown.append(picture)
@@ -189,7 +188,7 @@ def _plot_mistakes(predictions: SplitPredictions, images, classes: list[str], pa
             f"true {classes[predictions.labels[position]]}\n"
             f"pred {classes[predicted]} ({probability:.2f})"
         )
-    plots.plot_mistakes(shown, titles, path)
+    plots.plot_mistakes(shown, titles, path, tile=THUMBNAIL)
 
 
 def report_markdown(run_dir: Path, summary: dict, sizes: dict) -> str:

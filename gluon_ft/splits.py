@@ -59,15 +59,17 @@ class DatasetParts:
             **settings,
             "classes": list(self.classes),
             "parts": {
-                name: _relative_items(self.root, part) for name, part in self.named().items()
+                name: _relative_items(self.root, part, self.layout)
+                for name, part in self.named().items()
             },
         }
 
 
-def _relative_items(root: Path, part: ImageFolderSplit) -> dict[str, list[str]]:
+def _relative_items(root: Path, part: ImageFolderSplit, layout: str) -> dict[str, list[str]]:
     by_class: dict[str, list[str]] = {name: [] for name in part.classes}
     for path, label in part.items:
-        relative = Path(path).relative_to(root) if Path(path).is_absolute() else Path(path)
+        # A pack's items are already names relative to its folder.
+        relative = Path(path) if layout == PACK else Path(path).relative_to(root)
         by_class[part.classes[label]].append(relative.as_posix())
     return by_class
 
@@ -133,7 +135,7 @@ def split_dataset(
         The folder is not a dataset, a fraction is outside [0, 1) or does not apply to the
         layout, or a part (or the train part of a class) would be empty.
     """
-    root = Path(root)
+    root = Path(root).absolute()  # split.json names it, for a report run from anywhere
     if not root.is_dir():
         raise UsageError(
             f"Dataset folder {root} does not exist. Expected {root}/<class>/* (split for you), "
@@ -218,7 +220,7 @@ def parts_from_record(root: str | Path, record: dict) -> DatasetParts:
     UsageError
         The record is malformed, or a listed file is missing.
     """
-    root = Path(root)
+    root = Path(root).absolute()
     try:
         classes = tuple(record["classes"])
         listed = {name: record["parts"][name] for name in PART_NAMES if name in record["parts"]}

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 from conftest import run_cli, tiny_config, write_class_folders, write_image_folder
 
+from gluon_ft.cli import main
 from gluon_ft.metrics import class_scores
+from gluon_ft.plots import plot_mistakes
 from gluon_ft.train import train
 
 
@@ -34,6 +37,15 @@ def test_class_scores_equal_hand_computed_ones():
     # Averages over the classes that occur: eel, absent from both, does not drag them down.
     assert scores["balanced_acc"] == pytest.approx((5 / 6 + 1 / 2 + 1) / 3)
     assert scores["macro_f1"] == pytest.approx((10 / 13 + 6 / 10 + 8 / 9) / 3)
+
+
+def test_mistakes_figure_with_and_without_mistakes(tmp_path):
+    picture = np.zeros((40, 30, 3), dtype=np.uint8)
+    for count in (0, 3):
+        path = plot_mistakes(
+            [picture] * count, ["true a\npred b (0.90)"] * count, tmp_path / "m.png"
+        )
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -71,22 +83,19 @@ def test_report_command_rebuilds_the_run_report_and_reports_on_a_folder(finished
 
     folder = tmp_path / "more"
     shutil.copytree(data / "red", folder / "red")  # one class of the run's three
-    done = run_cli("report", str(run), "--split", str(folder))
-    assert done.returncode == 0, done.stderr
+    assert main(["report", str(run), "--split", str(folder)]) == 0
     summary = json.loads((run / "report-more" / "summary.json").read_text())
     assert summary["images"] == 10 and summary["split"] == str(folder)
     assert [row["support"] for row in summary["per_class"]] == [0, 0, 10]
 
 
-def test_report_command_refuses_bad_input(finished_run, tmp_path):
+def test_report_command_refuses_bad_input(finished_run, tmp_path, capsys):
     _, run = finished_run
     unknown = write_image_folder(tmp_path / "other", classes=("cat", "dog")) / "train"
     for args, message in (
-        (["--split", str(unknown)], "class folder(s) the run does not know: cat, dog"),
-        (["--split", "nowhere"], "expected test, val or a folder"),
+        ([str(run), "--split", str(unknown)], "class folder(s) the run does not know: cat, dog"),
+        ([str(run), "--split", "nowhere"], "expected test, val or a folder"),
+        ([str(tmp_path / "no-run")], "does not exist"),
     ):
-        done = run_cli("report", str(run), *args)
-        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-        assert message in done.stderr
-    done = run_cli("report", str(tmp_path / "no-run"))
-    assert done.returncode == 2 and "does not exist" in done.stderr
+        assert main(["report", *args]) == 2
+        assert message in capsys.readouterr().err

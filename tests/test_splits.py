@@ -53,15 +53,17 @@ def test_stratified_split_shares_and_seed():
 def test_class_folders_train_end_to_end_and_write_split_json(tmp_path):
     data = write_class_folders(tmp_path / "photos", COUNTS)
     out = tmp_path / "run"
-    done = run_cli(
+    done = run_cli(  # with paths relative to the working directory, as people type them
         "train",
-        *("--data", str(data), "--model", "mobilenet0.25", "--pretrained", "none"),
+        *("--data", "photos", "--model", "mobilenet0.25", "--pretrained", "none"),
         *("--epochs", "1", "--batch-size", "8", "--image-size", "32", "--seed", "7"),
-        *("--val-split", "0.2", "--out", str(out), "--no-progress"),
+        *("--val-split", "0.2", "--out", "run", "--no-progress"),
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     record = json.loads((out / "split.json").read_text())
     assert record["layout"] == "class-folders" and record["classes"] == list(COUNTS)
+    assert record["root"] == str(data)
     assert set(record["parts"]) == {"train", "val", "test"}
     assert_stratified(record, COUNTS, {"val": 0.2, "test": 0.1})
     config = json.loads((out / "config.json").read_text())
@@ -73,10 +75,8 @@ def test_class_folders_train_end_to_end_and_write_split_json(tmp_path):
     )
 
     # The same seed gives the same split; another seed another one.
-    same = train(tiny_config(data, tmp_path / "same", seed=7, val_split=0.2))["run_dir"]
-    assert json.loads((same / "split.json").read_text())["parts"] == record["parts"]
-    other = train(tiny_config(data, tmp_path / "other", seed=8, val_split=0.2))["run_dir"]
-    assert json.loads((other / "split.json").read_text())["parts"] != record["parts"]
+    assert split_dataset(data, 0.2, None, seed=7).record()["parts"] == record["parts"]
+    assert split_dataset(data, 0.2, None, seed=8).record()["parts"] != record["parts"]
 
 
 def test_resume_reuses_split_json_even_when_the_folder_changed(tmp_path):

@@ -47,7 +47,7 @@ def load_dataset(
                 "--val-split and --test-split split image folders only."
             )
         train, test = load_pack(spec)
-        return DatasetParts(Path(spec), splits.PACK, train, test)
+        return DatasetParts(Path(spec).absolute(), splits.PACK, train, test)
     root = gdata.hotdog_root() if spec == "hotdog" else Path(spec).expanduser()
     if saved is not None:
         return splits.parts_from_record(root, saved)

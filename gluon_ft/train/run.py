@@ -560,7 +560,7 @@ def close_run(config, session: Session, model: Model, parts: DatasetParts, histo
         else:
             name = checkpoint_name(chosen["best_epoch"])
             session.run.copy_params(session.run.path / "checkpoints" / name / PARAMS_FILE)
-        summary, _ = build_report(session.run.path, "test", selection=chosen, ctx=session.ctx[0])
+        summary = report_run(session, chosen)
     return {
         "run_dir": session.run.path,
         "history": history,
@@ -568,6 +568,22 @@ def close_run(config, session: Session, model: Model, parts: DatasetParts, histo
         "rank": session.dist.rank,
         "summary": summary,
     }
+
+
+def report_run(session: Session, chosen: dict) -> dict:
+    """The report on the test part; returns ``summary.json``'s content.
+
+    The weights are saved by now: a report that cannot be built (a network that the run's
+    files do not describe, as a customized ``build_network`` makes) is a warning, and the
+    summary then holds the selection alone.
+    """
+    try:
+        summary, _ = build_report(session.run.path, "test", selection=chosen, ctx=session.ctx[0])
+    except UsageError as err:
+        log(f"warning: the report could not be built: {err}")
+        summary = dict(chosen)
+        session.run.write_json("summary.json", summary)
+    return summary
 
 
 def pretrain(config: TrainConfig, out_file: str | Path) -> dict:
