@@ -297,7 +297,8 @@ def _run_node(
     exits: queue.Queue = queue.Queue()
     nodes: list[_Node] = []
     readers: list[threading.Thread] = []
-    outcome = _Outcome(Interrupted.exit_code, f"{name or 'this node'} was interrupted")
+    # What the other nodes hear if starting fails here (a command that cannot start).
+    outcome = _Outcome(1, f"{name or 'a node'} could not start its processes")
     try:
         for role, label, argv, node_env in plan:
             if signals.count:

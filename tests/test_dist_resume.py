@@ -5,10 +5,10 @@ server and worker processes on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,35 +19,37 @@ import gluon_ft  # noqa: F401  (thread settings before mxnet)
 
 
 def train_command(data: Path, out: Path, *extra: str) -> list[str]:
-    """A 3-epoch run of 8 steps per epoch, with momentum: its state must be restored too."""
+    """A 3-epoch run of 12 steps per epoch, with momentum: its state must be restored too."""
     command = [sys.executable, "-m", "gluon_ft", "train", "--kvstore", "dist_sync"]
     command += ["--data", str(data), "--model", "mobilenet0.25", "--pretrained", "none"]
     command += ["--epochs", "3", "--image-size", "32", "--batch-size", "4", "--lr", "0.05"]
     command += ["--momentum", "0.9", "--lr-schedule", "cosine", "--out", str(out)]
-    return [*command, "--no-progress", *extra]
+    return [*command, *extra]
 
 
 def launch_command(*train: str) -> list[str]:
     return [sys.executable, "-m", "gluon_ft", "launch", "-n", "2", "--", *train]
 
 
-def wait_for(path: Path, process: subprocess.Popen, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        assert process.poll() is None, process.communicate()[0]
-        assert time.monotonic() < deadline, f"{path} did not appear within {seconds} s"
-        time.sleep(0.05)
+def read_until(process: subprocess.Popen, pattern: str) -> str:
+    """The launcher's output up to the first line that matches ``pattern``."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if re.search(pattern, line):
+            return "".join(lines)
+    raise AssertionError("".join(lines))
 
 
 @pytest.mark.timeout(600)
 def test_sigterm_to_the_launcher_then_resume_equals_the_uninterrupted_run(tmp_path):
-    data = write_image_folder(tmp_path / "data", n_train=16, n_test=4, size=32)
+    data = write_image_folder(tmp_path / "data", n_train=24, n_test=4, size=32)
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
-    done = subprocess.run(
-        launch_command(*train_command(data, whole)), capture_output=True, text=True, timeout=280
-    )
+    command = launch_command(*train_command(data, whole, "--no-progress"))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stdout + done.stderr
 
+    # Rank 0's progress bar says when epoch 2 has taken a step: stop it there, mid-epoch.
     launcher = subprocess.Popen(
         launch_command(*train_command(data, stopped)),
         stdout=subprocess.PIPE,
@@ -55,9 +57,9 @@ def test_sigterm_to_the_launcher_then_resume_equals_the_uninterrupted_run(tmp_pa
         text=True,
     )
     try:
-        wait_for(stopped / "checkpoints" / "epoch-0001", launcher, 240)
+        output = read_until(launcher, r"epoch 2/3: .*\| *[1-9]/12 ")
         launcher.send_signal(signal.SIGTERM)
-        output, _ = launcher.communicate(timeout=90)
+        output += launcher.communicate(timeout=90)[0]
     finally:
         launcher.kill()
     assert launcher.returncode == 130, output
@@ -65,9 +67,12 @@ def test_sigterm_to_the_launcher_then_resume_equals_the_uninterrupted_run(tmp_pa
     assert "every worker has stopped" in output
     assert output.count("gluon-ft: error: Stopped by") == 2, output  # both workers, no hang
     saved = sorted(p.name for p in (stopped / "checkpoints").iterdir())
-    assert "epoch-0003" not in saved and not (stopped / "model.params").exists(), saved
+    # Saved mid-epoch: the metric sums and BatchNorm statistics over both workers go with it.
+    assert saved[0] == "epoch-0001" and saved[1].startswith("interrupted-epoch-0002"), saved
+    assert not (stopped / "model.params").exists()
 
-    resumed = run_cli("launch", "-n", "2", "--", *train_command(data, stopped, "--resume"))
+    again = train_command(data, stopped, "--resume", "--no-progress")
+    resumed = run_cli("launch", "-n", "2", "--", *again)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert resumed.stdout.count("resuming from") == 2  # every worker read rank 0's checkpoint
 
@@ -77,10 +82,10 @@ def test_sigterm_to_the_launcher_then_resume_equals_the_uninterrupted_run(tmp_pa
     got = mx.nd.load(str(stopped / "model.params"))
     assert got.keys() == expected.keys()
     worst = max(np.abs(got[k].asnumpy() - expected[k].asnumpy()).max() for k in expected)
-    assert worst <= 1e-6, (worst, saved)
+    assert worst == 0.0, (worst, saved)  # bit for bit (the issue asks for <= 1e-6)
     # The metrics of the interrupted epoch count every worker's steps once, as if never stopped.
     rows = [json.loads((run / "metrics.json").read_text()) for run in (whole, stopped)]
     for ours, theirs in zip(*rows, strict=True):
-        assert ours["train_samples"] == theirs["train_samples"] == 32
+        assert ours["train_samples"] == theirs["train_samples"] == 48
         for key in ("loss", "train_acc", "test_acc", "lr"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-7), key

@@ -6,9 +6,10 @@ pass with the others' would report the accuracy of statistics that nobody saves.
 :func:`sync_bn_stats` replaces every copy by their mean, over the devices of this worker and
 over the workers; the statistics of each training step (those of its batch) are untouched.
 
-The running update ``r <- m r + (1 - m) batch`` is linear, so averaging between two steps
-gives the same average later as averaging once at the end: a run stopped and resumed from
-averaged statistics ends with the statistics of a run that never stopped.
+A run stopped mid-epoch keeps every copy instead (:func:`every_copy`, in the checkpoint),
+and each device of each worker takes its own back on resume (:func:`restore_copy`): averaging
+there would be exact only up to rounding, and the resumed run would not end bit for bit as
+the run that never stopped.
 """
 
 from __future__ import annotations
@@ -72,3 +73,49 @@ def sync_bn_stats(net: gluon.Block, dist: DistContext) -> int:
         offset += size
     mx.nd.waitall()
     return offset
+
+
+def _flat(params: list[gluon.Parameter], ctx: mx.Context) -> mx.nd.NDArray:
+    """One device's statistics as one float64 vector on the CPU (float32 values stay exact)."""
+    cpu = mx.cpu()
+    return mx.nd.concat(
+        *[p.data(ctx).as_in_context(cpu).astype("float64").reshape((-1,)) for p in params], dim=0
+    )
+
+
+def every_copy(net: gluon.Block, dist: DistContext) -> mx.nd.NDArray | None:
+    """Every worker's and device's running statistics: shape ``(workers, devices * values)``.
+
+    An allreduce, like :func:`sync_bn_stats`; None where there is only one copy.
+    """
+    params = running_stats(net)
+    if not params or len(params[0].list_ctx()) * dist.num_workers == 1:
+        return None
+    mine = mx.nd.concat(*[_flat(params, ctx) for ctx in params[0].list_ctx()], dim=0)
+    size = mine.shape[0]
+    slots = mx.nd.zeros((dist.num_workers * size,), dtype="float64")
+    slots[dist.rank * size : (dist.rank + 1) * size] = mine
+    return dist.allreduce_array(slots).reshape((dist.num_workers, size))
+
+
+def restore_copy(net: gluon.Block, copies: mx.nd.NDArray, dist: DistContext) -> bool:
+    """Give each device of this worker its own statistics from :func:`every_copy`'s array.
+
+    Returns False, changing nothing, when ``copies`` came from another number of workers or
+    devices.
+    """
+    params = running_stats(net)
+    devices = params[0].list_ctx() if params else []
+    per_device = sum(p.data(devices[0]).size for p in params) if params else 0
+    if copies.shape != (dist.num_workers, len(devices) * per_device):
+        return False
+    row = copies[dist.rank]
+    offset = 0
+    for ctx in devices:
+        for param in params:
+            size = param.data(ctx).size
+            part = row[offset : offset + size].reshape(param.shape).astype(param.dtype)
+            param.data(ctx)[:] = part.as_in_context(ctx)
+            offset += size
+    mx.nd.waitall()
+    return True

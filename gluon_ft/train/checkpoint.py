@@ -5,6 +5,8 @@ A checkpoint is a directory under ``RUN/checkpoints/``::
     epoch-0002/          after epoch 2 (on a signal: interrupted-epoch-0003-step-000017/)
       model.params       the network's parameters (``save_parameters``)
       optimizer.nd       the optimizer's state arrays (``nd.save``: momentum, ...)
+      running-stats.nd   (a stop mid-epoch with several devices or workers) every copy's
+                         BatchNorm running statistics, which differ until the epoch ends
       meta.json          position, config, metrics so far, RNG scheme, optimizer counters,
                          and the size and SHA-1 of both files
 
@@ -35,6 +37,7 @@ FORMAT = "gluon-ft-checkpoint/1"
 PARAMS_FILE = "model.params"
 OPTIMIZER_FILE = "optimizer.nd"
 META_FILE = "meta.json"
+STATS_FILE = "running-stats.nd"
 _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
 
 
@@ -208,7 +211,11 @@ def restore_optimizer_state(
 
 
 def save_checkpoint(
-    directory: str | Path, net: gluon.Block, trainer: gluon.Trainer, meta: dict
+    directory: str | Path,
+    net: gluon.Block,
+    trainer: gluon.Trainer,
+    meta: dict,
+    running_stats: mx.nd.NDArray | None = None,
 ) -> Checkpoint:
     """Write a checkpoint of ``net`` and ``trainer`` into ``directory``, atomically.
 
@@ -221,6 +228,8 @@ def save_checkpoint(
     meta : dict
         JSON metadata; must hold ``epoch`` (finished epochs) and may hold ``step`` (steps taken
         in the next epoch). ``format``, ``optimizer`` and ``files`` are added here.
+    running_stats : NDArray, optional
+        Every device's and worker's running statistics (see :mod:`gluon_ft.train.bn_stats`).
 
     Returns
     -------
@@ -237,8 +246,12 @@ def save_checkpoint(
     net.save_parameters(str(tmp / PARAMS_FILE))
     arrays, optimizer_info = optimizer_state(trainer, net)
     mx.nd.save(str(tmp / OPTIMIZER_FILE), arrays)
+    written = [PARAMS_FILE, OPTIMIZER_FILE]
+    if running_stats is not None:
+        mx.nd.save(str(tmp / STATS_FILE), {"copies": running_stats})
+        written.append(STATS_FILE)
     files = {}
-    for file_name in (PARAMS_FILE, OPTIMIZER_FILE):
+    for file_name in written:
         _fsync(tmp / file_name)
         files[file_name] = {
             "bytes": (tmp / file_name).stat().st_size,
@@ -274,7 +287,15 @@ def _read_meta(path: Path) -> dict:
         file = path / file_name
         if not file.is_file() or file.stat().st_size != expected["bytes"]:
             raise ValueError(f"{file_name} is missing or has the wrong size")
-    if set(meta.get("files", {})) != {PARAMS_FILE, OPTIMIZER_FILE}:
+    if (
+        not {PARAMS_FILE, OPTIMIZER_FILE}
+        <= set(meta.get("files", {}))
+        <= {
+            PARAMS_FILE,
+            OPTIMIZER_FILE,
+            STATS_FILE,
+        }
+    ):
         raise ValueError(f"{META_FILE} does not list {PARAMS_FILE} and {OPTIMIZER_FILE}")
     return meta
 
@@ -371,6 +392,16 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def saved_running_stats(checkpoint: Checkpoint) -> mx.nd.NDArray | None:
+    """The running statistics of every copy, if ``checkpoint`` holds them."""
+    if STATS_FILE not in checkpoint.meta["files"]:
+        return None
+    try:
+        return mx.nd.load(str(checkpoint.path / STATS_FILE))["copies"]
+    except (mx.base.MXNetError, KeyError, TypeError) as err:
+        raise UsageError(f"{checkpoint.path / STATS_FILE} is unreadable: {err}") from None
 
 
 def restore_checkpoint(checkpoint: Checkpoint, net: gluon.Block, trainer: gluon.Trainer) -> dict:

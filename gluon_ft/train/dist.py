@@ -102,6 +102,9 @@ class DistContext:
         summed = mx.nd.zeros((length,), dtype="float64")
         self.kvstore.push(self._keys[length], values)
         self.kvstore.pull(self._keys[length], out=summed)
+        # Done before returning: a worker that leaves next (os._exit on a stop) must not take
+        # its push with it, or the others wait for that push forever.
+        summed.wait_to_read()
         return summed
 
     def broadcast_initial_parameters(self, trainer: mx.gluon.Trainer) -> None:

@@ -27,7 +27,7 @@ from gluon_ft.plots import plot_curves
 from gluon_ft.report import build_report
 from gluon_ft.splits import DatasetParts
 from gluon_ft.train import amp
-from gluon_ft.train.bn_stats import sync_bn_stats, wants_sync
+from gluon_ft.train.bn_stats import every_copy, restore_copy, sync_bn_stats, wants_sync
 from gluon_ft.train.checkpoint import (
     PARAMS_FILE,
     Checkpoint,
@@ -35,6 +35,7 @@ from gluon_ft.train.checkpoint import (
     prune_checkpoints,
     restore_checkpoint,
     save_checkpoint,
+    saved_running_stats,
 )
 from gluon_ft.train.config import TrainConfig
 from gluon_ft.train.devices import parse_contexts
@@ -272,18 +273,27 @@ def build_model(config: TrainConfig, session: Session, num_classes: int) -> Mode
     model = Model(net, source, plan, table, table_log)
     model.trainer = make_trainer(net, config, ctx, session.dist)
     if session.resumed is not None:
-        resume_from(config, session.resumed, model)
+        resume_from(config, session.resumed, model, session.dist)
     return model
 
 
-def resume_from(config: TrainConfig, checkpoint: Checkpoint, model: Model) -> None:
-    """Load ``checkpoint``'s parameters and optimizer state into ``model``."""
+def resume_from(config: TrainConfig, checkpoint: Checkpoint, model: Model, dist) -> None:
+    """Load ``checkpoint``'s parameters and optimizer state into ``model``, and each device's
+    (and worker's) own BatchNorm statistics when it was saved mid-epoch."""
     restore_checkpoint(checkpoint, model.net, model.trainer)
     log(f"resuming from {checkpoint.path} ({checkpoint.describe()})")
+    copies = saved_running_stats(checkpoint)
+    if copies is not None and not restore_copy(model.net, copies, dist):
+        log(
+            "warning: the checkpoint keeps the BatchNorm statistics of another number of "
+            "workers or devices; every copy starts from rank 0's, so the resumed run is not "
+            "bit-exact"
+        )
     if not checkpoint.meta["optimizer"]["states_available"] and config.momentum:
         log(
-            "warning: the checkpoint holds no momentum (a dist kvstore keeps it on its "
-            "servers); it restarts from zero, so the resumed run is not bit-exact"
+            "warning: the checkpoint holds no momentum (its optimizer ran on a kvstore's "
+            "servers, which gluon-ft's runs never do); it restarts from zero, so the resumed "
+            "run is not bit-exact"
         )
 
 
@@ -469,13 +479,16 @@ def check_epoch_finite(model: Model, sums: MetricSums, steps, epoch: int, progre
         raise diverged_since(err, epoch, progress.last_checkpoint) from None
 
 
-def save_progress(config, session, model, progress: Progress, position, partial, reason) -> None:
+def save_progress(
+    config, session, model, progress: Progress, position, partial, reason, copies=None
+) -> None:
     """A checkpoint at ``position`` (finished epochs, steps into the next), which becomes
-    ``progress.last_checkpoint``; mid-epoch it keeps the ``partial`` sums so far."""
+    ``progress.last_checkpoint``; mid-epoch it keeps the ``partial`` sums so far and every
+    copy of the BatchNorm statistics (``copies``)."""
     epoch, step = position
     meta = checkpoint_meta(config, epoch, step, progress.history, partial, reason)
     progress.last_checkpoint = save_checkpoint(
-        session.run.path / "checkpoints", model.net, model.trainer, meta
+        session.run.path / "checkpoints", model.net, model.trainer, meta, copies
     )
 
 
@@ -483,16 +496,17 @@ def save_interrupted(config, session, model, progress, position, partial, reason
     """The checkpoint of an epoch that a signal stopped at ``position``, with the metric sums
     of its steps so far (``partial``: sums, skipped files, seconds).
 
-    The workers of a distributed run all call it: the sums and the BatchNorm statistics are
-    taken over every worker, which is what the resumed run needs to end as if never stopped.
+    The workers of a distributed run all call it: the sums are taken over every worker, and
+    every worker's (and device's) BatchNorm statistics are kept, which is what the resumed
+    run needs to end bit for bit as if never stopped.
     """
     sums, skipped, seconds = partial
     if session.dist.distributed:
         sums, skipped = sum_over_workers(session.dist, sums, skipped)
-    share_bn_stats(config, session, model)
+    copies = every_copy(model.net, session.dist)
     if session.writer:
         totals = {"sums": sums.totals(), "skipped": skipped, "seconds": seconds}
-        save_progress(config, session, model, progress, position, totals, reason)
+        save_progress(config, session, model, progress, position, totals, reason, copies)
 
 
 def epoch_row(model: Model, epoch, sums, skipped, seconds, started, scores, unfrozen) -> dict:
