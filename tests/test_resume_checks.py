@@ -14,6 +14,7 @@ from conftest import run_cli, tiny_config, write_image_folder
 
 from gluon_ft.errors import DivergedError, UsageError
 from gluon_ft.train import train
+from gluon_ft.train.resume import RESUMABLE_FLAGS
 
 
 def cli_args(data: Path, out: Path, *more: str) -> list[str]:
@@ -92,7 +93,7 @@ def test_a_started_run_without_a_checkpoint_is_checked_and_kept(tmp_path, capsys
 
     with pytest.raises(UsageError, match=r"--lr was 1e\+30, now 0\.01") as err:
         train(tiny_config(data, run, resume=True))
-    assert "only --epochs, --workers, --strict and --no-progress may change" in str(err.value)
+    assert f"only {RESUMABLE_FLAGS} may change" in str(err.value)
     with pytest.raises(UsageError, match="already holds a run, started, with no finished epoch"):
         train(tiny_config(data, run))  # not overwritten without --resume either
     assert run_files(run) == before

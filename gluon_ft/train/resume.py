@@ -31,9 +31,21 @@ from gluon_ft.train.dist import DistContext
 # Settings that a resumed run may change, because
 # they do not change what is computed:
 RESUMABLE_CHANGES = frozenset(
-    {"epochs", "workers", "progress", "log_every", "resume", "strict", "out"}
+    {
+        "epochs",
+        "workers",
+        "progress",
+        "log_every",
+        "resume",
+        "strict",
+        "out",
+        "tensorboard",  # what is logged, not what is computed
+        "keep_checkpoints",  # which old checkpoints are kept
+    }
 )
-RESUMABLE_FLAGS = "--epochs, --workers, --strict and --no-progress"
+RESUMABLE_FLAGS = (
+    "--epochs, --workers, --strict, --tensorboard, --keep-checkpoints and --no-progress"
+)
 
 
 class StopRequest:
