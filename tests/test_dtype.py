@@ -121,10 +121,6 @@ def test_bfloat16_training_runs_convolutions_in_bfloat16(tiny_data, tmp_path):
     # The weights stay float32 (AMP keeps the master copy); the saved model too.
     saved = mx.nd.load(str(tmp_path / "bf16" / "model.params"))
     assert {array.dtype for array in saved.values()} == {np.float32}
-    # The same recording sees none of it in a float32 run.
-    seen = recorded_train(tiny_data, tmp_path / "fp32", "float32")
-    assert seen["scores"] == ["float32"] and seen["casts"] == []
-    assert len(seen["convolutions"]) == 27
 
 
 def test_accuracy_counts_class_indices_above_256_under_bfloat16():
