@@ -5,6 +5,7 @@ server and worker processes on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -50,11 +51,13 @@ def test_sigterm_to_the_launcher_then_resume_equals_the_uninterrupted_run(tmp_pa
     assert done.returncode == 0, done.stdout + done.stderr
 
     # Rank 0's progress bar says when epoch 2 has taken a step: stop it there, mid-epoch.
+    # (Bars are drawn into the launcher's pipe only when asked.)
     launcher = subprocess.Popen(
         launch_command(*train_command(data, stopped)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, "GLUON_FT_PROGRESS_BARS": "1"},
     )
     try:
         output = read_until(launcher, r"epoch 2/3: .*\| *[1-9]/12 ")

@@ -78,6 +78,8 @@ def recording_loss(self, F, pred, label, *args, **kwargs):
 
 def recording_graph(self, *args):
     build_graph(self, *args)
+    if seen["convolutions"]:  # the trained network's graph comes first; the report's later
+        return
     nodes = self._cached_graph[1].get_internals().list_outputs()
     convolutions = [n for n in nodes if "_conv" in n and n.endswith("_fwd_output")]
     seen["convolutions"] += [n[: -len("_fwd_output")] for n in convolutions]

@@ -131,11 +131,16 @@ def log(message: str) -> None:
     tqdm.write(message)
 
 
+# Set to 1 to draw the bars into a pipe too: a launcher that shows its workers' lines live.
+FORCE_BARS_VARIABLE = "GLUON_FT_PROGRESS_BARS"
+
+
 def bars_render() -> bool:
     """Progress bars only where they redraw in place: a terminal, or a Jupyter kernel (a
-    widget). Into a file or a pipe, their carriage-return redraws would fill the log; there
-    the epoch's one plain line says enough."""
-    return sys.stderr.isatty() or "ipykernel" in sys.modules
+    widget), unless ``$GLUON_FT_PROGRESS_BARS=1``. Into a file or a pipe, their
+    carriage-return redraws would fill the log; there the epoch's one plain line says enough."""
+    forced = os.environ.get(FORCE_BARS_VARIABLE) == "1"
+    return forced or sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
 def say(config: TrainConfig, message: str) -> None:
