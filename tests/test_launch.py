@@ -25,11 +25,17 @@ from gluon_ft.threads import usable_cores
 # Every worker mode runs this one script. A dist_sync cluster waits forever for a worker
 # that never connects, hence the modes that block and the timeouts on every test.
 WORKER = r'''
-import os
 import signal
+import sys
+
+# Before the slow imports: the other worker imports mxnet for a second or more before it
+# fails, and a worker still importing when the launcher's SIGTERM comes would die of it.
+if "ignore-sigterm" in sys.argv:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -37,8 +43,6 @@ import gluon_ft  # noqa: F401
 import mxnet as mx
 
 mode = sys.argv[1]
-if "ignore-sigterm" in sys.argv:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def listening_addresses():
