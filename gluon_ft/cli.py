@@ -225,6 +225,7 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
         help="balanced: draw each epoch's samples so that every class comes equally often "
         "(with replacement, from --seed) (default %(default)s)",
     )
+    add_recipe_arguments(p, d)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
         "--strict",
@@ -250,6 +251,86 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
         dest="progress",
         action="store_false",
         help="no epoch lines (progress bars are drawn only on a terminal)",
+    )
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser, d) -> None:
+    """The flags of "Getting the most out of a small dataset" (README); each is off by
+    default, the book's recipe."""
+    from gluon_ft.train.config import EMA_SAVES, OPTIMIZERS, RECIPES
+
+    g = p.add_argument_group("recipe", "tricks for small datasets; all off in the book's recipe")
+    g.add_argument(
+        "--recipe",
+        choices=RECIPES,
+        default=d.recipe,
+        help="book (default): the book's recipe; best: a preset of the flags below (written "
+        "out in config.json); flags given explicitly override it",
+    )
+    g.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=d.optimizer,
+        help="sgd (default, the book's) or adamw (decoupled weight decay)",
+    )
+    g.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=d.label_smoothing,
+        metavar="F",
+        help="train on targets of 1 - F for the class and F / classes for each (default 0)",
+    )
+    g.add_argument(
+        "--mixup",
+        type=float,
+        default=d.mixup,
+        metavar="ALPHA",
+        help="mix pairs of images and their targets, weights from Beta(ALPHA, ALPHA) (0: off)",
+    )
+    g.add_argument(
+        "--cutmix",
+        type=float,
+        default=d.cutmix,
+        metavar="ALPHA",
+        help="paste a box of another image, targets by area, from Beta(ALPHA, ALPHA) (0: off)",
+    )
+    g.add_argument(
+        "--mixup-off-epoch",
+        dest="mix_off_epoch",
+        type=_positive_int,
+        default=d.mix_off_epoch,
+        metavar="E",
+        help="no mixup or CutMix from epoch E (1-based) on (default: mix in every epoch)",
+    )
+    g.add_argument(
+        "--ema",
+        type=float,
+        default=d.ema,
+        metavar="DECAY",
+        help="keep an exponential moving average of the weights, e.g. 0.999; it is evaluated "
+        "too, and saved as the model when better on validation (see --ema-save)",
+    )
+    g.add_argument(
+        "--ema-save",
+        choices=EMA_SAVES,
+        default=d.ema_save,
+        help="if-better (default): model.params is the EMA when it beats the weights on "
+        "validation; always: the EMA",
+    )
+    g.add_argument(
+        "--tta",
+        type=_positive_int,
+        default=d.tta,
+        metavar="N",
+        help="test-time augmentation: average the logits of N views (flips, crops) (default 1)",
+    )
+    g.add_argument(
+        "--head-epochs",
+        type=int,
+        default=d.head_epochs,
+        metavar="E",
+        help="train the new head alone for the first E of --epochs, on cached features, "
+        "then the whole network (default 0)",
     )
 
 

@@ -24,6 +24,10 @@ from gluon_ft.train.selection import MONITORS
 PER_SAMPLE_LR = 1e-3
 PER_SAMPLE_BATCH = 32
 
+RECIPES = ("book", "best")
+OPTIMIZERS = ("sgd", "adamw")
+EMA_SAVES = ("if-better", "always")
+
 
 @dataclass
 class TrainConfig:
@@ -68,6 +72,17 @@ class TrainConfig:
     strict: bool = False  # refuse a dataset with unreadable images instead of skipping them
     cache_features: bool = False  # frozen backbone: train the head on cached features
     cache_views: int = 1  # cached train augmentations per image; epoch e uses view e % K
+    # Getting the most out of a small dataset (README); each is off by default (the book's).
+    recipe: str = "book"  # book | best: a named preset of the flags below (see recipes.py)
+    optimizer: str = "sgd"  # sgd | adamw (decoupled weight decay, MXNet's adamw_update)
+    label_smoothing: float = 0.0  # the target puts 1 - F on its class, F spread over all
+    mixup: float = 0.0  # alpha of mixup's Beta(alpha, alpha); 0: off
+    cutmix: float = 0.0  # alpha of CutMix's Beta(alpha, alpha); 0: off
+    mix_off_epoch: int | None = None  # mixup/CutMix stop from this epoch (1-based) on
+    ema: float | None = None  # decay of an exponential moving average of the weights
+    ema_save: str = "if-better"  # if-better (on validation) | always: model.params is the EMA
+    tta: int = 1  # test-time augmentation views at evaluation (1: the plain center crop)
+    head_epochs: int = 0  # first train the new head alone, on cached features
 
     def validate(self) -> None:
         """Raise :class:`UsageError` for values no run can use; fill in the model's defaults."""
@@ -119,7 +134,36 @@ class TrainConfig:
             )
         if self.accumulate > self.batch_size:
             raise UsageError("--accumulate cannot exceed --batch-size (its micro-batches).")
+        self.validate_tricks()
         self.freeze_plan().validate(self.epochs)
+
+    def validate_tricks(self) -> None:
+        """The checks of the recipe flags (``--recipe`` and what it presets)."""
+        if self.recipe not in RECIPES:
+            raise UsageError(f"--recipe must be one of {', '.join(RECIPES)}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}.")
+        if not (math.isfinite(self.label_smoothing) and 0 <= self.label_smoothing < 1):
+            raise UsageError(
+                f"--label-smoothing must be in [0, 1), got {self.label_smoothing:g}."
+            )
+        for name in ("mixup", "cutmix"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise UsageError(f"--{name} ALPHA must be >= 0 (0: off), got {value:g}.")
+        if self.mix_off_epoch is not None and self.mix_off_epoch < 1:
+            raise UsageError("--mixup-off-epoch must be at least 1.")
+        if self.ema is not None and not (math.isfinite(self.ema) and 0 < self.ema < 1):
+            raise UsageError(f"--ema DECAY must be in (0, 1), e.g. 0.999; got {self.ema:g}.")
+        if self.ema_save not in EMA_SAVES:
+            raise UsageError(f"--ema-save must be one of {', '.join(EMA_SAVES)}.")
+        if self.tta < 1:
+            raise UsageError("--tta must be at least 1 (1: no test-time augmentation).")
+        if not 0 <= self.head_epochs <= self.epochs:
+            raise UsageError(
+                f"--head-epochs must be between 0 and --epochs ({self.epochs}), "
+                f"got {self.head_epochs}."
+            )
 
     def warnings(self, head_lr_mult_given: bool = False) -> list[str]:
         """Settings that most likely do not do what was meant, one sentence each.
