@@ -144,9 +144,7 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}.")
         if not (math.isfinite(self.label_smoothing) and 0 <= self.label_smoothing < 1):
-            raise UsageError(
-                f"--label-smoothing must be in [0, 1), got {self.label_smoothing:g}."
-            )
+            raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing:g}.")
         for name in ("mixup", "cutmix"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
