@@ -41,6 +41,7 @@ def _positive_float(text: str) -> float:
 def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=True) -> None:
     """The flags of ``train``; ``pretrain`` shares them with its own defaults and without
     the two ``run_flags`` whose meaning differs there (``--pretrained``, ``--out``)."""
+    from gluon_ft.freeze import BN_MODES
     from gluon_ft.train import TrainConfig
     from gluon_ft.train.schedule import SCHEDULES
 
@@ -132,9 +133,11 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
     )
     p.add_argument(
         "--bn",
-        choices=("freeze", "train"),
+        choices=BN_MODES,
         default=d.bn,
-        help="BatchNorm in frozen parts: freeze (use running statistics) or train",
+        help="BatchNorm in frozen parts: freeze (use running statistics) or train; inference: "
+        "every BatchNorm uses its running statistics, in the parts that train too (Keras's "
+        "advice for fine-tuning; gamma and beta still learn) (default %(default)s)",
     )
     p.add_argument(
         "--layer-lr-decay",
@@ -257,15 +260,15 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
 def add_recipe_arguments(p: argparse.ArgumentParser, d) -> None:
     """The flags of "Getting the most out of a small dataset" (README); each is off by
     default, the book's recipe."""
-    from gluon_ft.train.config import EMA_SAVES, OPTIMIZERS, RECIPES
+    from gluon_ft.train.config import EMA_SAVES, OPTIMIZERS, RECIPES, describe_preset
 
     g = p.add_argument_group("recipe", "tricks for small datasets; all off in the book's recipe")
     g.add_argument(
         "--recipe",
         choices=RECIPES,
         default=d.recipe,
-        help="book (default): the book's recipe; best: a preset of the flags below (written "
-        "out in config.json); flags given explicitly override it",
+        help="book (default): the book's recipe; best: a preset, written out in config.json, "
+        f"which flags given explicitly override: {describe_preset('best')}",
     )
     g.add_argument(
         "--optimizer",
@@ -343,7 +346,29 @@ def _config_from(args: argparse.Namespace):
     given = {k: v for k, v in vars(args).items() if k in names}
     if given["head_lr_mult"] is None:
         del given["head_lr_mult"]  # the default
-    return TrainConfig(**given)
+    config = TrainConfig(**given)
+    if config.recipe != "book":
+        applied = config.apply_recipe(_flags_given(args.command_line))
+        print(f"gluon-ft: --recipe {config.recipe}: {_flags_of(applied)}", file=sys.stderr)
+    return config
+
+
+def _flags_given(words: list[str]) -> set[str]:
+    """The train settings written on the command line ``words``, whatever their values:
+    what a ``--recipe`` preset leaves alone."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_train_arguments(parser)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # unset, rather than its default
+    given, _ = parser.parse_known_args(words)
+    return set(vars(given))
+
+
+def _flags_of(settings: dict) -> str:
+    """``{"lr_schedule": "cosine"}`` as ``--lr-schedule cosine``."""
+    from gluon_ft.train.config import flags_of
+
+    return flags_of(settings)
 
 
 def _warn_about_settings(config, args: argparse.Namespace) -> None:
@@ -1017,6 +1042,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(name, value)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = words[1:]  # what a --recipe preset may not override
     if not getattr(args, "run", None):
         parser.print_help()
         return 2

@@ -16,6 +16,9 @@ statistics, and between trainable layers it still updates its running statistics
 BatchNorm here has all three fixed: its parameters, its running statistics, and a forward pass
 that uses the running statistics (``use_global_stats``) in training too. ``bn="train"`` is
 the opt-out (fastai's ``train_bn``): the BatchNorm layers of a frozen part keep training.
+``bn="inference"`` goes the other way (Keras's advice for fine-tuning): every BatchNorm
+normalizes with its running statistics, which stay fixed, in the parts that train too; the
+gamma and beta of a trained part still learn.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from gluon_ft.errors import UsageError
 from gluon_ft.model import walk_blocks
 from gluon_ft.parts import ALL, describe_parts, named_parts, network_layout
 
-BN_MODES = ("freeze", "train")
+BN_MODES = ("freeze", "train", "inference")
+OUTPUT = "output"  # the new head's part
 # BatchNorm remembers the use_global_stats it was built with here, so unfreezing restores it.
 _BUILT_WITH = "_gluon_ft_built_with_global_stats"
 
@@ -172,6 +176,8 @@ def _apply(net, selection: Selection, grad_req: str, global_stats: bool | None, 
         raise UsageError(f"bn must be one of {', '.join(BN_MODES)}, not {bn!r}.")
     change = FreezeChange(selection.pattern)
     params = selection.params
+    if bn == "inference":
+        global_stats = True  # trained or frozen, the running statistics normalize
     if bn == "train":
         # fastai's train_bn: BatchNorm layers stay fully trainable inside a frozen part.
         bn_params = {id(p) for b in selection.batchnorms for p in _params_of(b)}
@@ -204,9 +210,9 @@ def freeze(net: gluon.Block, pattern: str, bn: str = "freeze") -> FreezeChange:
     pattern : str
         A part (``features``, ``output``, ``stem``, ``stage1``.., ``tail``, ``all``; see
         :mod:`gluon_ft.parts`) or a regex on parameter names; see :func:`select`.
-    bn : {"freeze", "train"}
+    bn : {"freeze", "train", "inference"}
         ``"train"`` leaves the BatchNorm layers of the selection trainable (fastai's
-        ``train_bn``).
+        ``train_bn``); ``"inference"`` freezes them as ``"freeze"`` does.
 
     Raises
     ------
@@ -240,6 +246,18 @@ def set_trainable_grad_req(net: gluon.Block, grad_req: str) -> int:
         if param.grad_req not in ("null", grad_req):
             param.grad_req = grad_req
             changed += 1
+    if changed:
+        _forget_cached_graphs(net)
+    return changed
+
+
+def use_running_stats(net: gluon.Block) -> list[str]:
+    """Make every BatchNorm normalize with its running statistics, in training too, and keep
+    them fixed (``--bn inference``); its gamma and beta keep their ``grad_req``. Returns the
+    layers changed."""
+    changed = [
+        b.name for _, b in walk_blocks(net) if is_batchnorm(b) and _set_global_stats(b, True)
+    ]
     if changed:
         _forget_cached_graphs(net)
     return changed
@@ -484,6 +502,10 @@ class FreezePlan:
 
     :meth:`setup` applies it once to a fresh network; :meth:`at_epoch` before every epoch
     (idempotent, so a resumed run reaches the same state by calling it for its first epoch).
+
+    ``head_epochs`` E > 0 trains the new head alone for the first E epochs, on a body frozen
+    with its BatchNorm (so its features can be cached), then opens the network as ``freeze``
+    says.
     """
 
     freeze: str = "none"
@@ -491,6 +513,8 @@ class FreezePlan:
     layer_lr_decay: float | None = None
     unfreeze_at: str | None = None
     accumulate: int = 1
+    head_epochs: int = 0
+    _body_open: bool = field(default=False, repr=False, compare=False)
 
     @property
     def schedule(self) -> list[tuple[int, str]]:
@@ -511,24 +535,32 @@ class FreezePlan:
             raise UsageError("--layer-lr-decay must be in (0, 1].")
         if self.accumulate < 1:
             raise UsageError("--accumulate must be at least 1.")
+        if self.head_epochs and self.unfreeze_at:
+            raise UsageError(
+                '--head-epochs E is the unfreezing schedule "0:output,E:all" (with the head\'s '
+                "features cached); pass it or --unfreeze-at, not both."
+            )
         schedule = self.schedule
         if schedule:
-            if self.freeze != "none":
-                raise UsageError(
-                    "--unfreeze-at starts from a fully frozen network and unfreezes parts by "
-                    "epoch; it replaces --freeze, so pass only one of them."
-                )
-            if schedule[0][0] != 0:
-                raise UsageError(
-                    f"--unfreeze-at {self.unfreeze_at!r} unfreezes nothing at epoch 0, so the "
-                    'first epoch would train nothing; start with e.g. "0:output".'
-                )
-            late = [f"{e}:{p}" for e, p in schedule if e >= epochs]
-            if late:
-                raise UsageError(
-                    f"--unfreeze-at entries {', '.join(late)} come after the last epoch "
-                    f"({epochs - 1}, counting from 0)."
-                )
+            self._validate_schedule(schedule, epochs)
+
+    def _validate_schedule(self, schedule: list[tuple[int, str]], epochs: int) -> None:
+        if self.freeze != "none":
+            raise UsageError(
+                "--unfreeze-at starts from a fully frozen network and unfreezes parts by "
+                "epoch; it replaces --freeze, so pass only one of them."
+            )
+        if schedule[0][0] != 0:
+            raise UsageError(
+                f"--unfreeze-at {self.unfreeze_at!r} unfreezes nothing at epoch 0, so the "
+                'first epoch would train nothing; start with e.g. "0:output".'
+            )
+        late = [f"{e}:{p}" for e, p in schedule if e >= epochs]
+        if late:
+            raise UsageError(
+                f"--unfreeze-at entries {', '.join(late)} come after the last epoch "
+                f"({epochs - 1}, counting from 0)."
+            )
 
     def setup(self, net: gluon.Block) -> list[FreezeChange]:
         """Freeze, set the lr policy and the gradient mode: the state for the first epoch.
@@ -540,8 +572,15 @@ class FreezePlan:
             for _, part in self.schedule:
                 select(net, part)
             changes.append(freeze(net, ALL, self.bn))
+        elif self.head_epochs:
+            if self.freeze != "none":
+                select(net, self.freeze)
+            changes.append(freeze(net, ALL, "freeze"))  # BatchNorm too: cacheable features
+            changes.append(unfreeze(net, OUTPUT, self.grad_req))
         elif self.freeze != "none":
             changes.append(freeze(net, self.freeze, self.bn))
+        if self.bn == "inference":
+            use_running_stats(net)
         if self.layer_lr_decay is not None:
             set_lr_policy(net, layer_decay=self.layer_lr_decay)
         set_trainable_grad_req(net, self.grad_req)
@@ -549,11 +588,24 @@ class FreezePlan:
 
     def at_epoch(self, net: gluon.Block, epoch: int) -> list[FreezeChange]:
         """Unfreeze every part scheduled at or before ``epoch``; return the changes made."""
+        if self.head_epochs:
+            return self._open_body(net) if epoch >= self.head_epochs else []
         changes = [
             unfreeze(net, part, self.grad_req, self.bn)
             for when, part in self.schedule
             if when <= epoch
         ]
+        return [c for c in changes if c]
+
+    def _open_body(self, net: gluon.Block) -> list[FreezeChange]:
+        """The end of the head epochs: everything trains but ``freeze``'s part, once."""
+        if self._body_open:
+            return []
+        self._body_open = True
+        bn = "inference" if self.bn == "inference" else "freeze"  # as built, or fixed
+        changes = [unfreeze(net, ALL, self.grad_req, bn)]
+        if self.freeze != "none":
+            changes.append(freeze(net, self.freeze, self.bn))
         return [c for c in changes if c]
 
     def record(self, net: gluon.Block) -> dict:

@@ -9,7 +9,7 @@ instead, and each step runs the head alone (:func:`make_feeds`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mxnet import gluon
@@ -107,13 +107,25 @@ class Feeds:
     prepare: Callable = gdata.normalize_batch  # a device batch -> the network's input
     cache: object = None  # the feature cache's report (features_cache.CacheReport)
     eval_part: str = "test"  # which part `eval` reads: "val" or "test"
+    after_head: Callable | None = None  # --head-epochs: the feeds of the epochs after them
 
 
-def make_feeds(config: TrainConfig, net, parts: DatasetParts, ctx, dist) -> Feeds:
+def make_feeds(
+    config: TrainConfig, net, parts: DatasetParts, ctx, dist, first_epoch: int = 0
+) -> Feeds:
     """The image loaders, or with ``--cache-features`` the cached features and the head.
 
-    Each epoch evaluates the val part, or the test part when there is no val part.
+    Each epoch evaluates the val part, or the test part when there is no val part. With
+    ``--head-epochs E`` (and ``first_epoch`` < E), the first E epochs train the head on cached
+    features, one cached view per epoch (exactly the augmentation the images would get), and
+    ``after_head()`` gives the image loaders of the rest.
     """
+    if config.head_epochs > first_epoch:
+        head = replace(config, cache_features=True, cache_views=config.head_epochs)
+        feeds = make_feeds(replace(head, head_epochs=0), net, parts, ctx, dist)
+        rest = replace(config, head_epochs=0)
+        feeds.after_head = lambda: make_feeds(rest, net, parts, ctx, dist)
+        return feeds
     eval_part = "val" if parts.val is not None else "test"
     evaluated = parts.val if parts.val is not None else parts.test
     if not config.cache_features:

@@ -52,6 +52,7 @@ from gluon_ft.train.resume import (
     diverged_since,
     find_resume_checkpoint,
     interrupted_at,
+    read_run_file,
 )
 from gluon_ft.train.rundir import SPLIT_FILE, RunDirectory, TensorBoardLog, default_out
 from gluon_ft.train.schedule import LrSchedule
@@ -181,7 +182,9 @@ def train(config: TrainConfig) -> dict:
                 check_same_data(session.run.path, list(parts.classes), data_files)
             model = build_model(config, session, len(parts.classes))
             model.loss_fn = make_loss(config, parts.train.labels(), len(parts.classes), session.ctx)
-            feeds = make_feeds(config, model.net, parts, session.ctx, session.dist)
+            first_epoch = session.resumed.position[0] if session.resumed else 0
+            feeds = make_feeds(config, model.net, parts, session.ctx, session.dist, first_epoch)
+            find_lr(config, session, model, feeds)
             write_config(config, session, model, feeds, parts, data_files)
             history = run_epochs(config, session, model, feeds, stop)
         except BaseException:
@@ -209,6 +212,8 @@ def open_run(config: TrainConfig) -> Session:
             f"{'writing' if dist.is_writer else 'rank 0 writes'} {run.path}",
         )
     resumed, notes = None, []
+    if config.resume and config.lr_find:  # the rate the run measured when it started
+        config.lr = (read_run_file(run.path, "config.json") or {}).get("lr", config.lr)
     if config.resume:  # every worker reads rank 0's checkpoint from --out (shared storage)
         resumed, notes = find_resume_checkpoint(run.path, config, tidy=dist.is_writer)
         agree_on_checkpoint(dist, resumed)
@@ -280,6 +285,40 @@ def build_model(config: TrainConfig, session: Session, num_classes: int) -> Mode
     if session.resumed is not None:
         resume_from(config, session.resumed, model, session.dist)
     return model
+
+
+# Steps of --recipe best's range test: on the head epochs' cached features they cost little.
+RECIPE_LR_FIND_STEPS = 60
+
+
+def find_lr(config: TrainConfig, session: Session, model: Model, feeds: Feeds) -> None:
+    """``--recipe best`` without ``--lr``: set ``config.lr`` by a short LR range test on the
+    train part, in the state the first epoch trains (the head alone, on cached features,
+    with ``--head-epochs``); every weight is restored. Writes ``lr_find.json`` and
+    ``lr_find.png``. A resumed run keeps the rate it measured (:func:`open_run`)."""
+    if not config.lr_find or config.resume:
+        return
+    if session.dist.distributed:
+        raise UsageError(
+            "--recipe best measures --lr in one process; for a distributed run, measure it "
+            "with `gluon-ft lr-find` and give --lr."
+        )
+    from gluon_ft.train.lr_find import range_test, write_lr_find
+
+    result = range_test(
+        feeds.net,
+        model.trainer,
+        feeds.train,
+        session.ctx,
+        model.loss_fn,
+        config,
+        num_steps=RECIPE_LR_FIND_STEPS,
+        prepare=feeds.prepare,
+    )
+    config.lr = result.suggestion
+    if session.writer:
+        write_lr_find(result, session.run.path)
+    say(config, f"lr-find: --lr {config.lr:.3g}, {result.method} (lr_find.png)")
 
 
 def resume_from(config: TrainConfig, checkpoint: Checkpoint, model: Model, dist) -> None:
@@ -356,6 +395,8 @@ def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopR
             break
         started = time.perf_counter()
         first_step = start_step if epoch == start_epoch else 0
+        if epoch == config.head_epochs and feeds.after_head is not None:
+            feeds = feeds.after_head()  # the body trains from here: images, not features
         gdata.set_epoch(feeds.train, epoch, first_step)
         rank = session.dist.rank if session.dist.distributed else None  # one process: no rank
         steps = EpochSteps(feeds.train, config.seed, epoch, first_step, stop, set_lr, rank)

@@ -33,6 +33,10 @@ class LrSchedule:
     warmup_epochs : float
         Linear warmup from ``base_lr / warmup_steps`` to ``base_lr`` first; 0 for none.
         Large rates with momentum diverge without it in the first steps from scratch.
+    start_epoch : int
+        The schedule (warmup, cosine) starts at this epoch; before it the rate is ``base_lr``:
+        the head epochs (``--head-epochs``), on a frozen body, as fastai's ``fine_tune``
+        trains its head in a cycle of its own.
     """
 
     base_lr: float
@@ -40,6 +44,7 @@ class LrSchedule:
     epochs: int = 1
     steps_per_epoch: int = 1
     warmup_epochs: float = 0.0
+    start_epoch: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
@@ -47,7 +52,7 @@ class LrSchedule:
 
     @property
     def total_steps(self) -> int:
-        return max(1, self.epochs * self.steps_per_epoch)
+        return max(1, (self.epochs - self.start_epoch) * self.steps_per_epoch)
 
     @property
     def warmup_steps(self) -> int:
@@ -57,7 +62,12 @@ class LrSchedule:
     def of(cls, config, steps_per_epoch: int) -> LrSchedule:
         """The schedule of a :class:`~gluon_ft.train.config.TrainConfig`."""
         return cls(
-            config.lr, config.lr_schedule, config.epochs, steps_per_epoch, config.warmup_epochs
+            config.lr,
+            config.lr_schedule,
+            config.epochs,
+            steps_per_epoch,
+            config.warmup_epochs,
+            config.head_epochs,
         )
 
     def setter(self, trainer) -> Callable[[int, int], None]:
@@ -71,7 +81,9 @@ class LrSchedule:
 
     def lr(self, epoch: int, step: int) -> float:
         """The rate of step ``step`` (0-based) of epoch ``epoch`` (0-based)."""
-        position = epoch * self.steps_per_epoch + step
+        if epoch < self.start_epoch:
+            return self.base_lr
+        position = (epoch - self.start_epoch) * self.steps_per_epoch + step
         if position < self.warmup_steps:
             return self.base_lr * (position + 1) / self.warmup_steps
         if self.kind == "constant":
