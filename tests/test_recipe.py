@@ -1,0 +1,164 @@
+"""``--head-epochs``, ``--bn inference`` and ``--recipe``: what each changes, and nothing else.
+
+Every run is mobilenet0.25 at 32 px from a random "pretrained" file (the mechanics, not the
+accuracy: the README's table measures that on real photos).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import conftest
+import mxnet as mx
+import numpy as np
+import pytest
+from conftest import record_steps, write_image_folder
+
+from gluon_ft.cli import _flags_given, main
+from gluon_ft.errors import Interrupted, UsageError
+from gluon_ft.freeze import FreezePlan, is_batchnorm
+from gluon_ft.model import build_model, walk_blocks
+from gluon_ft.train import TrainConfig, train
+from gluon_ft.train.config import RECIPE_PRESETS
+from gluon_ft.train.schedule import LrSchedule
+
+STEPS_PER_EPOCH = 3  # 12 train images in batches of 4
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    """Two colour classes, and a random mobilenet0.25 of 3 classes as the source."""
+    root = tmp_path_factory.mktemp("recipe")
+    data = write_image_folder(root / "data", n_train=6, n_test=2, size=36)
+    net = build_model("mobilenet0.25", 3)
+    net.initialize(mx.init.Xavier())
+    net(mx.nd.zeros((1, 3, 32, 32)))
+    source = root / "source.params"
+    net.save_parameters(str(source))
+    return {"data": data, "source": source, "root": root}
+
+
+def config(setup: dict, out: Path, **changes) -> TrainConfig:
+    settings = {"pretrained": str(setup["source"]), "ctx": "cpu", "epochs": 2, "momentum": 0.9}
+    return conftest.tiny_config(setup["data"], out, **{**settings, **changes})
+
+
+def arrays(path: Path) -> dict[str, np.ndarray]:
+    return {k: v.asnumpy() for k, v in mx.nd.load(str(path)).items()}
+
+
+def body(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v for k, v in params.items() if k.startswith("features.")}
+
+
+def test_head_epochs_train_the_head_alone_on_cached_features_then_everything(setup, tmp_path):
+    one = tmp_path / "one"
+    result = train(config(setup, one, head_epochs=1))
+    first, second = result["history"]
+    assert first["trainable_params"] == 2 * 256 + 2 and "unfrozen" not in first  # the head
+    assert second["unfrozen"] == ["all"] and second["trainable_params"] > 100_000
+    source = body(arrays(setup["source"]))
+    after_head = body(arrays(one / "checkpoints" / "epoch-0001" / "model.params"))
+    assert all(np.array_equal(source[k], after_head[k]) for k in source)  # BatchNorm too
+    finished = body(arrays(one / "model.params"))
+    assert any(not np.array_equal(source[k], finished[k]) for k in source)
+    assert json.loads((one / "config.json").read_text())["feature_cache"] is not None
+
+    # The head epoch is exactly a --freeze features --cache-features epoch.
+    frozen = tmp_path / "frozen"
+    train(config(setup, frozen, epochs=1, freeze="features", cache_features=True))
+    head = arrays(one / "checkpoints" / "epoch-0001" / "model.params")
+    assert all(np.array_equal(head[k], v) for k, v in arrays(frozen / "model.params").items())
+
+
+def test_head_epochs_resume_exact_after_a_stop_in_either_phase(setup, tmp_path, monkeypatch):
+    whole = tmp_path / "whole"
+    train(config(setup, whole, head_epochs=1, epochs=3))
+    for stop_after in (2, STEPS_PER_EPOCH + 2):  # in the head epoch, then in the body's
+        run = tmp_path / f"stopped-{stop_after}"
+        record_steps(monkeypatch, signal_after=stop_after, signum=signal.SIGINT)
+        with pytest.raises(Interrupted):
+            train(config(setup, run, head_epochs=1, epochs=3))
+        monkeypatch.undo()
+        train(config(setup, run, head_epochs=1, epochs=3, resume=True))
+        want, got = arrays(whole / "model.params"), arrays(run / "model.params")
+        assert all(np.array_equal(want[k], got[k]) for k in want), stop_after
+
+
+def test_the_schedule_starts_after_the_head_epochs():
+    schedule = LrSchedule(0.1, "cosine", epochs=3, steps_per_epoch=2, start_epoch=1)
+    rates = [schedule.lr(e, s) for e in range(3) for s in range(2)]
+    assert rates[:2] == [0.1, 0.1]  # the head epoch: the base rate
+    plain = LrSchedule(0.1, "cosine", epochs=2, steps_per_epoch=2)
+    assert rates[2:] == [plain.lr(e, s) for e in range(2) for s in range(2)]
+
+
+def test_bn_inference_normalizes_with_fixed_running_statistics_while_gamma_learns(
+    setup, tmp_path
+):
+    run = tmp_path / "run"
+    train(config(setup, run, epochs=1, bn="inference"))
+    before, after = arrays(setup["source"]), arrays(run / "model.params")
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    gammas = [k for k in before if k.endswith("gamma") and k.startswith("features.")]
+    assert stats and all(np.array_equal(before[k], after[k]) for k in stats)
+    assert any(not np.array_equal(before[k], after[k]) for k in gammas)
+    # The plain run moves them: the test can fail.
+    plain = tmp_path / "plain"
+    train(config(setup, plain, epochs=1))
+    assert any(not np.array_equal(before[k], arrays(plain / "model.params")[k]) for k in stats)
+
+
+def test_bn_inference_sets_every_batchnorm_on_running_statistics_and_keeps_it_when_opening():
+    net = build_model("mobilenet0.25", 2)
+    net.initialize()
+    plan = FreezePlan(bn="inference", head_epochs=1)
+    plan.setup(net)
+    plan.at_epoch(net, 1)
+    layers = [b for _, b in walk_blocks(net) if is_batchnorm(b)]
+    assert layers and all(b._kwargs["use_global_stats"] for b in layers)
+    assert all(p.grad_req == "write" for p in net.collect_params(".*gamma").values())
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"head_epochs": 3}, "--head-epochs must be between 0 and --epochs"),
+        ({"head_epochs": 1, "cache_features": True}, "pass one of them"),
+        ({"head_epochs": 1, "unfreeze_at": "0:output"}, "not both"),
+        ({"head_epochs": 1, "pretrained": "none"}, "from scratch"),
+        ({"recipe": "best", "pretrained": "none"}, "fine-tunes a pretrained network"),
+    ],
+)
+def test_refusals(setup, tmp_path, changes, message):
+    with pytest.raises(UsageError, match=message):
+        config(setup, tmp_path / "run", **changes).validate()
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipe_best_resolves_to_its_preset_and_explicit_settings_win():
+    best = TrainConfig(recipe="best")
+    applied = best.apply_recipe(given={"tta", "wd"})
+    assert "tta" not in applied and "wd" not in applied
+    preset = RECIPE_PRESETS["best"]
+    for name, value in preset.items():
+        if name in ("lr", "tta", "wd"):
+            continue
+        assert getattr(best, name) == value, name
+    assert best.tta == 1 and best.wd == TrainConfig().wd
+    assert best.lr_find == (preset.get("lr") == "find")
+    assert TrainConfig().apply_recipe() == {}  # the book's recipe sets nothing
+
+
+def test_given_flags_are_those_on_the_command_line_whatever_their_values():
+    words = ["--data", "d", "--tta", "1", "--lr", "0.01", "--recipe", "best"]
+    assert _flags_given(words) == {"data", "tta", "lr", "recipe"}
+
+
+def test_train_help_writes_the_preset_out(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--head-epochs 1" in help_text and "--optimizer adamw" in help_text
