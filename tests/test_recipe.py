@@ -95,9 +95,7 @@ def test_the_schedule_starts_after_the_head_epochs():
     assert rates[2:] == [plain.lr(e, s) for e in range(2) for s in range(2)]
 
 
-def test_bn_inference_normalizes_with_fixed_running_statistics_while_gamma_learns(
-    setup, tmp_path
-):
+def test_bn_inference_normalizes_with_fixed_running_statistics_while_gamma_learns(setup, tmp_path):
     run = tmp_path / "run"
     train(config(setup, run, epochs=1, bn="inference"))
     before, after = arrays(setup["source"]), arrays(run / "model.params")
