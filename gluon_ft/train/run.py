@@ -41,6 +41,7 @@ from gluon_ft.train.config import TrainConfig
 from gluon_ft.train.devices import parse_contexts
 from gluon_ft.train.dist import DistContext, connect
 from gluon_ft.train.feeds import Feeds, load_dataset, make_feeds, require_readable
+from gluon_ft.train.mixing import Mixer
 from gluon_ft.train.network import build_network, infer_shapes, make_loss, make_trainer
 from gluon_ft.train.resume import (
     EpochSteps,
@@ -114,6 +115,7 @@ class Model:
     table_log: Path
     trainer: gluon.Trainer | None = None
     loss_fn: gluon.Block = field(default_factory=gluon.loss.SoftmaxCrossEntropyLoss)
+    mixer: Mixer | None = None  # --mixup/--cutmix, None when both are off
 
 
 @dataclass
@@ -181,6 +183,7 @@ def train(config: TrainConfig) -> dict:
                 check_same_data(session.run.path, list(parts.classes), data_files)
             model = build_model(config, session, len(parts.classes))
             model.loss_fn = make_loss(config, parts.train.labels(), len(parts.classes), session.ctx)
+            model.mixer = Mixer.of(config, len(parts.classes))
             feeds = make_feeds(config, model.net, parts, session.ctx, session.dist)
             write_config(config, session, model, feeds, parts, data_files)
             history = run_epochs(config, session, model, feeds, stop)
@@ -468,6 +471,7 @@ def fit_epoch(config, session: Session, model: Model, feeds: Feeds, steps, progr
                 bar,
                 step_samples,
                 feeds.prepare,
+                model.mixer if model.mixer and model.mixer.mixes(steps.epoch) else None,
             )
         except DivergedError as err:
             raise diverged_since(err, steps.epoch, progress.last_checkpoint) from None
