@@ -296,3 +296,15 @@ def test_every_trick_resumes_exactly_mid_epoch_on_two_devices(data, tmp_path, mo
     trained = [k for k in unstopped if "running_" not in k]
     assert len(trained) > 50 and unstopped.keys() == resumed.keys()
     assert all(np.array_equal(unstopped[k], resumed[k]) for k in trained)
+
+
+def test_mixing_refuses_cached_features_with_exit_2(data, tmp_path):
+    """Mixing needs images; cached features are of unmixed ones: a usage error, no traceback."""
+    done = run_cli(
+        *("train", "--data", str(data), "--model", "mobilenet0.25", "--pretrained", "none"),
+        *("--freeze", "features", "--cache-features", "--mixup", "0.2"),
+        *("--out", str(tmp_path / "run"), "--no-progress"),
+    )
+    assert done.returncode == 2, done.stderr
+    assert "--cache-features" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "run" / "config.json").exists()
