@@ -289,8 +289,8 @@ def test_every_trick_resumes_exactly_mid_epoch(data, tmp_path, monkeypatch):
 
 def test_every_trick_resumes_exactly_mid_epoch_on_two_devices(data, tmp_path, monkeypatch):
     """On two devices every trained weight comes back bit for bit. The BatchNorm running
-    statistics are left out: a mid-epoch resume on cpu:2 changes them on main too, with the
-    book's SGD alone (to the lead: a finding outside this issue)."""
+    statistics are left out: on cpu:2 they differ between two identical unstopped runs already
+    (on main too, with the book's SGD alone), so no resume can match them bit for bit."""
     tricks = {**ALL_TRICKS, "ctx": "cpu:2"}
     unstopped, resumed = interrupted_and_resumed(data, tmp_path, monkeypatch, **tricks)
     trained = [k for k in unstopped if "running_" not in k]
