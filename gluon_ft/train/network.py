@@ -71,10 +71,11 @@ class SoftTargetLoss:
 
 def make_loss(config: TrainConfig, train_labels, num_classes: int, ctx: list[mx.Context]):
     """The training loss: plain, or with ``--class-weights auto`` weighted by the inverse
-    frequency of each class in the train part (the loss's sample weights).
+    frequency of each class in the train part.
 
-    With ``--label-smoothing``, ``--mixup`` or ``--cutmix`` it is :class:`SoftTargetLoss`;
-    without them the book's sparse-label loss, bit for bit.
+    With ``--label-smoothing``, ``--mixup`` or ``--cutmix`` it is :class:`SoftTargetLoss`
+    (the weights on each class's term); without them the book's sparse-label loss, bit for
+    bit, or :class:`ClassWeightedLoss` (the weights as the loss's sample weights).
     """
     weights = None
     if config.class_weights != "none":
@@ -96,7 +97,7 @@ def make_trainer(
     """
     params = {"learning_rate": config.lr, "wd": config.wd}
     if config.optimizer == "adamw":
-        optimizer = AdamW.__name__.lower()
+        optimizer = AdamW.__name__.lower()  # the name its registration gives it
     else:
         optimizer = "sgd"
         if config.momentum:
