@@ -96,7 +96,12 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
         help=f"lr_mult of the new output layer (default {d.head_lr_mult:g}); from scratch "
         "(--pretrained none, pretrain) there is no new head and it has no effect",
     )
-    p.add_argument("--wd", type=float, default=d.wd)
+    p.add_argument(
+        "--wd",
+        type=float,
+        default=d.wd,
+        help=f"weight decay (default {d.wd:g}): SGD's L2 term; decoupled under --optimizer adamw",
+    )
     p.add_argument("--momentum", type=float, default=d.momentum)
     p.add_argument(
         "--lr-schedule",
@@ -274,14 +279,17 @@ def add_recipe_arguments(p: argparse.ArgumentParser, d) -> None:
         "--optimizer",
         choices=OPTIMIZERS,
         default=d.optimizer,
-        help="sgd (default, the book's) or adamw (decoupled weight decay)",
+        help="sgd (default, the book's) or adamw (betas 0.9/0.999, eps 1e-8): --wd is then "
+        "decoupled, each step takes lr * wd * w off, as PyTorch's AdamW(weight_decay=wd); "
+        "try --lr 0.001 --wd 0.01",
     )
     g.add_argument(
         "--label-smoothing",
         type=float,
         default=d.label_smoothing,
         metavar="F",
-        help="train on targets of 1 - F for the class and F / classes for each (default 0)",
+        help="train on targets of 1 - F + F/K for the class and F/K for each other of the K "
+        "classes (default 0)",
     )
     g.add_argument(
         "--mixup",

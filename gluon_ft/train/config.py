@@ -215,6 +215,11 @@ class TrainConfig:
                 raise UsageError(f"--{name} ALPHA must be >= 0 (0: off), got {value:g}.")
         if self.mix_off_epoch is not None and self.mix_off_epoch < 1:
             raise UsageError("--mixup-off-epoch must be at least 1.")
+        if self.cache_features and (self.mixup or self.cutmix):
+            raise UsageError(
+                "--mixup and --cutmix mix images, but --cache-features trains on the stored "
+                "features of unmixed images: leave out --cache-features, or the mixing."
+            )
         if self.ema is not None and not (math.isfinite(self.ema) and 0 < self.ema < 1):
             raise UsageError(f"--ema DECAY must be in (0, 1), e.g. 0.999; got {self.ema:g}.")
         if self.ema_save not in EMA_SAVES:
@@ -258,6 +263,11 @@ class TrainConfig:
                 f"--head-lr-mult {self.head_lr_mult:g} has no effect from scratch: there is no "
                 "new head, so the output layer learns at --lr like every layer "
                 "(config.json: head_lr_mult_used 1.0)."
+            )
+        if self.optimizer == "adamw" and self.momentum:
+            found.append(
+                f"--momentum {self.momentum:g} has no effect under --optimizer adamw, which "
+                "keeps its own moment estimates (betas 0.9, 0.999)."
             )
         return found
 

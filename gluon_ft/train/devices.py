@@ -60,12 +60,15 @@ def split_batch(images: np.ndarray, labels: np.ndarray, ctx: list[mx.Context]):
     A batch smaller than the context count uses fewer contexts. (MXNet 1.9.1's
     ``split_and_load(even_split=False)`` fails on a 1-sample batch over 2 contexts.)
     """
-    used = ctx[: min(len(ctx), len(labels))]
-    image_parts = np.array_split(images, len(used))
-    label_parts = np.array_split(labels, len(used))
-    xs = [mx.nd.array(part, ctx=c, dtype=part.dtype) for part, c in zip(image_parts, used)]
-    ys = [mx.nd.array(part, ctx=c, dtype="int32") for part, c in zip(label_parts, used)]
-    return xs, ys
+    return split_rows(images, ctx), split_rows(labels, ctx, "int32")
+
+
+def split_rows(rows: np.ndarray, ctx: list[mx.Context], dtype=None) -> list:
+    """Load the rows of a host array onto the contexts in the slices :func:`split_batch` makes
+    (e.g. the soft targets of a mixed batch beside its images)."""
+    used = ctx[: min(len(ctx), len(rows))]
+    parts = np.array_split(rows, len(used))
+    return [mx.nd.array(part, ctx=c, dtype=dtype or part.dtype) for part, c in zip(parts, used)]
 
 
 def zero_unused_grads(net: gluon.Block, unused: list[mx.Context]) -> None:
@@ -81,7 +84,8 @@ def zero_unused_grads(net: gluon.Block, unused: list[mx.Context]) -> None:
             param.data(c)._fresh_grad = True
 
 
-def micro_batches(images: np.ndarray, labels: np.ndarray, count: int):
-    """Split a host batch into ``count`` near-equal micro-batches (fewer if it is short)."""
+def micro_batches(images: np.ndarray, labels: np.ndarray, count: int, *more: np.ndarray):
+    """Split a host batch into ``count`` near-equal micro-batches (fewer if it is short):
+    ``(images, labels, *more)`` tuples, ``more`` being further arrays of the same rows."""
     pieces = max(1, min(count, len(labels)))
-    return list(zip(np.array_split(images, pieces), np.array_split(labels, pieces)))
+    return list(zip(*(np.array_split(rows, pieces) for rows in (images, labels, *more))))

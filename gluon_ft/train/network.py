@@ -2,7 +2,8 @@
 
 The book's graft (a source model's body under a new head, Xavier-initialized, learning
 ``--head-lr-mult`` times faster) or the scratch twin, then the freeze plan, a first
-predict-mode pass for the shapes, ``hybridize`` and SGD.
+predict-mode pass for the shapes, ``hybridize``, the loss and the optimizer (the book's SGD,
+or ``--optimizer adamw``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from gluon_ft import data as gdata
 from gluon_ft.balance import inverse_frequency
 from gluon_ft.model import graft_new_head, load_source_model, scratch_twin
 from gluon_ft.train import amp
+from gluon_ft.train.adamw import AdamW
 from gluon_ft.train.config import TrainConfig
 from gluon_ft.train.dist import DistContext
 
@@ -38,31 +40,75 @@ class ClassWeightedLoss:
         return self.loss(out, label, weights)
 
 
+class SoftTargetLoss:
+    """Cross-entropy against dense targets: label smoothing, mixed targets, class weights.
+
+    A target is a row of class probabilities (mixup and CutMix give ``lam * onehot(y) +
+    (1 - lam) * onehot(y')``) or a class index (made one-hot). Label smoothing ``F`` then
+    makes ``(1 - F) * target + F / K`` over the ``K`` classes: ``1 - F + F / K`` on the class
+    and ``F / K`` on each other, the timm and GluonCV convention. Class weights ``w`` weight
+    each class's term, ``-sum_k w_k * target_k * log p_k``, as PyTorch's ``CrossEntropyLoss``
+    does for probability targets; for a one-hot target that is ``w_y * CE``.
+    """
+
+    def __init__(self, num_classes: int, smoothing: float, class_weights, ctx: list[mx.Context]):
+        self.num_classes = num_classes
+        self.smoothing = smoothing
+        self.loss = gluon.loss.SoftmaxCrossEntropyLoss(sparse_label=False)
+        self.weights = None
+        if class_weights is not None:
+            self.weights = {c: mx.nd.array(class_weights, ctx=c).reshape((1, -1)) for c in ctx}
+
+    def __call__(self, out, target):
+        if target.ndim == 1:
+            target = mx.nd.one_hot(target, self.num_classes)
+        if self.smoothing:
+            target = target * (1.0 - self.smoothing) + self.smoothing / self.num_classes
+        if self.weights is not None:
+            target = mx.nd.broadcast_mul(target, self.weights[target.context])
+        return self.loss(out, target)
+
+
 def make_loss(config: TrainConfig, train_labels, num_classes: int, ctx: list[mx.Context]):
     """The training loss: plain, or with ``--class-weights auto`` weighted by the inverse
-    frequency of each class in the train part (the loss's sample weights)."""
-    if config.class_weights == "none":
+    frequency of each class in the train part.
+
+    With ``--label-smoothing``, ``--mixup`` or ``--cutmix`` it is :class:`SoftTargetLoss`
+    (the weights on each class's term); without them the book's sparse-label loss, bit for
+    bit, or :class:`ClassWeightedLoss` (the weights as the loss's sample weights).
+    """
+    weights = None
+    if config.class_weights != "none":
+        weights = inverse_frequency(train_labels, num_classes)
+    if config.label_smoothing or config.mixup or config.cutmix:
+        return SoftTargetLoss(num_classes, config.label_smoothing, weights, ctx)
+    if weights is None:
         return gluon.loss.SoftmaxCrossEntropyLoss()
-    return ClassWeightedLoss(inverse_frequency(train_labels, num_classes), ctx)
+    return ClassWeightedLoss(weights, ctx)
 
 
 def make_trainer(
     net: gluon.Block, config: TrainConfig, ctx: list[mx.Context], dist: DistContext | None = None
 ) -> gluon.Trainer:
-    """SGD over every parameter; ``grad_req='null'`` ones are skipped by the Trainer itself.
+    """SGD (or ``--optimizer adamw``: :class:`~gluon_ft.train.adamw.AdamW`) over every
+    parameter; ``grad_req='null'`` ones are skipped by the Trainer itself.
 
     A distributed ``dist`` brings its own kvstore (see :meth:`DistContext.trainer_options`).
     """
     params = {"learning_rate": config.lr, "wd": config.wd}
-    if config.momentum:
-        params["momentum"] = config.momentum
+    if config.optimizer == "adamw":
+        optimizer = AdamW.__name__.lower()  # the name its registration gives it
+    else:
+        optimizer = "sgd"
+        if config.momentum:
+            params["momentum"] = config.momentum
     if dist is not None and dist.distributed:
         options = dist.trainer_options()
     else:
         # One context needs no kvstore; several aggregate on the device kvstore.
         kvstore = config.kvstore or ("device" if len(ctx) > 1 else None)
         options = {"kvstore": kvstore, **amp.trainer_kwargs(config.dtype)}
-    trainer = gluon.Trainer(net.collect_params(), "sgd", params, **options)
+    trainer = gluon.Trainer(net.collect_params(), optimizer, params, **options)
     amp.prepare_trainer(trainer, config.dtype)
     if dist is not None:
         dist.broadcast_initial_parameters(trainer)

@@ -41,6 +41,7 @@ from gluon_ft.train.config import TrainConfig
 from gluon_ft.train.devices import parse_contexts
 from gluon_ft.train.dist import DistContext, connect
 from gluon_ft.train.feeds import Feeds, load_dataset, make_feeds, require_readable
+from gluon_ft.train.mixing import Mixer
 from gluon_ft.train.network import build_network, infer_shapes, make_loss, make_trainer
 from gluon_ft.train.resume import (
     EpochSteps,
@@ -115,6 +116,7 @@ class Model:
     table_log: Path
     trainer: gluon.Trainer | None = None
     loss_fn: gluon.Block = field(default_factory=gluon.loss.SoftmaxCrossEntropyLoss)
+    mixer: Mixer | None = None  # --mixup/--cutmix, None when both are off
 
 
 @dataclass
@@ -182,6 +184,7 @@ def train(config: TrainConfig) -> dict:
                 check_same_data(session.run.path, list(parts.classes), data_files)
             model = build_model(config, session, len(parts.classes))
             model.loss_fn = make_loss(config, parts.train.labels(), len(parts.classes), session.ctx)
+            model.mixer = Mixer.of(config, len(parts.classes))
             first_epoch = session.resumed.position[0] if session.resumed else 0
             feeds = make_feeds(config, model.net, parts, session.ctx, session.dist, first_epoch)
             find_lr(config, session, model, feeds)
@@ -509,9 +512,18 @@ def fit_epoch(config, session: Session, model: Model, feeds: Feeds, steps, progr
                 bar,
                 step_samples,
                 feeds.prepare,
+                epoch_mixer(model, feeds, steps.epoch),
             )
         except DivergedError as err:
             raise diverged_since(err, steps.epoch, progress.last_checkpoint) from None
+
+
+def epoch_mixer(model: Model, feeds: Feeds, epoch: int):
+    """The epoch's mixup/CutMix, or None: off from ``--mixup-off-epoch``, and in the head
+    epochs, whose batches are cached features rather than images."""
+    if model.mixer is None or feeds.cache is not None or not model.mixer.mixes(epoch):
+        return None
+    return model.mixer
 
 
 def check_epoch_finite(model: Model, sums: MetricSums, steps, epoch: int, progress) -> None:

@@ -21,8 +21,9 @@ from gluon_ft import data as gdata
 from gluon_ft.errors import DivergedError
 from gluon_ft.train import amp
 from gluon_ft.train.config import TrainConfig
-from gluon_ft.train.devices import micro_batches, split_batch, zero_unused_grads
+from gluon_ft.train.devices import micro_batches, split_batch, split_rows, zero_unused_grads
 from gluon_ft.train.dist import DistContext
+from gluon_ft.train.mixing import Mixer
 
 
 class MetricSums:
@@ -131,20 +132,28 @@ def train_batch(
     sums: MetricSums,
     prepare=gdata.normalize_batch,
     step_size: int | None = None,
+    mixer: Mixer | None = None,
 ) -> None:
     """One optimizer step on a host batch, its loss and accuracy added to ``sums``.
 
     ``images is None`` (every file of the batch unreadable) takes a step with zero gradients,
     which a distributed worker must, since the others wait for it. ``step_size`` is the
-    step's global batch in a distributed run; else the batch's own size.
+    step's global batch in a distributed run; else the batch's own size. A ``mixer`` mixes
+    the host batch first (before it is split, so alike on any number of devices); the loss
+    then gets its soft targets, and accuracy counts the dominant label of each sample.
     """
+    extra = ()  # the mixed batch's soft targets, cut alongside the images and labels
+    if images is not None and mixer is not None:
+        mixed = mixer(images, labels)
+        images, labels, extra = mixed.images, mixed.labels, (mixed.targets,)
     reached = 0  # contexts that got a slice of some micro-batch of this step
-    parts = [] if images is None else micro_batches(images, labels, config.accumulate)
-    for part_images, part_labels in parts:
+    parts = [] if images is None else micro_batches(images, labels, config.accumulate, *extra)
+    for part_images, part_labels, *part_targets in parts:
         xs, ys = split_batch(part_images, part_labels, ctx)
+        targets = split_rows(part_targets[0], ctx) if part_targets else ys
         with autograd.record():
             outs = [net(prepare(x)) for x in xs]
-            losses = [loss_fn(out, y) for out, y in zip(outs, ys)]
+            losses = [loss_fn(out, t) for out, t in zip(outs, targets)]
         # With --accumulate, grad_req is 'add': the micro-batches' gradients sum up.
         amp.backward(losses, trainer, config.dtype)
         sums.add(outs, ys, losses)
@@ -167,6 +176,7 @@ def train_epoch(
     bar=None,
     step_samples=None,
     prepare=gdata.normalize_batch,
+    mixer: Mixer | None = None,
 ):
     """One pass over ``loader``; returns ``(MetricSums, skipped files, seconds)``.
 
@@ -175,7 +185,8 @@ def train_epoch(
 
     ``step_samples`` (distributed runs) lists the global batch size of each step: the summed
     gradient of all workers is divided by it, and a worker takes every step, with zero
-    gradients when its part of the batch is empty, since the others wait for it.
+    gradients when its part of the batch is empty, since the others wait for it. ``mixer``
+    mixes each batch (mixup, CutMix; see :func:`train_batch`).
     """
     sums = MetricSums(ctx)
     skipped = 0
@@ -185,7 +196,9 @@ def train_epoch(
         if images is None and step_samples is None:
             continue
         step_size = None if step_samples is None else step_samples[step - 1]
-        train_batch(net, trainer, images, labels, ctx, loss_fn, config, sums, prepare, step_size)
+        train_batch(
+            net, trainer, images, labels, ctx, loss_fn, config, sums, prepare, step_size, mixer
+        )
         if bar is not None:
             bar.update(1)
         if step % config.log_every == 0 and sums.count:
