@@ -12,6 +12,7 @@ import pytest
 from conftest import record_steps, run_cli, tiny_config, write_class_folders, write_image_folder
 
 from gluon_ft import data as gdata
+from gluon_ft.errors import UsageError
 from gluon_ft.train.checkpoint import optimizer_state
 from gluon_ft.train.devices import parse_contexts
 from gluon_ft.train.feeds import image_loaders, load_dataset
@@ -173,4 +174,12 @@ def test_bad_input_exits_2_with_a_message(tmp_path, flags, message):
     done = run_cli("lr-find", *args, cwd=tmp_path)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
-    assert not (tmp_path / "out" / "lr_find.json").exists()
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+def test_a_training_part_without_a_readable_image_is_a_usage_error(tmp_path):
+    data = write_image_folder(tmp_path / "data", n_train=2, n_test=1, size=32)
+    config, ctx, net, trainer, _, loss_fn = _setup(data, tmp_path)
+    unreadable = [(None, None, 4)]  # what the loader gives for a batch of broken files
+    with pytest.raises(UsageError, match="no readable image"):
+        range_test(net, trainer, unreadable, ctx, loss_fn, config, 5)

@@ -20,6 +20,7 @@ from pathlib import Path
 import mxnet as mx
 from mxnet import gluon
 
+from gluon_ft import data as gdata
 from gluon_ft import paths
 from gluon_ft.errors import UsageError
 from gluon_ft.plots import plot_lr_find
@@ -126,19 +127,20 @@ def suggest_valley(lrs: list[float], smoothed: list[float]) -> tuple[float | Non
 
 
 def _passes(loader):
-    """Batches from ``loader``, pass after pass; each pass is the next epoch's order and
-    augmentation when the loader has them (gluon-ft's)."""
+    """The batches of ``loader`` that hold a readable image, pass after pass; each pass is the
+    next epoch's order and augmentation when the loader has them (gluon-ft's)."""
     sampler = getattr(loader, "_batch_sampler", None)
     epoch = 0
     while True:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         empty = True
-        for batch in loader:
-            empty = False
-            yield batch
+        for images, labels, _ in loader:
+            if images is not None:
+                empty = False
+                yield images, labels
         if empty:
-            raise UsageError("The LR range test got no batch: the training part is empty.")
+            raise UsageError("The LR range test found no readable image in the training part.")
         epoch += 1
 
 
@@ -152,6 +154,7 @@ def range_test(
     num_steps: int = 100,
     start_lr: float = 1e-7,
     end_lr: float = 10.0,
+    prepare=gdata.normalize_batch,
 ) -> LrFindResult:
     """Train ``num_steps`` steps at exponentially growing rates; put everything back.
 
@@ -164,8 +167,9 @@ def range_test(
     loader
         Training batches ``(images, labels, unreadable)``; it is gone over again if shorter
         than ``num_steps``. Batches with no readable image are passed over.
-    ctx, loss_fn, config
-        As for :func:`~gluon_ft.train.step.train_batch`.
+    ctx, loss_fn, config, prepare
+        As for :func:`~gluon_ft.train.step.train_batch` (``prepare``: identity for cached
+        features, with the head as ``net``).
     num_steps, start_lr, end_lr
         The base rate of step ``i`` is :func:`lr_at`; the test stops early once the smoothed
         loss exceeds ``BLOW_UP`` times the best so far, or is not finite.
@@ -180,31 +184,26 @@ def range_test(
     sampler = getattr(loader, "_batch_sampler", None)
     position = (sampler.epoch, sampler.first_batch) if hasattr(sampler, "set_epoch") else None
     lrs, losses, smoothed = [], [], []
-    stopped_early = False
+    blew_up = False
     mx.random.seed(config.seed)  # the same settings give the same curve
     try:
         batches = _passes(loader)
-        while len(lrs) < num_steps:
-            images, labels, _ = next(batches)
-            if images is None:
-                continue
-            lr = lr_at(len(lrs), num_steps, start_lr, end_lr)
-            trainer.set_learning_rate(lr)
+        while len(lrs) < num_steps and not blew_up:
+            images, labels = next(batches)
+            lrs.append(lr_at(len(lrs), num_steps, start_lr, end_lr))
+            trainer.set_learning_rate(lrs[-1])
             sums = MetricSums(ctx)
-            train_batch(net, trainer, images, labels, ctx, loss_fn, config, sums)
-            lrs.append(lr)
+            train_batch(net, trainer, images, labels, ctx, loss_fn, config, sums, prepare)
             losses.append(sums.read()[0])
             smoothed = smooth(losses)
-            best = min(smoothed)
-            if not math.isfinite(smoothed[-1]) or smoothed[-1] > BLOW_UP * best:
-                stopped_early = len(lrs) < num_steps
-                break
+            blew_up = not math.isfinite(smoothed[-1]) or smoothed[-1] > BLOW_UP * min(smoothed)
     finally:
         snapshot.restore()
         if position is not None:
             sampler.set_epoch(*position)
     # The step that blew up is kept in the curve, but no suggestion comes from it.
-    suggestion, how = suggest_valley(lrs, smoothed[:-1] if stopped_early else smoothed)
+    suggestion, how = suggest_valley(lrs, smoothed[:-1] if blew_up else smoothed)
+    stopped_early = blew_up and len(lrs) < num_steps
     return LrFindResult(lrs, losses, smoothed, suggestion, METHOD, how, stopped_early, len(lrs))
 
 
@@ -244,15 +243,15 @@ def lr_find(
     amp.check_dtype(config.dtype, ctx)
     amp.enable(config.dtype)  # before the first forward pass builds a graph
     parts = load_dataset(config.data, config.val_split, config.test_split, config.seed)
-    out = Path(out_dir or default_lr_find_out(config)).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"Cannot write --out {out}: {err}") from None
     net, _, _ = ready_network(config, len(parts.classes), ctx)
     trainer = make_trainer(net, config, ctx)
     loss_fn = make_loss(config, parts.train.labels(), len(parts.classes), ctx)
     loader, _ = image_loaders(config, parts.train, parts.train)  # the second is never read
+    out = Path(out_dir or default_lr_find_out(config)).expanduser()
+    try:  # before the steps, after the checks of the data and the weights
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"Cannot write --out {out}: {err}") from None
     result = range_test(net, trainer, loader, ctx, loss_fn, config, num_steps, start_lr, end_lr)
     settings = {
         "start_lr": start_lr,
