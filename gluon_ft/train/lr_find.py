@@ -186,8 +186,8 @@ def range_test(
     lrs, losses, smoothed = [], [], []
     blew_up = False
     mx.random.seed(config.seed)  # the same settings give the same curve
+    batches = _passes(loader)
     try:
-        batches = _passes(loader)
         while len(lrs) < num_steps and not blew_up:
             images, labels = next(batches)
             lrs.append(lr_at(len(lrs), num_steps, start_lr, end_lr))
@@ -198,6 +198,7 @@ def range_test(
             smoothed = smooth(losses)
             blew_up = not math.isfinite(smoothed[-1]) or smoothed[-1] > BLOW_UP * min(smoothed)
     finally:
+        batches.close()  # ends the loader's pass (and its worker processes) now
         snapshot.restore()
         if position is not None:
             sampler.set_epoch(*position)
