@@ -446,6 +446,69 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+class _OnlyFlags:
+    """Stands for a parser, keeping only the flags in ``names``: another command takes some
+    of ``train``'s flags from :func:`add_train_arguments` itself, not from a copy."""
+
+    def __init__(self, parser, names: frozenset[str]):
+        self.parser = parser
+        self.names = names
+
+    def add_argument(self, *flags, **kwargs):
+        if flags[0] in self.names:
+            self.parser.add_argument(*flags, **kwargs)
+
+    def add_argument_group(self, *args, **kwargs):
+        return _OnlyFlags(self.parser.add_argument_group(*args, **kwargs), self.names)
+
+
+# train's flags that shape a training step, so the range test measures the planned training.
+LR_FIND_TRAIN_FLAGS = frozenset(
+    "--data --val-split --test-split --model --pretrained --batch-size --head-lr-mult --wd "
+    "--momentum --optimizer --image-size --crop-scale --freeze --bn --layer-lr-decay "
+    "--accumulate --class-weights --sampler --ctx --dtype --workers --seed".split()
+)
+
+
+def add_lr_find_arguments(p: argparse.ArgumentParser) -> None:
+    """``train``'s flags that shape a step, and the range of the test."""
+    add_train_arguments(_OnlyFlags(p, LR_FIND_TRAIN_FLAGS))
+    p.add_argument(
+        "--steps", type=_positive_int, default=100, help="steps of the test (default %(default)s)"
+    )
+    p.add_argument(
+        "--start-lr",
+        type=_positive_float,
+        default=1e-7,
+        help="--lr of the first step (default %(default)g)",
+    )
+    p.add_argument(
+        "--end-lr",
+        type=_positive_float,
+        default=10.0,
+        help="--lr of the last step; the test stops earlier when the loss blows up "
+        "(default %(default)g)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="folder for lr_find.json and lr_find.png (default runs/lr-find-<data>-<model>-<time>)",
+    )
+
+
+def _run_lr_find(args: argparse.Namespace) -> int:
+    from gluon_ft.train.lr_find import lr_find
+
+    result, out = lr_find(_config_from(args), args.out, args.steps, args.start_lr, args.end_lr)
+    if result.suggestion is None:
+        print(f"no suggested lr: {result.how}")
+    else:
+        print(f"suggested lr: {result.suggestion:.3g} ({result.how})")
+    stopped = ", stopped early: the loss blew up" if result.stopped_early else ""
+    print(f"{result.steps} step(s){stopped}; wrote {out / 'lr_find.json'} and lr_find.png")
+    return 0
+
+
 def add_pack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="image folder with train/<class>/* and test/<class>/*")
     p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX-{train,test}.rec")
@@ -966,6 +1029,11 @@ COMMANDS = {
         "train a source model on a source dataset; writes a params file",
         add_pretrain_arguments,
         _run_pretrain,
+    ),
+    "lr-find": (
+        "LR range test: the loss against a growing --lr, and a suggested rate; changes nothing",
+        add_lr_find_arguments,
+        _run_lr_find,
     ),
     "demo": (
         "the offline end-to-end demo on the built-in synthetic transfer task",

@@ -45,6 +45,30 @@ def plot_curves(history: Sequence[dict], path: str | Path | None = None, title: 
     return _finish(fig, path)
 
 
+def plot_lr_find(lrs, losses, smoothed, suggestion: float | None = None, path=None):
+    """The LR range test: each step's loss and the smoothed curve against the rate (log
+    axis), the suggested rate marked."""
+    import math
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    finite = [(lr, x, s) for lr, x, s in zip(lrs, losses, smoothed) if math.isfinite(s)]
+    ax.plot(lrs, losses, ".", color="0.7", label="loss per step")
+    ax.plot([f[0] for f in finite], [f[2] for f in finite], "-", label="smoothed")
+    if finite:  # a blown-up last loss would squash the curve: the smoothed range sets the axis
+        low = min(f[2] for f in finite)
+        high = max(f[2] for f in finite)
+        margin = 0.05 * (high - low or 1.0)
+        ax.set_ylim(low - margin, high + margin)
+    if suggestion is not None:
+        ax.axvline(suggestion, color="tab:red", linestyle="--", label=f"suggested {suggestion:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (--lr, per batch)")
+    ax.set_ylabel("training loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return _finish(fig, path)
+
+
 def plot_comparison(histories: dict[str, Sequence[dict]], path=None, metric: str = "test_acc"):
     """One line per run (e.g. fine-tuned, scratch, frozen) of ``metric`` against epoch."""
     fig, ax = plt.subplots(figsize=(5, 3.4))

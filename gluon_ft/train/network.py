@@ -12,6 +12,7 @@ import mxnet as mx
 from mxnet import gluon
 
 from gluon_ft import data as gdata
+from gluon_ft import zoo
 from gluon_ft.balance import inverse_frequency
 from gluon_ft.model import graft_new_head, load_source_model, scratch_twin
 from gluon_ft.train import amp
@@ -26,6 +27,23 @@ def build_network(config: TrainConfig, num_classes: int, ctx: list[mx.Context]):
         return scratch_twin(config.model, num_classes, ctx, config.image_size), None
     source = load_source_model(config.model, config.pretrained, config.image_size)
     return graft_new_head(source, num_classes, config.head_lr_mult, ctx), source
+
+
+def ready_network(config: TrainConfig, num_classes: int, ctx: list[mx.Context], build=None):
+    """Return ``(net, source, plan)``: the network as a run trains it, frozen as planned, its
+    shapes inferred, hybridized.
+
+    ``build`` makes ``(net, source)``; :func:`build_network` by default. Seeded by ``--seed``
+    first: the new head's initialization draws from ``mx.random``.
+    """
+    mx.random.seed(config.seed)
+    net, source = (build or build_network)(config, num_classes, ctx)
+    zoo.check_input_size(net, config.model, config.image_size)  # e.g. SqueezeNet below 224 px
+    plan = config.freeze_plan()
+    plan.setup(net)
+    infer_shapes(net, config, ctx)
+    net.hybridize(static_alloc=True, static_shape=True)
+    return net, source, plan
 
 
 class ClassWeightedLoss:

@@ -42,7 +42,7 @@ from gluon_ft.train.devices import parse_contexts
 from gluon_ft.train.dist import DistContext, connect
 from gluon_ft.train.feeds import Feeds, load_dataset, make_feeds, require_readable
 from gluon_ft.train.mixing import Mixer
-from gluon_ft.train.network import build_network, infer_shapes, make_loss, make_trainer
+from gluon_ft.train.network import build_network, make_loss, make_trainer, ready_network
 from gluon_ft.train.resume import (
     EpochSteps,
     StopRequest,
@@ -271,18 +271,13 @@ def load_data(config: TrainConfig, session: Session) -> DatasetParts:
 def build_model(config: TrainConfig, session: Session, num_classes: int) -> Model:
     """The graft (or scratch twin), frozen as planned, hybridized, with its Trainer."""
     ctx = session.ctx
-    mx.random.seed(config.seed)  # before the graft: the new head's initialization draws from it
-    net, source = build_network(config, num_classes, ctx)
-    zoo.check_input_size(net, config.model, config.image_size)  # e.g. SqueezeNet below 224 px
-    plan = config.freeze_plan()
-    plan.setup(net)
-    infer_shapes(net, config, ctx)
+    # build_network by its name here: tests put a tiny network in its place.
+    net, source, plan = ready_network(config, num_classes, ctx, build_network)
     # The parameter table, at the start and each change (rank 0's file only).
     table_log = session.run.path / "trainable.txt" if session.writer else Path(os.devnull)
     table = log_table(table_log, net, "epoch 1: at the start")
     if session.writer:
         say(config, f"{table.summary()} (table: {table_log})")
-    net.hybridize(static_alloc=True, static_shape=True)
     model = Model(net, source, plan, table, table_log)
     model.trainer = make_trainer(net, config, ctx, session.dist)
     if session.resumed is not None:
