@@ -173,9 +173,10 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
     p.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
     p.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16", "float16"),
+        choices=("float32", "bfloat16", "float16", "auto"),
         default=d.dtype,
-        help="float32; bfloat16 (CPU with avx512_bf16/amx) or float16 (GPU), through MXNet AMP",
+        help="float32; bfloat16 (CPU with avx512_bf16/amx) or float16 (GPU), through MXNet AMP; "
+        "auto: bfloat16 where a short probe measures it faster here, float16 on GPUs",
     )
     p.add_argument(
         "--cache-features",
