@@ -272,6 +272,19 @@ def test_predict_auto_probes_and_says_what_it_chose(finished):
 
 
 @pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16: --dtype bfloat16 is refused")
+def test_fused_bfloat16_keeps_the_stem_convolution_in_float32(resnet_run):
+    loaded = load_run(resnet_run, dtype="bfloat16")
+    weights = {
+        name.split("_", 1)[1]: np.dtype(param.data().dtype)  # without the network's prefix
+        for name, param in loaded.net.collect_params().items()
+        if name.endswith("_weight") and "conv" in name
+    }
+    assert len(weights) == 20  # resnet18_v2's convolutions, its 1x1 shortcuts included
+    # The stem's 7x7 convolution only; every other one is stored in bfloat16.
+    assert [conv for conv, dtype in weights.items() if dtype == np.float32] == ["conv0_weight"]
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16: --dtype bfloat16 is refused")
 def test_bfloat16_export_round_trip(finished, tmp_path):
     run, _ = finished
     out = tmp_path / "out"
