@@ -207,6 +207,20 @@ def test_auto_needs_a_clear_win_and_refuses_a_distributed_run(monkeypatch):
         amp.choose_dtype(config, [mx.cpu()])
 
 
+def test_auto_on_resume_keeps_the_recorded_choice_without_probing(tmp_path, monkeypatch):
+    from gluon_ft.train import TrainConfig, amp
+
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
+    monkeypatch.setattr(amp, "bfloat16_unsupported", lambda flags=None: None)
+    monkeypatch.setattr(amp, "probe_speeds", _probe_saying(0.5, calls := []))
+    config = TrainConfig(dtype="auto", out=str(tmp_path), resume=True)
+    choice = amp.choose_dtype(config, [mx.cpu()])
+    assert choice["dtype"] == "bfloat16" and "--resume" in choice["why"] and calls == []
+    monkeypatch.setattr(amp, "bfloat16_unsupported", lambda flags=None: "no BF16 on this one")
+    with pytest.raises(UsageError, match="no BF16 on this one"):  # moved to another machine
+        amp.choose_dtype(config, [mx.cpu()])
+
+
 @pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16: auto can only pick float32")
 def test_auto_trains_in_bfloat16_when_the_probe_measures_it_faster(tiny_data, tmp_path):
     out = tmp_path / "run"

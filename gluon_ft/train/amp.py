@@ -238,6 +238,7 @@ def choose_dtype(config, ctx: list) -> dict:
     on_gpu = [c for c in ctx if c.device_type == "gpu"]
     recorded = _recorded_choice(config) if config.resume else None
     if recorded:
+        check_dtype(recorded, ctx)  # the run may have moved to another machine
         return {**choice, "dtype": recorded, "why": "the choice recorded in the run (--resume)"}
     if on_gpu:
         dtype = "float16" if len(on_gpu) == len(ctx) else "float32"
