@@ -4,6 +4,8 @@
 with ``SymbolBlock.imports`` and compared with the run's network on the same input.
 ``onnx``: ``model.onnx`` (``mx.onnx.export_model``, dynamic batch size), run with
 ``onnx.reference.ReferenceEvaluator`` and compared likewise; it must agree within 1e-4.
+``--dtype bfloat16`` (MXNet format only) exports the fused bfloat16 graph of
+:mod:`gluon_ft.inference`, compared with that graph.
 
 Both also write ``preprocessing.json``: the class names and the input the network expects
 (resize, centre crop, 0-1 scaling, ImageNet mean and std, NCHW float32). Files are written to
@@ -162,6 +164,18 @@ def _export_onnx(run: LoadedRun, staging: Path, x: mx.nd.NDArray, reference: np.
     return [target], diff, input_name
 
 
+def _check_request(fmt: str, dtype: str) -> None:
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: use {' or '.join(FORMATS)}.")
+    if dtype not in EXPORT_DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: use {' or '.join(EXPORT_DTYPES)}.")
+    if dtype == "bfloat16" and fmt != "mxnet":
+        raise UsageError(
+            "--dtype bfloat16 exports the MXNet format only (the fused graph runs oneDNN "
+            "operators that ONNX does not have): add --format mxnet."
+        )
+
+
 def export_run(
     run_dir: str | Path,
     fmt: str = "mxnet",
@@ -195,15 +209,7 @@ def export_run(
         The exported model's outputs differ from the run's network by more than the tolerance;
         nothing is written then.
     """
-    if fmt not in FORMATS:
-        raise UsageError(f"--format {fmt!r}: use {' or '.join(FORMATS)}.")
-    if dtype not in EXPORT_DTYPES:
-        raise UsageError(f"--dtype {dtype!r}: use {' or '.join(EXPORT_DTYPES)}.")
-    if dtype == "bfloat16" and fmt != "mxnet":
-        raise UsageError(
-            "--dtype bfloat16 exports the MXNet format only (the fused graph runs oneDNN "
-            "operators that ONNX does not have): add --format mxnet."
-        )
+    _check_request(fmt, dtype)
     run = load_run(run_dir, dtype=dtype)
     out_dir = Path(out_dir) if out_dir is not None else run.path / "export"
     x = sample_input(run.image_size).as_in_context(run.ctx)
