@@ -23,16 +23,24 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MXNET_OMP_MAX_THREADS")
 
 
 class BareLoop:
-    """A hybridized zoo network, its Trainer and one fixed batch; :meth:`run` times steps."""
+    """A hybridized zoo network, its Trainer and one fixed batch; :meth:`run` times steps.
 
-    def __init__(self, model: str, batch_size: int, image_size: int, classes: int, seed: int = 0):
+    ``net``, if given, is an initialized network to use instead of a new zoo one (the
+    ``--dtype auto`` probe passes networks prepared for a dtype).
+    """
+
+    def __init__(
+        self, model: str, batch_size: int, image_size: int, classes: int, seed: int = 0, net=None
+    ):
         import mxnet as mx
         from mxnet import gluon
 
         mx.random.seed(seed)
         self.batch_size = batch_size
-        self.net = gluon.model_zoo.vision.get_model(model, classes=classes)
-        self.net.initialize(mx.init.Xavier())
+        if net is None:
+            net = gluon.model_zoo.vision.get_model(model, classes=classes)
+            net.initialize(mx.init.Xavier())
+        self.net = net
         self.net.hybridize(static_alloc=True, static_shape=True)
         self.trainer = gluon.Trainer(
             self.net.collect_params(), "sgd", {"learning_rate": 0.01, "wd": 0.001}

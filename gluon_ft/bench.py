@@ -17,11 +17,17 @@ that a change in the machine's load while the bench runs hits both sides of a ra
   from the large-JPEG folder and from its pack, with the same worker count.
 - ``infer_img_s``, ``infer_optimized_img_s``: hybridized predict-mode forward, plain and in
   the fastest form MXNet offers here whose top-1 predictions agree with it (on >= 99% of the
-  batch): ``optimize_for(backend="MKLDNN")`` (oneDNN fusion) in float32, or after
-  ``amp.convert_hybrid_block`` to bfloat16 where the CPU has it. ``details`` has every form.
+  batch): ``optimize_for(backend="MKLDNN")`` (oneDNN fusion) in float32, or the fused
+  bfloat16 graph of ``--dtype bfloat16`` (:func:`gluon_ft.inference.fused_bfloat16`) where
+  the CPU has it. ``details`` has every form.
 - ``train_bf16_img_s``, ``bf16_speedup``: gluon-ft's step under ``--dtype bfloat16``, timed
   against the float32 step in the same rounds. MXNet AMP cannot be turned off once on, so this
   phase runs last.
+- ``precision``: per size of :attr:`BenchSizes.precision_sizes` (full: 224 px, batch 32 and
+  64 px, batch 64), float32 and bfloat16 training, what ``--dtype auto`` chooses there (its
+  probe's figures) and the rate of that choice against float32 in the same rounds, and
+  inference: plain float32, fused float32, fused bfloat16 with its top-1 agreement. The
+  top-level bf16 and inference figures are those of the first size.
 """
 
 from __future__ import annotations
@@ -33,7 +39,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -60,6 +65,8 @@ class BenchSizes:
     train_photos: int = 128
     test_photos: int = 32
     epochs: int = 3  # frozen / cached runs; the first epoch is a warm-up, not counted
+    # (image size, batch) pairs of the precision figures; the first is the main size above
+    precision_sizes: tuple = ((224, 32), (64, 64))
 
 
 FULL = BenchSizes()
@@ -73,6 +80,7 @@ QUICK = replace(
     train_photos=32,
     test_photos=16,
     epochs=2,
+    precision_sizes=((64, 16),),
 )
 
 
@@ -139,7 +147,7 @@ class GluonFTStep:
 
         from gluon_ft.freeze import FreezePlan
         from gluon_ft.model import scratch_twin
-        from gluon_ft.train import TrainConfig, make_trainer
+        from gluon_ft.train import TrainConfig, amp, make_trainer
 
         self.ctx = [mx.cpu()]
         self.config = TrainConfig(
@@ -154,6 +162,7 @@ class GluonFTStep:
         mx.random.seed(0)
         self.net = scratch_twin(sizes.model, sizes.classes, self.ctx)
         FreezePlan(freeze).setup(self.net)
+        amp.prepare_network(self.net, dtype)
         self.net.hybridize(static_alloc=True, static_shape=True)
         self.trainer = make_trainer(self.net, self.config, self.ctx)
         self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
@@ -200,23 +209,19 @@ class Inference:
         self.net, self.x = net, x
 
     def fused(self, bfloat16: bool = False) -> Inference:
-        """The same weights, converted (bfloat16) and partitioned for oneDNN."""
+        """The same weights, partitioned for oneDNN; in bfloat16 as ``predict --dtype`` runs."""
         import mxnet as mx
-        from mxnet.contrib import amp as mx_amp
 
+        from gluon_ft.inference import fused_bfloat16
         from gluon_ft.model import scratch_twin
 
         if bfloat16:
-            with warnings.catch_warnings():  # "Cannot decide type for ... data": it is float32
-                warnings.simplefilter("ignore", UserWarning)
-                net = mx_amp.convert_hybrid_block(self.net, target_dtype="bfloat16", ctx=mx.cpu())
-        else:  # optimize_for rewrites its block in place: a twin with the same weights
-            net = scratch_twin(self.sizes.model, self.sizes.classes, [mx.cpu()])
-            net(self.x)
-            for mine, theirs in zip(
-                net.collect_params().values(), self.net.collect_params().values()
-            ):
-                mine.set_data(theirs.data())
+            return Inference(self.sizes, fused_bfloat16(self.net, self.x), self.x)
+        # optimize_for rewrites its block in place: a twin with the same weights
+        net = scratch_twin(self.sizes.model, self.sizes.classes, [mx.cpu()])
+        net(self.x)
+        for mine, theirs in zip(net.collect_params().values(), self.net.collect_params().values()):
+            mine.set_data(theirs.data())
         net.optimize_for(self.x, backend="MKLDNN", static_alloc=True, static_shape=True)
         return Inference(self.sizes, net, self.x)
 
@@ -412,6 +417,39 @@ def measure_inference(sizes: BenchSizes, bf16: bool, result: dict, details: dict
     result["infer_speedup"] = result["infer_optimized_img_s"] / result["infer_img_s"]
 
 
+def at_size(sizes: BenchSizes, image_size: int, batch_size: int) -> BenchSizes:
+    """``sizes`` with another image size and batch (one of its ``precision_sizes``)."""
+    return replace(sizes, image_size=image_size, batch_size=batch_size)
+
+
+def size_key(image_size: int, batch_size: int) -> str:
+    """The key of a size in the ``precision`` section: ``224px_b32``."""
+    return f"{image_size}px_b{batch_size}"
+
+
+def measure_precision_inference(
+    sizes: BenchSizes, bf16: bool, precision: dict, result: dict, details: dict
+) -> None:
+    """:func:`measure_inference` at every precision size, into ``precision[size]``; the first
+    size's figures also into ``result`` and ``details``."""
+    for image_size, batch_size in sizes.precision_sizes:
+        figures, found = {}, {}
+        measure_inference(at_size(sizes, image_size, batch_size), bf16, figures, found)
+        if not precision:
+            result.update(figures)
+            details.update(found)
+        entry = precision.setdefault(size_key(image_size, batch_size), {})
+        entry.update(
+            infer_fp32_img_s=figures["infer_img_s"],
+            infer_fused_fp32_img_s=figures["infer_fused_fp32_img_s"],
+            infer_fused_bf16_img_s=figures.get("infer_fused_bf16_img_s"),
+            fused_bf16_speedup=(
+                figures["infer_fused_bf16_img_s"] / figures["infer_img_s"] if bf16 else None
+            ),
+            fused_bf16_top1_agreement=found.get("infer_fused_bf16_img_s_top1_agreement"),
+        )
+
+
 def measure_data(sizes: BenchSizes, workers: int, quick: bool, result: dict, details: dict, log):
     """Loaders (folder vs pack) and frozen-backbone epochs (without and with the cache)."""
     from gluon_ft.recordio import pack_dataset
@@ -463,25 +501,60 @@ def measure_data(sizes: BenchSizes, workers: int, quick: bool, result: dict, det
     details["cached_loss_minus_frozen_loss"] = cached["last_loss"] - frozen["last_loss"]
 
 
-def measure_bf16(sizes: BenchSizes, fp32: GluonFTStep, result: dict, details: dict) -> None:
-    """gluon-ft's step under --dtype bfloat16, interleaved with the float32 one.
+def auto_choice(sizes: BenchSizes, image_size: int, batch_size: int) -> dict:
+    """What ``train --dtype auto`` chooses at this size (its probe runs in a child process)."""
+    import mxnet as mx
+
+    from gluon_ft.train import TrainConfig, amp
+
+    config = TrainConfig(
+        model=sizes.model, dtype="auto", image_size=image_size, batch_size=batch_size
+    )
+    return amp.choose_dtype(config, [mx.cpu()])
+
+
+def measure_bf16(
+    sizes: BenchSizes, fp32_main: GluonFTStep, precision: dict, result: dict, details: dict
+) -> None:
+    """gluon-ft's step under --dtype bfloat16 at every precision size, interleaved with the
+    float32 one, and the rate of ``--dtype auto``'s choice against float32.
 
     MXNet AMP rewrites every graph built after it is turned on, for the rest of the process:
-    this runs last. (The float32 step's graph was built before, so it stays float32.)
+    this runs last, and the float32 steps build their graphs before it.
     """
     from gluon_ft.train import amp
 
+    fp32_steps = {}
+    for image_size, batch_size in sizes.precision_sizes:
+        step = fp32_main
+        if (image_size, batch_size) != (sizes.image_size, sizes.batch_size):
+            step = GluonFTStep(at_size(sizes, image_size, batch_size))
+            step.run(sizes.warmup)
+        fp32_steps[image_size, batch_size] = step
     amp.enable("bfloat16")
-    bf16 = GluonFTStep(sizes, dtype="bfloat16")
-    bf16.run(sizes.warmup)
-    timings = {
-        "train_fp32_paired_img_s": rate(fp32.run, sizes.batch_size, sizes.steps),
-        "train_bf16_img_s": rate(bf16.run, sizes.batch_size, sizes.steps),
-    }
-    paired = record(interleave(timings, sizes.repeats), {}, details)
-    result["train_bf16_img_s"] = paired["train_bf16_img_s"]
-    result["bf16_speedup"] = paired["train_bf16_img_s"] / paired["train_fp32_paired_img_s"]
-    details["train_fp32_paired_img_s"] = paired["train_fp32_paired_img_s"]
+    for (image_size, batch_size), fp32 in fp32_steps.items():
+        bf16 = GluonFTStep(at_size(sizes, image_size, batch_size), dtype="bfloat16")
+        bf16.run(sizes.warmup)
+        timings = {
+            "float32": rate(fp32.run, batch_size, sizes.steps),
+            "bfloat16": rate(bf16.run, batch_size, sizes.steps),
+        }
+        runs = interleave(timings, sizes.repeats)
+        rates = {dtype: statistics.median(values) for dtype, values in runs.items()}
+        entry = precision.setdefault(size_key(image_size, batch_size), {})
+        chosen = entry["auto"]["dtype"]
+        entry.update(
+            train_fp32_img_s=rates["float32"],
+            train_bf16_img_s=rates["bfloat16"],
+            bf16_speedup=rates["bfloat16"] / rates["float32"],
+            auto_img_s=rates[chosen],
+            auto_vs_fp32=rates[chosen] / rates["float32"],
+            train_runs=runs,
+        )
+    main = precision[size_key(sizes.image_size, sizes.batch_size)]
+    result["train_bf16_img_s"] = main["train_bf16_img_s"]
+    result["bf16_speedup"] = main["bf16_speedup"]
+    details["train_fp32_paired_img_s"] = main["train_fp32_img_s"]
 
 
 def run_bench(quick: bool = False, workers: int | None = None, log=None) -> dict:
@@ -519,14 +592,20 @@ def run_bench(quick: bool = False, workers: int | None = None, log=None) -> dict
     log("bare loop in child processes: MXNet's default threads")
     measure_threads(sizes, quick, result, details)
     log("inference: hybridized, then optimize_for(backend='MKLDNN') in float32 and bfloat16")
-    measure_inference(sizes, bf16_refused is None, result, details)
+    precision: dict = {}
+    measure_precision_inference(sizes, bf16_refused is None, precision, result, details)
     measure_data(sizes, workers, quick, result, details, log)
+    for image_size, batch_size in sizes.precision_sizes:
+        log(f"--dtype auto's probe at {image_size} px, batch {batch_size} (a child process)")
+        entry = precision.setdefault(size_key(image_size, batch_size), {})
+        entry["auto"] = auto_choice(sizes, image_size, batch_size)
     if bf16_refused is None:
-        log("bfloat16 (MXNet AMP) against float32 (interleaved)")
-        measure_bf16(sizes, fp32, result, details)
+        log("bfloat16 (MXNet AMP) against float32 (interleaved), at each size")
+        measure_bf16(sizes, fp32, precision, result, details)
     else:
         result.update(dict.fromkeys(BF16_TIMINGS))
         details["bf16_unsupported"] = bf16_refused
+    result["precision"] = precision
 
     result["env"]["load_average_at_end"] = list(os.getloadavg())
     result["seconds"] = time.perf_counter() - started

@@ -181,9 +181,10 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
     p.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
     p.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16", "float16"),
+        choices=("float32", "bfloat16", "float16", "auto"),
         default=d.dtype,
-        help="float32; bfloat16 (CPU with avx512_bf16/amx) or float16 (GPU), through MXNet AMP",
+        help="float32; bfloat16 (CPU with avx512_bf16/amx) or float16 (GPU), through MXNet AMP; "
+        "auto: bfloat16 where a short probe measures it faster here, float16 on GPUs",
     )
     p.add_argument(
         "--cache-features",
@@ -749,11 +750,22 @@ def _run_check_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_inference_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "auto"),
+        default="float32",
+        help="float32; bfloat16: the fused oneDNN graph (CPUs with avx512_bf16/amx); auto: "
+        "bfloat16 where a short probe measures it faster here (default %(default)s)",
+    )
+
+
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN", help="a finished run directory")
     p.add_argument("images", metavar="IMG", nargs="+", help="image files")
     p.add_argument("--top-k", type=_positive_int, default=5, help="classes per image (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON list of results")
+    _add_inference_dtype(p)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -761,7 +773,10 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     from gluon_ft.predict import Predictor
 
-    results = Predictor(args.run_dir).predict_images(args.images, top_k=args.top_k)
+    predictor = Predictor(args.run_dir, dtype=args.dtype)
+    if args.dtype == "auto":
+        print(f"gluon-ft: --dtype auto: {_describe_form(predictor.run.inference)}", file=sys.stderr)
+    results = predictor.predict_images(args.images, top_k=args.top_k)
     if args.json:
         print(json.dumps(results, indent=2))
     for result in results:
@@ -804,17 +819,39 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_form(inference: dict) -> str:
+    """What an inference ``--dtype auto`` chose, with the probe's figures."""
+    line = f"{inference['dtype']} ({inference['why']}"
+    probe = inference.get("probe")
+    if probe:
+        line += (
+            f"; batch {probe['batch_size']}: float32 {probe['float32_img_s']:.1f} img/s, "
+            f"fused bfloat16 {probe['bfloat16_img_s']:.1f} img/s"
+        )
+    return line + ")"
+
+
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN", help="a finished run directory")
     p.add_argument("--format", choices=("mxnet", "onnx", "all"), default="all", help="default: all")
     p.add_argument("--out", help="output folder (default RUN/export)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="bfloat16: the fused oneDNN graph, MXNet format only (default %(default)s)",
+    )
 
 
 def _run_export(args: argparse.Namespace) -> int:
     from gluon_ft.export import FORMATS, export_run
 
-    for fmt in FORMATS if args.format == "all" else (args.format,):
-        result = export_run(args.run_dir, fmt, args.out)
+    formats = FORMATS if args.format == "all" else (args.format,)
+    if args.format == "all" and args.dtype == "bfloat16":
+        formats = ("mxnet",)
+        print("gluon-ft: --dtype bfloat16 exports the MXNet format only", file=sys.stderr)
+    for fmt in formats:
+        result = export_run(args.run_dir, fmt, args.out, args.dtype)
         print(
             f"{fmt}: wrote {', '.join(result['files'])} to {result['out_dir']}; checked with "
             f"{result['checked_with']}: max abs diff {result['max_abs_diff']:.3g} "
@@ -970,6 +1007,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "503 with Retry-After",
     )
     p.add_argument("--ctx", default="cpu", help="the one device to run on: cpu | gpu:N")
+    _add_inference_dtype(p)
 
 
 def _pixel_cap(text: str) -> int:
@@ -1015,6 +1053,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         max_queue=args.max_queue,
         ctx=contexts[0],
+        dtype=args.dtype,
+        on_loaded=lambda run: print(
+            f"gluon-ft: serving in {_describe_form(run.inference)}", flush=True
+        ),
     )
     return 0
 

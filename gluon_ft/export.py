@@ -4,6 +4,8 @@
 with ``SymbolBlock.imports`` and compared with the run's network on the same input.
 ``onnx``: ``model.onnx`` (``mx.onnx.export_model``, dynamic batch size), run with
 ``onnx.reference.ReferenceEvaluator`` and compared likewise; it must agree within 1e-4.
+``--dtype bfloat16`` (MXNet format only) exports the fused bfloat16 graph of
+:mod:`gluon_ft.inference`, compared with that graph.
 
 Both also write ``preprocessing.json``: the class names and the input the network expects
 (resize, centre crop, 0-1 scaling, ImageNet mean and std, NCHW float32). Files are written to
@@ -30,9 +32,11 @@ import numpy as np
 
 from gluon_ft import data as gdata
 from gluon_ft.errors import GluonFTError, UsageError
+from gluon_ft.inference import sample_input
 from gluon_ft.predict import LoadedRun, load_run
 
 FORMATS = ("mxnet", "onnx")
+EXPORT_DTYPES = ("float32", "bfloat16")
 # MXNet's own reload runs the same operators: it must agree to float rounding.
 MXNET_TOLERANCE = 1e-6
 # The issue's bar for the ONNX file run by another runtime.
@@ -41,12 +45,6 @@ ONNX_TOLERANCE = 1e-4
 
 class ExportCheckError(GluonFTError):
     """The exported model does not reproduce the run's network (exit 1)."""
-
-
-def sample_input(image_size: int, count: int = 2, seed: int = 0) -> mx.nd.NDArray:
-    """Normalized random images, ``(count, 3, S, S)``: inputs in the range real photos give."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (count, image_size, image_size, 3))
-    return gdata.normalize_batch(mx.nd.array(pixels, dtype="uint8"))
 
 
 def preprocessing(run: LoadedRun, input_name: str) -> dict:
@@ -61,6 +59,7 @@ def preprocessing(run: LoadedRun, input_name: str) -> dict:
             "dtype": "float32",
             "shape": [None, 3, run.image_size, run.image_size],
         },
+        "compute_dtype": run.inference["dtype"],  # bfloat16: the fused graph casts inside
         "steps": [
             "decode as 8-bit RGB, turned upright as its EXIF Orientation says",
             f"resize to {transform.resize}x{transform.resize} (bilinear)",
@@ -112,6 +111,10 @@ def _weights_as_raw_bytes():
         onnx.helper.make_tensor = original
 
 
+def _as_float32(out: mx.nd.NDArray) -> np.ndarray:
+    return out.astype("float32").asnumpy()  # a fused bfloat16 graph may answer in bfloat16
+
+
 def _check(diff: float, tolerance: float, what: str) -> None:
     if not diff <= tolerance:  # also catches NaN
         raise ExportCheckError(
@@ -124,7 +127,7 @@ def _export_mxnet(run: LoadedRun, staging: Path, x: mx.nd.NDArray, reference: np
     files = [staging / "model-symbol.json", staging / "model-0000.params"]
     with _quietly():
         block = mx.gluon.SymbolBlock.imports(str(files[0]), ["data"], str(files[1]), ctx=run.ctx)
-    diff = float(np.abs(block(x).asnumpy() - reference).max())
+    diff = float(np.abs(_as_float32(block(x)) - reference).max())
     _check(diff, MXNET_TOLERANCE, "re-imported MXNet model")
     return files, diff, "data"
 
@@ -161,7 +164,24 @@ def _export_onnx(run: LoadedRun, staging: Path, x: mx.nd.NDArray, reference: np.
     return [target], diff, input_name
 
 
-def export_run(run_dir: str | Path, fmt: str = "mxnet", out_dir: str | Path | None = None) -> dict:
+def _check_request(fmt: str, dtype: str) -> None:
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: use {' or '.join(FORMATS)}.")
+    if dtype not in EXPORT_DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: use {' or '.join(EXPORT_DTYPES)}.")
+    if dtype == "bfloat16" and fmt != "mxnet":
+        raise UsageError(
+            "--dtype bfloat16 exports the MXNet format only (the fused graph runs oneDNN "
+            "operators that ONNX does not have): add --format mxnet."
+        )
+
+
+def export_run(
+    run_dir: str | Path,
+    fmt: str = "mxnet",
+    out_dir: str | Path | None = None,
+    dtype: str = "float32",
+) -> dict:
     """Export a finished run as MXNet symbol + params or as ONNX, verified on the spot.
 
     Parameters
@@ -172,6 +192,9 @@ def export_run(run_dir: str | Path, fmt: str = "mxnet", out_dir: str | Path | No
         What to write.
     out_dir : str or Path, optional
         Where to write; ``RUN/export`` by default.
+    dtype : {"float32", "bfloat16"}
+        bfloat16 (MXNet format only) writes the fused bfloat16 graph of
+        :func:`gluon_ft.inference.fused_bfloat16`: float32 in and out, oneDNN operators inside.
 
     Returns
     -------
@@ -186,17 +209,17 @@ def export_run(run_dir: str | Path, fmt: str = "mxnet", out_dir: str | Path | No
         The exported model's outputs differ from the run's network by more than the tolerance;
         nothing is written then.
     """
-    if fmt not in FORMATS:
-        raise UsageError(f"--format {fmt!r}: use {' or '.join(FORMATS)}.")
-    run = load_run(run_dir)
+    _check_request(fmt, dtype)
+    run = load_run(run_dir, dtype=dtype)
     out_dir = Path(out_dir) if out_dir is not None else run.path / "export"
     x = sample_input(run.image_size).as_in_context(run.ctx)
-    reference = run.net(x).asnumpy()  # also the forward pass that export() needs
+    reference = _as_float32(run.net(x))  # also the forward pass that export() needs
     staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir(parents=True)
-        run.net.export(str(staging / "model"), epoch=0)
+        # Keep the casts: a bfloat16 graph without them feeds float32 data to bfloat16 weights.
+        run.net.export(str(staging / "model"), epoch=0, remove_amp_cast=False)
         if fmt == "mxnet":
             files, diff, input_name = _export_mxnet(run, staging, x, reference)
         else:

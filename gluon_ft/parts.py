@@ -194,6 +194,15 @@ def named_parts(net: gluon.Block) -> dict[str, list[gluon.Block]]:
     return network_layout(net).parts(net)
 
 
+def stem_blocks(net: gluon.Block) -> list[gluon.Block]:
+    """The ``stem`` part's blocks, in the order they run (ResNet v2: the input BatchNorm, the
+    7x7 convolution, BatchNorm, ReLU); [] for a network without stages. The last one's output
+    feeds ``stage1``. bfloat16 keeps these in float32, in training
+    (:func:`gluon_ft.train.amp.prepare_network`) and in inference (:mod:`gluon_ft.inference`).
+    """
+    return [block for _, block in network_layout(net).stem]
+
+
 def describe_parts(net: gluon.Block) -> str:
     """The part names of ``net`` in one line: ``features, output, stem, stage1..stage4, all``."""
     names = list(named_parts(net))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mxnet as mx
@@ -27,6 +27,7 @@ from PIL import Image
 
 from gluon_ft import data as gdata
 from gluon_ft.errors import UsageError
+from gluon_ft.inference import check_inference_dtype, choose_form, sample_input
 from gluon_ft.model import build_model, load_parameters
 
 ImageInput = str | Path | bytes | Image.Image
@@ -34,7 +35,8 @@ ImageInput = str | Path | bytes | Image.Image
 
 @dataclass
 class LoadedRun:
-    """A finished run's network (on ``ctx``, hybridized) and what it needs to classify."""
+    """A finished run's network (on ``ctx``, in the form ``--dtype`` chose) and what it needs
+    to classify. ``inference`` records that choice (:func:`gluon_ft.inference.choose_form`)."""
 
     path: Path
     config: dict
@@ -42,6 +44,7 @@ class LoadedRun:
     net: gluon.HybridBlock
     image_size: int
     ctx: mx.Context
+    inference: dict = field(default_factory=lambda: {"dtype": "float32"})
 
 
 def _read_json(path: Path, what: str):
@@ -53,7 +56,12 @@ def _read_json(path: Path, what: str):
         raise UsageError(f"{path} ({what}) is not valid JSON: {err}") from None
 
 
-def load_run(run_dir: str | Path, ctx: mx.Context | None = None) -> LoadedRun:
+def load_run(
+    run_dir: str | Path,
+    ctx: mx.Context | None = None,
+    dtype: str = "float32",
+    batch_size: int = 2,
+) -> LoadedRun:
     """Rebuild a finished run's network from ``config.json``, ``classes.json``, ``model.params``.
 
     Parameters
@@ -62,12 +70,17 @@ def load_run(run_dir: str | Path, ctx: mx.Context | None = None) -> LoadedRun:
         A run directory written by ``gluon-ft train``.
     ctx : Context, optional
         Where to run the network; the CPU by default.
+    dtype : {"float32", "bfloat16", "auto"}
+        The predict-mode form (see :mod:`gluon_ft.inference`): bfloat16 is the fused graph.
+    batch_size : int
+        The batch the network will mostly see: bfloat16 plans for it, ``auto`` probes it.
 
     Raises
     ------
     UsageError
-        The folder is not a finished run, a file is malformed, or ``model.params`` does not
-        fit the architecture and class count the run's JSON files describe.
+        The folder is not a finished run, a file is malformed, ``model.params`` does not fit
+        the architecture and class count the run's JSON files describe, or ``dtype`` cannot
+        run on ``ctx``.
     """
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
@@ -85,10 +98,13 @@ def load_run(run_dir: str | Path, ctx: mx.Context | None = None) -> LoadedRun:
             f"`gluon-ft train --out {run_dir} --resume` (and its original flags)."
         )
     ctx = ctx or mx.cpu()
+    check_inference_dtype(dtype, ctx)  # before the slow part
     net = build_model(model, len(classes))
     load_parameters(net, run_dir / "model.params", ctx, what="Model parameters")
     net.hybridize(static_alloc=True)
-    return LoadedRun(run_dir, config, classes, net, image_size, ctx)
+    x = sample_input(image_size, count=batch_size).as_in_context(ctx)
+    net, inference = choose_form(net, x, dtype)
+    return LoadedRun(run_dir, config, classes, net, image_size, ctx, inference)
 
 
 def _describe(item: ImageInput, position: int) -> str:
@@ -120,10 +136,18 @@ class Predictor:
         Where to run the network; the CPU by default.
     batch_size : int
         Images per forward pass.
+    dtype : {"float32", "bfloat16", "auto"}
+        The network's predict-mode form (see :func:`load_run`).
     """
 
-    def __init__(self, run_dir: str | Path, ctx: mx.Context | None = None, batch_size: int = 32):
-        self.run = load_run(run_dir, ctx)
+    def __init__(
+        self,
+        run_dir: str | Path,
+        ctx: mx.Context | None = None,
+        batch_size: int = 32,
+        dtype: str = "float32",
+    ):
+        self.run = load_run(run_dir, ctx, dtype, batch_size)
         self.classes = self.run.classes
         self.transform = gdata.TestTransform(self.run.image_size)
         self.batch_size = batch_size
@@ -135,7 +159,7 @@ class Predictor:
         batch = mx.nd.array(
             np.stack([self.transform(img) for img in images]), ctx=self.run.ctx, dtype="uint8"
         )
-        logits = self.run.net(gdata.normalize_batch(batch))
+        logits = self.run.net(gdata.normalize_batch(batch)).astype("float32", copy=False)
         return mx.nd.softmax(logits, axis=1).asnumpy()
 
     def predict_images(self, images: Sequence[ImageInput], top_k: int = 5) -> list[dict]:

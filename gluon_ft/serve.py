@@ -7,8 +7,9 @@
                     {"run_id", "model", "filename", "classes", "probabilities"}
                     (every class, most probable first; ``?top_k=N`` keeps the first N)
     GET  /health    {"status": "ok", "run_id", "model", "classes", "image_size",
-                    "max_upload_bytes", "max_pixels", "max_queue", "pending"}
-                    (``pending``: the /predict requests in progress now)
+                    "max_upload_bytes", "max_pixels", "max_queue", "pending", "dtype"}
+                    (``pending``: the /predict requests in progress now; ``dtype``: the
+                    network's form, ``--dtype``)
 
 A Gluon block must not run forward from two threads at once (a hybridized block with
 ``static_alloc`` reuses its buffers), so one :class:`InferenceWorker` thread owns the network
@@ -466,6 +467,7 @@ def create_app(
             "max_pixels": max_pixels,
             "max_queue": max_queue,
             "pending": admission.pending,
+            "dtype": run.inference["dtype"],
         }
 
     @app.post("/predict")
@@ -497,18 +499,26 @@ def serve(
     log_level: str = "info",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_queue: int = DEFAULT_MAX_QUEUE,
+    dtype: str = "float32",
+    on_loaded=None,
 ) -> None:
     """Load a finished run and serve it until interrupted (Ctrl-C).
 
-    The limits are those of :func:`create_app`.
+    The limits are those of :func:`create_app`. ``dtype`` is the network's form (see
+    :mod:`gluon_ft.inference`), chosen for one image per forward pass, as
+    :class:`InferenceWorker` runs it; ``on_loaded(run)`` is called once the run is loaded,
+    before the server starts.
 
     Raises
     ------
     UsageError
-        ``run_dir`` is not a finished run (from :func:`gluon_ft.predict.load_run`).
+        ``run_dir`` is not a finished run (from :func:`gluon_ft.predict.load_run`), or
+        ``dtype`` cannot run on ``ctx``.
     """
     import uvicorn
 
-    predictor = Predictor(run_dir, ctx)
+    predictor = Predictor(run_dir, ctx, batch_size=1, dtype=dtype)
+    if on_loaded is not None:
+        on_loaded(predictor.run)
     app = create_app(predictor, max_upload_bytes, max_pixels, max_queue, host)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

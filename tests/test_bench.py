@@ -73,6 +73,32 @@ def test_quick_bench_prints_one_json_object_with_every_figure(tmp_path):
     assert result["details"]["infer_fused_fp32_img_s_max_abs_diff"] < 1e-3
     assert result["quick"] is True and result["sizes"]["image_size"] < 224
 
+    # The precision section: one size in quick mode, the bench's own, with auto's choice.
+    (key,) = result["precision"]
+    entry = result["precision"][key]
+    assert key == "64px_b16"
+    assert entry["infer_fp32_img_s"] == result["infer_img_s"]
+    assert entry["auto"]["requested"] == "auto"
+    if bf16:
+        assert entry["train_bf16_img_s"] == result["train_bf16_img_s"]
+        assert math.isclose(
+            entry["bf16_speedup"], entry["train_bf16_img_s"] / entry["train_fp32_img_s"]
+        )
+        chosen = entry["auto"]["dtype"]
+        probe = entry["auto"]["probe"]
+        assert (chosen == "bfloat16") == (probe["speedup"] >= 1.1)
+        assert probe["image_size"] == 64 and probe["batch_size"] == 16
+        assert (
+            entry["auto_img_s"]
+            == entry[f"train_{'bf16' if chosen == 'bfloat16' else 'fp32'}_img_s"]
+        )
+        assert entry["fused_bf16_top1_agreement"] >= 0.99
+        assert math.isclose(
+            entry["fused_bf16_speedup"], entry["infer_fused_bf16_img_s"] / entry["infer_fp32_img_s"]
+        )
+    else:
+        assert entry["auto"]["dtype"] == "float32" and "probe" not in entry["auto"]
+
 
 def test_static_hybridization_is_exact_with_a_short_last_batch():
     """static_alloc/static_shape (what train uses) re-plans for a short last batch, correctly.

@@ -16,11 +16,14 @@ from PIL import Image
 
 from gluon_ft import data as gdata
 from gluon_ft import export as gexport
+from gluon_ft import isa
 from gluon_ft.cli import main
 from gluon_ft.errors import UsageError
 from gluon_ft.model import build_model
 from gluon_ft.predict import Predictor, load_run
 from gluon_ft.train import train
+
+HAS_BF16 = isa.bfloat16_unsupported() is None
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +225,92 @@ def test_run_loader_rejects_malformed_files(finished, tmp_path):
     (broken / "model.params").write_bytes(b"\x00" * 100)
     with pytest.raises(UsageError, match="does not fit this network"):
         load_run(broken)
+
+
+# ----------------------------------------------------------------------------- bfloat16
+
+
+def _predict_json(run, images, *flags):
+    done = run_cli("predict", str(run), *map(str, images), "--json", "--top-k", "2", *flags)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout), done.stderr
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16: --dtype bfloat16 is refused")
+def test_predict_in_bfloat16_gives_the_documented_json_and_float32_answers(finished):
+    run, data = finished
+    images = sorted((data / "test").rglob("*.png"))
+    fp32, _ = _predict_json(run, images)
+    bf16, _ = _predict_json(run, images, "--dtype", "bfloat16")
+    assert len(bf16) == len(images)
+    for mine, theirs in zip(bf16, fp32):
+        assert set(mine) == {"source", "ok", "top"} and mine["ok"]
+        assert [set(t) for t in mine["top"]] == [{"class", "index", "probability"}] * 2
+        assert mine["top"][0]["class"] == theirs["top"][0]["class"]
+        for got, want in zip(mine["top"], theirs["top"]):
+            assert got["probability"] == pytest.approx(want["probability"], abs=0.02)
+    # The network really is the fused bfloat16 graph: oneDNN subgraph operators.
+    loaded = load_run(run, dtype="bfloat16", batch_size=2)
+    assert loaded.inference["dtype"] == "bfloat16"
+    ops = {n["op"] for n in json.loads(loaded.net._cached_graph[1].tojson())["nodes"]}
+    assert any(op.startswith("_sg_mkldnn") for op in ops), ops
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16: auto can only pick float32")
+def test_predict_auto_probes_and_says_what_it_chose(finished):
+    run, data = finished
+    images = sorted((data / "test").rglob("*.png"))[:2]
+    results, stderr = _predict_json(run, images, "--dtype", "auto")
+    assert [r["ok"] for r in results] == [True, True]
+    said = re.search(r"--dtype auto: (float32|bfloat16) \(.*float32 \S+ img/s", stderr)
+    assert said, stderr
+    loaded = load_run(run, dtype="auto", batch_size=2)
+    probe = loaded.inference["probe"]
+    assert probe["batch_size"] == 2 and probe["float32_img_s"] > 0 and probe["finite"]
+    faster = probe["speedup"] >= 1.1
+    assert loaded.inference["dtype"] == ("bfloat16" if faster else "float32")
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16: --dtype bfloat16 is refused")
+def test_fused_bfloat16_keeps_the_stem_convolution_in_float32(resnet_run):
+    loaded = load_run(resnet_run, dtype="bfloat16")
+    weights = {
+        name.split("_", 1)[1]: np.dtype(param.data().dtype)  # without the network's prefix
+        for name, param in loaded.net.collect_params().items()
+        if name.endswith("_weight") and "conv" in name
+    }
+    assert len(weights) == 20  # resnet18_v2's convolutions, its 1x1 shortcuts included
+    # The stem's 7x7 convolution only; every other one is stored in bfloat16.
+    assert [conv for conv, dtype in weights.items() if dtype == np.float32] == ["conv0_weight"]
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16: --dtype bfloat16 is refused")
+def test_bfloat16_export_round_trip(finished, tmp_path):
+    run, _ = finished
+    out = tmp_path / "out"
+    done = run_cli("export", str(run), "--dtype", "bfloat16", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MXNet format only" in done.stderr and done.stdout.startswith("mxnet: wrote")
+    info = json.loads((out / "preprocessing.json").read_text())
+    assert info["compute_dtype"] == "bfloat16" and info["input"]["dtype"] == "float32"
+    block = mx.gluon.SymbolBlock.imports(
+        str(out / "model-symbol.json"), ["data"], str(out / "model-0000.params")
+    )
+    x = gexport.sample_input(32, count=3, seed=7)
+    got = block(x).astype("float32").asnumpy()
+    expected = load_run(run).net(x).asnumpy()  # float32
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()
+    weights = mx.nd.load(str(out / "model-0000.params"))
+    assert any(w.dtype != np.float32 for w in weights.values())  # stored in bfloat16
+
+
+def test_inference_dtypes_are_checked_before_loading(finished, tmp_path):
+    run, _ = finished
+    with pytest.raises(UsageError, match="float64"):
+        load_run(run, dtype="float64")
+    with pytest.raises(UsageError, match="CPUs only"):
+        load_run(run, ctx=mx.gpu(0), dtype="bfloat16")
+    with pytest.raises(UsageError, match="add --format mxnet"):
+        gexport.export_run(run, "onnx", tmp_path / "out", dtype="bfloat16")
+    assert not (tmp_path / "out").exists()

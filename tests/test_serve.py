@@ -37,6 +37,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # conftest, when run as a script
 from conftest import FOOD_MODEL, HOTDOG_SMALL, REPO, run_cli, write_image_folder  # noqa: E402
 
+from gluon_ft import isa  # noqa: E402
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 # This machine's network is closed: without these, Chromium floods it with refused connections.
@@ -52,6 +54,7 @@ CHROMIUM_FLAGS = [
     "--window-size=1000,700",
 ]
 CAP_MB = 0.1  # the test server's upload limit, so that "too large" costs little to send
+HAS_BF16 = isa.bfloat16_unsupported() is None
 CLIENTS, REQUESTS_PER_CLIENT = 8, 25
 
 
@@ -324,7 +327,32 @@ def test_health_names_the_run_and_its_limit(server, trained_run):
         "max_pixels": 24_000_000,
         "max_queue": 16,
         "pending": 0,
+        "dtype": "float32",
     }
+
+
+@pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16: --dtype bfloat16 is refused")
+def test_serve_in_bfloat16_answers_the_documented_json(
+    trained_run, photos, cli_predictions, tmp_path, subprocess_env
+):
+    log = tmp_path / "serve.log"
+    with running_server(trained_run, log, "--dtype", "bfloat16", env=subprocess_env) as server:
+        assert requests.get(server.url + "health", timeout=10).json()["dtype"] == "bfloat16"
+        for photo in photos:
+            response = post_image(server.url, photo.read_bytes(), photo.name)
+            assert response.status_code == 200, response.text
+            answer = response.json()
+            assert set(answer) == {"run_id", "model", "filename", "classes", "probabilities"}
+            assert answer["run_id"] == trained_run.name and answer["filename"] == photo.name
+            probabilities = answer["probabilities"]
+            assert probabilities == sorted(probabilities, reverse=True)
+            assert sum(probabilities) == pytest.approx(1.0, abs=1e-3)
+            expected = cli_predictions[photo.name]  # float32, from gluon-ft predict
+            assert answer["classes"][0] == max(expected, key=expected.get)
+            np.testing.assert_allclose(
+                probabilities, [expected[c] for c in answer["classes"]], atol=0.05
+            )
+    assert "serving in bfloat16" in log.read_text()
 
 
 def test_predict_matches_the_predict_command(server, trained_run, photos, cli_predictions):

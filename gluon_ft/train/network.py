@@ -41,6 +41,7 @@ def ready_network(config: TrainConfig, num_classes: int, ctx: list[mx.Context], 
     zoo.check_input_size(net, config.model, config.image_size)  # e.g. SqueezeNet below 224 px
     plan = config.freeze_plan()
     plan.setup(net)
+    amp.prepare_network(net, config.dtype)  # bfloat16: the stem stays float32
     infer_shapes(net, config, ctx)
     net.hybridize(static_alloc=True, static_shape=True)
     return net, source, plan

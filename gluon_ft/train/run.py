@@ -98,6 +98,7 @@ class Session:
     run: RunDirectory
     resumed: Checkpoint | None  # the checkpoint --resume continues from
     tensorboard: TensorBoardLog | None = None  # --tensorboard, on the writer
+    dtype_choice: dict = field(default_factory=dict)  # amp.choose_dtype's record
 
     @property
     def writer(self) -> bool:
@@ -202,7 +203,10 @@ def train(config: TrainConfig) -> dict:
 def open_run(config: TrainConfig) -> Session:
     """Devices, AMP, the cluster, the run directory and the checkpoint to resume."""
     ctx = parse_contexts(config.ctx)
-    amp.check_dtype(config.dtype, ctx)
+    dtype_choice = amp.choose_dtype(config, ctx)  # --dtype auto runs its probe here
+    config.dtype = dtype_choice["dtype"]
+    if dtype_choice["requested"] == "auto":
+        log(amp.describe_choice(dtype_choice))
     amp.enable(config.dtype)  # before the first forward pass builds a graph
     # A dist kvstore joins its cluster here, before the data: the rank picks the shard and the
     # writer. From here on, a worker that fails must os._exit (see gluon_ft.train.dist).
@@ -235,7 +239,7 @@ def open_run(config: TrainConfig) -> Session:
         run.prepare(resume=config.resume)
     logs_events = config.tensorboard and dist.is_writer
     tensorboard = TensorBoardLog(run.path / "tensorboard") if logs_events else None
-    return Session(ctx, dist, run, resumed, tensorboard)
+    return Session(ctx, dist, run, resumed, tensorboard, dtype_choice)
 
 
 def load_data(config: TrainConfig, session: Session) -> DatasetParts:
@@ -362,6 +366,8 @@ def write_config(config, session, model, feeds, parts: DatasetParts, data_files:
         "mxnet": mx.__version__,
         "gluon_ft": gluon_ft.__version__,
         "threads": gluon_ft.THREAD_SETTINGS,
+        "dtype_choice": session.dtype_choice,
+        "isa": gluon_ft.ISA_SETTINGS,
         "frozen": model.plan.record(model.net),
         "cluster": session.dist.describe(),
         "feature_cache": asdict(feeds.cache) if feeds.cache else None,
