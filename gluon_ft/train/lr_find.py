@@ -241,7 +241,7 @@ def lr_find(
     check_range(num_steps, start_lr, end_lr)
     config.validate()
     ctx = parse_contexts(config.ctx)
-    amp.check_dtype(config.dtype, ctx)
+    config.dtype = amp.choose_dtype(config, ctx)["dtype"]  # auto: the probe's choice
     amp.enable(config.dtype)  # before the first forward pass builds a graph
     parts = load_dataset(config.data, config.val_split, config.test_split, config.seed)
     net, _, _ = ready_network(config, len(parts.classes), ctx)
