@@ -307,22 +307,27 @@ def add_recipe_arguments(p: argparse.ArgumentParser, d) -> None:
         type=float,
         default=d.ema,
         metavar="DECAY",
-        help="keep an exponential moving average of the weights, e.g. 0.999; it is evaluated "
-        "too, and saved as the model when better on validation (see --ema-save)",
+        help="keep an exponential moving average (EMA) of the weights, e.g. 0.999: after each "
+        "step ema = d*ema + (1-d)*w with d = min(DECAY, (1+t)/(10+t)), t the updates so far, "
+        "so that short runs move it too; it is evaluated each epoch too, and saved as the "
+        "model when better on validation (see --ema-save)",
     )
     g.add_argument(
         "--ema-save",
         choices=EMA_SAVES,
         default=d.ema_save,
-        help="if-better (default): model.params is the EMA when it beats the weights on "
-        "validation; always: the EMA",
+        help="if-better (default): model.params is the last epoch's EMA when it beats the "
+        "kept weights by --monitor on validation (without a val part: the weights); "
+        "always: the EMA",
     )
     g.add_argument(
         "--tta",
         type=_positive_int,
         default=d.tta,
         metavar="N",
-        help="test-time augmentation: average the logits of N views (flips, crops) (default 1)",
+        help="test-time augmentation in each epoch's evaluation and the report: average the "
+        "logits of N views (1-12: plain, its flip, then crops of a 1.14x larger resize and "
+        "their flips; not with --cache-features) (default 1: the plain center crop)",
     )
     g.add_argument(
         "--head-epochs",
@@ -658,6 +663,22 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", metavar="IMG", nargs="+", help="image files")
     p.add_argument("--top-k", type=_positive_int, default=5, help="classes per image (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON list of results")
+    add_tta_argument(p)
+
+
+def add_tta_argument(p: argparse.ArgumentParser) -> None:
+    """``--tta N`` of predict and serve."""
+    from gluon_ft.tta import MAX_VIEWS
+
+    p.add_argument(
+        "--tta",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help=f"test-time augmentation: average the logits of N views (1-{MAX_VIEWS}: plain, "
+        "its flip, then crops of a 1.14x larger resize and their flips; see README) "
+        "(default 1: the plain center crop)",
+    )
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -665,7 +686,8 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     from gluon_ft.predict import Predictor
 
-    results = Predictor(args.run_dir).predict_images(args.images, top_k=args.top_k)
+    predictor = Predictor(args.run_dir, tta=args.tta)
+    results = predictor.predict_images(args.images, top_k=args.top_k)
     if args.json:
         print(json.dumps(results, indent=2))
     for result in results:
@@ -874,6 +896,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "503 with Retry-After",
     )
     p.add_argument("--ctx", default="cpu", help="the one device to run on: cpu | gpu:N")
+    add_tta_argument(p)
 
 
 def _pixel_cap(text: str) -> int:
@@ -919,6 +942,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         max_queue=args.max_queue,
         ctx=contexts[0],
+        tta=args.tta,
     )
     return 0
 

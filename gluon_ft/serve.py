@@ -4,9 +4,10 @@
 
     GET  /          the page (``gluon_ft/static/index.html``): pick or drop a photo
     POST /predict   multipart form, the file in the field ``image`` -> JSON
-                    {"run_id", "model", "filename", "classes", "probabilities"}
-                    (every class, most probable first; ``?top_k=N`` keeps the first N)
-    GET  /health    {"status": "ok", "run_id", "model", "classes", "image_size",
+                    {"run_id", "model", "tta", "filename", "classes", "probabilities"}
+                    (every class, most probable first; ``?top_k=N`` keeps the first N;
+                    ``tta``: the views averaged per image, ``serve --tta N``)
+    GET  /health    {"status": "ok", "run_id", "model", "tta", "classes", "image_size",
                     "max_upload_bytes", "max_pixels", "max_queue", "pending"}
                     (``pending``: the /predict requests in progress now)
 
@@ -427,7 +428,11 @@ def create_app(
         host too.
     """
     run = predictor.run
-    identity = {"run_id": run.path.resolve().name, "model": run.config["model"]}
+    identity = {
+        "run_id": run.path.resolve().name,
+        "model": run.config["model"],
+        "tta": predictor.tta,  # the views averaged per image (1: none)
+    }
     worker = InferenceWorker(predictor)
     admission = _Admission(max_queue)
     page = resources.files("gluon_ft").joinpath("static/index.html").read_text(encoding="utf-8")
@@ -497,10 +502,12 @@ def serve(
     log_level: str = "info",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_queue: int = DEFAULT_MAX_QUEUE,
+    tta: int = 1,
 ) -> None:
     """Load a finished run and serve it until interrupted (Ctrl-C).
 
-    The limits are those of :func:`create_app`.
+    The limits are those of :func:`create_app`; ``tta`` is the test-time augmentation views
+    averaged per image (:class:`gluon_ft.predict.Predictor`).
 
     Raises
     ------
@@ -509,6 +516,6 @@ def serve(
     """
     import uvicorn
 
-    predictor = Predictor(run_dir, ctx)
+    predictor = Predictor(run_dir, ctx, tta=tta)
     app = create_app(predictor, max_upload_bytes, max_pixels, max_queue, host)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
