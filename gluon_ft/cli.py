@@ -378,6 +378,8 @@ def _run_train(args: argparse.Namespace) -> int:
         if summary["monitor"]
         else f"epoch {summary['best_epoch']}, the last"
     )
+    if summary.get("weights") == "ema":
+        kept = f"the EMA after epoch {summary['ema_epoch']}"
     stopped = ", stopped early" if summary["stopped_early"] else ""
     tested = f"test acc {summary['test_acc']:.3f}" if "test_acc" in summary else "no report"
     print(

@@ -55,6 +55,10 @@ class WeightAverage:
 
     def update(self) -> None:
         """Fold the current weights into the average: one call after each optimizer step."""
+        # Measured: without this wait, the average of the BatchNorm running statistics differs
+        # from run to run. The hybridized (static_alloc) forward pass writes them without the
+        # engine ordering our reads after the write; waiting for the step makes it exact.
+        mx.nd.waitall()
         keep = decay_at(self.decay, self.updates)
         for name, param in self.params.items():
             shadow = self.shadow[name]
