@@ -13,16 +13,19 @@ timm's ``ModelEmaV2`` averages buffers). The warmup of ``d_t`` is TensorFlow's
 The average starts as the weights before the first step and lives on one device (``ctx[0]``)
 in float32; with several devices every copy of a trained weight is the same after a step,
 and the running statistics are ``ctx[0]``'s, as in the saved model. The update is written as
-``ema += (1 - d_t) * (w - ema)``, so a frozen parameter's average stays its value bit for bit.
+``ema += (1 - d_t) * (w - ema)``, so a frozen parameter's average stays its value bit for bit;
+frozen parameters (``grad_req='null'``, but not running statistics) are therefore skipped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 
 import mxnet as mx
 from mxnet import gluon
 
+from gluon_ft.train.bn_stats import RUNNING_STATS
 from gluon_ft.train.selection import MONITORS
 
 WARMUP = 10  # d_t = (1 + t) / (WARMUP + t) until that reaches DECAY
@@ -52,6 +55,8 @@ class WeightAverage:
         self.shadow = {
             name: p.list_data()[0].astype("float32", copy=True) for name, p in self.params.items()
         }
+        # BatchNorm running statistics move without a gradient (grad_req 'null').
+        self.statistics = {name: bool(re.match(RUNNING_STATS, name)) for name in self.params}
 
     def update(self) -> None:
         """Fold the current weights into the average: one call after each optimizer step."""
@@ -61,6 +66,8 @@ class WeightAverage:
         mx.nd.waitall()
         keep = decay_at(self.decay, self.updates)
         for name, param in self.params.items():
+            if param.grad_req == "null" and not self.statistics[name]:
+                continue  # frozen: its average is its value, which the update would keep
             shadow = self.shadow[name]
             weight = param.list_data()[0].astype("float32", copy=False)
             shadow += (weight - shadow) * (1 - keep)
