@@ -8,13 +8,14 @@ one, scored each epoch, saved as ``model.params`` by ``--ema-save``, and on two 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import conftest
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import record_steps, write_image_folder
+from conftest import record_steps, run_cli, write_image_folder
 from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
@@ -250,3 +251,23 @@ def test_on_two_devices_the_average_is_the_closed_form_of_the_weights_taken(
         np.testing.assert_allclose(saved[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
     last = json.loads((run / "metrics.json").read_text())[-1]
     assert {"val_acc", "ema_val_acc", "ema_val_loss"} <= set(last)
+
+
+@pytest.mark.timeout(150)
+def test_a_distributed_run_averages_scores_and_saves_the_average(tmp_path):
+    """Two ps-lite workers (gluon-ft launch): each keeps the average of the same weights and
+    scores it on its shard, the scores summed over both; rank 0 saves it (--ema-save always)."""
+    data = write_image_folder(tmp_path / "data", n_train=6, n_test=4, size=36)
+    out = tmp_path / "run"
+    train_cmd = [sys.executable, "-m", "gluon_ft", "train", "--kvstore", "dist_sync"]
+    train_cmd += ["--data", str(data), "--pretrained", "none", "--epochs", "1"]
+    train_cmd += ["--image-size", "32", "--batch-size", "4", "--out", str(out)]
+    train_cmd += ["--model", "mobilenet0.25", "--ema", "0.9", "--ema-save", "always", "--tta", "2"]
+    done = run_cli("launch", "-n", "2", "-s", "1", "--", *train_cmd, cwd=tmp_path, timeout=140)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (row,) = json.loads((out / "metrics.json").read_text())
+    assert 0 <= row["ema_test_acc"] <= 1
+    checkpoint = out / "checkpoints" / "epoch-0001"
+    assert json.loads((checkpoint / "meta.json").read_text())["ema"]["updates"] == 3  # 12 / 4
+    assert_bitwise_equal(out / "model.params", checkpoint / "ema.nd")
+    assert json.loads((out / "summary.json").read_text())["weights"] == "ema"
