@@ -76,9 +76,9 @@ def eval_transform(size: int, views: int = 1):
 
 
 def view_logits(net, images, prepare=gdata.normalize_batch):
-    """``net``'s logits for a device batch: plain ``B x S x S x 3`` images as they are, or
-    ``B x N x S x S x 3`` views as the mean of the N views' float32 logits."""
-    if images.ndim == 4:
+    """``net``'s logits for a device batch: ``B x N x S x S x 3`` views as the mean of the N
+    views' float32 logits; anything else (plain images, cached features) as it is."""
+    if images.ndim != 5:
         return net(prepare(images))
     views = images.shape[1]
     total = None
