@@ -319,22 +319,27 @@ def add_recipe_arguments(p: argparse.ArgumentParser, d) -> None:
         type=float,
         default=d.ema,
         metavar="DECAY",
-        help="keep an exponential moving average of the weights, e.g. 0.999; it is evaluated "
-        "too, and saved as the model when better on validation (see --ema-save)",
+        help="keep an exponential moving average (EMA) of the weights, e.g. 0.999: after each "
+        "step ema = d*ema + (1-d)*w with d = min(DECAY, (1+t)/(10+t)), t the updates so far, "
+        "so that short runs move it too; it is evaluated each epoch too, and saved as the "
+        "model when better on validation (see --ema-save)",
     )
     g.add_argument(
         "--ema-save",
         choices=EMA_SAVES,
         default=d.ema_save,
-        help="if-better (default): model.params is the EMA when it beats the weights on "
-        "validation; always: the EMA",
+        help="if-better (default): model.params is the last epoch's EMA when it beats the "
+        "kept weights by --monitor on validation (without a val part: the weights); "
+        "always: the EMA",
     )
     g.add_argument(
         "--tta",
         type=_positive_int,
         default=d.tta,
         metavar="N",
-        help="test-time augmentation: average the logits of N views (flips, crops) (default 1)",
+        help="test-time augmentation in each epoch's evaluation and the report: average the "
+        "logits of N views (1-12: plain, its flip, then crops of a 1.14x larger resize and "
+        "their flips; not with --cache-features) (default 1: the plain center crop)",
     )
     g.add_argument(
         "--head-epochs",
@@ -407,6 +412,8 @@ def _run_train(args: argparse.Namespace) -> int:
         if summary["monitor"]
         else f"epoch {summary['best_epoch']}, the last"
     )
+    if summary.get("weights") == "ema":
+        kept = f"the EMA after epoch {summary['ema_epoch']}"
     stopped = ", stopped early" if summary["stopped_early"] else ""
     tested = f"test acc {summary['test_acc']:.3f}" if "test_acc" in summary else "no report"
     print(
@@ -766,6 +773,22 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=_positive_int, default=5, help="classes per image (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON list of results")
     _add_inference_dtype(p)
+    add_tta_argument(p)
+
+
+def add_tta_argument(p: argparse.ArgumentParser) -> None:
+    """``--tta N`` of predict and serve."""
+    from gluon_ft.tta import MAX_VIEWS
+
+    p.add_argument(
+        "--tta",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help=f"test-time augmentation: average the logits of N views (1-{MAX_VIEWS}: plain, "
+        "its flip, then crops of a 1.14x larger resize and their flips; see README) "
+        "(default 1: the plain center crop)",
+    )
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -773,7 +796,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     from gluon_ft.predict import Predictor
 
-    predictor = Predictor(args.run_dir, dtype=args.dtype)
+    predictor = Predictor(args.run_dir, dtype=args.dtype, tta=args.tta)
     if args.dtype == "auto":
         print(f"gluon-ft: --dtype auto: {_describe_form(predictor.run.inference)}", file=sys.stderr)
     results = predictor.predict_images(args.images, top_k=args.top_k)
@@ -1008,6 +1031,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--ctx", default="cpu", help="the one device to run on: cpu | gpu:N")
     _add_inference_dtype(p)
+    add_tta_argument(p)
 
 
 def _pixel_cap(text: str) -> int:
@@ -1057,6 +1081,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         on_loaded=lambda run: print(
             f"gluon-ft: serving in {_describe_form(run.inference)}", flush=True
         ),
+        tta=args.tta,
     )
     return 0
 

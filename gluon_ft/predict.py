@@ -29,6 +29,7 @@ from gluon_ft import data as gdata
 from gluon_ft.errors import UsageError
 from gluon_ft.inference import check_inference_dtype, choose_form, sample_input
 from gluon_ft.model import build_model, load_parameters
+from gluon_ft.tta import check_views, eval_transform, view_logits
 
 ImageInput = str | Path | bytes | Image.Image
 
@@ -138,6 +139,15 @@ class Predictor:
         Images per forward pass.
     dtype : {"float32", "bfloat16", "auto"}
         The network's predict-mode form (see :func:`load_run`).
+    tta : int
+        Test-time augmentation: the mean logits of this many views of each image
+        (:mod:`gluon_ft.tta`); 1, the default, is the plain center crop.
+
+    Raises
+    ------
+    UsageError
+        Not a finished run (:func:`load_run`), or ``tta`` outside what :mod:`gluon_ft.tta`
+        supports.
     """
 
     def __init__(
@@ -146,10 +156,13 @@ class Predictor:
         ctx: mx.Context | None = None,
         batch_size: int = 32,
         dtype: str = "float32",
+        tta: int = 1,
     ):
+        check_views(tta)  # before the run loads
         self.run = load_run(run_dir, ctx, dtype, batch_size)
         self.classes = self.run.classes
-        self.transform = gdata.TestTransform(self.run.image_size)
+        self.transform = eval_transform(self.run.image_size, tta)
+        self.tta = tta
         self.batch_size = batch_size
 
     def probabilities(self, images: list[Image.Image]) -> np.ndarray:
@@ -159,7 +172,7 @@ class Predictor:
         batch = mx.nd.array(
             np.stack([self.transform(img) for img in images]), ctx=self.run.ctx, dtype="uint8"
         )
-        logits = self.run.net(gdata.normalize_batch(batch)).astype("float32", copy=False)
+        logits = view_logits(self.run.net, batch).astype("float32", copy=False)
         return mx.nd.softmax(logits, axis=1).asnumpy()
 
     def predict_images(self, images: Sequence[ImageInput], top_k: int = 5) -> list[dict]:

@@ -29,6 +29,8 @@ from gluon_ft.predict import Predictor, SplitPredictions, predict_split
 from gluon_ft.recordio import load_pack
 
 SELECTION_KEYS = ("best_epoch", "monitor", "best_value", "stopped_early")
+# With --ema: which weights model.params holds ("ema" or "trained") and why.
+EMA_KEYS = ("weights", "ema_epoch", "ema_score", "trained_score", "weights_reason")
 MISTAKES_SHOWN = 16
 THUMBNAIL = 96  # px, the longer side of a mistake's picture
 
@@ -83,6 +85,7 @@ def build_report(
     out: str | Path | None = None,
     selection: dict | None = None,
     ctx: mx.Context | None = None,
+    tta: int | None = None,
 ) -> tuple[dict, Path]:
     """Evaluate a finished run on ``split`` and write the report.
 
@@ -105,6 +108,9 @@ def build_report(
         ``summary.json``, if it has one.
     ctx : Context, optional
         Where to run the network; the CPU by default.
+    tta : int, optional
+        Test-time augmentation views (:mod:`gluon_ft.tta`); by default the run's ``--tta``
+        (``config.json``).
 
     Raises
     ------
@@ -112,7 +118,9 @@ def build_report(
         Not a finished run, no such split, or no readable image in it.
     """
     run_dir = Path(run_dir).expanduser()
-    predictor = Predictor(run_dir, ctx)
+    if tta is None:
+        tta = _run_settings(run_dir).get("tta", 1)
+    predictor = Predictor(run_dir, ctx, tta=tta)
     name, images = _evaluated_split(run_dir, split, predictor.classes)
     out = Path(out) if out else run_dir if name == "test" else run_dir / f"report-{name}"
     out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +133,7 @@ def build_report(
         "split": name if name in ("test", "val") else str(images.root),
         "images": len(predictions.labels),
         "unreadable": len(images) - len(predictions.labels),
+        "tta": tta,
     }
     paths.write_json(out / "summary.json", summary)
     plots.plot_confusion(predictions.confusion_matrix(), predictor.classes, out / "confusion.png")
@@ -151,7 +160,7 @@ def _saved_selection(run_dir: Path) -> dict:
         saved = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return {}
-    return {key: saved[key] for key in SELECTION_KEYS if key in saved}
+    return {key: saved[key] for key in SELECTION_KEYS + EMA_KEYS if key in saved}
 
 
 def _scores(name: str, predictions: SplitPredictions, classes: list[str]) -> dict:
@@ -167,10 +176,18 @@ def _scores(name: str, predictions: SplitPredictions, classes: list[str]) -> dic
     }
 
 
-def _part_sizes(run_dir: Path) -> dict:
+def _run_settings(run_dir: Path) -> dict:
+    """The run's ``config.json``; empty if unreadable (:class:`Predictor` then says why)."""
     try:
         config = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _part_sizes(run_dir: Path) -> dict:
+    config = _run_settings(run_dir)
+    if not config:
         return {}
     return {part: config.get(f"{part}_size") for part in splits.PART_NAMES}
 
@@ -198,6 +215,7 @@ def report_markdown(run_dir: Path, summary: dict, sizes: dict) -> str:
     lines.append(
         f"Evaluated on the {summary['split']} split: {summary['images']} images"
         + (f" ({summary['unreadable']} unreadable, left out)." if summary["unreadable"] else ".")
+        + (f" Test-time augmentation: {summary['tta']} views." if summary.get("tta", 1) > 1 else "")
     )
     if summary.get("best_epoch") is not None:
         kept = (
@@ -206,7 +224,13 @@ def report_markdown(run_dir: Path, summary: dict, sizes: dict) -> str:
             else "the last epoch (no validation part to select on)"
         )
         stopped = " The run stopped early." if summary.get("stopped_early") else ""
-        lines.append(f"Weights: epoch {summary['best_epoch']}, {kept}.{stopped}")
+        if summary.get("weights") == "ema":
+            kept = f"the EMA of the weights after epoch {summary['ema_epoch']}"
+            lines.append(f"Weights: {kept} ({summary['weights_reason']}).{stopped}")
+        else:
+            lines.append(f"Weights: epoch {summary['best_epoch']}, {kept}.{stopped}")
+        if summary.get("weights") == "trained":
+            lines.append(f"The EMA of the weights was not kept: {summary['weights_reason']}.")
     if any(sizes.values()):
         lines.append(
             "Split sizes: " + ", ".join(f"{k} {v}" for k, v in sizes.items() if v is not None) + "."

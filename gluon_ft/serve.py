@@ -4,9 +4,10 @@
 
     GET  /          the page (``gluon_ft/static/index.html``): pick or drop a photo
     POST /predict   multipart form, the file in the field ``image`` -> JSON
-                    {"run_id", "model", "filename", "classes", "probabilities"}
-                    (every class, most probable first; ``?top_k=N`` keeps the first N)
-    GET  /health    {"status": "ok", "run_id", "model", "classes", "image_size",
+                    {"run_id", "model", "tta", "filename", "classes", "probabilities"}
+                    (every class, most probable first; ``?top_k=N`` keeps the first N;
+                    ``tta``: the views averaged per image, ``serve --tta N``)
+    GET  /health    {"status": "ok", "run_id", "model", "tta", "classes", "image_size",
                     "max_upload_bytes", "max_pixels", "max_queue", "pending", "dtype"}
                     (``pending``: the /predict requests in progress now; ``dtype``: the
                     network's form, ``--dtype``)
@@ -428,7 +429,11 @@ def create_app(
         host too.
     """
     run = predictor.run
-    identity = {"run_id": run.path.resolve().name, "model": run.config["model"]}
+    identity = {
+        "run_id": run.path.resolve().name,
+        "model": run.config["model"],
+        "tta": predictor.tta,  # the views averaged per image (1: none)
+    }
     worker = InferenceWorker(predictor)
     admission = _Admission(max_queue)
     page = resources.files("gluon_ft").joinpath("static/index.html").read_text(encoding="utf-8")
@@ -501,13 +506,15 @@ def serve(
     max_queue: int = DEFAULT_MAX_QUEUE,
     dtype: str = "float32",
     on_loaded=None,
+    tta: int = 1,
 ) -> None:
     """Load a finished run and serve it until interrupted (Ctrl-C).
 
     The limits are those of :func:`create_app`. ``dtype`` is the network's form (see
     :mod:`gluon_ft.inference`), chosen for one image per forward pass, as
     :class:`InferenceWorker` runs it; ``on_loaded(run)`` is called once the run is loaded,
-    before the server starts.
+    before the server starts. ``tta`` is the test-time augmentation views averaged per image
+    (:class:`gluon_ft.predict.Predictor`).
 
     Raises
     ------
@@ -517,7 +524,7 @@ def serve(
     """
     import uvicorn
 
-    predictor = Predictor(run_dir, ctx, batch_size=1, dtype=dtype)
+    predictor = Predictor(run_dir, ctx, batch_size=1, dtype=dtype, tta=tta)
     if on_loaded is not None:
         on_loaded(predictor.run)
     app = create_app(predictor, max_upload_bytes, max_pixels, max_queue, host)

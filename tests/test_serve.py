@@ -321,6 +321,7 @@ def test_health_names_the_run_and_its_limit(server, trained_run):
         "status": "ok",
         "run_id": trained_run.name,
         "model": "resnet18_v2",
+        "tta": 1,
         "classes": ["cat", "dog"],
         "image_size": 32,
         "max_upload_bytes": int(CAP_MB * 2**20),
@@ -589,6 +590,7 @@ class _GatedPredictor:
     ``gate``, and raises while ``broken`` is set."""
 
     classes = ["a", "b"]
+    tta = 1
 
     def __init__(self, run_dir: Path):
         self.run = SimpleNamespace(path=run_dir, config={"model": "stand-in"}, image_size=8)

@@ -7,6 +7,8 @@ A checkpoint is a directory under ``RUN/checkpoints/``::
       optimizer.nd       the optimizer's state arrays (``nd.save``: momentum, ...)
       running-stats.nd   (a stop mid-epoch with several devices or workers) every copy's
                          BatchNorm running statistics, which differ until the epoch ends
+      ema.nd             (--ema) the moving average of every parameter; its update count
+                         is meta.json's "ema"
       meta.json          position, config, metrics so far, RNG scheme, optimizer counters,
                          and the size and SHA-1 of both files
 
@@ -38,6 +40,7 @@ PARAMS_FILE = "model.params"
 OPTIMIZER_FILE = "optimizer.nd"
 META_FILE = "meta.json"
 STATS_FILE = "running-stats.nd"
+EMA_FILE = "ema.nd"
 _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
 
 
@@ -216,6 +219,7 @@ def save_checkpoint(
     trainer: gluon.Trainer,
     meta: dict,
     running_stats: mx.nd.NDArray | None = None,
+    ema=None,
 ) -> Checkpoint:
     """Write a checkpoint of ``net`` and ``trainer`` into ``directory``, atomically.
 
@@ -230,6 +234,8 @@ def save_checkpoint(
         in the next epoch). ``format``, ``optimizer`` and ``files`` are added here.
     running_stats : NDArray, optional
         Every device's and worker's running statistics (see :mod:`gluon_ft.train.bn_stats`).
+    ema : WeightAverage, optional
+        ``--ema``'s average of the weights (:mod:`gluon_ft.train.ema`).
 
     Returns
     -------
@@ -250,6 +256,11 @@ def save_checkpoint(
     if running_stats is not None:
         mx.nd.save(str(tmp / STATS_FILE), {"copies": running_stats})
         written.append(STATS_FILE)
+    ema_info = None
+    if ema is not None:
+        ema_arrays, ema_info = ema.state()
+        mx.nd.save(str(tmp / EMA_FILE), ema_arrays)
+        written.append(EMA_FILE)
     files = {}
     for file_name in written:
         _fsync(tmp / file_name)
@@ -258,6 +269,8 @@ def save_checkpoint(
             "sha1": _sha1(tmp / file_name),
         }
     full_meta = {"format": FORMAT, **meta, "optimizer": optimizer_info, "files": files}
+    if ema_info is not None:
+        full_meta["ema"] = ema_info
     (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2) + "\n")
     _fsync(tmp / META_FILE)
     _fsync(tmp)
@@ -290,11 +303,7 @@ def _read_meta(path: Path) -> dict:
     if (
         not {PARAMS_FILE, OPTIMIZER_FILE}
         <= set(meta.get("files", {}))
-        <= {
-            PARAMS_FILE,
-            OPTIMIZER_FILE,
-            STATS_FILE,
-        }
+        <= {PARAMS_FILE, OPTIMIZER_FILE, STATS_FILE, EMA_FILE}
     ):
         raise ValueError(f"{META_FILE} does not list {PARAMS_FILE} and {OPTIMIZER_FILE}")
     return meta
@@ -402,6 +411,17 @@ def saved_running_stats(checkpoint: Checkpoint) -> mx.nd.NDArray | None:
         return mx.nd.load(str(checkpoint.path / STATS_FILE))["copies"]
     except (mx.base.MXNetError, KeyError, TypeError) as err:
         raise UsageError(f"{checkpoint.path / STATS_FILE} is unreadable: {err}") from None
+
+
+def saved_ema(checkpoint: Checkpoint) -> tuple[dict, dict] | None:
+    """``(arrays, info)`` of the checkpoint's ``--ema`` average, if it holds one."""
+    if EMA_FILE not in checkpoint.meta["files"]:
+        return None
+    try:
+        arrays = mx.nd.load(str(checkpoint.path / EMA_FILE))
+    except mx.base.MXNetError as err:
+        raise UsageError(f"{checkpoint.path / EMA_FILE} is unreadable: {err}") from None
+    return (arrays if isinstance(arrays, dict) else {}), checkpoint.meta["ema"]
 
 
 def restore_checkpoint(checkpoint: Checkpoint, net: gluon.Block, trainer: gluon.Trainer) -> dict:

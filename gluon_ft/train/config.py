@@ -17,6 +17,7 @@ from gluon_ft.errors import UsageError
 from gluon_ft.freeze import FreezePlan
 from gluon_ft.train.schedule import SCHEDULES
 from gluon_ft.train.selection import MONITORS
+from gluon_ft.tta import check_views, eval_transform
 
 # An SGD --lr below this, with a batch of PER_SAMPLE_BATCH or more, is most likely a per-sample
 # rate: d2l's MXNet text divides its rates by the batch (7.8125e-5 = 0.01 / 128) since its
@@ -224,8 +225,12 @@ class TrainConfig:
             raise UsageError(f"--ema DECAY must be in (0, 1), e.g. 0.999; got {self.ema:g}.")
         if self.ema_save not in EMA_SAVES:
             raise UsageError(f"--ema-save must be one of {', '.join(EMA_SAVES)}.")
-        if self.tta < 1:
-            raise UsageError("--tta must be at least 1 (1: no test-time augmentation).")
+        check_views(self.tta)
+        if self.tta > 1 and self.cache_features:
+            raise UsageError(
+                f"--tta {self.tta} needs the images of each view, but --cache-features "
+                "evaluates the head on stored features of the plain view: leave out one of them."
+            )
         if not 0 <= self.head_epochs <= self.epochs:
             raise UsageError(
                 f"--head-epochs must be between 0 and --epochs ({self.epochs}), "
@@ -279,9 +284,10 @@ class TrainConfig:
         """``--sampler balanced``: each train item's draw probability; None: a shuffle."""
         return balanced_probabilities(labels) if self.sampler == "balanced" else None
 
-    def test_transform(self) -> gdata.TestTransform:
-        """The evaluation transform: the book's resize and center crop to ``image_size``."""
-        return gdata.TestTransform(self.image_size)
+    def test_transform(self):
+        """The evaluation transform: the book's resize and center crop to ``image_size``;
+        with ``--tta N`` the N views of :mod:`gluon_ft.tta`."""
+        return eval_transform(self.image_size, self.tta)
 
     def freeze_plan(self) -> FreezePlan:
         """The :class:`gluon_ft.freeze.FreezePlan` of these settings."""

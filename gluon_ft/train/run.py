@@ -35,11 +35,13 @@ from gluon_ft.train.checkpoint import (
     prune_checkpoints,
     restore_checkpoint,
     save_checkpoint,
+    saved_ema,
     saved_running_stats,
 )
 from gluon_ft.train.config import TrainConfig
 from gluon_ft.train.devices import parse_contexts
 from gluon_ft.train.dist import DistContext, connect
+from gluon_ft.train.ema import WeightAverage, choose_weights
 from gluon_ft.train.feeds import Feeds, load_dataset, make_feeds, require_readable
 from gluon_ft.train.mixing import Mixer
 from gluon_ft.train.network import build_network, make_loss, make_trainer, ready_network
@@ -118,6 +120,7 @@ class Model:
     trainer: gluon.Trainer | None = None
     loss_fn: gluon.Block = field(default_factory=gluon.loss.SoftmaxCrossEntropyLoss)
     mixer: Mixer | None = None  # --mixup/--cutmix, None when both are off
+    ema: WeightAverage | None = None  # --ema: the moving average of the weights
 
 
 @dataclass
@@ -286,6 +289,7 @@ def build_model(config: TrainConfig, session: Session, num_classes: int) -> Mode
     model.trainer = make_trainer(net, config, ctx, session.dist)
     if session.resumed is not None:
         resume_from(config, session.resumed, model, session.dist)
+    model.ema = start_average(config, model.net, session.resumed)
     return model
 
 
@@ -321,6 +325,22 @@ def find_lr(config: TrainConfig, session: Session, model: Model, feeds: Feeds) -
     if session.writer:
         write_lr_find(result, session.run.path)
     say(config, f"lr-find: --lr {config.lr:.3g}, {result.method} (lr_find.png)")
+
+
+def start_average(config, net, resumed: Checkpoint | None) -> WeightAverage | None:
+    """``--ema``: the average of the weights, from the start or the resumed checkpoint's."""
+    if config.ema is None:
+        return None
+    average = WeightAverage(net, config.ema)
+    saved = saved_ema(resumed) if resumed is not None else None
+    if saved is not None:
+        try:
+            average.load_state(*saved)
+        except ValueError as err:
+            raise UsageError(f"--resume: {resumed.path}'s EMA does not fit: {err}") from None
+    elif resumed is not None:
+        log(f"warning: {resumed.path} holds no EMA; it restarts from the resumed weights")
+    return average
 
 
 def resume_from(config: TrainConfig, checkpoint: Checkpoint, model: Model, dist) -> None:
@@ -423,6 +443,9 @@ def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopR
             sums, skipped = sum_over_workers(session.dist, sums, skipped)
         share_bn_stats(config, session, model)
         scores = score_epoch(feeds, session)
+        if model.ema is not None:
+            with model.ema.swapped_in():
+                scores.update({f"ema_{k}": v for k, v in score_epoch(feeds, session).items()})
         row = epoch_row(model, epoch, sums, skipped, seconds, started, scores, unfrozen)
         report_epoch(config, row, progress.history)
         progress.history.append(row)
@@ -514,6 +537,7 @@ def fit_epoch(config, session: Session, model: Model, feeds: Feeds, steps, progr
                 step_samples,
                 feeds.prepare,
                 epoch_mixer(model, feeds, steps.epoch),
+                model.ema.update if model.ema is not None else None,
             )
         except DivergedError as err:
             raise diverged_since(err, steps.epoch, progress.last_checkpoint) from None
@@ -547,7 +571,7 @@ def save_progress(
     epoch, step = position
     meta = checkpoint_meta(config, epoch, step, progress.history, partial, reason)
     progress.last_checkpoint = save_checkpoint(
-        session.run.path / "checkpoints", model.net, model.trainer, meta, copies
+        session.run.path / "checkpoints", model.net, model.trainer, meta, copies, model.ema
     )
 
 
@@ -589,6 +613,10 @@ def epoch_row(model: Model, epoch, sums, skipped, seconds, started, scores, unfr
     ).as_dict()
 
 
+# The scores of an epoch's line, in this order: the weights', then --ema's average's.
+SCORE_KEYS = ("val_loss", "val_acc", "test_acc", "ema_val_loss", "ema_val_acc", "ema_test_acc")
+
+
 def report_epoch(config: TrainConfig, row: dict, earlier: list[dict]) -> None:
     """The epoch's line, and once per run the warning about unreadable files."""
     epoch, skipped = row["epoch"], row["skipped"]
@@ -599,9 +627,7 @@ def report_epoch(config: TrainConfig, row: dict, earlier: list[dict]) -> None:
             "them; --strict refuses them)"
         )
     scores = ", ".join(
-        f"{key.replace('_', ' ')} {row[key]:.3f}"
-        for key in ("val_loss", "val_acc", "test_acc")
-        if key in row
+        f"{key.replace('_', ' ')} {row[key]:.3f}" for key in SCORE_KEYS if key in row
     )
     say(
         config,
@@ -628,7 +654,13 @@ def close_run(config, session: Session, model: Model, parts: DatasetParts, histo
         if resumed is not None and len(history) == len(resumed.meta["history"]):
             session.run.write_metrics(history)  # nothing was left to train
         chosen = selection(history, config.monitor, parts.val is not None, config.epochs)
-        if chosen["monitor"] is None:  # the book's: the last epoch's weights
+        if model.ema is not None:
+            chosen.update(choose_weights(history, chosen, config.ema_save, parts.val is not None))
+            log(f"--ema: model.params holds the {weights_line(chosen)}")
+        if chosen.get("weights") == "ema":
+            with model.ema.swapped_in():
+                session.run.save_params(model.net)
+        elif chosen["monitor"] is None:  # the book's: the last epoch's weights
             session.run.save_params(model.net)
         else:
             name = checkpoint_name(chosen["best_epoch"])
@@ -641,6 +673,12 @@ def close_run(config, session: Session, model: Model, parts: DatasetParts, histo
         "rank": session.dist.rank,
         "summary": summary,
     }
+
+
+def weights_line(chosen: dict) -> str:
+    """What ``model.params`` holds under ``--ema``, and why, for the console."""
+    kept = "EMA of the weights" if chosen["weights"] == "ema" else "trained weights"
+    return f"{kept}: {chosen['weights_reason']}"
 
 
 def report_run(session: Session, chosen: dict) -> dict:

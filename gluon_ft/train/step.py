@@ -24,6 +24,7 @@ from gluon_ft.train.config import TrainConfig
 from gluon_ft.train.devices import micro_batches, split_batch, split_rows, zero_unused_grads
 from gluon_ft.train.dist import DistContext
 from gluon_ft.train.mixing import Mixer
+from gluon_ft.tta import view_logits
 
 
 class MetricSums:
@@ -94,15 +95,16 @@ def evaluate_sums(
     """Accuracy (and with ``loss_fn`` the loss) of ``net`` over ``loader``, in predict mode.
 
     Every readable sample counts. ``prepare`` turns a device batch into the network's input
-    (cached features: identity). With a distributed ``dist``, ``loader`` is this worker's
-    shard and the sums are over every worker's.
+    (cached features: identity). A loader of ``--tta`` views scores each sample by the mean
+    of its views' logits (:func:`gluon_ft.tta.view_logits`). With a distributed ``dist``,
+    ``loader`` is this worker's shard and the sums are over every worker's.
     """
     sums = MetricSums(ctx)
     for images, labels, _ in loader:
         if images is None:
             continue
         xs, ys = split_batch(images, labels, ctx)
-        outs = [net(prepare(x)) for x in xs]
+        outs = [view_logits(net, x, prepare) for x in xs]  # with --tta, the views' mean
         losses = [loss_fn(out, y) for out, y in zip(outs, ys)] if loss_fn else None
         sums.add(outs, ys, losses)
     if dist is not None:
@@ -177,11 +179,13 @@ def train_epoch(
     step_samples=None,
     prepare=gdata.normalize_batch,
     mixer: Mixer | None = None,
+    after_step=None,
 ):
     """One pass over ``loader``; returns ``(MetricSums, skipped files, seconds)``.
 
     ``prepare`` turns a device batch into the network's input (cached features: identity).
-    The host reads the metrics every ``config.log_every`` steps only.
+    The host reads the metrics every ``config.log_every`` steps only. ``after_step()`` runs
+    after each optimizer step (``--ema``'s update).
 
     ``step_samples`` (distributed runs) lists the global batch size of each step: the summed
     gradient of all workers is divided by it, and a worker takes every step, with zero
@@ -199,6 +203,8 @@ def train_epoch(
         train_batch(
             net, trainer, images, labels, ctx, loss_fn, config, sums, prepare, step_size, mixer
         )
+        if after_step is not None:
+            after_step()
         if bar is not None:
             bar.update(1)
         if step % config.log_every == 0 and sums.count:
