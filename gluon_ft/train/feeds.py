@@ -118,10 +118,12 @@ def make_feeds(
     Each epoch evaluates the val part, or the test part when there is no val part. With
     ``--head-epochs E`` (and ``first_epoch`` < E), the first E epochs train the head on cached
     features, one cached view per epoch (exactly the augmentation the images would get), and
-    ``after_head()`` gives the image loaders of the rest.
+    ``after_head()`` gives the image loaders of the rest. The head epochs are scored without
+    ``--tta``: the cache holds the plain view's features.
     """
     if config.head_epochs > first_epoch:
-        head = replace(config, cache_features=True, cache_views=config.head_epochs)
+        # The head epochs score the plain view: the cache holds its features only.
+        head = replace(config, cache_features=True, cache_views=config.head_epochs, tta=1)
         feeds = make_feeds(replace(head, head_epochs=0), net, parts, ctx, dist)
         rest = replace(config, head_epochs=0)
         feeds.after_head = lambda: make_feeds(rest, net, parts, ctx, dist)
