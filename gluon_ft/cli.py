@@ -322,7 +322,7 @@ def add_recipe_arguments(p: argparse.ArgumentParser, d) -> None:
         help="keep an exponential moving average (EMA) of the weights, e.g. 0.999: after each "
         "step ema = d*ema + (1-d)*w with d = min(DECAY, (1+t)/(10+t)), t the updates so far, "
         "so that short runs move it too; it is evaluated each epoch too, and saved as the "
-        "model when better on validation (see --ema-save)",
+        "model when better on validation (see --ema-save); 0: off (default)",
     )
     g.add_argument(
         "--ema-save",
@@ -646,6 +646,43 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         help="data loader processes for the loader and epoch figures (default: train's)",
     )
     p.add_argument("--out", metavar="FILE", help="also write the JSON object to FILE")
+    g = p.add_argument_group(
+        "recipes", "instead of the speed figures: the book's recipe against --recipe best"
+    )
+    g.add_argument(
+        "--recipes",
+        metavar="DATA",
+        help="train the book's recipe, --recipe best and best without each ingredient on DATA, "
+        "each seed in turn; prints test accuracy and wall time",
+    )
+    g.add_argument("--pretrained", metavar="FILE", help="the source model of --recipes")
+    g.add_argument("--image-size", type=_positive_int, default=64)
+    g.add_argument("--batch-size", type=_positive_int, default=64)
+    g.add_argument("--epochs", type=_positive_int, default=5)
+    g.add_argument("--seeds", type=_positive_int, default=3)
+    g.add_argument(
+        "--no-ablation", dest="ablation", action="store_false", help="book and best only"
+    )
+
+
+def _run_recipe_bench(args: argparse.Namespace) -> dict:
+    from gluon_ft.errors import UsageError
+    from gluon_ft.recipe_bench import markdown_table, run_recipe_bench
+
+    if not args.pretrained:
+        raise UsageError("bench --recipes DATA needs --pretrained FILE (or imagenet).")
+    result = run_recipe_bench(
+        args.recipes,
+        args.pretrained,
+        args.image_size,
+        args.batch_size,
+        args.epochs,
+        args.seeds,
+        args.ablation,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    print(markdown_table(result))
+    return result
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -655,6 +692,11 @@ def _run_bench(args: argparse.Namespace) -> int:
     from gluon_ft.bench import run_bench
     from gluon_ft.errors import UsageError
 
+    if args.recipes:
+        result = _run_recipe_bench(args)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        return 0
     if args.workers is not None and args.workers < 0:
         raise UsageError("--workers must be >= 0.")
     result = run_bench(args.quick, args.workers, log=lambda line: print(line, file=sys.stderr))

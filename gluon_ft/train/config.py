@@ -221,8 +221,12 @@ class TrainConfig:
                 "--mixup and --cutmix mix images, but --cache-features trains on the stored "
                 "features of unmixed images: leave out --cache-features, or the mixing."
             )
+        if self.ema == 0:
+            self.ema = None  # --ema 0: off, as --mixup 0 (a preset's EMA can be taken out)
         if self.ema is not None and not (math.isfinite(self.ema) and 0 < self.ema < 1):
-            raise UsageError(f"--ema DECAY must be in (0, 1), e.g. 0.999; got {self.ema:g}.")
+            raise UsageError(
+                f"--ema DECAY must be in (0, 1), e.g. 0.999, or 0 for off; got {self.ema:g}."
+            )
         if self.ema_save not in EMA_SAVES:
             raise UsageError(f"--ema-save must be one of {', '.join(EMA_SAVES)}.")
         check_views(self.tta)
@@ -256,7 +260,8 @@ class TrainConfig:
             ``--head-lr-mult`` was given, rather than left at its default.
         """
         found = []
-        if self.lr < PER_SAMPLE_LR and self.batch_size >= PER_SAMPLE_BATCH:
+        per_sample = self.lr < PER_SAMPLE_LR and self.batch_size >= PER_SAMPLE_BATCH
+        if per_sample and self.optimizer == "sgd":  # AdamW's rates are this small
             found.append(
                 f"--lr {self.lr:g} looks like a per-sample rate (lr / batch size, as d2l's "
                 "text uses with step(1)); gluon-ft's --lr is per batch (trainer.step(batch_size) "
