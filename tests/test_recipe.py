@@ -160,3 +160,27 @@ def test_train_help_writes_the_preset_out(capsys):
         main(["train", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--head-epochs 1" in help_text and "--optimizer adamw" in help_text
+
+
+def test_recipe_best_on_the_command_line_writes_its_settings_and_the_measured_lr(setup, tmp_path):
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            *("--data", str(setup["data"]), "--model", "mobilenet0.25"),
+            *("--pretrained", str(setup["source"]), "--image-size", "32", "--ctx", "cpu"),
+            *("--epochs", "2", "--batch-size", "4", "--recipe", "best", "--tta", "1"),
+            *("--out", str(out), "--no-progress"),
+        ]
+    )
+    assert code == 0
+    saved = json.loads((out / "config.json").read_text())
+    for name, value in RECIPE_PRESETS["best"].items():
+        if name not in ("lr", "tta"):
+            assert saved[name] == value, name
+    assert saved["tta"] == 1  # given explicitly: the preset's 2 does not apply
+    found = json.loads((out / "lr_find.json").read_text())
+    assert saved["lr_find"] and saved["lr"] == found["suggestion"] != TrainConfig().lr
+    assert (out / "lr_find.png").stat().st_size > 0
+    rates = [row["lr"] for row in json.loads((out / "metrics.json").read_text())]
+    assert rates[0] == pytest.approx(found["suggestion"])  # the head epoch: the base rate

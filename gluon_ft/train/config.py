@@ -41,12 +41,9 @@ RECIPE_PRESETS: dict[str, dict] = {
         "warmup_epochs": 0.5,
         "crop_scale": 0.25,
         "layer_lr_decay": 0.5,
-        "bn": "freeze",
+        "bn": "inference",
         "head_epochs": 1,
         "label_smoothing": 0.1,
-        "mixup": 0.0,
-        "cutmix": 0.0,
-        "ema": None,
         "tta": 2,
     },
 }

@@ -311,6 +311,7 @@ def find_lr(config: TrainConfig, session: Session, model: Model, feeds: Feeds) -
         )
     from gluon_ft.train.lr_find import range_test, write_lr_find
 
+    steps = RECIPE_LR_FIND_STEPS
     result = range_test(
         feeds.net,
         model.trainer,
@@ -318,13 +319,19 @@ def find_lr(config: TrainConfig, session: Session, model: Model, feeds: Feeds) -
         session.ctx,
         model.loss_fn,
         config,
-        num_steps=RECIPE_LR_FIND_STEPS,
+        steps,
         prepare=feeds.prepare,
     )
+    if result.suggestion is None:
+        raise UsageError(
+            f"--recipe best: the LR range test found no descent of the loss to pick --lr "
+            f"from ({result.how}); give --lr, or look at `gluon-ft lr-find`'s curve."
+        )
     config.lr = result.suggestion
+    settings = {"num_steps": steps, "on": "cached features" if feeds.cache else "images"}
     if session.writer:
-        write_lr_find(result, session.run.path)
-    say(config, f"lr-find: --lr {config.lr:.3g}, {result.method} (lr_find.png)")
+        write_lr_find(result, session.run.path, settings)
+    say(config, f"lr-find: --lr {config.lr:.3g}: {result.how} (lr_find.png)")
 
 
 def start_average(config, net, resumed: Checkpoint | None) -> WeightAverage | None:
