@@ -41,11 +41,45 @@ def _positive_float(text: str) -> float:
 def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=True) -> None:
     """The flags of ``train``; ``pretrain`` shares them with its own defaults and without
     the two ``run_flags`` whose meaning differs there (``--pretrained``, ``--out``)."""
-    from gluon_ft.freeze import BN_MODES
     from gluon_ft.train import TrainConfig
-    from gluon_ft.train.schedule import SCHEDULES
 
     d = defaults or TrainConfig()
+    _add_data_flags(p, d, run_flags)
+    _add_optimizer_flags(p, d)
+    _add_freeze_flags(p, d)
+    _add_device_flags(p, d)
+    _add_selection_flags(p, d)
+    add_recipe_arguments(p, d)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a dataset with unreadable images (default: skip them, with a warning)",
+    )
+    if run_flags:
+        p.add_argument(
+            "--out", default=d.out, help="run directory (default runs/<data>-<model>-<time>)"
+        )
+        p.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue the run in --out from its last complete checkpoint",
+        )
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write each epoch's numbers as TensorBoard event files under RUN/tensorboard/",
+    )
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no epoch lines (progress bars are drawn only on a terminal)",
+    )
+
+
+def _add_data_flags(p: argparse.ArgumentParser, d, run_flags: bool = True) -> None:
+    """The data, the model and its weights."""
     p.add_argument(
         "--data",
         default=d.data,
@@ -74,6 +108,12 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
             default=d.pretrained,
             help="imagenet | none | FILE.params (default %(default)s)",
         )
+
+
+def _add_optimizer_flags(p: argparse.ArgumentParser, d) -> None:
+    """Epochs, batch, the optimizer, the schedule and the train crops."""
+    from gluon_ft.train.schedule import SCHEDULES
+
     p.add_argument("--epochs", type=_positive_int, default=d.epochs)
     p.add_argument(
         "--batch-size",
@@ -130,6 +170,12 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
         help="random train crops cover S to all of the image's area (default %(default)s, "
         "the book's; small images may need more, e.g. 0.5)",
     )
+
+
+def _add_freeze_flags(p: argparse.ArgumentParser, d) -> None:
+    """What trains, and how fast each part learns."""
+    from gluon_ft.freeze import BN_MODES
+
     p.add_argument(
         "--freeze",
         default=d.freeze,
@@ -164,6 +210,10 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
         metavar="N",
         help="sum gradients over N micro-batches of each batch, then step once",
     )
+
+
+def _add_device_flags(p: argparse.ArgumentParser, d) -> None:
+    """Devices, workers, precision and the feature cache."""
     p.add_argument("--ctx", default=d.ctx, help="auto | cpu | cpu:N | gpu:0,1")
     p.add_argument(
         "--kvstore",
@@ -199,6 +249,10 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
         metavar="K",
         help="random train augmentations cached per image; epoch e uses view e %% K (default 1)",
     )
+
+
+def _add_selection_flags(p: argparse.ArgumentParser, d) -> None:
+    """Which epoch is kept, and how the classes are weighed."""
     p.add_argument(
         "--monitor",
         choices=("val_acc", "val_loss"),
@@ -234,39 +288,12 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
         help="balanced: draw each epoch's samples so that every class comes equally often "
         "(with replacement, from --seed) (default %(default)s)",
     )
-    add_recipe_arguments(p, d)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument(
-        "--strict",
-        action="store_true",
-        help="refuse a dataset with unreadable images (default: skip them, with a warning)",
-    )
-    if run_flags:
-        p.add_argument(
-            "--out", default=d.out, help="run directory (default runs/<data>-<model>-<time>)"
-        )
-        p.add_argument(
-            "--resume",
-            action="store_true",
-            help="continue the run in --out from its last complete checkpoint",
-        )
-    p.add_argument(
-        "--tensorboard",
-        action="store_true",
-        help="also write each epoch's numbers as TensorBoard event files under RUN/tensorboard/",
-    )
-    p.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        help="no epoch lines (progress bars are drawn only on a terminal)",
-    )
 
 
 def add_recipe_arguments(p: argparse.ArgumentParser, d) -> None:
     """The flags of "Getting the most out of a small dataset" (README); each is off by
     default, the book's recipe."""
-    from gluon_ft.train.config import EMA_SAVES, OPTIMIZERS, RECIPES, describe_preset
+    from gluon_ft.train.config import OPTIMIZERS, RECIPES, describe_preset
 
     g = p.add_argument_group("recipe", "tricks for small datasets; all off in the book's recipe")
     g.add_argument(
@@ -314,6 +341,13 @@ def add_recipe_arguments(p: argparse.ArgumentParser, d) -> None:
         metavar="E",
         help="no mixup or CutMix from epoch E (1-based) on (default: mix in every epoch)",
     )
+    _add_evaluation_flags(g, d)
+
+
+def _add_evaluation_flags(g, d) -> None:
+    """The recipe flags of what is evaluated and kept: EMA, TTA, and the head epochs."""
+    from gluon_ft.train.config import EMA_SAVES
+
     g.add_argument(
         "--ema",
         type=float,
