@@ -105,6 +105,30 @@ def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedP
     )
 
 
+def finish(process: subprocess.Popen, seconds: float) -> tuple[int, str]:
+    """Wait up to ``seconds`` for ``process``, kill it either way; ``(exit code, output)``."""
+    try:
+        output, _ = process.communicate(timeout=seconds)
+    finally:
+        process.kill()
+    return process.returncode, output
+
+
+def processes_with_environment(entry: str) -> list[int]:
+    """Live processes (not zombies, not this one) whose environment holds ``entry``
+    (``NAME=value``, which every process a launcher starts inherits)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            if entry.encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z" and int(pid) != os.getpid():
+                    found.append(int(pid))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
 @pytest.fixture
 def tiny_data(tmp_path) -> Path:
     """A two-class image folder with 6 train and 4 test images per class, 40 px."""

@@ -14,10 +14,9 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import finish, processes_with_environment, run_cli
 
 import gluon_ft  # noqa: F401  (thread settings before mxnet)
 
@@ -71,27 +70,9 @@ def node(rank: int, address: str, command: list[str], nnodes: int = 2, **options
     )
 
 
-def finish(process: subprocess.Popen, seconds: float) -> tuple[int, str]:
-    try:
-        output, _ = process.communicate(timeout=seconds)
-    finally:
-        process.kill()
-    return process.returncode, output
-
-
 def cluster_processes(ps_port: int) -> list[int]:
     """Live processes started for the ps-lite cluster on ``ps_port``."""
-    needle = f"DMLC_PS_ROOT_PORT={ps_port}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            if needle in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
-                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-                if state != "Z":
-                    found.append(int(entry))
-        except (OSError, ValueError):
-            continue
-    return found
+    return processes_with_environment(f"DMLC_PS_ROOT_PORT={ps_port}")
 
 
 def ps_port_of(output: str) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_image_folder
+from conftest import finish, processes_with_environment, write_image_folder
 
 import gluon_ft  # noqa: F401  (thread settings before mxnet)
 
@@ -136,27 +136,10 @@ def train_command(data: Path, out: Path) -> list[str]:
     return [*command, "--momentum", "0.9", "--out", str(out), "--no-progress"]
 
 
-def finish(process: subprocess.Popen, seconds: float) -> tuple[int, str]:
-    try:
-        output, _ = process.communicate(timeout=seconds)
-    finally:
-        process.kill()
-    return process.returncode, output
-
-
 def cluster_processes(marker: str) -> list[int]:
     """Live processes whose environment holds ``marker`` (inherited by every process the
     launchers start)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            if marker.encode() in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
-                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-                if state != "Z" and int(entry) != os.getpid():
-                    found.append(int(entry))
-        except (OSError, ValueError):
-            continue
-    return found
+    return processes_with_environment(marker)
 
 
 @pytest.mark.timeout(900)
