@@ -158,11 +158,10 @@ def test_a_duplicate_node_rank_is_refused(worker):
     node0 = node(0, address, [*worker, "sum"], nnodes=3, join_timeout=8.0)
     first = node(1, address, [*worker, "sum"], nnodes=3)
     time.sleep(1.0)
-    started = time.monotonic()
     code, output = finish(node(1, address, [*worker, "sum"], nnodes=3), 30)
     assert code == 2, output
+    # Refused at once, not after node 0's 8 s join timeout: that would say "did not join".
     assert "--node-rank 1 has already joined" in output
-    assert time.monotonic() - started < 10
     # Node 2 never comes: node 0 gives up after its join timeout, and so does node 1.
     code0, out0 = finish(node0, 30)
     assert code0 == 2 and "Node(s) 2 did not join" in out0, out0
@@ -173,11 +172,10 @@ def test_a_duplicate_node_rank_is_refused(worker):
 @pytest.mark.timeout(60)
 def test_nothing_listening_at_the_scheduler_address_is_a_bounded_failure(worker):
     address = f"127.0.0.1:{free_port()}"
-    started = time.monotonic()
     code, output = finish(node(1, address, [*worker, "sum"], join_timeout=3.0), 30)
     assert code == 2, output
+    # Bounded: it exits 2 within finish()'s 30 s, or finish() kills it (exit -9).
     assert f"--scheduler {address}: could not reach node 0 there" in output
-    assert time.monotonic() - started < 20
 
 
 @pytest.mark.timeout(60)

@@ -184,3 +184,27 @@ def test_recipe_best_on_the_command_line_writes_its_settings_and_the_measured_lr
     assert (out / "lr_find.png").stat().st_size > 0
     rates = [row["lr"] for row in json.loads((out / "metrics.json").read_text())]
     assert rates[0] == pytest.approx(found["suggestion"])  # the head epoch: the base rate
+
+
+def test_recipe_best_on_two_devices_resumes_exactly(setup, tmp_path, monkeypatch):
+    """The whole preset (its lr-find, head epoch, AdamW, --bn inference, TTA) on cpu:2,
+    stopped in epoch 2 and resumed: the same weights as the run that was never stopped."""
+
+    def best(out: Path, **changes) -> TrainConfig:
+        chosen = config(setup, out, ctx="cpu:2", epochs=3, recipe="best", **changes)
+        chosen.apply_recipe(given={"momentum", "ctx", "epochs", "resume"})
+        return chosen
+
+    whole = tmp_path / "whole"
+    train(best(whole))
+    lr_find_steps = len(json.loads((whole / "lr_find.json").read_text())["lrs"])
+    run = tmp_path / "stopped"
+    record_steps(monkeypatch, signal_after=lr_find_steps + STEPS_PER_EPOCH + 2)
+    with pytest.raises(Interrupted):
+        train(best(run))
+    monkeypatch.undo()
+    train(best(run, resume=True))
+    want, got = arrays(whole / "model.params"), arrays(run / "model.params")
+    assert all(np.array_equal(want[k], got[k]) for k in want)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["lr"] == json.loads((whole / "config.json").read_text())["lr"]
