@@ -508,7 +508,8 @@ class _OnlyFlags:
 LR_FIND_TRAIN_FLAGS = frozenset(
     "--data --val-split --test-split --model --pretrained --batch-size --head-lr-mult --wd "
     "--momentum --optimizer --image-size --crop-scale --freeze --bn --layer-lr-decay "
-    "--accumulate --class-weights --sampler --ctx --dtype --workers --seed".split()
+    "--accumulate --class-weights --sampler --label-smoothing --ctx --dtype "
+    "--workers --seed".split()
 )
 
 
