@@ -343,7 +343,7 @@ def test_serve_in_bfloat16_answers_the_documented_json(
             response = post_image(server.url, photo.read_bytes(), photo.name)
             assert response.status_code == 200, response.text
             answer = response.json()
-            assert set(answer) == {"run_id", "model", "filename", "classes", "probabilities"}
+            assert set(answer) == {"run_id", "model", "tta", "filename", "classes", "probabilities"}
             assert answer["run_id"] == trained_run.name and answer["filename"] == photo.name
             probabilities = answer["probabilities"]
             assert probabilities == sorted(probabilities, reverse=True)
@@ -593,7 +593,9 @@ class _GatedPredictor:
     tta = 1
 
     def __init__(self, run_dir: Path):
-        self.run = SimpleNamespace(path=run_dir, config={"model": "stand-in"}, image_size=8)
+        self.run = SimpleNamespace(
+            path=run_dir, config={"model": "stand-in"}, image_size=8, inference={"dtype": "float32"}
+        )
         self.gate = threading.Event()
         self.gate.set()
         self.broken = False
