@@ -42,6 +42,7 @@ def _step(setup, images, labels) -> None:
 
 def _state(net, trainer) -> dict:
     """Every copy of every parameter, the optimizer's arrays and counters, and the rate."""
+    mx.nd.waitall()  # BatchNorm statistics land after the step (see TrainingSnapshot)
     arrays, info = optimizer_state(trainer, net)
     state = {  # by structural names, which a twin network shares
         f"param {name} {i}": d.asnumpy().copy()

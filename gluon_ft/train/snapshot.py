@@ -52,6 +52,9 @@ class TrainingSnapshot:
         self.net = net
         self.trainer = trainer
         params = net.collect_params().values()
+        # The last step first: a hybridized network's BatchNorm statistics are written behind
+        # the engine's back, and a copy taken before that lands is stale (seen on cpu:2).
+        mx.nd.waitall()
         self.data = [(p, [d.copy() for d in p.list_data()]) for p in params]
         self.on_kvstore = bool(trainer._kv_initialized and trainer._update_on_kvstore)
         self.states = [
