@@ -70,6 +70,10 @@ class TrainingSnapshot:
 
     def restore(self) -> None:
         """Write every copy back in place, with the optimizer's state; zero the gradients."""
+        # The work's last step first, as in __init__. MXNet 1.9 updates BatchNorm's running
+        # statistics in the backward pass (measured: a training-mode forward pass alone leaves
+        # them as they were), and a CI run once saw them land after the copies written here.
+        mx.nd.waitall()
         for param, copies in self.data:
             for array, saved in zip(param.list_data(), copies):
                 array[:] = saved
