@@ -428,26 +428,13 @@ def create_app(
         The address the server listens on. On a loopback one, requests must name a loopback
         host too.
     """
-    run = predictor.run
-    identity = {
-        "run_id": run.path.resolve().name,
-        "model": run.config["model"],
-        "tta": predictor.tta,  # the views averaged per image (1: none)
-    }
+    identity = _run_identity(predictor)
     worker = InferenceWorker(predictor)
     admission = _Admission(max_queue)
     page = resources.files("gluon_ft").joinpath("static/index.html").read_text(encoding="utf-8")
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        # The server accepts connections only once the network has run once.
-        await asyncio.wrap_future(worker.start())
-        yield
-        worker.close(timeout=30)
-
     app = FastAPI(
         title="gluon-ft serve",
-        lifespan=lifespan,
+        lifespan=_warm_up_then_close(worker),
         docs_url=None,  # the docs pages load their scripts from a CDN
         redoc_url=None,
     )
@@ -456,10 +443,53 @@ def create_app(
     if is_loopback_name(host):  # added last, so it runs first
         app.add_middleware(_LoopbackHostsOnly, bound_to=host)
     _answer_errors_as_json(app)
+    _add_page_route(app, page)
+    limits = {
+        "max_upload_bytes": max_upload_bytes,
+        "max_pixels": max_pixels,
+        "max_queue": max_queue,
+    }
+    _add_health_route(app, predictor, identity, limits, admission)
+    _add_predict_route(app, predictor, identity, worker, admission, max_pixels)
+    return app
+
+
+def _run_identity(predictor: Predictor) -> dict:
+    """The fields that name the served run in every answer of /health and /predict."""
+    run = predictor.run
+    return {
+        "run_id": run.path.resolve().name,
+        "model": run.config["model"],
+        "tta": predictor.tta,  # the views averaged per image (1: none)
+    }
+
+
+def _warm_up_then_close(worker: InferenceWorker):
+    """The application's lifespan: start ``worker`` and wait for its first pass; close it."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # The server accepts connections only once the network has run once.
+        await asyncio.wrap_future(worker.start())
+        yield
+        worker.close(timeout=30)
+
+    return lifespan
+
+
+def _add_page_route(app: FastAPI, page: str) -> None:
+    """``GET /``: the page to try the run on a photo."""
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
+
+
+def _add_health_route(
+    app: FastAPI, predictor: Predictor, identity: dict, limits: dict, admission: _Admission
+) -> None:
+    """``GET /health``: the run, its limits and the /predict requests in progress."""
+    run = predictor.run
 
     @app.get("/health")
     async def health() -> dict:
@@ -468,12 +498,21 @@ def create_app(
             **identity,
             "classes": predictor.classes,
             "image_size": run.image_size,
-            "max_upload_bytes": max_upload_bytes,
-            "max_pixels": max_pixels,
-            "max_queue": max_queue,
+            **limits,
             "pending": admission.pending,
             "dtype": run.inference["dtype"],
         }
+
+
+def _add_predict_route(
+    app: FastAPI,
+    predictor: Predictor,
+    identity: dict,
+    worker: InferenceWorker,
+    admission: _Admission,
+    max_pixels: int,
+) -> None:
+    """``POST /predict``: the uploaded photo's classes, classified on ``worker``'s thread."""
 
     @app.post("/predict")
     async def predict(request: Request) -> dict:
@@ -491,8 +530,6 @@ def create_app(
             "classes": [entry["class"] for entry in top],
             "probabilities": [entry["probability"] for entry in top],
         }
-
-    return app
 
 
 def serve(
