@@ -157,31 +157,13 @@ def fetch(
         is full (the partial file is deleted).
     """
     dest = Path(dest)
-    expected = sha1.strip().lower()
-    if not _SHA1.fullmatch(expected):
-        raise ValueError(f"sha1 must be 40 hex digits, got {sha1!r}")
+    expected = _expected_sha1(sha1)
     if dest.exists():
         return _verified_in_place(dest, expected, url)
-    transfer = _Transfer(
-        url,
-        _sibling(dest, ".part"),
-        timeouts=(min(timeout, _MAX_CONNECT_TIMEOUT), min(timeout, stall_timeout)),
-        stall_timeout=stall_timeout,
-        max_bytes=max_bytes,
-        show=progress,
+    transfer = _Transfer.for_dest(
+        dest, url, timeout=timeout, stall_timeout=stall_timeout, max_bytes=max_bytes, show=progress
     )
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with _exclusive(_sibling(dest, ".lock"), waiting_for=dest):
-            # Whoever held the lock before us may have just finished this very download.
-            if dest.exists():
-                return _verified_in_place(dest, expected, url)
-            _download_verified(transfer, expected, retries=retries, backoff=backoff)
-            os.replace(transfer.part, dest)
-    except OSError as exc:  # the cache folder cannot be created or written at all
-        raise DownloadError(
-            f"Could not save {dest}: {exc.strerror or exc}.", url=url, path=dest
-        ) from None
+    _download_into_place(transfer, expected, retries=retries, backoff=backoff)
     return dest
 
 
@@ -276,6 +258,32 @@ def _check_member(info: zipfile.ZipInfo, archive: Path) -> None:
     )
 
 
+def _expected_sha1(sha1: str) -> str:
+    """``sha1`` as 40 lowercase hex digits; a ValueError if it is no SHA-1 at all."""
+    expected = sha1.strip().lower()
+    if not _SHA1.fullmatch(expected):
+        raise ValueError(f"sha1 must be 40 hex digits, got {sha1!r}")
+    return expected
+
+
+def _download_into_place(transfer: _Transfer, expected: str, *, retries: int, backoff: float):
+    """Download, verify and rename the file to ``transfer.dest``, one process at a time."""
+    dest = transfer.dest
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(_sibling(dest, ".lock"), waiting_for=dest):
+            # Whoever held the lock before us may have just finished this very download.
+            if dest.exists():
+                _verified_in_place(dest, expected, transfer.url)
+                return
+            _download_verified(transfer, expected, retries=retries, backoff=backoff)
+            os.replace(transfer.part, dest)
+    except OSError as exc:  # the cache folder cannot be created or written at all
+        raise DownloadError(
+            f"Could not save {dest}: {exc.strerror or exc}.", url=transfer.url, path=dest
+        ) from None
+
+
 def _verified_in_place(dest: Path, expected: str, url: str) -> Path:
     actual = sha1sum(dest)
     if actual != expected:
@@ -342,6 +350,27 @@ class _Transfer:
     @property
     def dest(self) -> Path:
         return self.part.with_name(self.part.name.removesuffix(".part"))
+
+    @classmethod
+    def for_dest(
+        cls,
+        dest: Path,
+        url: str,
+        *,
+        timeout: float,
+        stall_timeout: float,
+        max_bytes: int | None,
+        show: bool,
+    ) -> _Transfer:
+        """The download of ``url`` into ``dest.part``, with ``fetch``'s limits."""
+        return cls(
+            url,
+            _sibling(dest, ".part"),
+            timeouts=(min(timeout, _MAX_CONNECT_TIMEOUT), min(timeout, stall_timeout)),
+            stall_timeout=stall_timeout,
+            max_bytes=max_bytes,
+            show=show,
+        )
 
 
 def _download_verified(transfer: _Transfer, expected: str, *, retries: int, backoff: float):
