@@ -6,6 +6,19 @@ makes concurrent processes that want the same file download it once. :func:`extr
 unpacks an archive into a fresh directory all-or-nothing and refuses members that could
 escape it. Every failure is a :class:`DownloadError`, a usage error with a one-paragraph
 message that the command line shows without a traceback.
+
+How :func:`fetch` keeps its ``dest`` either absent or complete and correct: the body is
+streamed into ``dest.part`` beside it, verified, and renamed to ``dest`` in one step. An
+interrupted download is resumed with an HTTP ``Range`` request when the server supports it; a
+resumed file that fails the SHA-1 check is downloaded once more from the start, since the part
+kept from before may belong to another version of the file. Processes fetching the same
+``dest`` take turns through an exclusive lock on ``dest.lock``; the later ones find the file.
+Connecting is given at most 5 s of the timeout, so an unreachable server fails fast; the stall
+timeout (64 KiB per ``stall_timeout`` seconds, about 1 KiB/s at the default) catches a server
+that sends a byte now and then, which never trips the read timeout; ``max_bytes`` keeps a
+wrong or hostile server from filling the disk. A file already at ``dest`` with another SHA-1
+may be a copy the user put there by hand: it is never deleted. A partial file is deleted when
+the disk is full, since it only holds on to the space the user has to free.
 """
 
 from __future__ import annotations
@@ -107,14 +120,8 @@ def fetch(
 ) -> Path:
     """Download ``url`` to ``dest`` unless a file with the right SHA-1 is already there.
 
-    A file already at ``dest`` (a previous download, or a copy the user put there by hand)
-    is verified and used without any network access. Otherwise the body is streamed into
-    ``dest.part`` beside it, verified, and renamed to ``dest`` in one step, so ``dest`` is
-    either absent or complete and correct. An interrupted download is resumed with an HTTP
-    ``Range`` request when the server supports it; a resumed file that fails the SHA-1 check
-    is downloaded once more from the start, since the part kept from before may belong to
-    another version of the file. Processes fetching the same ``dest`` take turns through an
-    exclusive lock on ``dest.lock``; the later ones find the file.
+    A file already at ``dest`` is verified and used without network access. Otherwise
+    ``dest`` is either absent or complete and correct; the module docstring tells how.
 
     Parameters
     ----------
@@ -125,20 +132,16 @@ def fetch(
     sha1 : str
         Expected SHA-1 of the file, 40 hex digits.
     max_bytes : int, optional
-        The most bytes the file can have. A server that announces more is refused before
-        anything is written, and one that sends more is cut off there, so a wrong or hostile
-        server cannot fill the disk.
+        The most bytes the file can have: a server that announces more is refused before
+        anything is written, and one that sends more is cut off there.
     retries : int, optional
-        How many more attempts after the first one fails with a connection error, a
-        dropped connection, a stalled transfer or an HTTP 5xx answer.
+        How many more attempts after a connection error, a dropped or stalled transfer or HTTP 5xx.
     backoff : float, optional
         Seconds to wait before the first retry; the wait doubles with each further retry.
     timeout : float, optional
-        Seconds without any data from the server before an attempt is given up. Connecting
-        is given at most 5 s of it, so an unreachable server fails fast.
+        Seconds without any data before an attempt is given up; connecting gets at most 5 s.
     stall_timeout : float, optional
-        An attempt is given up when this many seconds bring less than 64 KiB (about 1 KiB/s
-        at the default): a server that sends a byte now and then never trips ``timeout``.
+        An attempt is given up when this many seconds bring less than 64 KiB.
     progress : bool, optional
         Show a progress bar on stderr.
 
@@ -150,38 +153,18 @@ def fetch(
     Raises
     ------
     DownloadError
-        The file at ``dest`` has another SHA-1 (it is left in place), the server could not
-        be reached or kept failing (what arrived stays in ``dest.part`` for the next call
-        to resume), it answered with an HTTP error, it announced or sent more than
-        ``max_bytes``, it sent data with another SHA-1 (the data is discarded), or the disk
-        is full (the partial file is deleted).
+        A file at ``dest`` has another SHA-1 (left in place), the server could not be reached
+        or kept failing (``dest.part`` is kept to resume), answered with an HTTP error, announced
+        or sent over ``max_bytes`` or data with another SHA-1 (discarded), or the disk is full.
     """
     dest = Path(dest)
-    expected = sha1.strip().lower()
-    if not _SHA1.fullmatch(expected):
-        raise ValueError(f"sha1 must be 40 hex digits, got {sha1!r}")
+    expected = _expected_sha1(sha1)
     if dest.exists():
         return _verified_in_place(dest, expected, url)
-    transfer = _Transfer(
-        url,
-        _sibling(dest, ".part"),
-        timeouts=(min(timeout, _MAX_CONNECT_TIMEOUT), min(timeout, stall_timeout)),
-        stall_timeout=stall_timeout,
-        max_bytes=max_bytes,
-        show=progress,
+    transfer = _Transfer.for_dest(
+        dest, url, timeout=timeout, stall_timeout=stall_timeout, max_bytes=max_bytes, show=progress
     )
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with _exclusive(_sibling(dest, ".lock"), waiting_for=dest):
-            # Whoever held the lock before us may have just finished this very download.
-            if dest.exists():
-                return _verified_in_place(dest, expected, url)
-            _download_verified(transfer, expected, retries=retries, backoff=backoff)
-            os.replace(transfer.part, dest)
-    except OSError as exc:  # the cache folder cannot be created or written at all
-        raise DownloadError(
-            f"Could not save {dest}: {exc.strerror or exc}.", url=url, path=dest
-        ) from None
+    _download_into_place(transfer, expected, retries=retries, backoff=backoff)
     return dest
 
 
@@ -276,6 +259,32 @@ def _check_member(info: zipfile.ZipInfo, archive: Path) -> None:
     )
 
 
+def _expected_sha1(sha1: str) -> str:
+    """``sha1`` as 40 lowercase hex digits; a ValueError if it is no SHA-1 at all."""
+    expected = sha1.strip().lower()
+    if not _SHA1.fullmatch(expected):
+        raise ValueError(f"sha1 must be 40 hex digits, got {sha1!r}")
+    return expected
+
+
+def _download_into_place(transfer: _Transfer, expected: str, *, retries: int, backoff: float):
+    """Download, verify and rename the file to ``transfer.dest``, one process at a time."""
+    dest = transfer.dest
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive(_sibling(dest, ".lock"), waiting_for=dest):
+            # Whoever held the lock before us may have just finished this very download.
+            if dest.exists():
+                _verified_in_place(dest, expected, transfer.url)
+                return
+            _download_verified(transfer, expected, retries=retries, backoff=backoff)
+            os.replace(transfer.part, dest)
+    except OSError as exc:  # the cache folder cannot be created or written at all
+        raise DownloadError(
+            f"Could not save {dest}: {exc.strerror or exc}.", url=transfer.url, path=dest
+        ) from None
+
+
 def _verified_in_place(dest: Path, expected: str, url: str) -> Path:
     actual = sha1sum(dest)
     if actual != expected:
@@ -342,6 +351,27 @@ class _Transfer:
     @property
     def dest(self) -> Path:
         return self.part.with_name(self.part.name.removesuffix(".part"))
+
+    @classmethod
+    def for_dest(
+        cls,
+        dest: Path,
+        url: str,
+        *,
+        timeout: float,
+        stall_timeout: float,
+        max_bytes: int | None,
+        show: bool,
+    ) -> _Transfer:
+        """The download of ``url`` into ``dest.part``, with ``fetch``'s limits."""
+        return cls(
+            url,
+            _sibling(dest, ".part"),
+            timeouts=(min(timeout, _MAX_CONNECT_TIMEOUT), min(timeout, stall_timeout)),
+            stall_timeout=stall_timeout,
+            max_bytes=max_bytes,
+            show=show,
+        )
 
 
 def _download_verified(transfer: _Transfer, expected: str, *, retries: int, backoff: float):
