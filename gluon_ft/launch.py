@@ -21,6 +21,26 @@ How ps-lite behaves here (mxnet 1.9.1, measured):
   kvstore's shutdown waits at a barrier for the other workers. Only a process that really
   ends (a crash, a kill, ``os._exit``, or a failure before ``kv.create``) triggers fail-fast.
 
+Output, threads and signals
+---------------------------
+Every process (scheduler, servers, workers) starts in a session of its own, so stopping it
+also stops anything it started. Their stdout and stderr go to the launcher's ``stream``, one
+line at a time, prefixed ``[scheduler]``, ``[server 0]``, ``[worker 1]``; the launcher's own
+messages are prefixed ``[launch]``.
+
+Unless the user chose a thread count (``OMP_NUM_THREADS`` or ``MXNET_OMP_MAX_THREADS`` in
+the environment or in ``env``), each worker gets ``cores // num_workers`` OpenMP threads (at
+least 1) and the scheduler and servers 1 each.
+
+The first SIGINT or SIGTERM goes on to the workers (SIGTERM), and the launcher waits up to
+``stop_timeout`` for them to exit: ``gluon-ft train`` workers agree on a step, rank 0 saves a
+checkpoint, and all exit with 130. A worker that exits with 130 by itself starts the same
+wait. A second signal, or the end of the wait, stops everything at once.
+
+SIGINT and SIGTERM are caught only when the launcher runs in the main thread. Processes that
+leave their session (``setsid``, daemons) escape the cleanup, and so does the whole cluster if
+the launcher itself is killed with SIGKILL.
+
 Several machines
 ----------------
 :func:`launch_node` (``gluon-ft launch --nnodes N --node-rank R --scheduler HOST:PORT``) runs
@@ -89,10 +109,7 @@ def launch(
 ) -> int:
     """Run ``command`` as each worker of a local ps-lite cluster and wait for the cluster.
 
-    Every process (scheduler, servers, workers) starts in a session of its own, so stopping
-    it also stops anything it started. Their stdout and stderr go to ``stream``, one line at
-    a time, prefixed ``[scheduler]``, ``[server 0]``, ``[worker 1]``; the launcher's own
-    messages are prefixed ``[launch]``.
+    Output, threads and signals work as the module docstring describes.
 
     Parameters
     ----------
@@ -135,27 +152,31 @@ def launch(
     UsageError
         Bad arguments, a port already in use, or a command that cannot be started; nothing
         is left running.
-
-    Notes
-    -----
-    Unless the user chose a thread count (``OMP_NUM_THREADS`` or ``MXNET_OMP_MAX_THREADS``
-    in the environment or in ``env``), each worker gets ``cores // num_workers`` OpenMP
-    threads (at least 1) and the scheduler and servers 1 each.
-
-    The first SIGINT or SIGTERM goes on to the workers (SIGTERM), and the launcher waits up
-    to ``stop_timeout`` for them to exit: ``gluon-ft train`` workers agree on a step, rank 0
-    saves a checkpoint, and all exit with 130. A worker that exits with 130 by itself starts
-    the same wait. A second signal, or the end of the wait, stops everything at once.
-
-    SIGINT and SIGTERM are caught only when ``launch`` runs in the main thread. Processes
-    that leave their session (``setsid``, daemons) escape the cleanup, and so does the whole
-    cluster if the launcher itself is killed with SIGKILL.
     """
     _check_arguments(command, num_workers, num_servers, dead_timeout, stop_timeout)
+    plan = _plan_one_host(list(command), num_workers, num_servers, port, host, env)
+    return _run_one_host(plan, stream, dead_timeout, stop_timeout)
+
+
+def _plan_one_host(
+    command: list[str],
+    num_workers: int,
+    num_servers: int,
+    port: int | None,
+    host: str,
+    env: dict | None,
+) -> list[tuple[str, str, list[str], dict]]:
+    """The plan of :func:`launch`: the whole cluster on ``host``, the scheduler on ``port``."""
     port = _free_port(host) if port is None else _check_port_free(host, port)
-    out = sys.stdout if stream is None else stream
     layout = _Layout(host, port, num_workers, num_servers, host)
-    plan = _plan_node(list(command), layout, num_workers, num_servers, True, env)
+    return _plan_node(command, layout, num_workers, num_servers, True, env)
+
+
+def _run_one_host(
+    plan: list, stream: TextIO | None, dead_timeout: float, stop_timeout: float
+) -> int:
+    """Run the processes of :func:`launch`'s ``plan`` while SIGINT and SIGTERM are counted."""
+    out = sys.stdout if stream is None else stream
     signals = _Signals()
     with _stop_on_signals(signals):
         return _run_node(plan, out, signals, _Waits.of(dead_timeout, stop_timeout))
