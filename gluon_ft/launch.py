@@ -21,12 +21,37 @@ How ps-lite behaves here (mxnet 1.9.1, measured):
   kvstore's shutdown waits at a barrier for the other workers. Only a process that really
   ends (a crash, a kill, ``os._exit``, or a failure before ``kv.create``) triggers fail-fast.
 
+Output, threads and signals
+---------------------------
+Every process (scheduler, servers, workers) starts in a session of its own, so stopping it
+also stops anything it started. Their stdout and stderr go to the launcher's ``stream``, one
+line at a time, prefixed ``[scheduler]``, ``[server 0]``, ``[worker 1]``; the launcher's own
+messages are prefixed ``[launch]``.
+
+Unless the user chose a thread count (``OMP_NUM_THREADS`` or ``MXNET_OMP_MAX_THREADS`` in
+the environment or in ``env``), each worker gets ``cores // num_workers`` OpenMP threads (at
+least 1) and the scheduler and servers 1 each.
+
+The first SIGINT or SIGTERM goes on to the workers (SIGTERM), and the launcher waits up to
+``stop_timeout`` for them to exit: ``gluon-ft train`` workers agree on a step, rank 0 saves a
+checkpoint, and all exit with 130. A worker that exits with 130 by itself starts the same
+wait. A second signal, or the end of the wait, stops everything at once.
+
+SIGINT and SIGTERM are caught only when the launcher runs in the main thread. Processes that
+leave their session (``setsid``, daemons) escape the cleanup, and so does the whole cluster if
+the launcher itself is killed with SIGKILL.
+
 Several machines
 ----------------
 :func:`launch_node` (``gluon-ft launch --nnodes N --node-rank R --scheduler HOST:PORT``) runs
-one host's part: node 0 the scheduler, every node its servers and workers. The launchers find
+one host's part: node 0 the scheduler, every node its servers and workers. Node 0's launcher
+listens at ``HOST:PORT`` (an address of node 0) until the other nodes have joined, then runs
+ps-lite's scheduler on ``HOST``; every node's processes get the cluster's ``DMLC_*``
+variables, ``DMLC_NODE_HOST`` being the address node 0 sees that node on. The launchers find
 each other and watch each other through :mod:`gluon_ft.rendezvous`, so a failure or a lost
-host anywhere stops every node. The same ``DMLC_*`` variables also let MXNet's
+host anywhere stops every node: when a process on another node fails, its launcher goes quiet
+for ``heartbeat_timeout`` seconds, or node 0's scheduler dies, every node stops its processes
+and returns, naming what was lost. The same ``DMLC_*`` variables also let MXNet's
 ``mxnet.tools.launch`` (ssh, MPI) or a Kubeflow ``MXJob`` start the processes, without the
 fail-fast. Either way each worker reads its rank from ``kv.rank``. Keep such a cluster on a
 private network: its servers unpickle what workers send them.
@@ -89,10 +114,7 @@ def launch(
 ) -> int:
     """Run ``command`` as each worker of a local ps-lite cluster and wait for the cluster.
 
-    Every process (scheduler, servers, workers) starts in a session of its own, so stopping
-    it also stops anything it started. Their stdout and stderr go to ``stream``, one line at
-    a time, prefixed ``[scheduler]``, ``[server 0]``, ``[worker 1]``; the launcher's own
-    messages are prefixed ``[launch]``.
+    Output, threads and signals work as the module docstring describes.
 
     Parameters
     ----------
@@ -135,27 +157,31 @@ def launch(
     UsageError
         Bad arguments, a port already in use, or a command that cannot be started; nothing
         is left running.
-
-    Notes
-    -----
-    Unless the user chose a thread count (``OMP_NUM_THREADS`` or ``MXNET_OMP_MAX_THREADS``
-    in the environment or in ``env``), each worker gets ``cores // num_workers`` OpenMP
-    threads (at least 1) and the scheduler and servers 1 each.
-
-    The first SIGINT or SIGTERM goes on to the workers (SIGTERM), and the launcher waits up
-    to ``stop_timeout`` for them to exit: ``gluon-ft train`` workers agree on a step, rank 0
-    saves a checkpoint, and all exit with 130. A worker that exits with 130 by itself starts
-    the same wait. A second signal, or the end of the wait, stops everything at once.
-
-    SIGINT and SIGTERM are caught only when ``launch`` runs in the main thread. Processes
-    that leave their session (``setsid``, daemons) escape the cleanup, and so does the whole
-    cluster if the launcher itself is killed with SIGKILL.
     """
     _check_arguments(command, num_workers, num_servers, dead_timeout, stop_timeout)
+    plan = _plan_one_host(list(command), num_workers, num_servers, port, host, env)
+    return _run_one_host(plan, stream, dead_timeout, stop_timeout)
+
+
+def _plan_one_host(
+    command: list[str],
+    num_workers: int,
+    num_servers: int,
+    port: int | None,
+    host: str,
+    env: dict | None,
+) -> list[tuple[str, str, list[str], dict]]:
+    """The plan of :func:`launch`: the whole cluster on ``host``, the scheduler on ``port``."""
     port = _free_port(host) if port is None else _check_port_free(host, port)
-    out = sys.stdout if stream is None else stream
     layout = _Layout(host, port, num_workers, num_servers, host)
-    plan = _plan_node(list(command), layout, num_workers, num_servers, True, env)
+    return _plan_node(command, layout, num_workers, num_servers, True, env)
+
+
+def _run_one_host(
+    plan: list, stream: TextIO | None, dead_timeout: float, stop_timeout: float
+) -> int:
+    """Run the processes of :func:`launch`'s ``plan`` while SIGINT and SIGTERM are counted."""
+    out = sys.stdout if stream is None else stream
     signals = _Signals()
     with _stop_on_signals(signals):
         return _run_node(plan, out, signals, _Waits.of(dead_timeout, stop_timeout))
@@ -177,13 +203,7 @@ def launch_node(
 ) -> int:
     """Run this host's part of a ``nnodes``-host ps-lite cluster; one call on every host.
 
-    Node 0 listens at ``scheduler`` (``HOST:PORT``, an address of node 0) until the other
-    nodes have joined (:mod:`gluon_ft.rendezvous`), then runs ps-lite's scheduler on ``HOST``.
-    Every node runs ``num_servers`` servers and ``num_workers`` workers with the cluster's
-    ``DMLC_*`` variables, ``DMLC_NODE_HOST`` being the address node 0 sees it on. Output,
-    fail-fast and signals work as in :func:`launch`; in addition, when a process on another
-    node fails, its launcher goes quiet for ``heartbeat_timeout`` seconds, or node 0's
-    scheduler dies, every node stops its processes and returns, naming what was lost.
+    Output, threads, signals, and how the nodes meet and stop together: see the module docstring.
 
     Parameters
     ----------
@@ -216,10 +236,36 @@ def launch_node(
     Interrupted
         SIGINT or SIGTERM before the processes started.
     """
+    _check_node_arguments(command, num_workers, num_servers, dead_timeout, stop_timeout)
+    spec = _node_spec(nnodes, node_rank, num_workers, num_servers)
+    address = rendezvous.parse_address(scheduler)
+    out = sys.stdout if stream is None else stream
+    signals = _Signals()
+    with _stop_on_signals(signals):
+        links, layout = _meet(spec, address, join_timeout, heartbeat_timeout, signals, out)
+        plan = _plan_node(list(command), layout, num_workers, num_servers, node_rank == 0, env)
+        waits = _Waits.of(dead_timeout, stop_timeout)
+        return _run_node(plan, out, signals, waits, _Peers(links), f"node {node_rank}")
+
+
+def _check_node_arguments(
+    command: Sequence[str],
+    num_workers: int,
+    num_servers: int,
+    dead_timeout: float,
+    stop_timeout: float,
+) -> None:
+    """:func:`_check_arguments` for one node of several, which may run no server."""
     # A node may run no server (-s 0) when others do; node 0 checks that one does.
     _check_arguments(command, num_workers, max(num_servers, 1), dead_timeout, stop_timeout)
     if not isinstance(num_servers, int) or num_servers < 0:
         raise UsageError(f"The number of servers must be a whole number >= 0, not {num_servers!r}.")
+
+
+def _node_spec(
+    nnodes: int, node_rank: int, num_workers: int, num_servers: int
+) -> rendezvous.NodeSpec:
+    """Check this node's place among ``nnodes``; return it as a rendezvous.NodeSpec."""
     for name, value in (("nnodes", nnodes), ("node_rank", node_rank)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise UsageError(f"--{name.replace('_', '-')} must be a whole number, not {value!r}.")
@@ -227,22 +273,11 @@ def launch_node(
         raise UsageError(
             f"--node-rank must be from 0 to --nnodes - 1 ({nnodes - 1}), not {node_rank}."
         )
-    address = rendezvous.parse_address(scheduler)
-    spec = rendezvous.NodeSpec(nnodes, node_rank, num_workers, num_servers)
-    out = sys.stdout if stream is None else stream
-    signals = _Signals()
-    with _stop_on_signals(signals):
-        links, cluster = _meet(spec, address, join_timeout, heartbeat_timeout, signals, out)
-        layout = _Layout(
-            address[0], cluster.ps_port, cluster.num_workers, cluster.num_servers, cluster.node_host
-        )
-        plan = _plan_node(list(command), layout, num_workers, num_servers, node_rank == 0, env)
-        waits = _Waits.of(dead_timeout, stop_timeout)
-        return _run_node(plan, out, signals, waits, _Peers(links), f"node {node_rank}")
+    return rendezvous.NodeSpec(nnodes, node_rank, num_workers, num_servers)
 
 
 def _meet(spec, address, join_timeout, heartbeat_timeout, signals, out):
-    """The rendezvous of :func:`launch_node`: ``(links to the other nodes, Cluster)``."""
+    """The rendezvous of :func:`launch_node`: ``(links to the other nodes, _Layout)``."""
 
     def say(message: str) -> None:
         _write_line(out, f"[launch] {message}")
@@ -250,9 +285,18 @@ def _meet(spec, address, join_timeout, heartbeat_timeout, signals, out):
     stopped = lambda: signals.count > 0  # noqa: E731
     if spec.node_rank == 0:
         pick = lambda: _free_port(address[0])  # noqa: E731
-        return rendezvous.host(address, spec, pick, join_timeout, heartbeat_timeout, stopped, say)
-    link, cluster = rendezvous.join(address, spec, join_timeout, heartbeat_timeout, stopped, say)
-    return [link], cluster
+        links, cluster = rendezvous.host(
+            address, spec, pick, join_timeout, heartbeat_timeout, stopped, say
+        )
+    else:
+        link, cluster = rendezvous.join(
+            address, spec, join_timeout, heartbeat_timeout, stopped, say
+        )
+        links = [link]
+    layout = _Layout(
+        address[0], cluster.ps_port, cluster.num_workers, cluster.num_servers, cluster.node_host
+    )
+    return links, layout
 
 
 class _Peers:
