@@ -286,7 +286,15 @@ def _download_into_place(transfer: _Transfer, expected: str, *, retries: int, ba
 
 
 def _verified_in_place(dest: Path, expected: str, url: str) -> Path:
-    actual = sha1sum(dest)
+    try:
+        actual = sha1sum(dest)
+    except OSError as exc:  # a folder of that name, or a file the user may not read
+        raise DownloadError(
+            f"{dest} exists but cannot be read ({exc.strerror or exc}). It was left in place: "
+            f"remove it to download {url} again, or replace it with the correct file.",
+            url=url,
+            path=dest,
+        ) from None
     if actual != expected:
         # Never delete it: it may be a copy the user placed here by hand.
         raise DownloadError(

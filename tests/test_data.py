@@ -263,6 +263,15 @@ def test_offline_without_data_exits_2_fast_naming_the_zip(tmp_path, monkeypatch)
     assert "--data DIR" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_folder_where_the_hotdog_zip_belongs_exits_2_without_a_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLUON_FT_HOTDOG_URL", "http://127.0.0.1:9/hotdog.zip")
+    monkeypatch.setenv("MXNET_HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "datasets" / "hotdog.zip").mkdir(parents=True)
+    result = run_cli("train", "--out", str(tmp_path / "run"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "hotdog.zip exists but cannot be read" in result.stderr
+
+
 def test_offline_without_weights_exits_2_naming_the_file(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("MXNET_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MXNET_GLUON_REPO", "http://127.0.0.1:9/")

@@ -215,6 +215,16 @@ def test_user_placed_wrong_zip_is_reported_and_kept(server, tmp_path):
     assert b.requests == []
 
 
+def test_something_unreadable_in_place_is_reported_and_kept(server, tmp_path):
+    url, b = server
+    dest = tmp_path / "hotdog.zip"
+    dest.mkdir()  # a folder where the zip belongs: it cannot be read as one
+    with pytest.raises(DownloadError) as info:
+        fetch(url, dest, PAYLOAD_SHA1, **FAST)
+    assert "cannot be read" in str(info.value) and str(dest) in str(info.value)
+    assert info.value.path == dest and dest.is_dir() and b.requests == []
+
+
 def test_server_error_then_success_is_retried(server, tmp_path):
     url, b = server
     b.fail_first = 1
