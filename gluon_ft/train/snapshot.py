@@ -52,8 +52,9 @@ class TrainingSnapshot:
         self.net = net
         self.trainer = trainer
         params = net.collect_params().values()
-        # The last step first: a hybridized network's BatchNorm statistics are written behind
-        # the engine's back, and a copy taken before that lands is stale (seen on cpu:2).
+        # The last step first. MXNet 1.9 updates BatchNorm's running statistics in the backward
+        # pass (measured: a training-mode forward pass alone leaves them as they were), and a
+        # copy taken before they land is stale (seen on cpu:2).
         mx.nd.waitall()
         self.data = [(p, [d.copy() for d in p.list_data()]) for p in params]
         self.on_kvstore = bool(trainer._kv_initialized and trainer._update_on_kvstore)
@@ -70,9 +71,8 @@ class TrainingSnapshot:
 
     def restore(self) -> None:
         """Write every copy back in place, with the optimizer's state; zero the gradients."""
-        # The work's last step first, as in __init__. MXNet 1.9 updates BatchNorm's running
-        # statistics in the backward pass (measured: a training-mode forward pass alone leaves
-        # them as they were), and a CI run once saw them land after the copies written here.
+        # The work's last step first, for the same reason as in __init__: a CI run once saw its
+        # BatchNorm statistics land after the copies written here.
         mx.nd.waitall()
         for param, copies in self.data:
             for array, saved in zip(param.list_data(), copies):
