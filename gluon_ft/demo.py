@@ -15,9 +15,9 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from gluon_ft.data.synthetic import DEFAULT_SPEC, TaskSpec, generate_task
 from gluon_ft.errors import Interrupted
 from gluon_ft.paths import mxnet_home
-from gluon_ft.synthetic import DEFAULT_SPEC, TaskSpec, generate_task
 from gluon_ft.train import TrainConfig, pretrain, train
 
 
@@ -74,7 +74,7 @@ def prepare_source(config: DemoConfig, log=print) -> tuple[dict, Path]:
     Returns
     -------
     (task, params_file)
-        ``task`` as :func:`gluon_ft.synthetic.generate_task` returns it; the source model's
+        ``task`` as :func:`gluon_ft.data.synthetic.generate_task` returns it; the source model's
         params file (with its sidecar JSON), ready for ``--pretrained``.
     """
     spec = replace(config.spec, seed=config.seed)
@@ -150,8 +150,9 @@ def run_demo(config: DemoConfig, log=print) -> dict:
         ``{"out": Path, "results": {variant: {"history", "test_acc", "seconds"}},
         "comparison_png": Path, "samples_png": Path}``.
     """
-    from gluon_ft.data import load_image, scan_split
-    from gluon_ft.plots import plot_comparison, show_images
+    from gluon_ft.data.decode import load_image
+    from gluon_ft.data.folders import scan_split
+    from gluon_ft.deploy.plots import plot_comparison, show_images
 
     started = time.perf_counter()
     out = Path(config.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -21,8 +21,8 @@ import numpy as np
 from mxnet import autograd, gluon
 
 from gluon_ft.errors import GluonFTError, UsageError
-from gluon_ft.freeze import freeze, named_parts, trainable_table, unfreeze
-from gluon_ft.model import SourceModel, graft_new_head, load_source_model, model_store_file
+from gluon_ft.model.freeze import freeze, named_parts, trainable_table, unfreeze
+from gluon_ft.model.graft import SourceModel, graft_new_head, load_source_model, model_store_file
 
 MODEL = "resnet18_v2"
 RUNNING_STATS = ("running_mean", "running_var")

@@ -156,8 +156,8 @@ def _new_run_dir(notebook: str) -> Path:
 
 def _book_source() -> _Source:
     """The hot-dog dataset and the ImageNet weights; UsageError says how to get what is missing."""
-    from gluon_ft.data import hotdog_root
-    from gluon_ft.model import load_source_model
+    from gluon_ft.data.hotdog import hotdog_root
+    from gluon_ft.model.graft import load_source_model
 
     problems = []
     data_dir = None
@@ -206,8 +206,8 @@ def _shared_source(smoke: bool) -> _Source | None:
 
 def _synthetic_source(smoke: bool, log) -> _Source:
     """The built-in task of ``gluon-ft demo``, generated and pretrained once (cached)."""
+    from gluon_ft.data.synthetic import SMALL_SPEC
     from gluon_ft.demo import DemoConfig, prepare_source
-    from gluon_ft.synthetic import SMALL_SPEC
 
     demo = DemoConfig(progress=False)
     if smoke:
@@ -310,7 +310,7 @@ def train_network(net, config: TrainConfig) -> list[dict]:
     """
     from mxnet import gluon
 
-    from gluon_ft import data as gdata
+    from gluon_ft.data.loaders import set_epoch
     from gluon_ft.train import (
         EpochSteps,
         StopRequest,
@@ -337,7 +337,7 @@ def train_network(net, config: TrainConfig) -> list[dict]:
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     set_lr = LrSchedule.of(config, len(train_loader)).setter(trainer)
     for epoch in range(config.epochs):
-        gdata.set_epoch(train_loader, epoch)
+        set_epoch(train_loader, epoch)
         steps = EpochSteps(train_loader, config.seed, epoch, 0, StopRequest(), set_lr)
         sums, _, _ = train_epoch(net, trainer, steps, ctx, loss_fn, config)
         loss, train_acc = sums.read()

@@ -25,10 +25,13 @@ import pytest
 from conftest import run_cli, write_image_folder
 from PIL import Image, ImageFile
 
-from gluon_ft import data as gdata
 from gluon_ft.cli import main
+from gluon_ft.data.decode import UnreadableImageError, load_image
+from gluon_ft.data.folders import ImageFolderSplit
+from gluon_ft.data.loaders import make_loader
+from gluon_ft.data.transforms import TestTransform, TrainTransform
 from gluon_ft.errors import UsageError
-from gluon_ft.model import build_model
+from gluon_ft.model.graft import build_model
 from gluon_ft.train import TrainConfig
 
 # --- files ---------------------------------------------------------------------------------
@@ -105,10 +108,10 @@ def write(path: Path, payload: bytes) -> Path:
 
 def assert_skipped_and_counted(path: Path, reason: str) -> None:
     """``load_image`` refuses it with the reason; a training loader skips and counts it."""
-    with pytest.raises(gdata.UnreadableImageError, match=reason):
-        gdata.load_image(path)
-    split = gdata.ImageFolderSplit(path.parent, ("x",), ((str(path), 0),))
-    loader = gdata.make_loader(split, gdata.TrainTransform(16), 4, shuffle=True)
+    with pytest.raises(UnreadableImageError, match=reason):
+        load_image(path)
+    split = ImageFolderSplit(path.parent, ("x",), ((str(path), 0),))
+    loader = make_loader(split, TrainTransform(16), 4, shuffle=True)
     assert [(images, bad) for images, _, bad in loader] == [(None, 1)]
 
 
@@ -163,7 +166,7 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path, side):
 
 def test_grayscale_becomes_rgb(tmp_path):
     gray = noise().convert("L")
-    img = gdata.load_image(write(tmp_path / "g.png", encoded(gray, "PNG")))
+    img = load_image(write(tmp_path / "g.png", encoded(gray, "PNG")))
     pixels = np.asarray(img)
     assert img.mode == "RGB" and pixels.shape == (40, 40, 3)
     for channel in range(3):
@@ -174,20 +177,20 @@ def test_rgba_is_composited_on_white(tmp_path):
     rgba = Image.new("RGBA", (2, 1))
     rgba.putpixel((0, 0), (255, 0, 0, 0))  # fully transparent red: the colour must not show
     rgba.putpixel((1, 0), (0, 0, 255, 255))
-    img = gdata.load_image(write(tmp_path / "t.png", encoded(rgba, "PNG")))
+    img = load_image(write(tmp_path / "t.png", encoded(rgba, "PNG")))
     assert img.mode == "RGB"
     assert img.getpixel((0, 0)) == (255, 255, 255) and img.getpixel((1, 0)) == (0, 0, 255)
 
 
 def test_cmyk_becomes_rgb(tmp_path):
     red = Image.new("CMYK", (8, 8), (0, 255, 255, 0))
-    img = gdata.load_image(write(tmp_path / "c.jpg", encoded(red, "JPEG", quality=95)))
+    img = load_image(write(tmp_path / "c.jpg", encoded(red, "JPEG", quality=95)))
     r, g, b = np.asarray(img).reshape(-1, 3).mean(axis=0)
     assert img.mode == "RGB" and r > 200 and g < 60 and b < 60
 
 
 def test_16_bit_png_is_scaled_not_clipped(tmp_path):
-    img = gdata.load_image(write(tmp_path / "d.png", encoded(gray_16bit(), "PNG")))
+    img = load_image(write(tmp_path / "d.png", encoded(gray_16bit(), "PNG")))
     pixels = np.asarray(img)[..., 0].astype(int)
     assert img.mode == "RGB" and pixels.min() == 0 and pixels.max() == 255
     # A ramp stays a ramp: clipping 16-bit values to 8 bits would make almost all of it 255.
@@ -195,9 +198,9 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
 
 
 def test_1x1_image_is_upscaled_by_both_transforms(tmp_path):
-    img = gdata.load_image(write(tmp_path / "p.png", ODD_BUT_GOOD["tiny.png"]()))
-    crop = gdata.TrainTransform(32)(img, np.random.default_rng(0))
-    centre = gdata.TestTransform(32)(img)
+    img = load_image(write(tmp_path / "p.png", ODD_BUT_GOOD["tiny.png"]()))
+    crop = TrainTransform(32)(img, np.random.default_rng(0))
+    centre = TestTransform(32)(img)
     for out in (crop, centre):
         assert out.shape == (32, 32, 3) and (out == (250, 10, 10)).all()
 

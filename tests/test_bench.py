@@ -112,7 +112,7 @@ def test_static_hybridization_is_exact_with_a_short_last_batch():
     import numpy as np
     from mxnet import autograd, gluon
 
-    from gluon_ft.model import scratch_twin
+    from gluon_ft.model.graft import scratch_twin
     from gluon_ft.train import TrainConfig, evaluate, make_trainer, train_epoch
 
     ctx = [mx.cpu()]

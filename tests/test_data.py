@@ -14,12 +14,22 @@ import pytest
 from conftest import run_cli
 from PIL import Image
 
-from gluon_ft import data as gdata
+from gluon_ft.data.folders import scan_dataset
+from gluon_ft.data.hotdog import HOTDOG_SHA1, hotdog_root
+from gluon_ft.data.loaders import EpochBatchSampler, make_loader
+from gluon_ft.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TestTransform,
+    TrainTransform,
+    normalize_batch,
+    sample_rng,
+)
 from gluon_ft.errors import UsageError
 
 
 def test_scan_dataset_sorted_classes_and_labels(tiny_data):
-    train, test = gdata.scan_dataset(tiny_data)
+    train, test = scan_dataset(tiny_data)
     assert train.classes == test.classes == ("cat", "dog")
     assert len(train) == 12 and len(test) == 8
     assert list(train.labels()) == [0] * 6 + [1] * 6
@@ -52,7 +62,7 @@ def test_bad_dataset_folders(tiny_data, breakage, message):
         for f in (tiny_data / "train" / "dog").iterdir():
             f.unlink()
     with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        gdata.scan_dataset(root)
+        scan_dataset(root)
 
 
 def test_bad_dataset_exits_2_without_traceback(tiny_data, tmp_path):
@@ -65,11 +75,11 @@ def test_bad_dataset_exits_2_without_traceback(tiny_data, tmp_path):
 
 def test_train_transform_semantics_and_determinism():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8))
-    transform = gdata.TrainTransform(32)
-    out = transform(img, gdata.sample_rng(1, 2, 3))
+    transform = TrainTransform(32)
+    out = transform(img, sample_rng(1, 2, 3))
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
-    np.testing.assert_array_equal(out, transform(img, gdata.sample_rng(1, 2, 3)))
-    assert not np.array_equal(out, transform(img, gdata.sample_rng(1, 3, 3)))
+    np.testing.assert_array_equal(out, transform(img, sample_rng(1, 2, 3)))
+    assert not np.array_equal(out, transform(img, sample_rng(1, 3, 3)))
     # Crops cover 8%-100% of the area with aspect ratios in [3/4, 4/3], as Gluon's.
     rng = np.random.default_rng(0)
     areas, flips = [], 0
@@ -82,9 +92,9 @@ def test_train_transform_semantics_and_determinism():
     # With the whole image as the crop, the output is the image or its mirror, half and half.
     halves = np.zeros((32, 32, 3), dtype=np.uint8)
     halves[:, 16:] = 255
-    whole = gdata.TrainTransform(32, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    whole = TrainTransform(32, scale=(1.0, 1.0), ratio=(1.0, 1.0))
     for seed in range(200):
-        out = whole(Image.fromarray(halves), gdata.sample_rng(seed, 0, 0))
+        out = whole(Image.fromarray(halves), sample_rng(seed, 0, 0))
         flips += int(out[0, 0, 0] == 255)
     assert 70 < flips < 130
 
@@ -93,19 +103,19 @@ def test_crop_scale_reaches_the_train_crops(tiny_data, tmp_path, monkeypatch):
     """``--crop-scale 0.5``: every random crop of a run keeps at least half the image area."""
     import mxnet as mx
 
-    from gluon_ft.model import scratch_twin
+    from gluon_ft.model.graft import scratch_twin
     from gluon_ft.notebook import train_network
     from gluon_ft.train import TrainConfig, train
 
     areas = []
-    original = gdata.TrainTransform.crop_box
+    original = TrainTransform.crop_box
 
     def crop_box(self, width, height, rng):
         box = original(self, width, height, rng)
         areas.append((box[2] - box[0]) * (box[3] - box[1]) / (width * height))
         return box
 
-    monkeypatch.setattr(gdata.TrainTransform, "crop_box", crop_box)
+    monkeypatch.setattr(TrainTransform, "crop_box", crop_box)
     settings = dict(data=str(tiny_data), model="mobilenet0.25", pretrained="none", epochs=3)
     settings.update(batch_size=4, image_size=32, progress=False)
     train(TrainConfig(**settings, out=str(tmp_path / "book")))
@@ -135,9 +145,9 @@ def test_bad_crop_scale_exits_2(tiny_data, value, message):
 def test_test_transform_is_resize_then_center_crop():
     pixels = np.zeros((100, 100, 3), dtype=np.uint8)
     pixels[:, 50:] = 255  # left half black, right half white
-    out = gdata.TestTransform(56)(Image.fromarray(pixels))
+    out = TestTransform(56)(Image.fromarray(pixels))
     assert out.shape == (56, 56, 3)
-    assert gdata.TestTransform(224).resize == 256
+    assert TestTransform(224).resize == 256
     assert out[:, :20].max() < 10 and out[:, -20:].min() > 245
 
 
@@ -146,9 +156,9 @@ def test_normalize_batch_matches_to_tensor_and_normalize():
     from mxnet.gluon.data.vision import transforms
 
     images = np.random.default_rng(0).integers(0, 255, (2, 8, 8, 3), dtype=np.uint8)
-    ours = gdata.normalize_batch(mx.nd.array(images, dtype="uint8")).asnumpy()
+    ours = normalize_batch(mx.nd.array(images, dtype="uint8")).asnumpy()
     book = transforms.Compose(
-        [transforms.ToTensor(), transforms.Normalize(gdata.IMAGENET_MEAN, gdata.IMAGENET_STD)]
+        [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     )
     for i in range(2):
         expected = book(mx.nd.array(images[i], dtype="uint8")).asnumpy()
@@ -156,7 +166,7 @@ def test_normalize_batch_matches_to_tensor_and_normalize():
 
 
 def test_sampler_shards_are_disjoint_and_cover_each_epoch():
-    shards = [gdata.EpochBatchSampler(11, 2, True, seed=3, shard=r, num_shards=3) for r in range(3)]
+    shards = [EpochBatchSampler(11, 2, True, seed=3, shard=r, num_shards=3) for r in range(3)]
     seen_orders = []
     for epoch in range(2):
         for s in shards:
@@ -170,8 +180,8 @@ def test_sampler_shards_are_disjoint_and_cover_each_epoch():
 
 def test_unreadable_file_is_skipped_and_counted(tiny_data):
     (tiny_data / "train" / "cat" / "000.png").write_bytes(b"not an image")
-    train, _ = gdata.scan_dataset(tiny_data)
-    loader = gdata.make_loader(train, gdata.TestTransform(16), 4, shuffle=False)
+    train, _ = scan_dataset(tiny_data)
+    loader = make_loader(train, TestTransform(16), 4, shuffle=False)
     total = skipped = 0
     for _, labels, bad in loader:
         skipped += bad
@@ -227,11 +237,11 @@ def zip_server():
 
 def test_hotdog_download_from_a_real_server(zip_server, tmp_path):
     sha1 = hashlib.sha1(zip_server.payload).hexdigest()
-    root = gdata.hotdog_root(tmp_path / "datasets", url=zip_server.url, sha1=sha1)
-    train, test = gdata.scan_dataset(root)
+    root = hotdog_root(tmp_path / "datasets", url=zip_server.url, sha1=sha1)
+    train, test = scan_dataset(root)
     assert train.classes == ("hotdog", "not-hotdog") and len(test) == 4
     # Cached: a second call does not download again.
-    gdata.hotdog_root(tmp_path / "datasets", url=zip_server.url, sha1=sha1)
+    hotdog_root(tmp_path / "datasets", url=zip_server.url, sha1=sha1)
     assert zip_server.requests == 1
 
 
@@ -243,7 +253,7 @@ def test_hotdog_wrong_sha1_exits_2_naming_both_hashes(zip_server, tmp_path, monk
     result = run_cli("train", "--data", "hotdog", "--pretrained", "none", "--out", out)
     assert result.returncode == 2, result.stderr
     actual = hashlib.sha1(zip_server.payload).hexdigest()
-    assert gdata.HOTDOG_SHA1 in result.stderr and actual in result.stderr
+    assert HOTDOG_SHA1 in result.stderr and actual in result.stderr
     assert "Traceback" not in result.stderr
     datasets = home / "datasets"
     leftovers = [p.name for p in datasets.iterdir() if not p.name.endswith(".lock")]

@@ -15,9 +15,9 @@ import pytest
 from conftest import record_steps, run_cli
 from PIL import Image
 
+from gluon_ft.data.synthetic import SMALL_SPEC
 from gluon_ft.demo import REAL_RUN_NOTE, DemoConfig, run_demo
 from gluon_ft.errors import Interrupted
-from gluon_ft.synthetic import SMALL_SPEC
 
 EPOCHS = 2
 VARIANTS = ("fine-tuned", "scratch", "frozen")

@@ -1,5 +1,5 @@
 """Data-parallel training on the parameter server: real scheduler, server and worker processes
-on 127.0.0.1, started by :func:`gluon_ft.launch.launch` or ``gluon-ft launch``."""
+on 127.0.0.1, started by :func:`gluon_ft.cluster.launch.launch` or ``gluon-ft launch``."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 from conftest import run_cli, write_image_folder
 
 import gluon_ft  # noqa: F401  (thread settings before mxnet)
-from gluon_ft import data as gdata
+from gluon_ft.cluster.launch import launch
+from gluon_ft.data.loaders import EpochBatchSampler
 from gluon_ft.errors import UsageError
-from gluon_ft.launch import launch
 from gluon_ft.train.dist import connect
 from gluon_ft.train.resume import step_seed
 
@@ -34,7 +34,8 @@ import gluon_ft
 import mxnet as mx
 from mxnet import autograd, gluon
 
-from gluon_ft import data as gdata
+from gluon_ft.data.loaders import EpochBatchSampler, TransformedSplit
+from gluon_ft.data.transforms import TrainTransform
 import gluon_ft.train.run
 from gluon_ft import train as gtrain
 
@@ -57,14 +58,14 @@ if mode == "train":
     # network is not; what these tests compare is the training.
     gluon_ft.train.run.build_report = lambda *args, **kwargs: (None, None)
     decoded = []
-    original_getitem = gdata.TransformedSplit.__getitem__
+    original_getitem = TransformedSplit.__getitem__
 
     def recording_getitem(self, key):
-        split = "train" if isinstance(self.transform, gdata.TrainTransform) else "test"
+        split = "train" if isinstance(self.transform, TrainTransform) else "test"
         decoded.append([split, *key])
         return original_getitem(self, key)
 
-    gdata.TransformedSplit.__getitem__ = recording_getitem
+    TransformedSplit.__getitem__ = recording_getitem
     draws = []
     original_iter = gluon_ft.train.resume.EpochSteps.__iter__
 
@@ -137,8 +138,8 @@ def run_cluster(command: list[str], workers: int = 2) -> str:
 
 @pytest.mark.parametrize("size,batch,shards", [(13, 4, 2), (11, 6, 4), (10, 5, 3), (5, 4, 3)])
 def test_shards_of_each_global_batch_are_disjoint_and_add_up_to_it(size, batch, shards):
-    single = gdata.EpochBatchSampler(size, batch, True, seed=5)
-    sharded = [gdata.EpochBatchSampler(size, batch, True, 5, r, shards) for r in range(shards)]
+    single = EpochBatchSampler(size, batch, True, seed=5)
+    sharded = [EpochBatchSampler(size, batch, True, 5, r, shards) for r in range(shards)]
     for epoch in range(2):
         for sampler in [single, *sharded]:
             sampler.set_epoch(epoch)
@@ -157,7 +158,7 @@ def test_shards_of_each_global_batch_are_disjoint_and_add_up_to_it(size, batch, 
 
 
 def test_a_resumed_epoch_skips_whole_global_batches():
-    sampler = gdata.EpochBatchSampler(13, 4, True, seed=1, shard=1, num_shards=2)
+    sampler = EpochBatchSampler(13, 4, True, seed=1, shard=1, num_shards=2)
     sampler.set_epoch(0)
     full = list(sampler)
     sampler.set_epoch(0, first_batch=2)

@@ -1,4 +1,4 @@
-"""gluon_ft.download against a real HTTP server on 127.0.0.1 and real zip archives."""
+"""gluon_ft.data.download against a real HTTP server on 127.0.0.1 and real zip archives."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from gluon_ft.download import DownloadError, extract_zip, fetch, sha1sum
+from gluon_ft.data.download import DownloadError, extract_zip, fetch, sha1sum
 from gluon_ft.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -299,7 +299,7 @@ _FETCH_IN_CHILD = """
 import sys, time
 from pathlib import Path
 ready, go = Path(sys.argv[4]), Path(sys.argv[5])
-from gluon_ft.download import fetch
+from gluon_ft.data.download import fetch
 ready.touch()
 while not go.exists():
     time.sleep(0.01)
@@ -410,7 +410,7 @@ def test_file_of_exactly_the_expected_size_downloads(server, tmp_path, no_length
 def test_hotdog_download_refuses_a_server_announcing_more_than_the_dataset(
     server, tmp_path, monkeypatch
 ):
-    from gluon_ft.data import hotdog_root
+    from gluon_ft.data.hotdog import hotdog_root
 
     url, b = server
     b.announce = 10**12
@@ -434,7 +434,7 @@ def small_disk(tmp_path, monkeypatch) -> tuple[Path, bool]:
         finally:
             subprocess.run(["umount", "--lazy", str(folder)], check=True)
         return
-    import gluon_ft.download
+    import gluon_ft.data.download
 
     real_open = open
 
@@ -451,7 +451,7 @@ def small_disk(tmp_path, monkeypatch) -> tuple[Path, bool]:
             f.write = write
         return f
 
-    monkeypatch.setattr(gluon_ft.download, "open", open_on_a_small_disk, raising=False)
+    monkeypatch.setattr(gluon_ft.data.download, "open", open_on_a_small_disk, raising=False)
     yield folder, False
 
 

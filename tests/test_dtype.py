@@ -265,7 +265,7 @@ STEM_STEP = """
 import gluon_ft, mxnet as mx
 from mxnet import autograd, gluon
 from gluon_ft.train import amp
-from gluon_ft.model import scratch_twin
+from gluon_ft.model.graft import scratch_twin
 amp.enable("bfloat16")
 net = scratch_twin("resnet18_v2", 2, [mx.cpu()])
 getattr(amp, "prepare_network", lambda net, dtype: None)(net, "bfloat16")
@@ -317,7 +317,7 @@ def test_bfloat16_trains_on_two_cpu_contexts_with_the_stem_in_float32(tiny_data,
     code = (
         "import gluon_ft, mxnet as mx\n"
         "from gluon_ft.train import amp\n"
-        "from gluon_ft.model import scratch_twin\n"
+        "from gluon_ft.model.graft import scratch_twin\n"
         "amp.enable('bfloat16')\n"
         "net = scratch_twin('resnet18_v2', 2, [mx.cpu(0), mx.cpu(1)])\n"
         "getattr(amp, 'prepare_network', lambda net, dtype: None)(net, 'bfloat16')\n"

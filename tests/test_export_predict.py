@@ -14,13 +14,14 @@ from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 from PIL import Image
 
-from gluon_ft import data as gdata
-from gluon_ft import export as gexport
 from gluon_ft import isa
 from gluon_ft.cli import main
+from gluon_ft.data.decode import load_image
+from gluon_ft.data.transforms import TestTransform, normalize_batch
+from gluon_ft.deploy import export as gexport
+from gluon_ft.deploy.predict import Predictor, load_run
 from gluon_ft.errors import UsageError
-from gluon_ft.model import build_model
-from gluon_ft.predict import Predictor, load_run
+from gluon_ft.model.graft import build_model
 from gluon_ft.train import train
 
 HAS_BF16 = isa.bfloat16_unsupported() is None
@@ -156,9 +157,9 @@ def test_predictor_uses_the_runs_network_classes_and_test_transform(finished):
     # The same pipeline, built by hand from the run's files.
     net = build_model("mobilenet0.25", 2)
     net.load_parameters(str(run / "model.params"))
-    transform = gdata.TestTransform(json.loads((run / "config.json").read_text())["image_size"])
-    batch = np.stack([transform(gdata.load_image(p)) for p in paths])
-    probs = mx.nd.softmax(net(gdata.normalize_batch(mx.nd.array(batch, dtype="uint8"))))
+    transform = TestTransform(json.loads((run / "config.json").read_text())["image_size"])
+    batch = np.stack([transform(load_image(p)) for p in paths])
+    probs = mx.nd.softmax(net(normalize_batch(mx.nd.array(batch, dtype="uint8"))))
     probs = probs.asnumpy()
     for result, path, row in zip(results, paths, probs):
         assert result["ok"] and result["source"] == str(path)

@@ -14,7 +14,7 @@ from mxnet.gluon.model_zoo import vision
 
 import gluon_ft  # noqa: F401  (thread settings before mxnet)
 from gluon_ft.errors import UsageError
-from gluon_ft.freeze import (
+from gluon_ft.model.freeze import (
     FreezePlan,
     freeze,
     named_parts,

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from mxnet import autograd, gluon
 
-from gluon_ft import zoo
 from gluon_ft.errors import UsageError
-from gluon_ft.model import (
+from gluon_ft.model import zoo
+from gluon_ft.model.graft import (
     SourceModel,
     build_model,
     get_head,

@@ -1,7 +1,7 @@
 """Image files as users hand them to us: rotated phone photos, deep bit depths, hidden files.
 
 Each kind is checked through the paths a user meets it on: the dataset scan and loader,
-``gluon-ft check-data``, ``gluon-ft pack``, :class:`~gluon_ft.predict.Predictor` on a file,
+``gluon-ft check-data``, ``gluon-ft pack``, :class:`~gluon_ft.deploy.predict.Predictor` on a file,
 and the serve worker that decodes uploaded bytes.
 """
 
@@ -17,10 +17,13 @@ import pytest
 from conftest import run_cli, write_image_folder
 from PIL import Image
 
-from gluon_ft import data as gdata
-from gluon_ft.model import build_model
-from gluon_ft.predict import Predictor
-from gluon_ft.recordio import load_pack, pack_dataset
+from gluon_ft.data.decode import load_image
+from gluon_ft.data.folders import scan_dataset
+from gluon_ft.data.loaders import make_loader
+from gluon_ft.data.recordio import load_pack, pack_dataset
+from gluon_ft.data.transforms import TestTransform
+from gluon_ft.deploy.predict import Predictor
+from gluon_ft.model.graft import build_model
 
 # --- EXIF orientation ----------------------------------------------------------------------
 
@@ -66,7 +69,7 @@ def block_centres(pixels: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("orientation", sorted(STORED_AS))
 def test_every_exif_orientation_is_decoded_upright(tmp_path, orientation):
-    img = gdata.load_image(exif_jpeg(tmp_path / "photo.jpg", orientation))
+    img = load_image(exif_jpeg(tmp_path / "photo.jpg", orientation))
     assert img.size == (32, 48)  # width, height of the upright view
     assert np.abs(block_centres(np.asarray(img)) - block_centres(upright_view())).max() <= 6
 
@@ -75,12 +78,12 @@ def test_rotated_photo_is_trained_and_packed_upright(tmp_path):
     """The dataset loader and a pack (stored byte for byte, or re-encoded) see the upright view."""
     data = write_image_folder(tmp_path / "data", n_train=1, n_test=1, size=40)
     exif_jpeg(data / "train" / "cat" / "phone.jpg", 6)
-    train, _ = gdata.scan_dataset(data)
+    train, _ = scan_dataset(data)
     index = [Path(p).name for p, _ in train.items].index("phone.jpg")
-    transform = gdata.TestTransform(48, resize_ratio=1.0)
+    transform = TestTransform(48, resize_ratio=1.0)
     want = transform(Image.fromarray(upright_view()))
 
-    loader = gdata.make_loader(train, transform, len(train), shuffle=False)
+    loader = make_loader(train, transform, len(train), shuffle=False)
     [(images, _, skipped)] = list(loader)
     assert skipped == 0
     assert np.abs(images[index].astype(int) - want).mean() < 3
@@ -120,7 +123,7 @@ def probabilities(result: dict) -> list[float]:
 
 def test_predict_and_serve_classify_the_photo_as_it_is_seen(untrained_run, tmp_path):
     """A file, its uploaded bytes and the serve worker agree with the upright view's pixels."""
-    from gluon_ft.serve import InferenceWorker
+    from gluon_ft.deploy.serve import InferenceWorker
 
     photo = exif_jpeg(tmp_path / "phone.jpg", 6)
     with Image.open(photo) as raw:  # the stored pixels, turned as a viewer turns them
@@ -178,7 +181,7 @@ def test_16_bit_files_decode_alike_and_a_dark_image_stays_dark(tmp_path):
     for name, payload in files.items():
         path = tmp_path / f"dark.{name}"
         path.write_bytes(payload)
-        decoded[name] = np.asarray(gdata.load_image(path))
+        decoded[name] = np.asarray(load_image(path))
     for name, rgb in decoded.items():
         np.testing.assert_array_equal(rgb, decoded["png"], err_msg=f"{name} differs from png")
     assert decoded["png"].max() == 15  # 4000 of 65535 is dark, and stays so
@@ -225,7 +228,7 @@ def test_32_bit_integer_tiff_is_scaled_by_its_range(tmp_path, signed, want):
     values = np.array([[0, 2**23, 2**30, -5, -1]], dtype=np.int32)
     path = tmp_path / "deep.tif"
     path.write_bytes(tiff_32bit(values, signed))
-    got = np.asarray(gdata.load_image(path))[0, :, 0]
+    got = np.asarray(load_image(path))[0, :, 0]
     np.testing.assert_array_equal(got, want)
 
 
@@ -233,7 +236,7 @@ def test_float_tiff_is_read_as_0_to_1(tmp_path):
     values = np.array([[0.0, 0.5, 1.0, 2.0, -1.0, np.nan]], dtype=np.float32)
     path = tmp_path / "float.tif"
     Image.fromarray(values, "F").save(path)
-    got = np.asarray(gdata.load_image(path))[0, :, 0]
+    got = np.asarray(load_image(path))[0, :, 0]
     np.testing.assert_array_equal(got, [0, 128, 255, 255, 0, 0])
 
 
@@ -270,7 +273,7 @@ def messy_data(tmp_path) -> Path:
 
 
 def test_scan_ignores_hidden_names_and_reads_every_pillow_extension(messy_data):
-    train, _ = gdata.scan_dataset(messy_data)
+    train, _ = scan_dataset(messy_data)
     names = [str(Path(p).relative_to(train.root)) for p, _ in train.items]
     assert names == [
         "cat/000.png",
@@ -283,7 +286,7 @@ def test_scan_ignores_hidden_names_and_reads_every_pillow_extension(messy_data):
         "dog/c.webp",
         "dog/d.JPG",
     ]
-    loader = gdata.make_loader(train, gdata.TestTransform(16), len(train), shuffle=False)
+    loader = make_loader(train, TestTransform(16), len(train), shuffle=False)
     [(images, labels, skipped)] = list(loader)
     assert skipped == 0 and len(images) == 9
 

@@ -9,9 +9,9 @@ import pytest
 from conftest import record_steps, run_cli, tiny_config, write_class_folders
 from mxnet import gluon
 
-from gluon_ft import data as gdata
-from gluon_ft.balance import balanced_probabilities, inverse_frequency
 from gluon_ft.cli import main
+from gluon_ft.data.balance import balanced_probabilities, inverse_frequency
+from gluon_ft.data.loaders import EpochBatchSampler
 from gluon_ft.errors import Interrupted
 from gluon_ft.train import TrainConfig, train
 from gluon_ft.train.network import make_loss
@@ -36,7 +36,7 @@ def test_balanced_sampler_draws_classes_equally_and_deterministically():
     probabilities = balanced_probabilities(labels)
 
     def drawn(epoch, seed=0):
-        sampler = gdata.EpochBatchSampler(100, 10, True, seed, probabilities=probabilities)
+        sampler = EpochBatchSampler(100, 10, True, seed, probabilities=probabilities)
         sampler.set_epoch(epoch)
         return sampler.indices()
 

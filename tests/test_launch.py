@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 import gluon_ft  # noqa: F401  (thread settings before mxnet)
-import gluon_ft.launch as launch_module
+import gluon_ft.cluster.launch as launch_module
+from gluon_ft.cluster.launch import launch
 from gluon_ft.errors import UsageError
-from gluon_ft.launch import launch
 from gluon_ft.threads import usable_cores
 
 # Every worker mode runs this one script. A dist_sync cluster waits forever for a worker
@@ -311,7 +311,7 @@ def test_interrupting_the_launcher_stops_everything(worker, tmp_path, signum):
     port = free_ports(1)[0]
     program = (
         "import sys, gluon_ft\n"
-        "from gluon_ft.launch import launch\n"
+        "from gluon_ft.cluster.launch import launch\n"
         f"sys.exit(launch({[*worker, 'hang', str(pids)]!r}, 2, port={port}))\n"
     )
     launcher = subprocess.Popen(

@@ -58,7 +58,7 @@ def node(rank: int, address: str, command: list[str], nnodes: int = 2, **options
     program = (
         "import sys, gluon_ft\n"
         "from gluon_ft.errors import GluonFTError\n"
-        "from gluon_ft.launch import launch_node\n"
+        "from gluon_ft.cluster.launch import launch_node\n"
         "try:\n"
         f"    sys.exit(launch_node({command!r}, {nnodes}, {rank}, {address!r}, **{arguments!r}))\n"
         "except GluonFTError as err:\n"

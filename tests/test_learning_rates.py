@@ -13,7 +13,7 @@ from conftest import run_cli
 from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
-from gluon_ft import data as gdata
+from gluon_ft.data.transforms import normalize_batch
 from gluon_ft.train import MetricSums, TrainConfig, make_trainer, train_batch
 
 BATCH = 32
@@ -43,7 +43,7 @@ def one_step_each_way(lr: float, wd: float, text_wd: float) -> tuple[dict, dict]
     text = small_net(seed=1)
     options = {"learning_rate": lr / BATCH, "wd": text_wd}
     text_trainer = gluon.Trainer(text.collect_params(), "sgd", options)
-    x = gdata.normalize_batch(mx.nd.array(images, dtype="uint8"))
+    x = normalize_batch(mx.nd.array(images, dtype="uint8"))
     with autograd.record():
         loss = loss_fn(text(x), mx.nd.array(labels)).sum()
     loss.backward()

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from conftest import record_steps, run_cli, tiny_config, write_class_folders, write_image_folder
 
-from gluon_ft import data as gdata
+from gluon_ft.data import folders
+from gluon_ft.data.decode import load_image
+from gluon_ft.data.loaders import set_epoch
 from gluon_ft.errors import UsageError
 from gluon_ft.train.checkpoint import optimizer_state
 from gluon_ft.train.devices import parse_contexts
@@ -66,7 +68,7 @@ def test_range_test_puts_every_parameter_and_the_optimizer_back(tmp_path, ctx):
     setup = _setup(data, tmp_path, ctx=ctx)
     twin = _setup(data, tmp_path, ctx=ctx)  # the same run without the test
     config, ctx_list, net, trainer, loader, loss_fn = setup
-    gdata.set_epoch(loader, 0)
+    set_epoch(loader, 0)
     images, labels, _ = next(iter(loader))
     for run in (setup, twin):  # steps first: momentum to keep, and on cpu:2 a kvstore
         for _ in range(2):  # (the first step of a fresh graph leaves the running stats alone)
@@ -128,8 +130,8 @@ def test_lr_find_reads_the_train_part_only(tmp_path, monkeypatch):
     settings = dict(val_split=0.25, test_split=0.25, seed=3)
     parts = load_dataset(str(data), **settings)
     read = []
-    load_image = gdata.load_image
-    monkeypatch.setattr(gdata, "load_image", lambda path: read.append(path) or load_image(path))
+    # ImageFolderSplit.load decodes through the folders module's name for load_image.
+    monkeypatch.setattr(folders, "load_image", lambda path: read.append(path) or load_image(path))
     config = tiny_config(data, tmp_path / "unused", **settings)
     result, out = lr_find(config, tmp_path / "lrf", num_steps=6, start_lr=1e-4, end_lr=1e-1)
     train_files = {path for path, _ in parts.train.items}

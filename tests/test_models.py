@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import run_cli, write_image_folder
 
-from gluon_ft import zoo
 from gluon_ft.errors import UsageError
-from gluon_ft.model import (
+from gluon_ft.model import zoo
+from gluon_ft.model.graft import (
     build_model,
     global_average_pooling,
     graft_new_head,

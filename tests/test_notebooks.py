@@ -24,8 +24,10 @@ from nbclient.exceptions import CellExecutionError
 from PIL import Image
 
 from gluon_ft import notebook
+from gluon_ft.deploy.plots import plot_lr_sweep
+from gluon_ft.deploy.predict import SplitPredictions
 from gluon_ft.errors import UsageError
-from gluon_ft.model import (
+from gluon_ft.model.graft import (
     SourceModel,
     graft_new_head,
     init_head_from_source_class,
@@ -33,8 +35,6 @@ from gluon_ft.model import (
     related_source_class,
     source_class_names,
 )
-from gluon_ft.plots import plot_lr_sweep
-from gluon_ft.predict import SplitPredictions
 
 NOTEBOOKS = REPO / "notebooks"
 NAMES = ("01_finetune_hotdog", "02_freezing_layers", "03_exercises")

@@ -15,9 +15,9 @@ from conftest import run_cli
 from test_graft import FAMILY_SAMPLE, GRAFT_NAMES
 
 from gluon_ft.errors import UsageError
-from gluon_ft.freeze import FreezePlan, freeze, is_batchnorm, select, set_lr_policy
-from gluon_ft.model import build_model, walk_blocks
-from gluon_ft.parts import network_layout, shorten_paths
+from gluon_ft.model.freeze import FreezePlan, freeze, is_batchnorm, select, set_lr_policy
+from gluon_ft.model.graft import build_model, walk_blocks
+from gluon_ft.model.parts import network_layout, shorten_paths
 
 # stageK is the K-th resolution group from 1/4 of the input on; the stem computes at full and
 # half resolution, the tail after global pooling. Blocks by attribute path, runs of numbered

@@ -19,7 +19,7 @@ from conftest import record_steps, run_cli, write_image_folder
 
 import gluon_ft.train.run
 from gluon_ft.cli import main
-from gluon_ft.model import graft_new_head, load_source_model, sidecar_path
+from gluon_ft.model.graft import graft_new_head, load_source_model, sidecar_path
 
 MODEL = "mobilenet0.25"  # the smallest zoo network: the mechanism, not the accuracy
 SOURCE_CLASSES = ("red", "green", "blue")

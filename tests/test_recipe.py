@@ -18,8 +18,8 @@ from conftest import record_steps, write_image_folder
 
 from gluon_ft.cli import _flags_given, main
 from gluon_ft.errors import Interrupted, UsageError
-from gluon_ft.freeze import FreezePlan, is_batchnorm
-from gluon_ft.model import build_model, walk_blocks
+from gluon_ft.model.freeze import FreezePlan, is_batchnorm
+from gluon_ft.model.graft import build_model, walk_blocks
 from gluon_ft.train import TrainConfig, train
 from gluon_ft.train.config import RECIPE_PRESETS
 from gluon_ft.train.schedule import LrSchedule

@@ -10,8 +10,11 @@ import pytest
 from conftest import run_cli, write_image_folder
 from PIL import Image
 
-from gluon_ft import data as gdata
-from gluon_ft.recordio import load_pack, manifest_path, pack_dataset, split_paths
+from gluon_ft.data.decode import load_image
+from gluon_ft.data.folders import scan_dataset
+from gluon_ft.data.loaders import make_loader, set_epoch
+from gluon_ft.data.recordio import load_pack, manifest_path, pack_dataset, split_paths
+from gluon_ft.data.transforms import TrainTransform
 from gluon_ft.train import TrainConfig, load_dataset, train
 
 
@@ -39,7 +42,7 @@ def test_pack_round_trip_keeps_classes_labels_and_pixels(folder, tmp_path):
     for split in ("train", "test"):
         assert all(p.is_file() for p in split_paths(prefix, split))
 
-    folder_splits = gdata.scan_dataset(folder)
+    folder_splits = scan_dataset(folder)
     packed_parts = load_dataset(str(prefix))  # the training code's own entry
     pack_splits = (packed_parts.train, packed_parts.test)
     for original, packed in zip(folder_splits, pack_splits):
@@ -50,7 +53,7 @@ def test_pack_round_trip_keeps_classes_labels_and_pixels(folder, tmp_path):
             str(Path(p).relative_to(original.root)) for p, _ in readable
         ]
         for index, (path, _) in enumerate(readable):
-            want = np.asarray(gdata.load_image(path), dtype=np.int16)
+            want = np.asarray(load_image(path), dtype=np.int16)
             got = np.asarray(packed.load(index), dtype=np.int16)
             assert got.shape == want.shape
             if path.endswith(".jpg"):  # an unresized JPEG is stored byte for byte
@@ -80,10 +83,8 @@ def test_loader_gives_the_same_batches_with_worker_processes(folder, tmp_path):
     packed, _ = load_pack(prefix)
 
     def batches(workers):
-        loader = gdata.make_loader(
-            packed, gdata.TrainTransform(24), 4, shuffle=True, seed=3, workers=workers
-        )
-        gdata.set_epoch(loader, 1)
+        loader = make_loader(packed, TrainTransform(24), 4, shuffle=True, seed=3, workers=workers)
+        set_epoch(loader, 1)
         return [(images.copy(), labels.copy()) for images, labels, _ in loader]
 
     alone, forked = batches(0), batches(2)  # each worker opens the .rec file for itself

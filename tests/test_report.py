@@ -11,8 +11,8 @@ import pytest
 from conftest import run_cli, tiny_config, write_class_folders, write_image_folder
 
 from gluon_ft.cli import main
-from gluon_ft.metrics import class_scores
-from gluon_ft.plots import plot_mistakes
+from gluon_ft.deploy.metrics import class_scores
+from gluon_ft.deploy.plots import plot_mistakes
 from gluon_ft.train import train
 
 

@@ -553,7 +553,7 @@ def test_png_over_the_pixel_cap_is_refused(small_cap_server):
 
 
 def test_jpeg_over_the_pixel_cap_is_decoded_at_a_reduced_scale(small_cap_server, trained_run):
-    from gluon_ft.predict import Predictor
+    from gluon_ft.deploy.predict import Predictor
 
     photo = encode_jpeg(gradient(1600, 1200))  # 1.9 MP: within the cap at half scale
     response = post_image(small_cap_server.url, photo, "camera.jpg")
@@ -631,7 +631,7 @@ def serving_in_process(app) -> Iterator[str]:
 
 
 def test_full_queue_answers_503_with_retry_after(tmp_path):
-    from gluon_ft.serve import create_app
+    from gluon_ft.deploy.serve import create_app
 
     predictor = _GatedPredictor(tmp_path)
     with serving_in_process(create_app(predictor, max_queue=2)) as url:
@@ -653,7 +653,7 @@ def test_full_queue_answers_503_with_retry_after(tmp_path):
 
 
 def test_server_failure_is_a_json_500_and_the_server_lives(tmp_path):
-    from gluon_ft.serve import create_app
+    from gluon_ft.deploy.serve import create_app
 
     predictor = _GatedPredictor(tmp_path)
     with serving_in_process(create_app(predictor)) as url:
@@ -665,7 +665,7 @@ def test_server_failure_is_a_json_500_and_the_server_lives(tmp_path):
 
 
 def test_server_on_all_interfaces_does_not_check_the_host_header(tmp_path):
-    from gluon_ft.serve import create_app
+    from gluon_ft.deploy.serve import create_app
 
     # Served on 127.0.0.1 all the same: the test opens no port to the network.
     with serving_in_process(create_app(_GatedPredictor(tmp_path), host="0.0.0.0")) as url:
@@ -700,7 +700,7 @@ class _RecordingPredictor:
 
 
 def test_worker_runs_the_network_on_its_one_thread():
-    from gluon_ft.serve import InferenceWorker
+    from gluon_ft.deploy.serve import InferenceWorker
 
     predictor = _RecordingPredictor()
     worker = InferenceWorker(predictor)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import run_cli, tiny_config, write_class_folders, write_image_folder
 
+from gluon_ft.data.splits import split_dataset, stratified_split
 from gluon_ft.errors import UsageError
-from gluon_ft.splits import split_dataset, stratified_split
 from gluon_ft.train import train
 
 COUNTS = {"ant": 20, "bee": 13, "cow": 9}

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 import gluon_ft  # noqa: F401  (sets the thread count before anything imports mxnet)
-from gluon_ft import synthetic
+from gluon_ft.data import synthetic
+from gluon_ft.data.synthetic import SMALL_SPEC, TaskSpec, generate_task
 from gluon_ft.errors import UsageError
-from gluon_ft.synthetic import SMALL_SPEC, TaskSpec, generate_task
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -188,7 +188,7 @@ def test_a_killed_generation_leaves_no_complete_task(tmp_path):
     root = tmp_path / "task"
     spec = dataclasses.replace(SMALL_SPEC, source_train_per_class=2000)
     code = (
-        "import sys; from gluon_ft.synthetic import TaskSpec, generate_task; "
+        "import sys; from gluon_ft.data.synthetic import TaskSpec, generate_task; "
         f"generate_task(sys.argv[1], TaskSpec(**{dataclasses.asdict(spec)!r}))"
     )
     child = subprocess.Popen([sys.executable, "-c", code, str(root)], cwd=REPO)

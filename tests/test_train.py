@@ -13,9 +13,11 @@ from conftest import run_cli, tiny_config
 from mxnet import gluon
 from mxnet.gluon import nn
 
-from gluon_ft import data as gdata
+from gluon_ft.data.folders import scan_split
+from gluon_ft.data.loaders import make_loader
+from gluon_ft.data.transforms import TestTransform
 from gluon_ft.errors import UsageError
-from gluon_ft.model import SourceModel, build_model, graft_new_head
+from gluon_ft.model.graft import SourceModel, build_model, graft_new_head
 from gluon_ft.train import TrainConfig, make_trainer, parse_contexts, train, train_epoch
 
 
@@ -30,9 +32,9 @@ def tiny_net(classes: int = 2, seed: int = 0) -> nn.HybridSequential:
 
 def one_epoch(net, data_root, ctx, batch_size, hybridize=True, **config):
     """Run one training epoch of ``net`` over ``data_root/train``; return the metric sums."""
-    split = gdata.scan_split(data_root / "train")
+    split = scan_split(data_root / "train")
     cfg = TrainConfig(batch_size=batch_size, wd=0.0, **config)
-    loader = gdata.make_loader(split, gdata.TestTransform(24), batch_size, shuffle=False)
+    loader = make_loader(split, TestTransform(24), batch_size, shuffle=False)
     net.initialize(mx.init.Xavier(), ctx=ctx, force_reinit=True)
     if hybridize:
         net.hybridize()

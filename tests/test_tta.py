@@ -20,11 +20,12 @@ from conftest import record_steps, run_cli, write_image_folder
 from PIL import Image
 from test_serve import post_image, running_server
 
-from gluon_ft import data as gdata
+from gluon_ft.data.decode import load_image
+from gluon_ft.data.transforms import TestTransform, normalize_batch
+from gluon_ft.data.tta import MAX_VIEWS, ViewsTransform, eval_transform
+from gluon_ft.deploy.predict import Predictor, load_run
 from gluon_ft.errors import Interrupted, UsageError
-from gluon_ft.predict import Predictor, load_run
 from gluon_ft.train import train
-from gluon_ft.tta import MAX_VIEWS, ViewsTransform, eval_transform
 
 STEPS_PER_EPOCH = 5  # 2 classes x 12 images, 20% held out for validation: 20, batches of 4
 
@@ -41,7 +42,7 @@ def test_the_views_in_their_documented_order():
     img = photo()
     views = ViewsTransform(32, MAX_VIEWS)(img)
     assert views.shape == (12, 32, 32, 3) and views.dtype == np.uint8
-    plain = gdata.TestTransform(32)(img)
+    plain = TestTransform(32)(img)
     np.testing.assert_array_equal(views[0], plain)
     np.testing.assert_array_equal(views[1], np.asarray(Image.fromarray(plain).transpose(0)))
     side = round(round(32 * 256 / 224) * 1.14)  # 37 -> 42
@@ -54,7 +55,7 @@ def test_the_views_in_their_documented_order():
         np.testing.assert_array_equal(views[3 + 2 * i], np.asarray(crop.transpose(0)))
     # --tta N: the first N of that order; 1 is the plain transform itself.
     np.testing.assert_array_equal(ViewsTransform(32, 3)(img), views[:3])
-    assert isinstance(eval_transform(32, 1), gdata.TestTransform)
+    assert isinstance(eval_transform(32, 1), TestTransform)
     for bad in (0, MAX_VIEWS + 1):
         with pytest.raises(UsageError, match=f"between 1 .* and {MAX_VIEWS}"):
             eval_transform(32, bad)
@@ -82,11 +83,11 @@ def logits_by_hand(run_dir: Path, params: Path, images: list[Image.Image], flip:
     """The run's network (``params``) on the plain crops of ``images``, or on their flips."""
     loaded = load_run(run_dir)
     loaded.net.load_parameters(str(params), ctx=mx.cpu())
-    crops = [gdata.TestTransform(loaded.image_size)(img) for img in images]
+    crops = [TestTransform(loaded.image_size)(img) for img in images]
     if flip:
         crops = [crop[:, ::-1] for crop in crops]
     batch = mx.nd.array(np.stack(crops), dtype="uint8")
-    return loaded.net(gdata.normalize_batch(batch)).asnumpy().astype(np.float64)
+    return loaded.net(normalize_batch(batch)).asnumpy().astype(np.float64)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -100,7 +101,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def val_images(run_dir: Path) -> tuple[list[Image.Image], np.ndarray]:
     record = json.loads((run_dir / "split.json").read_text())
-    from gluon_ft import splits
+    from gluon_ft.data import splits
 
     val = splits.parts_from_record(record["root"], record).val
     return [val.load(i) for i in range(len(val))], val.labels()
@@ -132,9 +133,9 @@ def test_predict_with_one_view_is_the_plain_network_and_two_the_mean_with_the_fl
     flipped = logits_by_hand(run, run / "model.params", images, flip=True)
     one = Predictor(run).probabilities(images)
     # --tta 1 is the plain evaluation, bit for bit (softmax over the same float32 logits).
-    batch = mx.nd.array(np.stack([gdata.TestTransform(32)(img) for img in images]), dtype="uint8")
+    batch = mx.nd.array(np.stack([TestTransform(32)(img) for img in images]), dtype="uint8")
     loaded = Predictor(run).run
-    exact = mx.nd.softmax(loaded.net(gdata.normalize_batch(batch)), axis=1).asnumpy()
+    exact = mx.nd.softmax(loaded.net(normalize_batch(batch)), axis=1).asnumpy()
     np.testing.assert_array_equal(one, exact)
     np.testing.assert_allclose(one, softmax(plain), rtol=1e-5, atol=1e-7)
     two = Predictor(run, tta=2).probabilities(images)
@@ -144,7 +145,7 @@ def test_predict_with_one_view_is_the_plain_network_and_two_the_mean_with_the_fl
 
 def two_view_probabilities(run: Path, image: Path) -> np.ndarray:
     """By hand: the softmax of the mean logits of the image and its flip."""
-    img = gdata.load_image(image)
+    img = load_image(image)
     plain = logits_by_hand(run, run / "model.params", [img], flip=False)
     flipped = logits_by_hand(run, run / "model.params", [img], flip=True)
     return softmax((plain + flipped) / 2)[0]

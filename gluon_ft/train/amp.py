@@ -26,8 +26,8 @@ from pathlib import Path
 
 from gluon_ft.errors import UsageError
 from gluon_ft.isa import BF16_CPU_FLAGS, bfloat16_unsupported, cpu_flags  # noqa: F401
-from gluon_ft.model import walk_blocks
-from gluon_ft.parts import stem_blocks
+from gluon_ft.model.graft import walk_blocks
+from gluon_ft.model.parts import stem_blocks
 from gluon_ft.train.dist import is_distributed
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -281,7 +281,7 @@ def probe_speeds(model: str, image_size: int, batch_size: int, rounds: int = 3) 
     """Training steps of ``model`` in float32 and in bfloat16, timed in a child process.
 
     AMP cannot be turned off once on, so the probe runs apart from the run it decides for. It
-    is the bench's bare loop (:mod:`gluon_ft.bare_loop`) on one repeated batch, the networks
+    is the bench's bare loop (:mod:`gluon_ft.train.bare_loop`) on one repeated batch, the networks
     prepared as :func:`prepare_network` prepares the run's, one warm-up step each, then
     ``rounds`` alternating timings; each figure is the fastest of its timings.
 
@@ -311,8 +311,8 @@ def _probe_in_this_process(arguments: str) -> None:
     """The child of :func:`probe_speeds`: print its figures as one JSON line."""
     import mxnet as mx
 
-    from gluon_ft.bare_loop import BareLoop
-    from gluon_ft.model import scratch_twin
+    from gluon_ft.model.graft import scratch_twin
+    from gluon_ft.train.bare_loop import BareLoop
 
     args = json.loads(arguments)
     size, batch = args["image_size"], args["batch_size"]

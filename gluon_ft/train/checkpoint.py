@@ -33,7 +33,7 @@ import mxnet as mx
 from mxnet import gluon
 
 from gluon_ft.errors import UsageError
-from gluon_ft.model import load_parameters
+from gluon_ft.model.graft import load_parameters
 
 FORMAT = "gluon-ft-checkpoint/1"
 PARAMS_FILE = "model.params"

@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from gluon_ft import data as gdata
-from gluon_ft import zoo
-from gluon_ft.balance import balanced_probabilities
+from gluon_ft.data.balance import balanced_probabilities
+from gluon_ft.data.transforms import TrainTransform
+from gluon_ft.data.tta import check_views, eval_transform
 from gluon_ft.errors import UsageError
-from gluon_ft.freeze import FreezePlan
+from gluon_ft.model import zoo
+from gluon_ft.model.freeze import FreezePlan
 from gluon_ft.train.schedule import SCHEDULES
 from gluon_ft.train.selection import MONITORS
-from gluon_ft.tta import check_views, eval_transform
 
 # An SGD --lr below this, with a batch of PER_SAMPLE_BATCH or more, is most likely a per-sample
 # rate: d2l's MXNet text divides its rates by the batch (7.8125e-5 = 0.01 / 128) since its
@@ -278,9 +278,9 @@ class TrainConfig:
             )
         return found
 
-    def train_transform(self) -> gdata.TrainTransform:
+    def train_transform(self) -> TrainTransform:
         """The train augmentation of these settings: random crops of ``crop_scale`` or more."""
-        return gdata.TrainTransform(self.image_size, scale=(self.crop_scale, 1.0))
+        return TrainTransform(self.image_size, scale=(self.crop_scale, 1.0))
 
     def sample_probabilities(self, labels):
         """``--sampler balanced``: each train item's draw probability; None: a shuffle."""
@@ -288,11 +288,11 @@ class TrainConfig:
 
     def test_transform(self):
         """The evaluation transform: the book's resize and center crop to ``image_size``;
-        with ``--tta N`` the N views of :mod:`gluon_ft.tta`."""
+        with ``--tta N`` the N views of :mod:`gluon_ft.data.tta`."""
         return eval_transform(self.image_size, self.tta)
 
     def freeze_plan(self) -> FreezePlan:
-        """The :class:`gluon_ft.freeze.FreezePlan` of these settings."""
+        """The :class:`gluon_ft.model.freeze.FreezePlan` of these settings."""
         return FreezePlan(
             self.freeze,
             self.bn,

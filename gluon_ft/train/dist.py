@@ -7,8 +7,8 @@ training loop reads the same whatever it runs on. What the loop takes from it:
 
 - ``rank`` and ``num_workers``: which shard of each batch this worker reads. ``--batch-size``
   stays the *global* batch, as in the book: each worker reads its share of every global batch
-  (:class:`gluon_ft.data.EpochBatchSampler`), and every worker takes the same number of steps,
-  a step with no samples included, since a ``dist_sync`` step waits for every worker.
+  (:class:`gluon_ft.data.loaders.EpochBatchSampler`), and every worker takes the same number
+  of steps, a step with no samples included, since a ``dist_sync`` step waits for every worker.
 - ``is_writer``: rank 0 alone writes the run directory; the others only log.
 - ``allreduce_sum``/``allreduce_array``: sums over the workers (epoch metrics, test accuracy,
   BatchNorm running statistics).

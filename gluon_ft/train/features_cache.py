@@ -36,10 +36,11 @@ import numpy as np
 from mxnet import gluon
 from mxnet.gluon import nn
 
-from gluon_ft import data as gdata
+from gluon_ft.data.loaders import EpochBatchSampler, TransformedSplit, collate
+from gluon_ft.data.transforms import normalize_batch
 from gluon_ft.errors import UsageError
-from gluon_ft.freeze import is_batchnorm
-from gluon_ft.model import contains_block, get_head, walk_blocks
+from gluon_ft.model.freeze import is_batchnorm
+from gluon_ft.model.graft import contains_block, get_head, walk_blocks
 from gluon_ft.paths import mxnet_home, replacing
 from gluon_ft.train.devices import split_batch
 
@@ -136,7 +137,7 @@ def _check_frozen(backbone: gluon.Block) -> None:
 def _check_same_output(net, backbone, head_part, image_size: int, ctx, dtype: str) -> None:
     """Refuse a split whose two parts, run one after the other, differ from ``net``."""
     pixels = np.random.default_rng(0).integers(0, 256, (1, image_size, image_size, 3))
-    x = gdata.normalize_batch(mx.nd.array(pixels, ctx=ctx, dtype="uint8"))
+    x = normalize_batch(mx.nd.array(pixels, ctx=ctx, dtype="uint8"))
     try:  # in predict mode: BatchNorm uses its running statistics, Dropout passes through
         whole = net(x).astype("float32").asnumpy()
         parts = head_part(backbone(x).astype("float32")).astype("float32").asnumpy()
@@ -208,13 +209,13 @@ class FeatureKey:
 
 
 class _IndexedSamples:
-    """A :class:`gluon_ft.data.TransformedSplit` whose samples carry their index, not label.
+    """A :class:`gluon_ft.data.loaders.TransformedSplit` whose samples carry their index, not label.
 
-    :func:`gluon_ft.data.collate` then stacks the indices where labels would be, so a batch
+    :func:`gluon_ft.data.loaders.collate` then stacks the indices where labels would be, so a batch
     with an unreadable file (dropped) still says which rows it holds.
     """
 
-    def __init__(self, samples: gdata.TransformedSplit):
+    def __init__(self, samples: TransformedSplit):
         self.samples = samples
 
     def __len__(self) -> int:
@@ -235,19 +236,17 @@ def compute_features(backbone, split, transform, ctx, *, view=0, seed=0, batch_s
     """
     from mxnet.gluon.data import DataLoader
 
-    sampler = gdata.EpochBatchSampler(len(split), batch_size, shuffle=False, seed=seed)
+    sampler = EpochBatchSampler(len(split), batch_size, shuffle=False, seed=seed)
     sampler.set_epoch(view)
-    dataset = _IndexedSamples(gdata.TransformedSplit(split, transform, seed))
-    loader = DataLoader(
-        dataset, batch_sampler=sampler, batchify_fn=gdata.collate, num_workers=workers
-    )
+    dataset = _IndexedSamples(TransformedSplit(split, transform, seed))
+    loader = DataLoader(dataset, batch_sampler=sampler, batchify_fn=collate, num_workers=workers)
     features, valid = None, np.zeros(len(split), dtype=bool)
     for images, indices, _ in loader:
         if images is None:
             continue
         xs, parts = split_batch(images, indices, ctx)
         for x, part in zip(xs, parts):
-            out = backbone(gdata.normalize_batch(x)).astype("float32").asnumpy()
+            out = backbone(normalize_batch(x)).astype("float32").asnumpy()
             if features is None:
                 features = np.zeros((len(split), *out.shape[1:]), dtype=np.float32)
             rows = part.asnumpy().astype(np.int64)
@@ -328,9 +327,9 @@ def cached_views(
 class FeatureLoader:
     """The batches an image loader would give, with cached features in place of images.
 
-    The same :class:`gluon_ft.data.EpochBatchSampler` (order, sharding, resume skipping), and
-    the same drops: a sample whose image was unreadable is skipped and counted. Epoch ``e``
-    reads view ``e % len(views)``.
+    The same :class:`gluon_ft.data.loaders.EpochBatchSampler` (order, sharding, resume skipping),
+    and the same drops: a sample whose image was unreadable is skipped and counted. Epoch
+    ``e`` reads view ``e % len(views)``.
     """
 
     def __init__(
@@ -347,7 +346,7 @@ class FeatureLoader:
     ):
         self.views = views
         self.labels = np.asarray(labels, dtype=np.int32)
-        self._batch_sampler = gdata.EpochBatchSampler(
+        self._batch_sampler = EpochBatchSampler(
             len(self.labels), batch_size, shuffle, seed, shard, num_shards, probabilities
         )
 

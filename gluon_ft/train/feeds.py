@@ -14,11 +14,14 @@ from pathlib import Path
 
 from mxnet import gluon
 
-from gluon_ft import data as gdata
-from gluon_ft import splits
+from gluon_ft.data import splits
+from gluon_ft.data.folders import check_dataset, unreadable_in
+from gluon_ft.data.hotdog import hotdog_root
+from gluon_ft.data.loaders import make_loader
+from gluon_ft.data.recordio import load_pack, pack_prefix
+from gluon_ft.data.splits import DatasetParts
+from gluon_ft.data.transforms import normalize_batch
 from gluon_ft.errors import UsageError
-from gluon_ft.recordio import load_pack, pack_prefix
-from gluon_ft.splits import DatasetParts
 from gluon_ft.train.config import TrainConfig
 
 
@@ -38,7 +41,7 @@ def load_dataset(
     ------
     UsageError
         No dataset there, or fractions the layout cannot use (see
-        :func:`gluon_ft.splits.split_dataset`).
+        :func:`gluon_ft.data.splits.split_dataset`).
     """
     if spec != "hotdog" and pack_prefix(spec) is not None:
         if val_split or test_split:
@@ -48,7 +51,7 @@ def load_dataset(
             )
         train, test = load_pack(spec)
         return DatasetParts(Path(spec).absolute(), splits.PACK, train, test)
-    root = gdata.hotdog_root() if spec == "hotdog" else Path(spec).expanduser()
+    root = hotdog_root() if spec == "hotdog" else Path(spec).expanduser()
     if saved is not None:
         return splits.parts_from_record(root, saved)
     return splits.split_dataset(root, val_split, test_split, seed)
@@ -56,8 +59,8 @@ def load_dataset(
 
 def require_readable(parts: DatasetParts, image_size: int) -> None:
     """``--strict``: refuse a dataset with any unreadable image, listing them."""
-    report = gdata.check_dataset(parts.root, image_size)
-    bad = gdata.unreadable_in(report)
+    report = check_dataset(parts.root, image_size)
+    bad = unreadable_in(report)
     if bad:
         shown = "; ".join(f"{b['path']} ({b['reason']})" for b in bad[:20])
         more = f"; and {len(bad) - 20} more" if len(bad) > 20 else ""
@@ -74,7 +77,7 @@ def image_loaders(
     book's test transform in order. A distributed worker reads its ``shard`` of each.
 
     ``test_split`` is whichever split is evaluated each epoch: val when there is one."""
-    train_loader = gdata.make_loader(
+    train_loader = make_loader(
         train_split,
         config.train_transform(),
         config.batch_size,
@@ -85,7 +88,7 @@ def image_loaders(
         num_shards=num_shards,
         probabilities=config.sample_probabilities(train_split.labels()),
     )
-    test_loader = gdata.make_loader(
+    test_loader = make_loader(
         test_split,
         config.test_transform(),
         config.batch_size,
@@ -104,7 +107,7 @@ class Feeds:
     train: object
     eval: object  # evaluated after each epoch: the val split, or test without one
     net: gluon.Block  # the whole network, or its head on cached features
-    prepare: Callable = gdata.normalize_batch  # a device batch -> the network's input
+    prepare: Callable = normalize_batch  # a device batch -> the network's input
     cache: object = None  # the feature cache's report (features_cache.CacheReport)
     eval_part: str = "test"  # which part `eval` reads: "val" or "test"
     after_head: Callable | None = None  # --head-epochs: the feeds of the epochs after them

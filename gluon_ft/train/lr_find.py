@@ -20,10 +20,10 @@ from pathlib import Path
 import mxnet as mx
 from mxnet import gluon
 
-from gluon_ft import data as gdata
 from gluon_ft import paths
+from gluon_ft.data.transforms import normalize_batch
+from gluon_ft.deploy.plots import plot_lr_find
 from gluon_ft.errors import UsageError
-from gluon_ft.plots import plot_lr_find
 from gluon_ft.train import amp
 from gluon_ft.train.config import TrainConfig
 from gluon_ft.train.devices import parse_contexts
@@ -154,7 +154,7 @@ def range_test(
     num_steps: int = 100,
     start_lr: float = 1e-7,
     end_lr: float = 10.0,
-    prepare=gdata.normalize_batch,
+    prepare=normalize_batch,
 ) -> LrFindResult:
     """Train ``num_steps`` steps at exponentially growing rates; put everything back.
 

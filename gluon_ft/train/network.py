@@ -11,10 +11,10 @@ from __future__ import annotations
 import mxnet as mx
 from mxnet import gluon
 
-from gluon_ft import data as gdata
-from gluon_ft import zoo
-from gluon_ft.balance import inverse_frequency
-from gluon_ft.model import graft_new_head, load_source_model, scratch_twin
+from gluon_ft.data.balance import inverse_frequency
+from gluon_ft.data.transforms import normalize_batch
+from gluon_ft.model import zoo
+from gluon_ft.model.graft import graft_new_head, load_source_model, scratch_twin
 from gluon_ft.train import amp
 from gluon_ft.train.adamw import AdamW
 from gluon_ft.train.config import TrainConfig
@@ -140,4 +140,4 @@ def infer_shapes(net: gluon.Block, config: TrainConfig, ctx: list[mx.Context]) -
     MXNet defers shapes to the first batch; in predict mode no running statistic moves.
     """
     blank = mx.nd.zeros((1, config.image_size, config.image_size, 3), ctx=ctx[0], dtype="uint8")
-    net(gdata.normalize_batch(blank))  # float32 in: under --dtype, AMP casts inside
+    net(normalize_batch(blank))  # float32 in: under --dtype, AMP casts inside

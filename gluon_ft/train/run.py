@@ -18,14 +18,16 @@ import mxnet as mx
 from mxnet import gluon
 
 import gluon_ft
-from gluon_ft import data as gdata
-from gluon_ft import paths, splits, zoo
+from gluon_ft import paths
+from gluon_ft.data import splits
+from gluon_ft.data.loaders import global_batch_sizes, set_epoch
+from gluon_ft.data.splits import DatasetParts
+from gluon_ft.deploy.plots import plot_curves
+from gluon_ft.deploy.report import build_report
 from gluon_ft.errors import DivergedError, UsageError
-from gluon_ft.freeze import FreezePlan, ParamTable, log_table
-from gluon_ft.model import get_head, sidecar_path
-from gluon_ft.plots import plot_curves
-from gluon_ft.report import build_report
-from gluon_ft.splits import DatasetParts
+from gluon_ft.model import zoo
+from gluon_ft.model.freeze import FreezePlan, ParamTable, log_table
+from gluon_ft.model.graft import get_head, sidecar_path
 from gluon_ft.train import amp
 from gluon_ft.train.bn_stats import every_copy, restore_copy, sync_bn_stats, wants_sync
 from gluon_ft.train.checkpoint import (
@@ -428,7 +430,7 @@ def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopR
         first_step = start_step if epoch == start_epoch else 0
         if epoch == config.head_epochs and feeds.after_head is not None:
             feeds = feeds.after_head()  # the body trains from here: images, not features
-        gdata.set_epoch(feeds.train, epoch, first_step)
+        set_epoch(feeds.train, epoch, first_step)
         rank = session.dist.rank if session.dist.distributed else None  # one process: no rank
         steps = EpochSteps(feeds.train, config.seed, epoch, first_step, stop, set_lr, rank)
         unfrozen = unfreeze_for_epoch(config, session, model, epoch)
@@ -524,7 +526,7 @@ def fit_epoch(config, session: Session, model: Model, feeds: Feeds, steps, progr
 
     # Workers step together; each step's gradient is divided by its global batch.
     dist = session.dist
-    step_samples = gdata.global_batch_sizes(feeds.train) if dist.distributed else None
+    step_samples = global_batch_sizes(feeds.train) if dist.distributed else None
     with tqdm(
         total=len(feeds.train),
         desc=f"epoch {steps.epoch + 1}/{config.epochs}",
@@ -646,7 +648,7 @@ def report_epoch(config: TrainConfig, row: dict, earlier: list[dict]) -> None:
 def close_run(config, session: Session, model: Model, parts: DatasetParts, history) -> dict:
     """Keep the best epoch's weights as ``model.params``; test them once, in the report.
 
-    The report (:mod:`gluon_ft.report`) evaluates the test part as ``gluon-ft predict`` would
+    The report (:mod:`gluon_ft.deploy.report`) evaluates the test part as ``gluon-ft predict`` would
     and writes ``summary.json``, ``report.md``, ``confusion.png`` and ``mistakes.png``.
 
     Returns

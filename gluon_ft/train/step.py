@@ -17,14 +17,14 @@ import time
 import mxnet as mx
 from mxnet import autograd, gluon
 
-from gluon_ft import data as gdata
+from gluon_ft.data.transforms import normalize_batch
+from gluon_ft.data.tta import view_logits
 from gluon_ft.errors import DivergedError
 from gluon_ft.train import amp
 from gluon_ft.train.config import TrainConfig
 from gluon_ft.train.devices import micro_batches, split_batch, split_rows, zero_unused_grads
 from gluon_ft.train.dist import DistContext
 from gluon_ft.train.mixing import Mixer
-from gluon_ft.tta import view_logits
 
 
 class MetricSums:
@@ -89,14 +89,14 @@ def evaluate_sums(
     loader,
     ctx: list[mx.Context],
     dist: DistContext | None = None,
-    prepare=gdata.normalize_batch,
+    prepare=normalize_batch,
     loss_fn=None,
 ) -> MetricSums:
     """Accuracy (and with ``loss_fn`` the loss) of ``net`` over ``loader``, in predict mode.
 
     Every readable sample counts. ``prepare`` turns a device batch into the network's input
     (cached features: identity). A loader of ``--tta`` views scores each sample by the mean
-    of its views' logits (:func:`gluon_ft.tta.view_logits`). With a distributed ``dist``,
+    of its views' logits (:func:`gluon_ft.data.tta.view_logits`). With a distributed ``dist``,
     ``loader`` is this worker's shard and the sums are over every worker's.
     """
     sums = MetricSums(ctx)
@@ -117,7 +117,7 @@ def evaluate(
     loader,
     ctx: list[mx.Context],
     dist: DistContext | None = None,
-    prepare=gdata.normalize_batch,
+    prepare=normalize_batch,
 ) -> float:
     """Accuracy of ``net`` over every readable sample of ``loader`` (see :func:`evaluate_sums`)."""
     return evaluate_sums(net, loader, ctx, dist, prepare).read()[1]
@@ -132,7 +132,7 @@ def train_batch(
     loss_fn,
     config: TrainConfig,
     sums: MetricSums,
-    prepare=gdata.normalize_batch,
+    prepare=normalize_batch,
     step_size: int | None = None,
     mixer: Mixer | None = None,
 ) -> None:
@@ -177,7 +177,7 @@ def train_epoch(
     config: TrainConfig,
     bar=None,
     step_samples=None,
-    prepare=gdata.normalize_batch,
+    prepare=normalize_batch,
     mixer: Mixer | None = None,
     after_step=None,
 ):

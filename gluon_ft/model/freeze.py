@@ -32,8 +32,8 @@ import numpy as np
 from mxnet import gluon
 
 from gluon_ft.errors import UsageError
-from gluon_ft.model import walk_blocks
-from gluon_ft.parts import ALL, describe_parts, named_parts, network_layout
+from gluon_ft.model.graft import walk_blocks
+from gluon_ft.model.parts import ALL, describe_parts, named_parts, network_layout
 
 BN_MODES = ("freeze", "train", "inference")
 OUTPUT = "output"  # the new head's part
@@ -209,7 +209,7 @@ def freeze(net: gluon.Block, pattern: str, bn: str = "freeze") -> FreezeChange:
         The whole network, hybridized or not.
     pattern : str
         A part (``features``, ``output``, ``stem``, ``stage1``.., ``tail``, ``all``; see
-        :mod:`gluon_ft.parts`) or a regex on parameter names; see :func:`select`.
+        :mod:`gluon_ft.model.parts`) or a regex on parameter names; see :func:`select`.
     bn : {"freeze", "train", "inference"}
         ``"train"`` leaves the BatchNorm layers of the selection trainable (fastai's
         ``train_bn``); ``"inference"`` freezes them as ``"freeze"`` does.

@@ -25,11 +25,12 @@ import numpy as np
 from mxnet import gluon
 from PIL import Image
 
-from gluon_ft import data as gdata
+from gluon_ft.data.decode import UnreadableImageError, load_image, to_rgb
+from gluon_ft.data.folders import ImageFolderSplit
+from gluon_ft.data.tta import check_views, eval_transform, view_logits
+from gluon_ft.deploy.inference import check_inference_dtype, choose_form, sample_input
 from gluon_ft.errors import UsageError
-from gluon_ft.inference import check_inference_dtype, choose_form, sample_input
-from gluon_ft.model import build_model, load_parameters
-from gluon_ft.tta import check_views, eval_transform, view_logits
+from gluon_ft.model.graft import build_model, load_parameters
 
 ImageInput = str | Path | bytes | Image.Image
 
@@ -37,7 +38,8 @@ ImageInput = str | Path | bytes | Image.Image
 @dataclass
 class LoadedRun:
     """A finished run's network (on ``ctx``, in the form ``--dtype`` chose) and what it needs
-    to classify. ``inference`` records that choice (:func:`gluon_ft.inference.choose_form`)."""
+    to classify. ``inference`` records that choice
+    (:func:`gluon_ft.deploy.inference.choose_form`)."""
 
     path: Path
     config: dict
@@ -72,7 +74,7 @@ def load_run(
     ctx : Context, optional
         Where to run the network; the CPU by default.
     dtype : {"float32", "bfloat16", "auto"}
-        The predict-mode form (see :mod:`gluon_ft.inference`): bfloat16 is the fused graph.
+        The predict-mode form (see :mod:`gluon_ft.deploy.inference`): bfloat16 is the fused graph.
     batch_size : int
         The batch the network will mostly see: bfloat16 plans for it, ``auto`` probes it.
 
@@ -115,15 +117,15 @@ def _describe(item: ImageInput, position: int) -> str:
 
 
 def _decode(item: ImageInput) -> Image.Image:
-    """Any accepted input as 8-bit RGB; :class:`~gluon_ft.data.UnreadableImageError` if bad."""
+    """Any accepted input as 8-bit RGB, or :class:`~gluon_ft.data.decode.UnreadableImageError`."""
     if isinstance(item, Image.Image):
-        return gdata.to_rgb(item)
+        return to_rgb(item)
     if isinstance(item, bytes):
-        return gdata.load_image(io.BytesIO(item))
+        return load_image(io.BytesIO(item))
     path = Path(item)
     if path.is_dir():
-        raise gdata.UnreadableImageError("a folder, not an image file")
-    return gdata.load_image(path)
+        raise UnreadableImageError("a folder, not an image file")
+    return load_image(path)
 
 
 class Predictor:
@@ -141,12 +143,12 @@ class Predictor:
         The network's predict-mode form (see :func:`load_run`).
     tta : int
         Test-time augmentation: the mean logits of this many views of each image
-        (:mod:`gluon_ft.tta`); 1, the default, is the plain center crop.
+        (:mod:`gluon_ft.data.tta`); 1, the default, is the plain center crop.
 
     Raises
     ------
     UsageError
-        Not a finished run (:func:`load_run`), or ``tta`` outside what :mod:`gluon_ft.tta`
+        Not a finished run (:func:`load_run`), or ``tta`` outside what :mod:`gluon_ft.data.tta`
         supports.
     """
 
@@ -202,7 +204,7 @@ class Predictor:
             for position, item in chunk:
                 try:
                     decoded.append((position, _decode(item)))
-                except gdata.UnreadableImageError as err:
+                except UnreadableImageError as err:
                     outcome[position] = {"ok": False, "error": str(err)}
             probs = self.probabilities([img for _, img in decoded])
             for (position, _), row in zip(decoded, probs):
@@ -249,7 +251,7 @@ class SplitPredictions:
         return [int(i) for i in wrong[np.argsort(-confidence, kind="stable")][:count]]
 
 
-def predict_split(predictor: Predictor, split: gdata.ImageFolderSplit) -> SplitPredictions:
+def predict_split(predictor: Predictor, split: ImageFolderSplit) -> SplitPredictions:
     """Classify every item of ``split`` with ``predictor`` (the run's test transform)."""
     indices, probabilities = [], []
     for start in range(0, len(split), predictor.batch_size):
@@ -257,7 +259,7 @@ def predict_split(predictor: Predictor, split: gdata.ImageFolderSplit) -> SplitP
         for index in range(start, min(start + predictor.batch_size, len(split))):
             try:
                 batch.append(split.load(index))
-            except gdata.UnreadableImageError:
+            except UnreadableImageError:
                 continue
             indices.append(index)
         probabilities.append(predictor.probabilities(batch))

@@ -4,7 +4,7 @@ Every figure is a median over ``repeats`` timings taken after a warm-up. Figures
 compared with each other are timed in interleaved rounds (one timing of each per round), so
 that a change in the machine's load while the bench runs hits both sides of a ratio alike.
 
-- ``bare_fp32_img_s``: a hand-written hybridized Gluon loop (:mod:`gluon_ft.bare_loop`), with
+- ``bare_fp32_img_s``: a hand-written hybridized Gluon loop (:mod:`gluon_ft.train.bare_loop`), with
   gluon-ft's thread settings; ``bare_fp32_default_threads_img_s``: the same loop in a child
   process with MXNet's default threads; ``thread_speedup`` = train / that.
 - ``train_fp32_img_s``: gluon-ft's own step (:func:`gluon_ft.train.train_epoch` on uint8 host
@@ -18,7 +18,7 @@ that a change in the machine's load while the bench runs hits both sides of a ra
 - ``infer_img_s``, ``infer_optimized_img_s``: hybridized predict-mode forward, plain and in
   the fastest form MXNet offers here whose top-1 predictions agree with it (on >= 99% of the
   batch): ``optimize_for(backend="MKLDNN")`` (oneDNN fusion) in float32, or the fused
-  bfloat16 graph of ``--dtype bfloat16`` (:func:`gluon_ft.inference.fused_bfloat16`) where
+  bfloat16 graph of ``--dtype bfloat16`` (:func:`gluon_ft.deploy.inference.fused_bfloat16`) where
   the CPU has it. ``details`` has every form.
 - ``train_bf16_img_s``, ``bf16_speedup``: gluon-ft's step under ``--dtype bfloat16``, timed
   against the float32 step in the same rounds. MXNet AMP cannot be turned off once on, so this
@@ -145,8 +145,8 @@ class GluonFTStep:
         import mxnet as mx
         from mxnet import gluon
 
-        from gluon_ft.freeze import FreezePlan
-        from gluon_ft.model import scratch_twin
+        from gluon_ft.model.freeze import FreezePlan
+        from gluon_ft.model.graft import scratch_twin
         from gluon_ft.train import TrainConfig, amp, make_trainer
 
         self.ctx = [mx.cpu()]
@@ -195,7 +195,7 @@ class Inference:
     def __init__(self, sizes: BenchSizes, net=None, x=None):
         import mxnet as mx
 
-        from gluon_ft.model import scratch_twin
+        from gluon_ft.model.graft import scratch_twin
 
         self.sizes = sizes
         if net is None:
@@ -212,8 +212,8 @@ class Inference:
         """The same weights, partitioned for oneDNN; in bfloat16 as ``predict --dtype`` runs."""
         import mxnet as mx
 
-        from gluon_ft.inference import fused_bfloat16
-        from gluon_ft.model import scratch_twin
+        from gluon_ft.deploy.inference import fused_bfloat16
+        from gluon_ft.model.graft import scratch_twin
 
         if bfloat16:
             return Inference(self.sizes, fused_bfloat16(self.net, self.x), self.x)
@@ -248,11 +248,12 @@ class LoaderPass:
     """Images per second of one epoch of gluon-ft's train loader over a split."""
 
     def __init__(self, split, sizes: BenchSizes, workers: int):
-        from gluon_ft import data as gdata
+        from gluon_ft.data.loaders import make_loader
+        from gluon_ft.data.transforms import TrainTransform
 
-        self.loader = gdata.make_loader(
+        self.loader = make_loader(
             split,
-            gdata.TrainTransform(sizes.image_size),
+            TrainTransform(sizes.image_size),
             sizes.batch_size,
             shuffle=True,
             workers=workers,
@@ -260,9 +261,9 @@ class LoaderPass:
         self.epoch = 0
 
     def __call__(self) -> float:
-        from gluon_ft import data as gdata
+        from gluon_ft.data.loaders import set_epoch
 
-        gdata.set_epoch(self.loader, self.epoch)
+        set_epoch(self.loader, self.epoch)
         self.epoch += 1
         start = time.perf_counter()
         count = sum(len(labels) for _, labels, _ in self.loader if labels is not None)
@@ -273,11 +274,11 @@ class LoaderPass:
 
 
 def bare_child(sizes: BenchSizes, env: dict) -> dict:
-    """Run :mod:`gluon_ft.bare_loop` as a script in a child process with environment ``env``.
+    """Run :mod:`gluon_ft.train.bare_loop` as a script in a child process with environment ``env``.
 
     The script never imports ``gluon_ft``, so the thread variables are what ``env`` says.
     """
-    from gluon_ft import bare_loop
+    from gluon_ft.train import bare_loop
 
     args = {
         "model": sizes.model,
@@ -360,7 +361,7 @@ def environment(workers: int) -> dict:
 
 def measure_steps(sizes: BenchSizes, result: dict, details: dict) -> GluonFTStep:
     """The bare loop, gluon-ft's step and its frozen step, interleaved; returns the fp32 step."""
-    from gluon_ft.bare_loop import BareLoop
+    from gluon_ft.train.bare_loop import BareLoop
 
     bare = BareLoop(sizes.model, sizes.batch_size, sizes.image_size, sizes.classes)
     fp32 = GluonFTStep(sizes)
@@ -380,7 +381,7 @@ def measure_steps(sizes: BenchSizes, result: dict, details: dict) -> GluonFTStep
 
 def measure_threads(sizes: BenchSizes, quick: bool, result: dict, details: dict) -> None:
     """The bare loop in child processes: MXNet's default threads (and passive OpenMP waits)."""
-    from gluon_ft.bare_loop import THREAD_VARIABLES
+    from gluon_ft.train.bare_loop import THREAD_VARIABLES
 
     unset = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
     child = bare_child(sizes, unset)
@@ -452,7 +453,7 @@ def measure_precision_inference(
 
 def measure_data(sizes: BenchSizes, workers: int, quick: bool, result: dict, details: dict, log):
     """Loaders (folder vs pack) and frozen-backbone epochs (without and with the cache)."""
-    from gluon_ft.recordio import pack_dataset
+    from gluon_ft.data.recordio import pack_dataset
     from gluon_ft.train import load_dataset
 
     home = os.environ.get("MXNET_HOME")

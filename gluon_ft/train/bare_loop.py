@@ -5,7 +5,7 @@ It is what a user would write without gluon-ft: a float32 batch already on the d
 standard library, never ``gluon_ft`` (whose import sets the OpenMP threads), so the bench can
 also run it as a script in a child process that keeps MXNet's default thread count::
 
-    python -P gluon_ft/bare_loop.py '{"image_size": 224, "batch_size": 32, ...}'
+    python -P gluon_ft/train/bare_loop.py '{"image_size": 224, "batch_size": 32, ...}'
 
 (``-P`` keeps this folder off ``sys.path``, where ``data.py`` and friends would shadow other
 modules.) The script prints one JSON object.

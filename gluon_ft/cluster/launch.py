@@ -48,7 +48,7 @@ one host's part: node 0 the scheduler, every node its servers and workers. Node 
 listens at ``HOST:PORT`` (an address of node 0) until the other nodes have joined, then runs
 ps-lite's scheduler on ``HOST``; every node's processes get the cluster's ``DMLC_*``
 variables, ``DMLC_NODE_HOST`` being the address node 0 sees that node on. The launchers find
-each other and watch each other through :mod:`gluon_ft.rendezvous`, so a failure or a lost
+each other and watch each other through :mod:`gluon_ft.cluster.rendezvous`, so a failure or a lost
 host anywhere stops every node: when a process on another node fails, its launcher goes quiet
 for ``heartbeat_timeout`` seconds, or node 0's scheduler dies, every node stops its processes
 and returns, naming what was lost. The same ``DMLC_*`` variables also let MXNet's
@@ -73,7 +73,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from gluon_ft import THREAD_SETTINGS, rendezvous
+from gluon_ft import THREAD_SETTINGS
+from gluon_ft.cluster import rendezvous
 from gluon_ft.errors import Interrupted, UsageError
 from gluon_ft.threads import THREAD_VARIABLES, usable_cores
 
@@ -595,7 +596,7 @@ def _supervise(
     """Wait for the cluster; return its outcome as soon as it is decided.
 
     ``exits`` brings the processes that ended and what the other nodes report
-    (:class:`gluon_ft.rendezvous.PeerEvent`).
+    (:class:`gluon_ft.cluster.rendezvous.PeerEvent`).
     """
     here = f"{name}: " if name else ""
     running = set(nodes)

@@ -26,11 +26,11 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
-from gluon_ft import data as gdata
+from gluon_ft.data.transforms import normalize_batch
 from gluon_ft.errors import UsageError
 from gluon_ft.isa import bfloat16_unsupported
-from gluon_ft.model import walk_blocks
-from gluon_ft.parts import stem_blocks
+from gluon_ft.model.graft import walk_blocks
+from gluon_ft.model.parts import stem_blocks
 
 DTYPES = ("float32", "bfloat16", "auto")
 MIN_SPEEDUP = 1.1  # as for training (gluon_ft.train.amp.MIN_BF16_SPEEDUP): noise must not decide
@@ -40,7 +40,7 @@ PROBE_ROUNDS = 3
 def sample_input(image_size: int, count: int = 2, seed: int = 0) -> mx.nd.NDArray:
     """Normalized random images, ``(count, 3, S, S)``: inputs in the range real photos give."""
     pixels = np.random.default_rng(seed).integers(0, 256, (count, image_size, image_size, 3))
-    return gdata.normalize_batch(mx.nd.array(pixels, dtype="uint8"))
+    return normalize_batch(mx.nd.array(pixels, dtype="uint8"))
 
 
 def check_inference_dtype(dtype: str, ctx: mx.Context) -> None:

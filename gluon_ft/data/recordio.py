@@ -11,7 +11,7 @@ photo then decodes several times faster, and the book's transforms see the same 
 scale they crop to anyway. A JPEG that needs no resizing is stored byte for byte; anything else
 is re-encoded as a quality-95 JPEG without chroma subsampling.
 
-:class:`RecordIOSplit` has the interface of :class:`gluon_ft.data.ImageFolderSplit`
+:class:`RecordIOSplit` has the interface of :class:`gluon_ft.data.folders.ImageFolderSplit`
 (``root``, ``classes``, ``items``, ``labels()``, ``load(index)``), so ``make_loader`` and its
 transforms serve both without a second code path.
 """
@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from gluon_ft.data import UnreadableImageError, load_image, scan_dataset
+from gluon_ft.data.decode import UnreadableImageError, load_image
+from gluon_ft.data.folders import scan_dataset
 from gluon_ft.errors import UsageError
 from gluon_ft.paths import write_text
 
@@ -160,7 +161,7 @@ def pack_dataset(root: str | Path, prefix: str | Path, resize: int = 256) -> dic
 
 @dataclass(frozen=True)
 class RecordIOSplit:
-    """One split of a pack, with the interface of :class:`gluon_ft.data.ImageFolderSplit`.
+    """One split of a pack, with the interface of :class:`gluon_ft.data.folders.ImageFolderSplit`.
 
     ``items`` are ``(source file name, label)``; :meth:`load` decodes record ``index``. Each
     process opens the ``.rec`` file for itself, so DataLoader workers never share a file

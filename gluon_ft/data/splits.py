@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gluon_ft.data import ImageFolderSplit, scan_dataset, scan_split
+from gluon_ft.data.folders import ImageFolderSplit, scan_dataset, scan_split
 from gluon_ft.errors import UsageError
 
 CLASS_FOLDERS = "class-folders"

@@ -2,7 +2,7 @@
 
 ::
 
-    GET  /          the page (``gluon_ft/static/index.html``): pick or drop a photo
+    GET  /          the page (``gluon_ft/deploy/static/index.html``): pick or drop a photo
     POST /predict   multipart form, the file in the field ``image`` -> JSON
                     {"run_id", "model", "tta", "filename", "classes", "probabilities"}
                     (every class, most probable first; ``?top_k=N`` keeps the first N;
@@ -21,7 +21,7 @@ Hostile input is bounded before it costs memory. Uploads are capped
 header, and one over :data:`DEFAULT_MAX_PIXELS` is refused before a pixel is decoded (a
 baseline JPEG is decoded at 1/2, 1/4 or 1/8 scale instead when that fits); at most
 :data:`DEFAULT_MAX_QUEUE` requests are in progress at once. The rest is decoded by the
-training code's safe loader (:func:`gluon_ft.data.load_image`). Bound to a loopback address,
+training code's safe loader (:func:`gluon_ft.data.decode.load_image`). Bound to a loopback address,
 the server answers only requests addressed to a loopback name, so that a web page cannot reach
 it through a name of its own that it re-points at 127.0.0.1 (DNS rebinding).
 
@@ -55,7 +55,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from gluon_ft.predict import Predictor
+from gluon_ft.deploy.predict import Predictor
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -81,7 +81,7 @@ class _Job:
 
 
 class InferenceWorker:
-    """The one thread that runs a :class:`~gluon_ft.predict.Predictor`'s network.
+    """The one thread that runs a :class:`~gluon_ft.deploy.predict.Predictor`'s network.
 
     :meth:`submit` may be called from any thread; the jobs wait in a queue and the worker
     decodes and classifies them one at a time. One image per forward pass keeps the input
@@ -431,7 +431,9 @@ def create_app(
     identity = _run_identity(predictor)
     worker = InferenceWorker(predictor)
     admission = _Admission(max_queue)
-    page = resources.files("gluon_ft").joinpath("static/index.html").read_text(encoding="utf-8")
+    page = (
+        resources.files("gluon_ft.deploy").joinpath("static/index.html").read_text(encoding="utf-8")
+    )
     app = FastAPI(
         title="gluon-ft serve",
         lifespan=_warm_up_then_close(worker),
@@ -548,15 +550,15 @@ def serve(
     """Load a finished run and serve it until interrupted (Ctrl-C).
 
     The limits are those of :func:`create_app`. ``dtype`` is the network's form (see
-    :mod:`gluon_ft.inference`), chosen for one image per forward pass, as
+    :mod:`gluon_ft.deploy.inference`), chosen for one image per forward pass, as
     :class:`InferenceWorker` runs it; ``on_loaded(run)`` is called once the run is loaded,
     before the server starts. ``tta`` is the test-time augmentation views averaged per image
-    (:class:`gluon_ft.predict.Predictor`).
+    (:class:`gluon_ft.deploy.predict.Predictor`).
 
     Raises
     ------
     UsageError
-        ``run_dir`` is not a finished run (from :func:`gluon_ft.predict.load_run`), or
+        ``run_dir`` is not a finished run (from :func:`gluon_ft.deploy.predict.load_run`), or
         ``dtype`` cannot run on ``ctx``.
     """
     import uvicorn

@@ -5,7 +5,7 @@ with ``SymbolBlock.imports`` and compared with the run's network on the same inp
 ``onnx``: ``model.onnx`` (``mx.onnx.export_model``, dynamic batch size), run with
 ``onnx.reference.ReferenceEvaluator`` and compared likewise; it must agree within 1e-4.
 ``--dtype bfloat16`` (MXNet format only) exports the fused bfloat16 graph of
-:mod:`gluon_ft.inference`, compared with that graph.
+:mod:`gluon_ft.deploy.inference`, compared with that graph.
 
 Both also write ``preprocessing.json``: the class names and the input the network expects
 (resize, centre crop, 0-1 scaling, ImageNet mean and std, NCHW float32). Files are written to
@@ -30,10 +30,10 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 
-from gluon_ft import data as gdata
+from gluon_ft.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TestTransform
+from gluon_ft.deploy.inference import sample_input
+from gluon_ft.deploy.predict import LoadedRun, load_run
 from gluon_ft.errors import GluonFTError, UsageError
-from gluon_ft.inference import sample_input
-from gluon_ft.predict import LoadedRun, load_run
 
 FORMATS = ("mxnet", "onnx")
 EXPORT_DTYPES = ("float32", "bfloat16")
@@ -49,7 +49,7 @@ class ExportCheckError(GluonFTError):
 
 def preprocessing(run: LoadedRun, input_name: str) -> dict:
     """What a deployment must do to an image before the network sees it."""
-    transform = gdata.TestTransform(run.image_size)
+    transform = TestTransform(run.image_size)
     return {
         "classes": run.classes,
         "model": run.config.get("model"),
@@ -68,8 +68,8 @@ def preprocessing(run: LoadedRun, input_name: str) -> dict:
         ],
         "resize": transform.resize,
         "crop": run.image_size,
-        "mean": list(gdata.IMAGENET_MEAN),
-        "std": list(gdata.IMAGENET_STD),
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
         "output": "logits, one per class in the order of classes; softmax gives probabilities",
     }
 
@@ -194,7 +194,8 @@ def export_run(
         Where to write; ``RUN/export`` by default.
     dtype : {"float32", "bfloat16"}
         bfloat16 (MXNet format only) writes the fused bfloat16 graph of
-        :func:`gluon_ft.inference.fused_bfloat16`: float32 in and out, oneDNN operators inside.
+        :func:`gluon_ft.deploy.inference.fused_bfloat16`: float32 in and out, oneDNN operators
+        inside.
 
     Returns
     -------

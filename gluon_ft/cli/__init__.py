@@ -174,7 +174,7 @@ def _add_optimizer_flags(p: argparse.ArgumentParser, d) -> None:
 
 def _add_freeze_flags(p: argparse.ArgumentParser, d) -> None:
     """What trains, and how fast each part learns."""
-    from gluon_ft.freeze import BN_MODES
+    from gluon_ft.model.freeze import BN_MODES
 
     p.add_argument(
         "--freeze",
@@ -564,7 +564,7 @@ def add_pack_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_pack(args: argparse.Namespace) -> int:
-    from gluon_ft.recordio import manifest_path, pack_dataset
+    from gluon_ft.data.recordio import manifest_path, pack_dataset
 
     manifest = pack_dataset(args.dir, args.out, args.resize)
     for name, split in manifest["splits"].items():
@@ -614,8 +614,8 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_launch(args: argparse.Namespace) -> int:
+    from gluon_ft.cluster.launch import launch, launch_node
     from gluon_ft.errors import UsageError
-    from gluon_ft.launch import launch, launch_node
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     several = (args.nnodes, args.node_rank, args.scheduler)
@@ -701,8 +701,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_recipe_bench(args: argparse.Namespace) -> dict:
+    from gluon_ft.bench.recipes import markdown_table, run_recipe_bench
     from gluon_ft.errors import UsageError
-    from gluon_ft.recipe_bench import markdown_table, run_recipe_bench
 
     if not args.pretrained:
         raise UsageError("bench --recipes DATA needs --pretrained FILE (or imagenet).")
@@ -724,7 +724,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from gluon_ft.bench import run_bench
+    from gluon_ft.bench.throughput import run_bench
     from gluon_ft.errors import UsageError
 
     if args.recipes:
@@ -802,7 +802,7 @@ def _listing(title: str, entries: list[str], shown: int) -> list[str]:
 
 def imbalance_warnings(report: dict) -> list[str]:
     """A line for each split whose largest class has over 5 times the smallest's images."""
-    from gluon_ft.balance import IMBALANCE_WARNING, imbalance_ratio
+    from gluon_ft.data.balance import IMBALANCE_WARNING, imbalance_ratio
 
     lines = []
     for split, classes in report["splits"].items():
@@ -822,7 +822,7 @@ def imbalance_warnings(report: dict) -> list[str]:
 def _run_check_data(args: argparse.Namespace) -> int:
     import json
 
-    from gluon_ft.data import check_dataset, unreadable_in
+    from gluon_ft.data.folders import check_dataset, unreadable_in
 
     report = check_dataset(args.dir, args.image_size)
     print(json.dumps(report, indent=2) if args.json else _format_check_report(report))
@@ -855,7 +855,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_tta_argument(p: argparse.ArgumentParser) -> None:
     """``--tta N`` of predict and serve."""
-    from gluon_ft.tta import MAX_VIEWS
+    from gluon_ft.data.tta import MAX_VIEWS
 
     p.add_argument(
         "--tta",
@@ -871,7 +871,7 @@ def add_tta_argument(p: argparse.ArgumentParser) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     import json
 
-    from gluon_ft.predict import Predictor
+    from gluon_ft.deploy.predict import Predictor
 
     predictor = Predictor(args.run_dir, dtype=args.dtype, tta=args.tta)
     if args.dtype == "auto":
@@ -902,7 +902,7 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from gluon_ft.report import build_report
+    from gluon_ft.deploy.report import build_report
 
     summary, out = build_report(args.run_dir, args.split, args.out)
     accuracy = next(value for key, value in summary.items() if key.endswith("_acc"))
@@ -944,7 +944,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from gluon_ft.export import FORMATS, export_run
+    from gluon_ft.deploy.export import FORMATS, export_run
 
     formats = FORMATS if args.format == "all" else (args.format,)
     if args.format == "all" and args.dtype == "bfloat16":
@@ -985,8 +985,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from gluon_ft.data.synthetic import DEFAULT_SPEC, SMALL_SPEC
     from gluon_ft.demo import REAL_RUN_NOTE, DemoConfig, format_table, run_demo
-    from gluon_ft.synthetic import DEFAULT_SPEC, SMALL_SPEC
 
     config = DemoConfig(
         seed=args.seed,
@@ -1035,7 +1035,7 @@ def _print_parts(parts: list) -> None:
 def _run_models(args: argparse.Namespace) -> int:
     import json
 
-    from gluon_ft.zoo import describe, matching_names
+    from gluon_ft.model.zoo import describe, matching_names
 
     names = matching_names(args.pattern)
     row = "{name:<24} {zoo:<8} {family:<22} {input_size:>5} {params:>8}  {weights}"
@@ -1064,8 +1064,8 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 def _model_parts(name: str, image_size: int) -> list:
-    from gluon_ft.model import build_model
-    from gluon_ft.parts import summarize_parts
+    from gluon_ft.model.graft import build_model
+    from gluon_ft.model.parts import summarize_parts
 
     return summarize_parts(build_model(name, 1000), image_size)
 
@@ -1127,7 +1127,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from gluon_ft.errors import UsageError
 
     try:
-        from gluon_ft.serve import is_loopback_name, serve
+        from gluon_ft.deploy.serve import is_loopback_name, serve
     except ImportError as err:
         raise UsageError(
             f"gluon-ft serve needs the serve extra ({err.name} is missing): "

@@ -6,7 +6,7 @@ The book's recipe in three named steps::
     net = graft_new_head(source, num_classes=2, head_lr_mult=10)  # finetune_net
     twin = scratch_twin("resnet18_v2", num_classes=2)             # scratch_net
 
-It works for every classifier in :mod:`gluon_ft.zoo`. The zoos do not agree on where the
+It works for every classifier in :mod:`gluon_ft.model.zoo`. The zoos do not agree on where the
 classifier lives (``output``, ``fc``, ``classifier``, ``output.0`` after SqueezeNet's features,
 ``out.3`` after NASNet's dropout), so the head is found from the block tree: the last layer that
 holds weights, which must be a Dense or a 1x1 convolution. :func:`split_head` returns it with
@@ -27,10 +27,10 @@ from pathlib import Path
 import mxnet as mx
 from mxnet import gluon
 
-from gluon_ft import zoo
 from gluon_ft.errors import UsageError
+from gluon_ft.model import zoo
+from gluon_ft.model.zoo import model_store_file
 from gluon_ft.paths import mxnet_home
-from gluon_ft.zoo import model_store_file
 
 
 @dataclass
@@ -50,7 +50,7 @@ def build_model(
     """Build a zoo network with ``num_classes`` outputs and uninitialized parameters.
 
     ``image_size`` is the size it will train at, default its native one (see
-    :func:`gluon_ft.zoo.build`, which also takes ``kwargs``). A fixed-size final average pool
+    :func:`gluon_ft.model.zoo.build`, which also takes ``kwargs``). A fixed-size final average pool
     becomes global average pooling (:func:`global_average_pooling`), so the network takes any
     input size its convolutions allow.
     """

@@ -1,7 +1,7 @@
 """The named parts of a network: stem, stage1..stageN by resolution, tail and head.
 
 A stage is a group of blocks that compute at one spatial resolution, found by a symbolic shape
-pass (:func:`gluon_ft.zoo.trace_shapes`), never by how a zoo happens to nest its containers
+pass (:func:`gluon_ft.model.zoo.trace_shapes`), never by how a zoo happens to nest its containers
 (GluonCV's deep stem is a container; DenseNet interleaves transitions; Inception v3 has 16
 mixed blocks). For a ``S`` px image, a block whose output is ``H`` px high computes at level
 ``log2(S / H)``; then
@@ -11,7 +11,7 @@ mixed blocks). For a ``S`` px image, a block whose output is ``H`` px high compu
   1/4) is ``stage1`` and its ``conv5_x`` (``layer4``, 1/32) ``stage4``, as a feature
   pyramid's C2..C5;
 - ``tail``: the blocks after global pooling (VGG's Dense layers, MobileNet v3's last 1x1 conv);
-- ``output``: the head, the classifier layer of :func:`gluon_ft.model.get_head`.
+- ``output``: the head, the classifier layer of :func:`gluon_ft.model.graft.get_head`.
 
 A block belongs to the level of its output, so a block that downsamples (a ResNet unit with
 stride 2, DenseNet's transition, Inception's Mixed_6a) opens the next stage; a block that comes
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from mxnet import gluon
 
-from gluon_ft import zoo
 from gluon_ft.errors import UsageError
-from gluon_ft.model import split_head
+from gluon_ft.model import zoo
+from gluon_ft.model.graft import split_head
 
 ALL = "all"
 # Level 2 (1/4 of the input) opens stage1, as ResNet's layer1 after its stride-2 convolution
@@ -198,7 +198,8 @@ def stem_blocks(net: gluon.Block) -> list[gluon.Block]:
     """The ``stem`` part's blocks, in the order they run (ResNet v2: the input BatchNorm, the
     7x7 convolution, BatchNorm, ReLU); [] for a network without stages. The last one's output
     feeds ``stage1``. bfloat16 keeps these in float32, in training
-    (:func:`gluon_ft.train.amp.prepare_network`) and in inference (:mod:`gluon_ft.inference`).
+    (:func:`gluon_ft.train.amp.prepare_network`) and in inference
+    (:mod:`gluon_ft.deploy.inference`).
     """
     return [block for _, block in network_layout(net).stem]
 

@@ -2,8 +2,8 @@
 
 The views of ``--tta N`` are the first N of this fixed order (:data:`MAX_VIEWS` at most):
 
-1. the plain evaluation transform (:class:`gluon_ft.data.TestTransform`: the book's square
-   resize to ``round(S * 256 / 224)`` and center crop ``S``);
+1. the plain evaluation transform (:class:`gluon_ft.data.transforms.TestTransform`: the book's
+   square resize to ``round(S * 256 / 224)`` and center crop ``S``);
 2. its horizontal flip;
 3. the center crop ``S`` of a 1.14x larger square resize; 4. its flip;
 5. that resize's top-left crop; 6. its flip; 7. top-right; 8. its flip;
@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from gluon_ft import data as gdata
+from gluon_ft.data.transforms import TestTransform, normalize_batch
 from gluon_ft.errors import UsageError
 
 LARGER = 1.14  # the second scale: a slightly larger resize, so its corner crops differ
@@ -45,7 +45,7 @@ class ViewsTransform:
 
     def __init__(self, size: int, views: int):
         check_views(views)
-        self.plain = gdata.TestTransform(size)
+        self.plain = TestTransform(size)
         self.size = size
         self.views = views
         self.larger = max(size, int(round(self.plain.resize * LARGER)))
@@ -72,10 +72,10 @@ class ViewsTransform:
 def eval_transform(size: int, views: int = 1):
     """The evaluation transform of ``--tta views``: the plain one for 1, else the views."""
     check_views(views)
-    return gdata.TestTransform(size) if views == 1 else ViewsTransform(size, views)
+    return TestTransform(size) if views == 1 else ViewsTransform(size, views)
 
 
-def view_logits(net, images, prepare=gdata.normalize_batch):
+def view_logits(net, images, prepare=normalize_batch):
     """``net``'s logits for a device batch: ``B x N x S x S x 3`` views as the mean of the N
     views' float32 logits; anything else (plain images, cached features) as it is."""
     if images.ndim != 5:

@@ -1,6 +1,6 @@
 """The report of a finished run: per-class scores on a split, the confusion matrix, mistakes.
 
-A run evaluated as ``gluon-ft predict`` would (:class:`gluon_ft.predict.Predictor`, the run's
+A run evaluated as ``gluon-ft predict`` would (:class:`gluon_ft.deploy.predict.Predictor`, the run's
 ``model.params`` and test transform), on its test or val part (from ``split.json``) or on any
 folder of class folders. It writes, into one folder:
 
@@ -21,12 +21,14 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 
-from gluon_ft import data as gdata
-from gluon_ft import paths, plots, splits
+from gluon_ft import paths
+from gluon_ft.data import splits
+from gluon_ft.data.folders import ImageFolderSplit, scan_split
+from gluon_ft.data.recordio import load_pack
+from gluon_ft.deploy import plots
+from gluon_ft.deploy.metrics import class_scores
+from gluon_ft.deploy.predict import Predictor, SplitPredictions, predict_split
 from gluon_ft.errors import UsageError
-from gluon_ft.metrics import class_scores
-from gluon_ft.predict import Predictor, SplitPredictions, predict_split
-from gluon_ft.recordio import load_pack
 
 SELECTION_KEYS = ("best_epoch", "monitor", "best_value", "stopped_early")
 # With --ema: which weights model.params holds ("ema" or "trained") and why.
@@ -60,7 +62,7 @@ def run_parts(run_dir: Path) -> splits.DatasetParts:
     return splits.parts_from_record(root, record)
 
 
-def folder_split(folder: Path, classes: list[str]) -> gdata.ImageFolderSplit:
+def folder_split(folder: Path, classes: list[str]) -> ImageFolderSplit:
     """``folder/<class>/*`` labelled with the run's class indices.
 
     Raises
@@ -68,7 +70,7 @@ def folder_split(folder: Path, classes: list[str]) -> gdata.ImageFolderSplit:
     UsageError
         Not a folder of class folders, or a class the run does not know.
     """
-    scanned = gdata.scan_split(folder)
+    scanned = scan_split(folder)
     unknown = [name for name in scanned.classes if name not in classes]
     if unknown:
         raise UsageError(
@@ -76,7 +78,7 @@ def folder_split(folder: Path, classes: list[str]) -> gdata.ImageFolderSplit:
             f"The run's classes: {', '.join(classes)}."
         )
     items = tuple((path, classes.index(scanned.classes[label])) for path, label in scanned.items)
-    return gdata.ImageFolderSplit(folder, tuple(classes), items)
+    return ImageFolderSplit(folder, tuple(classes), items)
 
 
 def build_report(
@@ -109,7 +111,7 @@ def build_report(
     ctx : Context, optional
         Where to run the network; the CPU by default.
     tta : int, optional
-        Test-time augmentation views (:mod:`gluon_ft.tta`); by default the run's ``--tta``
+        Test-time augmentation views (:mod:`gluon_ft.data.tta`); by default the run's ``--tta``
         (``config.json``).
 
     Raises

@@ -1,0 +1,1 @@
+"""Clusters: start ps-lite scheduler, server and worker processes, on one host or several."""

@@ -1,0 +1,238 @@
+"""Image-folder datasets: ``<split>/<class>/*`` scanned, checked and described.
+
+A dataset is every file with an extension Pillow decodes
+(:func:`gluon_ft.data.decode.image_extensions`) under its class folders, hidden (dot) names
+left out at any depth.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from gluon_ft.data.decode import UnreadableImageError, image_extensions, load_image
+from gluon_ft.errors import UsageError
+
+
+@dataclass(frozen=True)
+class ImageFolderSplit:
+    """One split of an image folder: ``(path, label)`` items and the sorted class names."""
+
+    root: Path
+    classes: tuple[str, ...]
+    items: tuple[tuple[str, int], ...]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def labels(self) -> np.ndarray:
+        """Return the label of every item, in order."""
+        return np.array([label for _, label in self.items], dtype=np.int64)
+
+    def load(self, index: int) -> Image.Image:
+        """Decode item ``index`` as RGB (a RecordIO split decodes its record instead).
+
+        Raises
+        ------
+        UnreadableImageError
+            The file cannot be used.
+        """
+        return load_image(self.items[index][0])
+
+
+def is_hidden(path: Path) -> bool:
+    """A dot-name: ``.DS_Store``, macOS's ``._photo.jpg``, ``.ipynb_checkpoints/``, ``.git/``."""
+    return path.name.startswith(".")
+
+
+@dataclass(frozen=True)
+class FolderContents:
+    """A class folder's files, each list sorted: its images, and what a scan leaves out."""
+
+    images: tuple[Path, ...]
+    ignored: tuple[Path, ...]  # hidden files and folders (a folder's insides are not read)
+    skipped: tuple[Path, ...]  # files of no format Pillow decodes: notes, PDFs, videos
+
+
+def folder_contents(folder: Path) -> FolderContents:
+    """Sort every file under ``folder`` (at any depth) into images, ignored and skipped."""
+    images, ignored, skipped = [], [], []
+    for parent, folders, files in os.walk(folder):
+        here = Path(parent)
+        subfolders = [here / name for name in folders]
+        ignored += [path for path in subfolders if is_hidden(path)]
+        folders[:] = [path.name for path in subfolders if not is_hidden(path)]  # never entered
+        for path in (here / name for name in files):
+            if is_hidden(path):
+                ignored.append(path)
+            elif path.suffix.lower() in image_extensions():
+                images.append(path)
+            else:
+                skipped.append(path)
+    return FolderContents(*(tuple(sorted(found)) for found in (images, ignored, skipped)))
+
+
+def class_folders(root: Path) -> dict[str, FolderContents]:
+    """``{class: its contents}`` of ``root/<class>/``, classes sorted; hidden folders are none."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_hidden(p))
+    return {name: folder_contents(root / name) for name in classes}
+
+
+def scan_split(root: str | Path) -> ImageFolderSplit:
+    """List ``root/<class>/*`` image files; classes are the sorted folder names.
+
+    Raises
+    ------
+    UsageError
+        ``root`` is missing, has no class folders, or a class folder has no images.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"{root} is not a folder; expected {root}/<class>/<image files>.")
+    contents = class_folders(root)
+    classes = list(contents)
+    if not classes:
+        raise UsageError(f"{root} has no class folders; expected {root}/<class>/<image files>.")
+    empty = [_left_out(name, found) for name, found in contents.items() if not found.images]
+    if empty:
+        raise UsageError(
+            f"{root}: class folder(s) with no image files: {'; '.join(empty)}. Image files are "
+            "those of a format Pillow decodes (.jpg, .png, .webp, .tif, .bmp, .gif, ...); "
+            "hidden (dot) names are ignored. `gluon-ft check-data` lists what it leaves out."
+        )
+    items = [(str(f), label) for label, name in enumerate(classes) for f in contents[name].images]
+    return ImageFolderSplit(root, tuple(classes), tuple(items))
+
+
+def _left_out(name: str, contents: FolderContents, shown: int = 3) -> str:
+    """``dog (skipped notes.txt, scan.pdf; ignored .DS_Store)``: why a class has no images."""
+    parts = []
+    for verb, paths in (("skipped", contents.skipped), ("ignored", contents.ignored)):
+        names = [p.name for p in paths[:shown]]
+        if len(paths) > shown:
+            names.append(f"{len(paths) - shown} more")
+        if names:
+            parts.append(f"{verb} {', '.join(names)}")
+    return f"{name} ({'; '.join(parts)})" if parts else name
+
+
+def scan_dataset(root: str | Path) -> tuple[ImageFolderSplit, ImageFolderSplit]:
+    """Scan ``root/train`` and ``root/test`` and check that they have the same classes.
+
+    Raises
+    ------
+    UsageError
+        A split is missing, fewer than two classes, or the class lists differ.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(
+            f"Dataset folder {root} does not exist. Expected {root}/train/<class>/* and "
+            f"{root}/test/<class>/*, or --data hotdog for the book's dataset."
+        )
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise UsageError(
+                f"{root} has no {split}/ folder. A dataset folder holds train/<class>/* "
+                "and test/<class>/*."
+            )
+    train, test = scan_split(root / "train"), scan_split(root / "test")
+    if train.classes != test.classes:
+        only_train = sorted(set(train.classes) - set(test.classes))
+        only_test = sorted(set(test.classes) - set(train.classes))
+        raise UsageError(
+            f"The class folders of {root}/train and {root}/test differ: only in train: "
+            f"{only_train or 'none'}; only in test: {only_test or 'none'}."
+        )
+    if len(train.classes) < 2:
+        raise UsageError(
+            f"{root} has a single class ({train.classes[0]}); a classifier needs two or more."
+        )
+    return train, test
+
+
+def check_dataset(root: str | Path, crop: int) -> dict:
+    """Decode every image of a dataset folder; report what training meets.
+
+    Parameters
+    ----------
+    root : str or Path
+        The dataset folder: ``train/<class>/*``, ``test/<class>/*`` (and ``val/``), or class
+        folders only (reported as the split ``"."``).
+    crop : int
+        The training crop (``--image-size``); smaller images are listed, as training upscales
+        them.
+
+    Returns
+    -------
+    dict
+        ``{"root", "crop", "problems": [why training would refuse the folder], "splits":
+        {split: {class: {"images": n, "unreadable": [{"path", "reason"}], "small": [{"path",
+        "size": [w, h]}], "ignored": [hidden paths], "skipped": [non-image paths]}}},
+        "beside_classes": {split: {"ignored": [...], "skipped": [files outside a class]}}}``,
+        paths relative to ``root``, a folder's with a trailing ``/``.
+    """
+    root = Path(root)
+    problems = []
+    folders = [split for split in ("train", "val", "test") if (root / split).is_dir()]
+    try:
+        # Without train/ or test/, the class folders themselves ("."), split at train time.
+        scan_dataset(root) if folders else scan_split(root)
+    except UsageError as err:
+        problems.append(str(err))
+    splits: dict = {}
+    beside: dict = {}
+    for split in folders or (["."] if root.is_dir() else []):
+        splits[split] = {
+            name: _check_class(contents, root, crop)
+            for name, contents in class_folders(root / split).items()
+        }
+        entries = sorted((root / split).iterdir())
+        beside[split] = {
+            "ignored": [_relative(p, root) for p in entries if is_hidden(p)],
+            "skipped": [_relative(p, root) for p in entries if not (is_hidden(p) or p.is_dir())],
+        }
+    return {
+        "root": str(root),
+        "crop": crop,
+        "problems": problems,
+        "splits": splits,
+        "beside_classes": beside,
+    }
+
+
+def _check_class(contents: FolderContents, root: Path, crop: int) -> dict:
+    unreadable, small = [], []
+    for file in contents.images:
+        try:
+            width, height = load_image(file).size
+        except UnreadableImageError as err:
+            unreadable.append({"path": _relative(file, root), "reason": str(err)})
+            continue
+        if min(width, height) < crop:
+            small.append({"path": _relative(file, root), "size": [width, height]})
+    return {
+        "images": len(contents.images),
+        "unreadable": unreadable,
+        "small": small,
+        "ignored": [_relative(p, root) for p in contents.ignored],
+        "skipped": [_relative(p, root) for p in contents.skipped],
+    }
+
+
+def _relative(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) + ("/" if path.is_dir() else "")
+
+
+def unreadable_in(report: dict) -> list[dict]:
+    """Every ``{"path", "reason"}`` of a :func:`check_dataset` report, over splits and classes."""
+    return [
+        bad
+        for classes in report["splits"].values()
+        for counts in classes.values()
+        for bad in counts["unreadable"]
+    ]
