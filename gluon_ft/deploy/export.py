@@ -213,31 +213,11 @@ def export_run(
     _check_request(fmt, dtype)
     run = load_run(run_dir, dtype=dtype)
     out_dir = Path(out_dir) if out_dir is not None else run.path / "export"
-    x = sample_input(run.image_size).as_in_context(run.ctx)
-    reference = _as_float32(run.net(x))  # also the forward pass that export() needs
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        staging.mkdir(parents=True)
-        # Keep the casts: a bfloat16 graph without them feeds float32 data to bfloat16 weights.
-        run.net.export(str(staging / "model"), epoch=0, remove_amp_cast=False)
-        if fmt == "mxnet":
-            files, diff, input_name = _export_mxnet(run, staging, x, reference)
-        else:
-            files, diff, input_name = _export_onnx(run, staging, x, reference)
-        info = staging / "preprocessing.json"
-        info.write_text(json.dumps(preprocessing(run, input_name), indent=2) + "\n")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for file in [*files, info]:
-            os.replace(file, out_dir / file.name)
-    except OSError as err:
-        raise UsageError(f"Cannot write the export to {out_dir}: {err}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    names, diff = _write_verified_export(run, fmt, out_dir)
     return {
         "format": fmt,
         "out_dir": str(out_dir),
-        "files": [f.name for f in files] + ["preprocessing.json"],
+        "files": names,
         "max_abs_diff": diff,
         "tolerance": MXNET_TOLERANCE if fmt == "mxnet" else ONNX_TOLERANCE,
         "checked_with": (
@@ -246,6 +226,42 @@ def export_run(
             else "onnx.reference.ReferenceEvaluator"
         ),
     }
+
+
+def _write_verified_export(run: LoadedRun, fmt: str, out_dir: Path) -> tuple[list[str], float]:
+    """Export into a staging folder, check it, then move its files into ``out_dir``.
+
+    Staging keeps ``out_dir`` free of a half-written or unverified export: the files move
+    only once the check passed, and the staging folder goes whatever happens.
+    """
+    x = sample_input(run.image_size).as_in_context(run.ctx)
+    reference = _as_float32(run.net(x))  # also the forward pass that export() needs
+    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        files, diff = _stage_verified(run, fmt, staging, x, reference)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for file in files:
+            os.replace(file, out_dir / file.name)
+    except OSError as err:
+        raise UsageError(f"Cannot write the export to {out_dir}: {err}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [file.name for file in files], diff
+
+
+def _stage_verified(
+    run: LoadedRun, fmt: str, staging: Path, x: mx.nd.NDArray, reference: np.ndarray
+) -> tuple[list[Path], float]:
+    """Write the ``fmt`` export and ``preprocessing.json`` into ``staging``, checked."""
+    staging.mkdir(parents=True)
+    # Keep the casts: a bfloat16 graph without them feeds float32 data to bfloat16 weights.
+    run.net.export(str(staging / "model"), epoch=0, remove_amp_cast=False)
+    export_and_check = _export_mxnet if fmt == "mxnet" else _export_onnx
+    files, diff, input_name = export_and_check(run, staging, x, reference)
+    info = staging / "preprocessing.json"
+    info.write_text(json.dumps(preprocessing(run, input_name), indent=2) + "\n")
+    return [*files, info], diff
 
 
 @functools.cache

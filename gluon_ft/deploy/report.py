@@ -129,19 +129,45 @@ def build_report(
     predictions = predict_split(predictor, images)
     if not len(predictions.labels):
         raise UsageError(f"No readable image in the {name} split ({images.root}).")
-    summary = {
-        **(_saved_selection(run_dir) if selection is None else selection),
-        **_scores(name, predictions, predictor.classes),
+    if selection is None:
+        selection = _saved_selection(run_dir)
+    summary = _summary(name, images, predictions, predictor.classes, selection, tta)
+    _write_report(run_dir, out, summary, predictions, images, predictor.classes)
+    return summary, out
+
+
+def _summary(
+    name: str,
+    images,
+    predictions: SplitPredictions,
+    classes: list[str],
+    selection: dict,
+    tta: int,
+) -> dict:
+    """``summary.json``: the selection fields, the scores, and what was evaluated how."""
+    return {
+        **selection,
+        **_scores(name, predictions, classes),
         "split": name if name in ("test", "val") else str(images.root),
         "images": len(predictions.labels),
         "unreadable": len(images) - len(predictions.labels),
         "tta": tta,
     }
+
+
+def _write_report(
+    run_dir: Path,
+    out: Path,
+    summary: dict,
+    predictions: SplitPredictions,
+    images,
+    classes: list[str],
+) -> None:
+    """The report's four files in ``out``: summary, confusion matrix, mistakes, markdown."""
     paths.write_json(out / "summary.json", summary)
-    plots.plot_confusion(predictions.confusion_matrix(), predictor.classes, out / "confusion.png")
-    _plot_mistakes(predictions, images, predictor.classes, out / "mistakes.png")
+    plots.plot_confusion(predictions.confusion_matrix(), classes, out / "confusion.png")
+    _plot_mistakes(predictions, images, classes, out / "mistakes.png")
     paths.write_text(out / "report.md", report_markdown(run_dir, summary, _part_sizes(run_dir)))
-    return summary, out
 
 
 def _evaluated_split(run_dir: Path, split: str, classes: list[str]):
