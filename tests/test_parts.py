@@ -284,7 +284,7 @@ def test_deep_stem_resnet_freezes_and_decays_its_real_stages():
 
 
 def test_unfreeze_at_stage4_unfreezes_the_last_stage():
-    """The README's --unfreeze-at "0:output,2:stage4" on a deep-stem ResNet."""
+    """docs/training.md's --unfreeze-at "0:output,2:stage4" on a deep-stem ResNet."""
     net = initialized("resnet50_v1d")
     plan = FreezePlan(unfreeze_at="0:output,2:stage4")
     plan.validate(epochs=3)

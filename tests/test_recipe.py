@@ -1,7 +1,7 @@
 """``--head-epochs``, ``--bn inference`` and ``--recipe``: what each changes, and nothing else.
 
 Every run is mobilenet0.25 at 32 px from a random "pretrained" file (the mechanics, not the
-accuracy: the README's table measures that on real photos).
+accuracy: the table in docs/recipes.md measures that on real photos).
 """
 
 from __future__ import annotations

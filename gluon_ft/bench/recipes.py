@@ -107,7 +107,7 @@ def run_recipe_bench(
 
 
 def markdown_table(result: dict) -> str:
-    """The README's table of a :func:`run_recipe_bench` result."""
+    """The table of docs/recipes.md from a :func:`run_recipe_bench` result."""
     lines = [
         "| recipe | test accuracy, mean (min-max) | wall time, median | vs book |",
         "|---|---|---|---|",

@@ -30,7 +30,7 @@ RECIPES = ("book", "best")
 # (gluon_ft.train.lr_find), run by train() before the first epoch.
 FIND_LR = "find"
 # What --recipe sets, for each flag not given explicitly. "best" was chosen by the ablation
-# on food10-64 in the README ("Getting the most out of a small dataset").
+# on food10-64 in docs/recipes.md ("The best recipe").
 RECIPE_PRESETS: dict[str, dict] = {
     "book": {},
     "best": {
@@ -108,7 +108,7 @@ class TrainConfig:
     strict: bool = False  # refuse a dataset with unreadable images instead of skipping them
     cache_features: bool = False  # frozen backbone: train the head on cached features
     cache_views: int = 1  # cached train augmentations per image; epoch e uses view e % K
-    # Getting the most out of a small dataset (README); each is off by default (the book's).
+    # The tricks of docs/recipes.md; each is off by default (the book's).
     recipe: str = "book"  # book | best: a named preset of the flags below (see recipes.py)
     optimizer: str = "sgd"  # sgd | adamw (decoupled weight decay, MXNet's adamw_update)
     label_smoothing: float = 0.0  # the target puts 1 - F on its class, F spread over all
