@@ -7,6 +7,11 @@ Two folder layouts are accepted:
 - ``DIR/train/<class>/*`` and ``DIR/test/<class>/*``, with an optional ``DIR/val``: a
   validation part may be carved out of train the same way.
 
+A labels file (:mod:`gluon_ft.data.labels`) is split as the first layout when it has no split
+column and as the second when it has one. A single-label file gives the parts of a folder
+(:class:`ImageFolderSplit`); a multi-label one gives :class:`MultiLabelSplit` parts, split by
+iterative stratification (:mod:`gluon_ft.data.multilabel_split`).
+
 A run writes the parts it used as ``split.json`` (relative paths per part and class), and a
 resumed run or a report rebuilds them from it rather than splitting again.
 """
@@ -20,15 +25,21 @@ from pathlib import Path
 import numpy as np
 
 from gluon_ft.data.folders import ImageFolderSplit, scan_dataset, scan_split
+from gluon_ft.data.labels import LabelTable, MultiLabelSplit
+from gluon_ft.data.multilabel_split import iterative_stratification
 from gluon_ft.errors import UsageError
 
 CLASS_FOLDERS = "class-folders"
 TRAIN_TEST = "train-test"
 PACK = "pack"
+LABELS_CSV = "labels-csv"
 PART_NAMES = ("train", "val", "test")
 # The defaults of --val-split and --test-split per layout: a folder of classes needs both
 # parts made; a train/test folder keeps the book's behaviour (no validation part).
 DEFAULT_FRACTIONS = {CLASS_FOLDERS: (0.1, 0.1), TRAIN_TEST: (0.0, 0.0), PACK: (0.0, 0.0)}
+
+
+Part = ImageFolderSplit | MultiLabelSplit
 
 
 @dataclass(frozen=True)
@@ -37,23 +48,29 @@ class DatasetParts:
 
     root: Path
     layout: str
-    train: ImageFolderSplit
-    test: ImageFolderSplit
-    val: ImageFolderSplit | None = None
+    train: Part
+    test: Part
+    val: Part | None = None
 
     @property
     def classes(self) -> tuple[str, ...]:
         return self.train.classes
 
-    def named(self) -> dict[str, ImageFolderSplit]:
+    @property
+    def multi_label(self) -> bool:
+        """Whether the parts are :class:`MultiLabelSplit` (an image may have several labels)."""
+        return isinstance(self.train, MultiLabelSplit)
+
+    def named(self) -> dict[str, Part]:
         """``{"train": ..., "val": ..., "test": ...}`` without an absent val part."""
         parts = {"train": self.train, "val": self.val, "test": self.test}
         return {name: part for name, part in parts.items() if part is not None}
 
     def record(self, **settings) -> dict:
         """The content of ``split.json``: the layout, ``settings``, the classes, and per part
-        ``{class: [paths relative to the dataset root]}``."""
-        return {
+        ``{class: [paths relative to the dataset root]}``; for multi-label parts ``{path:
+        [its classes]}``, and ``"multi_label": true``."""
+        record = {
             "layout": self.layout,
             "root": str(self.root),
             **settings,
@@ -63,14 +80,21 @@ class DatasetParts:
                 for name, part in self.named().items()
             },
         }
+        if self.multi_label:
+            record["multi_label"] = True
+        return record
 
 
-def _relative_items(root: Path, part: ImageFolderSplit, layout: str) -> dict[str, list[str]]:
+def _relative_items(root: Path, part: Part, layout: str) -> dict[str, list[str]]:
+    # A pack's items are already names relative to its folder.
+    def relative(path: str) -> str:
+        return (Path(path) if layout == PACK else Path(path).relative_to(root)).as_posix()
+
+    if isinstance(part, MultiLabelSplit):
+        return {relative(path): [part.classes[i] for i in labels] for path, labels in part.items}
     by_class: dict[str, list[str]] = {name: [] for name in part.classes}
     for path, label in part.items:
-        # A pack's items are already names relative to its folder.
-        relative = Path(path) if layout == PACK else Path(path).relative_to(root)
-        by_class[part.classes[label]].append(relative.as_posix())
+        by_class[part.classes[label]].append(relative(path))
     return by_class
 
 
@@ -142,12 +166,7 @@ def split_dataset(
             f"or {root}/train/<class>/* and {root}/test/<class>/*, or --data hotdog."
         )
     layout = layout_of(root)
-    default_val, default_test = DEFAULT_FRACTIONS[layout]
-    val = default_val if val_split is None else val_split
-    test = default_test if test_split is None else test_split
-    for flag, value in (("--val-split", val), ("--test-split", test)):
-        if not (math.isfinite(value) and 0 <= value < 1):
-            raise UsageError(f"{flag} must be a fraction in [0, 1), got {value:g}.")
+    val, test = _fractions(DEFAULT_FRACTIONS[layout], val_split, test_split)
     if layout == CLASS_FOLDERS:
         whole = _scan_classes(root)
         carve = {"test": test, "val": val}
@@ -171,6 +190,117 @@ def split_dataset(
     return DatasetParts(root, layout, parts["train"], parts["test"], parts.get("val"))
 
 
+def split_labels(
+    table: LabelTable,
+    val_split: float | None,
+    test_split: float | None,
+    seed: int,
+    multi_label: bool | None = None,
+) -> DatasetParts:
+    """The parts of a labels file's usable rows (layout :data:`LABELS_CSV`).
+
+    Without a split column the rows are split as class folders are (val and test carved out,
+    by default 0.1 each); with one, its train, val and test rows are the parts, as the
+    folders of a train/test dataset are, and ``val_split`` may carve a val part out of train.
+    Single-label rows are split by :func:`stratified_split` into :class:`ImageFolderSplit`
+    parts, their items by class (as ``split.json`` lists them); multi-label rows by
+    :func:`~gluon_ft.data.multilabel_split.iterative_stratification` into
+    :class:`MultiLabelSplit` parts, in file order.
+
+    Parameters
+    ----------
+    table : LabelTable
+        The rows (:func:`gluon_ft.data.labels.read_labels`).
+    val_split, test_split : float or None
+        ``--val-split`` and ``--test-split``; None for the default.
+    seed : int
+        The split's seed (``--seed``).
+    multi_label : bool or None
+        ``--multi-label``: True makes multi-label parts even when every row has one label;
+        None decides by the rows (:attr:`LabelTable.multi_label`).
+
+    Raises
+    ------
+    UsageError
+        A fraction the table cannot use, a part (or a class's training rows) would be empty,
+        or ``multi_label=False`` for rows with several labels.
+    """
+    if multi_label is False and table.multi_label:
+        raise UsageError(
+            f"{table.source} gives some images two or more labels; train it with --multi-label."
+        )
+    multi = table.multi_label if multi_label is None else multi_label
+    layout_like = CLASS_FOLDERS if table.split is None else TRAIN_TEST
+    val, test = _fractions(DEFAULT_FRACTIONS[layout_like], val_split, test_split)
+    if table.split is None:
+        if test <= 0:
+            raise UsageError(f"{table.source} has no split column: --test-split must be above 0.")
+        given, pool, carve = {}, np.arange(len(table)), {"test": test, "val": val}
+    else:
+        given = _column_parts(table, test_split, val)
+        pool, carve = given.pop("train"), {"val": val}
+    fractions = {name: fraction for name, fraction in carve.items() if fraction}
+    chosen = {**given, **_stratified(table, pool, fractions, seed, multi)}
+    parts = {name: _table_part(table, indices, multi) for name, indices in chosen.items()}
+    _check_not_empty(parts, carve, table.source)
+    return DatasetParts(table.root, LABELS_CSV, parts["train"], parts["test"], parts.get("val"))
+
+
+def _column_parts(table: LabelTable, test_split: float | None, val: float) -> dict:
+    """``{part: row indices}`` of the split column; refuses the fractions it cannot use."""
+    if test_split:
+        raise UsageError(
+            f"{table.source} has a split column; --test-split only splits a labels file "
+            "without one."
+        )
+    column = np.array(table.split)
+    parts = {name: np.flatnonzero(column == name) for name in PART_NAMES}
+    if len(parts["val"]) and val:
+        raise UsageError(
+            f"{table.source} has val rows in its split column; leave out --val-split to use them."
+        )
+    for name in ("train", "test"):
+        if not len(parts[name]):
+            raise UsageError(
+                f"The split column of {table.source} has no usable {name} row; with a split "
+                "column a labels file needs train and test rows (val rows are optional)."
+            )
+    if not len(parts["val"]):
+        del parts["val"]
+    return parts
+
+
+def _stratified(table: LabelTable, pool: np.ndarray, fractions: dict, seed: int, multi: bool):
+    """The rows ``pool`` split into ``"train"`` and the ``fractions``' parts, per class."""
+    if multi:
+        found = iterative_stratification(table.targets()[pool], fractions, seed)
+    else:
+        labels = np.array([table.items[i][1][0] for i in pool], dtype=np.int64)
+        found = stratified_split(labels, fractions, seed)
+    return {name: pool[indices] for name, indices in found.items()}
+
+
+def _table_part(table: LabelTable, indices: np.ndarray, multi: bool) -> Part:
+    if multi:
+        return MultiLabelSplit(table.root, table.classes, tuple(table.items[i] for i in indices))
+    # By class, in file order within a class: the order split.json lists and rebuilds them in.
+    ordered = sorted(indices, key=lambda i: table.items[i][1][0])
+    items = tuple((table.items[i][0], table.items[i][1][0]) for i in ordered)
+    return ImageFolderSplit(table.root, table.classes, items)
+
+
+def _fractions(
+    defaults: tuple[float, float], val_split: float | None, test_split: float | None
+) -> tuple[float, float]:
+    """``(val, test)``: the fractions given, or the layout's ``defaults`` for None; checked."""
+    val = defaults[0] if val_split is None else val_split
+    test = defaults[1] if test_split is None else test_split
+    for flag, value in (("--val-split", val), ("--test-split", test)):
+        if not (math.isfinite(value) and 0 <= value < 1):
+            raise UsageError(f"{flag} must be a fraction in [0, 1), got {value:g}.")
+    return val, test
+
+
 def _scan_classes(root: Path) -> ImageFolderSplit:
     whole = scan_split(root)
     if len(whole.classes) < 2:
@@ -192,7 +322,7 @@ def _scan_train_test(root: Path):
     return train, test, val
 
 
-def _check_not_empty(parts: dict, carved: dict, root: Path) -> None:
+def _check_not_empty(parts: dict, carved: dict, root: Path | str) -> None:
     for name, fraction in carved.items():
         if fraction and not len(parts[name]):
             raise UsageError(
@@ -200,8 +330,8 @@ def _check_not_empty(parts: dict, carved: dict, root: Path) -> None:
                 f"class has fewer than {math.ceil(0.5 / fraction)} images. Add images or raise "
                 f"--{name}-split."
             )
-    train_labels = set(parts["train"].labels().tolist())
-    missing = [c for i, c in enumerate(parts["train"].classes) if i not in train_labels]
+    train_counts = class_counts(parts["train"])
+    missing = [c for c, count in zip(parts["train"].classes, train_counts) if not count]
     if missing:
         raise UsageError(
             f"The split of {root} leaves no training image for {', '.join(missing)}; "
@@ -228,24 +358,43 @@ def parts_from_record(root: str | Path, record: dict) -> DatasetParts:
     except (KeyError, TypeError):
         raise UsageError("split.json lacks its layout, classes or parts.") from None
     parts = {}
+    multi_label = bool(record.get("multi_label"))
     for name, by_class in listed.items():
-        items = [
-            (str(root / path), label)
-            for label, cls in enumerate(classes)
-            for path in by_class.get(cls, [])
-        ]
+        items = _recorded_items(root, classes, by_class, multi_label)
         missing = [path for path, _ in items if not Path(path).is_file()]
         if missing:
             raise UsageError(
                 f"split.json lists {len(missing)} file(s) of the {name} part that are not in "
                 f"{root}, e.g. {missing[0]}. Restore them, or start a new run."
             )
-        parts[name] = ImageFolderSplit(root, classes, tuple(items))
+        parts[name] = (MultiLabelSplit if multi_label else ImageFolderSplit)(
+            root, classes, tuple(items)
+        )
     if "train" not in parts or "test" not in parts:
         raise UsageError("split.json must list a train and a test part.")
     return DatasetParts(root, layout, parts["train"], parts["test"], parts.get("val"))
 
 
-def class_counts(split: ImageFolderSplit) -> np.ndarray:
-    """Items per class of ``split``, in class order."""
+def _recorded_items(root: Path, classes: tuple[str, ...], listed: dict, multi_label: bool):
+    """The items of one part of ``split.json``: listed by class, or by path when multi-label."""
+    if not multi_label:
+        return [
+            (str(root / path), label)
+            for label, cls in enumerate(classes)
+            for path in listed.get(cls, [])
+        ]
+    index = {name: i for i, name in enumerate(classes)}
+    try:
+        return [
+            (str(root / path), tuple(sorted(index[name] for name in names)))
+            for path, names in listed.items()
+        ]
+    except (KeyError, TypeError):
+        raise UsageError("split.json gives an image a class that its classes list lacks.") from None
+
+
+def class_counts(split: Part) -> np.ndarray:
+    """Items per class of ``split``, in class order (multi-label: the items with each class)."""
+    if isinstance(split, MultiLabelSplit):
+        return split.targets().sum(axis=0).astype(np.int64)
     return np.bincount(split.labels(), minlength=len(split.classes))
