@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from conftest import record_steps, write_image_folder
 
-from gluon_ft.cli import _flags_given, main
+from gluon_ft.cli import main
+from gluon_ft.cli.train import _flags_given
 from gluon_ft.errors import Interrupted, UsageError
 from gluon_ft.model.freeze import FreezePlan, is_batchnorm
 from gluon_ft.model.graft import build_model, walk_blocks
