@@ -14,6 +14,7 @@ import sys
 import gluon_ft  # noqa: F401  (sets the OpenMP thread count before mxnet is imported)
 from gluon_ft.cli import apps, cluster, data, deploy, train
 from gluon_ft.cli.common import Parser, report_error
+from gluon_ft.cli.recipe import parse_command_line
 from gluon_ft.errors import GluonFTError
 
 # In the order `gluon-ft --help` lists them.
@@ -59,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in (command.environment if command else {}).items():
         os.environ.setdefault(name, value)  # before building the parser imports mxnet
     parser = build_parser()
-    args = parser.parse_args(argv)
-    args.command_line = words[1:]  # what a --recipe preset may not override
+    args = parse_command_line(parser, words)
     if not getattr(args, "run", None):
         parser.print_help()
         return 2

@@ -8,41 +8,27 @@ import os
 import sys
 
 from gluon_ft.cli.common import Command, positive_float, positive_int, report_error
+from gluon_ft.cli.recipe import take_preset
 from gluon_ft.cli.train_flags import add_train_arguments
 
 
-def _config_from(args: argparse.Namespace):
+def config_from(args: argparse.Namespace):
+    """The :class:`TrainConfig` that ``args`` give, with what their ``--recipe`` preset set
+    (said on stderr)."""
     from dataclasses import fields
 
     from gluon_ft.train import TrainConfig
+    from gluon_ft.train.config import flags_of
 
+    applied = take_preset(args)
     names = {f.name for f in fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names}
     if given["head_lr_mult"] is None:
         del given["head_lr_mult"]  # the default
     config = TrainConfig(**given)
     if config.recipe != "book":
-        applied = config.apply_recipe(_flags_given(args.command_line))
-        print(f"gluon-ft: --recipe {config.recipe}: {_flags_of(applied)}", file=sys.stderr)
+        print(f"gluon-ft: --recipe {config.recipe}: {flags_of(applied)}", file=sys.stderr)
     return config
-
-
-def _flags_given(words: list[str]) -> set[str]:
-    """The train settings written on the command line ``words``, whatever their values:
-    what a ``--recipe`` preset leaves alone."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_train_arguments(parser)
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS  # unset, rather than its default
-    given, _ = parser.parse_known_args(words)
-    return set(vars(given))
-
-
-def _flags_of(settings: dict) -> str:
-    """``{"lr_schedule": "cosine"}`` as ``--lr-schedule cosine``."""
-    from gluon_ft.train.config import flags_of
-
-    return flags_of(settings)
 
 
 def _warn_about_settings(config, args: argparse.Namespace) -> None:
@@ -54,7 +40,7 @@ def _warn_about_settings(config, args: argparse.Namespace) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from gluon_ft.train import train
 
-    config = _config_from(args)
+    config = config_from(args)
     _warn_about_settings(config, args)
     with _exit_at_once_on_failure(config.kvstore):
         result = train(config)
@@ -101,7 +87,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
     out_file = args.out
     args.out = None
-    config = _config_from(args)
+    config = config_from(args)
     config.pretrained = "none"  # as pretrain() sets it: a source model starts from scratch
     _warn_about_settings(config, args)
     with _exit_at_once_on_failure(config.kvstore):
@@ -168,7 +154,7 @@ def add_lr_find_arguments(p: argparse.ArgumentParser) -> None:
 def _run_lr_find(args: argparse.Namespace) -> int:
     from gluon_ft.train.lr_find import lr_find
 
-    result, out = lr_find(_config_from(args), args.out, args.steps, args.start_lr, args.end_lr)
+    result, out = lr_find(config_from(args), args.out, args.steps, args.start_lr, args.end_lr)
     if result.suggestion is None:
         print(f"no suggested lr: {result.how}")
     else:
