@@ -19,7 +19,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         default="default",
         help="small: a tiny task for smoke tests (accuracy means nothing there)",
     )
-    p.add_argument("--epochs", type=positive_int, default=d.epochs, help="target epochs")
+    p.add_argument(
+        "--epochs", type=positive_int, default=d.epochs, help="target epochs (default %(default)s)"
+    )
     p.add_argument("--pretrain-epochs", type=positive_int, default=d.pretrain_epochs)
     p.add_argument("--out", default=None, help="output folder (default runs/demo-<time>)")
     p.add_argument(
@@ -81,8 +83,18 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--pretrained", metavar="FILE", help="the source model of --recipes")
     g.add_argument("--image-size", type=positive_int, default=64)
-    g.add_argument("--batch-size", type=positive_int, default=64)
-    g.add_argument("--epochs", type=positive_int, default=5)
+    g.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=64,
+        help="samples per step of each --recipes run (default %(default)s)",
+    )
+    g.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=5,
+        help="epochs of each --recipes run (default %(default)s)",
+    )
     g.add_argument("--seeds", type=positive_int, default=3)
     g.add_argument(
         "--no-ablation", dest="ablation", action="store_false", help="book and best only"

@@ -16,11 +16,18 @@ def add_train_arguments(p: argparse.ArgumentParser, defaults=None, run_flags=Tru
     d = defaults or TrainConfig()
     _add_data_flags(p, d, run_flags)
     _add_optimizer_flags(p, d)
+    _add_crop_flags(p, d)
     _add_freeze_flags(p, d)
     _add_device_flags(p, d)
     _add_selection_flags(p, d)
     add_recipe_arguments(p, d)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help="seed of the split, the new layers' initialization, the sample order, the "
+        "augmentations and Dropout (default %(default)s)",
+    )
     p.add_argument(
         "--strict",
         action="store_true",
@@ -81,15 +88,21 @@ def _add_data_flags(p: argparse.ArgumentParser, d, run_flags: bool = True) -> No
 
 
 def _add_optimizer_flags(p: argparse.ArgumentParser, d) -> None:
-    """Epochs, batch, the optimizer, the schedule and the train crops."""
+    """Epochs, batch, the optimizer and the schedule."""
     from gluon_ft.train.schedule import SCHEDULES
 
-    p.add_argument("--epochs", type=positive_int, default=d.epochs)
+    p.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=d.epochs,
+        help="epochs to train, --head-epochs included (default %(default)s)",
+    )
     p.add_argument(
         "--batch-size",
         type=positive_int,
         default=d.batch_size,
-        help="samples per step over all devices and workers (a dist run splits it)",
+        help="samples per step over all devices and workers (a dist run splits it) "
+        "(default %(default)s)",
     )
     p.add_argument(
         "--lr",
@@ -112,7 +125,12 @@ def _add_optimizer_flags(p: argparse.ArgumentParser, d) -> None:
         default=d.wd,
         help=f"weight decay (default {d.wd:g}): SGD's L2 term; decoupled under --optimizer adamw",
     )
-    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument(
+        "--momentum",
+        type=float,
+        default=d.momentum,
+        help="SGD momentum, in [0, 1); no effect under --optimizer adamw (default %(default)s)",
+    )
     p.add_argument(
         "--lr-schedule",
         choices=SCHEDULES,
@@ -126,6 +144,10 @@ def _add_optimizer_flags(p: argparse.ArgumentParser, d) -> None:
         metavar="E",
         help="raise the lr linearly to --lr over the first E epochs (default %(default)s)",
     )
+
+
+def _add_crop_flags(p: argparse.ArgumentParser, d) -> None:
+    """The size of the crops, in training and test."""
     p.add_argument(
         "--image-size",
         type=positive_int,
@@ -198,7 +220,12 @@ def _add_device_flags(p: argparse.ArgumentParser, d) -> None:
         "each epoch, before the test pass and the save (default: on with several devices or "
         "workers)",
     )
-    p.add_argument("--workers", type=int, default=d.workers, help="data loader processes")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=d.workers,
+        help="data loader processes; 0 loads in the training process (default %(default)s)",
+    )
     p.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16", "auto"),
