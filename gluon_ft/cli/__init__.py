@@ -3,7 +3,8 @@
 Each command group lives in its own module, its flags beside its ``run``: ``train`` (train,
 pretrain, lr-find; their flags in ``train_flags``), ``deploy`` (predict, export, serve,
 report), ``data`` (check-data, pack), ``cluster`` (launch), ``apps`` (demo, bench, models).
-``common`` holds the exit codes, which only this package (and ``__main__``) chooses.
+``recipe`` gives a ``--recipe`` preset to the parser as defaults, ``common`` holds the exit
+codes (only this package and ``__main__`` choose them), and ``docs`` writes docs/cli.md.
 """
 
 from __future__ import annotations

@@ -6,13 +6,17 @@ import argparse
 import contextlib
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from gluon_ft.cli.common import Command, positive_float, positive_int, report_error
 from gluon_ft.cli.recipe import take_preset
 from gluon_ft.cli.train_flags import add_train_arguments
 
+if TYPE_CHECKING:
+    from gluon_ft.train import TrainConfig
 
-def config_from(args: argparse.Namespace):
+
+def config_from(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` that ``args`` give, with what their ``--recipe`` preset set
     (said on stderr)."""
     from dataclasses import fields
