@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The setup stamp depends on what defines the install, so editing a pin reinstalls.
 SETUP_INPUTS := setup.cfg pyproject.toml requirements/constraints.txt
 
-.PHONY: setup train demo test lint format bench notebooks screenshot test-all clean
+.PHONY: setup train demo test lint format bench notebooks screenshot docs test-all clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,11 @@ bench: setup
 # there), serves it and drives headless Chromium with the page test's code (tests/test_serve.py).
 screenshot: setup
 	$(PY) tests/test_serve.py --screenshot docs/screenshot.png
+
+# docs/cli.md: every command's usage and flags with their defaults, written from the parser
+# (tests/test_cli.py fails when it is not current).
+docs: setup
+	$(PY) -m gluon_ft.cli.docs docs/cli.md
 
 clean:
 	rm -rf $(VENV) runs build dist *.egg-info .pytest_cache .ruff_cache

@@ -70,7 +70,7 @@ def test_the_contracts_hold(package_copy):
     assert kept.returncode == 0, kept.stdout + kept.stderr
 
 
-# Each breaks one arrow; the last three are the ones the contracts of turn 3 let through.
+# Each breaks one arrow; the third to the fifth are the ones the contracts of turn 3 let through.
 BROKEN_ARROWS = {
     "train imports the cli": (
         "train/run.py",
@@ -96,6 +96,18 @@ BROKEN_ARROWS = {
         "errors.py",
         'import importlib; importlib.import_module("gluon_ft.cli")',
         "TID251",
+    ),
+    # Inside cli/ (its own contract): the shared module stays below the commands, and the
+    # command groups stay independent of each other.
+    "the cli's shared module imports a command": (
+        "cli/common.py",
+        "from gluon_ft.cli.train import TRAIN",
+        "gluon_ft.cli.common -> gluon_ft.cli.train",
+    ),
+    "one command group imports another": (
+        "cli/deploy.py",
+        "from gluon_ft.cli.data import PACK",
+        "gluon_ft.cli.deploy -> gluon_ft.cli.data",
     ),
 }
 

@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 from conftest import record_steps, write_image_folder
 
-from gluon_ft.cli import _flags_given, main
+from gluon_ft.cli import build_parser, main
+from gluon_ft.cli.recipe import parse_command_line
+from gluon_ft.cli.train import config_from
 from gluon_ft.errors import Interrupted, UsageError
 from gluon_ft.model.freeze import FreezePlan, is_batchnorm
 from gluon_ft.model.graft import build_model, walk_blocks
 from gluon_ft.train import TrainConfig, train
-from gluon_ft.train.config import RECIPE_PRESETS
+from gluon_ft.train.config import RECIPE_PRESETS, flags_of
 from gluon_ft.train.schedule import LrSchedule
 
 STEPS_PER_EPOCH = 3  # 12 train images in batches of 4
@@ -150,9 +152,24 @@ def test_recipe_best_resolves_to_its_preset_and_explicit_settings_win():
     assert TrainConfig().apply_recipe() == {}  # the book's recipe sets nothing
 
 
-def test_given_flags_are_those_on_the_command_line_whatever_their_values():
-    words = ["--data", "d", "--tta", "1", "--lr", "0.01", "--recipe", "best"]
-    assert _flags_given(words) == {"data", "tta", "lr", "recipe"}
+def command_line_config(words: list[str]) -> TrainConfig:
+    return config_from(parse_command_line(build_parser(), words))
+
+
+def test_given_flags_are_those_on_the_command_line_whatever_their_values(capsys):
+    words = ["train", "--data", "d", "--tta", "1", "--lr", "0.01", "--recipe", "best"]
+    config = command_line_config(words)
+    # Given, though equal to the built-in defaults: the preset's tta 2 and lr-find do not apply.
+    assert (config.data, config.tta, config.lr, config.lr_find) == ("d", 1, 0.01, False)
+    preset = RECIPE_PRESETS["best"]
+    applied = {name: value for name, value in preset.items() if name not in ("lr", "tta")}
+    assert all(getattr(config, name) == value for name, value in applied.items())
+    assert capsys.readouterr().err == f"gluon-ft: --recipe best: {flags_of(applied)}\n"
+    # Not given: the preset's values, before the built-in defaults.
+    config = command_line_config(["train", "--recipe", "best"])
+    assert config.lr_find and config.lr == TrainConfig().lr and config.tta == preset["tta"]
+    assert capsys.readouterr().err == f"gluon-ft: --recipe best: {flags_of(preset)}\n"
+    assert command_line_config(["train", "--recipe", "book"]) == TrainConfig()
 
 
 def test_train_help_writes_the_preset_out(capsys):

@@ -1,0 +1,253 @@
+"""``predict``, ``export``, ``serve`` and ``report``: the commands that use a finished run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gluon_ft.cli.common import Command, positive_float, positive_int
+
+
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN", help="a finished run directory")
+    p.add_argument("images", metavar="IMG", nargs="+", help="image files")
+    p.add_argument("--top-k", type=positive_int, default=5, help="classes per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON list of results")
+    _add_inference_dtype(p)
+    add_tta_argument(p)
+
+
+def _add_inference_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "auto"),
+        default="float32",
+        help="float32; bfloat16: the fused oneDNN graph (CPUs with avx512_bf16/amx); auto: "
+        "bfloat16 where a short probe measures it faster here (default %(default)s)",
+    )
+
+
+def add_tta_argument(p: argparse.ArgumentParser) -> None:
+    """``--tta N`` of predict and serve."""
+    from gluon_ft.data.tta import MAX_VIEWS
+
+    p.add_argument(
+        "--tta",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help=f"test-time augmentation: average the logits of N views (1-{MAX_VIEWS}: plain, "
+        "its flip, then crops of a 1.14x larger resize and their flips; see README) "
+        "(default 1: the plain center crop)",
+    )
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from gluon_ft.deploy.predict import Predictor
+
+    predictor = Predictor(args.run_dir, dtype=args.dtype, tta=args.tta)
+    if args.dtype == "auto":
+        print(f"gluon-ft: --dtype auto: {_describe_form(predictor.run.inference)}", file=sys.stderr)
+    results = predictor.predict_images(args.images, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    for result in results:
+        if not result["ok"]:
+            print(f"{result['source']}: error: {result['error']}", file=sys.stderr)
+        elif not args.json:
+            top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"])
+            print(f"{result['source']}: {top}")
+    # Exit 2 (bad input) when any file could not be classified; the others were.
+    return 0 if all(r["ok"] for r in results) else 2
+
+
+def _describe_form(inference: dict) -> str:
+    """What an inference ``--dtype auto`` chose, with the probe's figures."""
+    line = f"{inference['dtype']} ({inference['why']}"
+    probe = inference.get("probe")
+    if probe:
+        line += (
+            f"; batch {probe['batch_size']}: float32 {probe['float32_img_s']:.1f} img/s, "
+            f"fused bfloat16 {probe['bfloat16_img_s']:.1f} img/s"
+        )
+    return line + ")"
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN", help="a finished run directory")
+    p.add_argument("--format", choices=("mxnet", "onnx", "all"), default="all", help="default: all")
+    p.add_argument("--out", help="output folder (default RUN/export)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="bfloat16: the fused oneDNN graph, MXNet format only (default %(default)s)",
+    )
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from gluon_ft.deploy.export import FORMATS, export_run
+
+    formats = FORMATS if args.format == "all" else (args.format,)
+    if args.format == "all" and args.dtype == "bfloat16":
+        formats = ("mxnet",)
+        print("gluon-ft: --dtype bfloat16 exports the MXNet format only", file=sys.stderr)
+    for fmt in formats:
+        result = export_run(args.run_dir, fmt, args.out, args.dtype)
+        print(
+            f"{fmt}: wrote {', '.join(result['files'])} to {result['out_dir']}; checked with "
+            f"{result['checked_with']}: max abs diff {result['max_abs_diff']:.3g} "
+            f"(<= {result['tolerance']:g})"
+        )
+    return 0
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN", help="a finished run directory (gluon-ft train)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default %(default)s: only programs on this machine can "
+        "connect). --host 0.0.0.0 listens on every network interface: anyone who can reach this "
+        "machine can then use the model and upload files to it, over plain HTTP, without a "
+        "password",
+    )
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s)")
+    p.add_argument(
+        "--max-upload-mb",
+        type=positive_float,
+        default=10.0,
+        metavar="MB",
+        help="largest upload accepted, in MiB (default %(default)s); larger ones get HTTP 413",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=_pixel_cap,
+        default=24_000_000,
+        metavar="N",
+        help="largest image decoded, in pixels (default %(default)s: a 6000x4000 photo; the "
+        "decode costs 8 to 20 bytes a pixel). Larger ones get HTTP 413 from their header, "
+        "before any decoding; a baseline JPEG is decoded at 1/2, 1/4 or 1/8 scale instead when "
+        "that fits",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=16,
+        metavar="N",
+        help="most /predict requests in progress at once (default %(default)s); more get HTTP "
+        "503 with Retry-After",
+    )
+    p.add_argument("--ctx", default="cpu", help="the one device to run on: cpu | gpu:N")
+    _add_inference_dtype(p)
+    add_tta_argument(p)
+
+
+def _pixel_cap(text: str) -> int:
+    from PIL import Image
+
+    value = positive_int(text)
+    if value > Image.MAX_IMAGE_PIXELS:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {Image.MAX_IMAGE_PIXELS} (the image decoder refuses more as a "
+            f"possible decompression bomb), got {value}"
+        )
+    return value
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from gluon_ft.errors import UsageError
+
+    try:
+        from gluon_ft.deploy.serve import is_loopback_name, serve
+    except ImportError as err:
+        raise UsageError(
+            f"gluon-ft serve needs the serve extra ({err.name} is missing): "
+            "pip install 'gluon-ft[serve]'"
+        ) from None
+    from gluon_ft.train import parse_contexts
+
+    contexts = parse_contexts(args.ctx)
+    if len(contexts) != 1:
+        raise UsageError(f"--ctx {args.ctx}: gluon-ft serve runs on one device, e.g. gpu:0.")
+    if not is_loopback_name(args.host):
+        print(
+            f"gluon-ft: warning: --host {args.host} lets other machines reach this server; "
+            "it has no password and uses plain HTTP.",
+            file=sys.stderr,
+        )
+    url = f"http://{args.host}:{args.port}/"
+    print(f"gluon-ft: loading {args.run_dir}; then open {url}", flush=True)
+    serve(
+        args.run_dir,
+        args.host,
+        args.port,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_pixels=args.max_pixels,
+        max_queue=args.max_queue,
+        ctx=contexts[0],
+        dtype=args.dtype,
+        on_loaded=lambda run: print(
+            f"gluon-ft: serving in {_describe_form(run.inference)}", flush=True
+        ),
+        tta=args.tta,
+    )
+    return 0
+
+
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN", help="a finished run directory")
+    p.add_argument(
+        "--split",
+        default="test",
+        metavar="test|val|DIR",
+        help="the run's test or val part (from its split.json), or a folder DIR/<class>/* "
+        "(default %(default)s)",
+    )
+    p.add_argument("--out", help="output folder (default RUN for test, else RUN/report-<name>)")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from gluon_ft.deploy.report import build_report
+
+    summary, out = build_report(args.run_dir, args.split, args.out)
+    accuracy = next(value for key, value in summary.items() if key.endswith("_acc"))
+    print(
+        f"{summary['split']}: {summary['images']} images, accuracy {accuracy:.3f}, balanced "
+        f"accuracy {summary['balanced_acc']:.3f}, macro-F1 {summary['macro_f1']:.3f}"
+    )
+    for row in summary["per_class"]:
+        print(
+            f"  {row['class']:<24} precision {row['precision']:.3f}  recall {row['recall']:.3f}"
+            f"  F1 {row['f1']:.3f}  support {row['support']}"
+        )
+    print(f"wrote {out / 'report.md'}, confusion.png, mistakes.png and summary.json")
+    return 0
+
+
+PREDICT = Command(
+    "classify image files with a finished run",
+    add_predict_arguments,
+    _run_predict,
+)
+EXPORT = Command(
+    "export a run as MXNet symbol+params and as ONNX, each verified",
+    add_export_arguments,
+    _run_export,
+)
+# A server idles between requests and shares the cores with its clients: OpenMP threads that
+# spin-wait starve them (8 clients x 25 requests on 2 busy cores: 2 to 12 requests/s, p95 1.2
+# to 9.4 s; passive: 53 to 64 requests/s, p95 0.18 to 0.24 s).
+SERVE = Command(
+    "serve a finished run: a web page and a JSON API, on 127.0.0.1 by default",
+    add_serve_arguments,
+    _run_serve,
+    environment={"OMP_WAIT_POLICY": "PASSIVE"},
+)
+REPORT = Command(
+    "per-class report of a finished run on its test split or any folder",
+    add_report_arguments,
+    _run_report,
+)
