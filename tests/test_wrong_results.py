@@ -9,7 +9,8 @@ import json
 
 import mxnet as mx
 import numpy as np
-from conftest import tiny_config, write_image_folder
+import pytest
+from conftest import run_cli, tiny_config, write_image_folder
 
 import gluon_ft  # noqa: F401  (thread settings before mxnet)
 from gluon_ft.train import train
@@ -50,3 +51,26 @@ def test_syncing_the_statistics_keeps_the_momentum_of_a_two_device_run(tmp_path)
     for sync, out in runs.items():
         for epoch in ("epoch-0001", "epoch-0002"):
             assert optimizer_states(out / "checkpoints" / epoch) == len(synced), (sync, epoch)
+
+
+def test_a_bfloat16_run_scores_its_test_part_in_float32_as_predict_does(tmp_path):
+    """AMP holds for the whole training process; the end-of-run report must still score the
+    test part as a fresh ``report`` (and ``predict``) does: in float32."""
+    from gluon_ft.deploy.report import build_report
+    from gluon_ft.isa import bfloat16_unsupported
+
+    if bfloat16_unsupported():
+        pytest.skip("this CPU has no bfloat16 instructions: --dtype bfloat16 is refused")
+    data = write_image_folder(tmp_path / "data", n_train=4, n_test=4, size=32)
+    out = tmp_path / "run"
+    done = run_cli(  # a process of its own: AMP cannot be turned off again
+        "train",
+        *("--data", str(data), "--model", "mobilenet0.25", "--pretrained", "none"),
+        *("--epochs", "1", "--batch-size", "4", "--image-size", "32", "--dtype", "bfloat16"),
+        *("--out", str(out), "--no-progress"),
+    )
+    assert done.returncode == 0, done.stderr
+    in_training = json.loads((out / "summary.json").read_text())
+    fresh, _ = build_report(out, "test", out=tmp_path / "fresh")  # this process: no AMP
+    assert in_training["test_loss"] == fresh["test_loss"]
+    assert in_training["per_class"] == fresh["per_class"]

@@ -698,7 +698,11 @@ def report_run(session: Session, chosen: dict) -> dict:
     summary then holds the selection alone.
     """
     try:
-        summary, _ = build_report(session.run.path, "test", selection=chosen, ctx=session.ctx[0])
+        # As `gluon-ft predict` scores it: in float32, even after a bfloat16 run's AMP.
+        with amp.float32_operators():
+            summary, _ = build_report(
+                session.run.path, "test", selection=chosen, ctx=session.ctx[0]
+            )
     except UsageError as err:
         log(f"warning: the report could not be built: {err}")
         summary = dict(chosen)
