@@ -10,7 +10,7 @@ import json
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_config, write_image_folder
+from conftest import run_cli, tiny_config, write_class_folders, write_image_folder
 
 import gluon_ft  # noqa: F401  (thread settings before mxnet)
 from gluon_ft.train import train
@@ -74,3 +74,66 @@ def test_a_bfloat16_run_scores_its_test_part_in_float32_as_predict_does(tmp_path
     fresh, _ = build_report(out, "test", out=tmp_path / "fresh")  # this process: no AMP
     assert in_training["test_loss"] == fresh["test_loss"]
     assert in_training["per_class"] == fresh["per_class"]
+
+
+def drawn_keys(probabilities, epoch: int, shard: int = 0, num_shards: int = 1) -> list:
+    from gluon_ft.data.loaders import EpochBatchSampler
+
+    sampler = EpochBatchSampler(len(probabilities), 4, True, 3, shard, num_shards, probabilities)
+    sampler.set_epoch(epoch)
+    return [key for batch in sampler for key in batch]
+
+
+def test_an_image_drawn_twice_by_the_balanced_sampler_gets_two_views(tmp_path):
+    from gluon_ft.data.balance import balanced_probabilities
+    from gluon_ft.data.folders import scan_split
+    from gluon_ft.data.loaders import TransformedSplit
+    from gluon_ft.data.transforms import TrainTransform
+
+    data = write_class_folders(tmp_path / "photos", {"many": 10, "few": 2})
+    split = scan_split(data)
+    keys = drawn_keys(balanced_probabilities(split.labels()), epoch=1)
+    indices = [key[0] for key in keys]
+    twice = next(i for i in indices if indices.count(i) > 1)  # the 2 "few" share half the draws
+    samples = TransformedSplit(split, TrainTransform(24), seed=3)
+    views = [samples[key][0] for key in keys if key[0] == twice]
+    assert not np.array_equal(views[0], views[1])
+    # Each draw's view is the same whatever the number of workers that share the epoch.
+    shards = [drawn_keys(balanced_probabilities(split.labels()), 1, r, 2) for r in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == sorted(keys)
+
+
+def test_a_shuffle_keeps_its_per_sample_seeds(tiny_data):
+    """The uniform sampler's augmentation stays keyed by ``(seed, epoch, index)``."""
+    from gluon_ft.data.folders import scan_split
+    from gluon_ft.data.loaders import EpochBatchSampler, TransformedSplit
+    from gluon_ft.data.transforms import TrainTransform
+
+    split = scan_split(tiny_data / "train")
+    sampler = EpochBatchSampler(len(split), 4, True, seed=3)
+    sampler.set_epoch(2)
+    keys = [key for batch in sampler for key in batch]
+    assert all(len(key) == 2 for key in keys)
+    transform = TrainTransform(24)
+    samples = TransformedSplit(split, transform, seed=3)
+    for index, epoch in keys[:3]:
+        expected = transform(split.load(index), np.random.default_rng([3, epoch, index]))
+        np.testing.assert_array_equal(samples[(index, epoch)][0], expected)
+
+
+def test_cached_balanced_training_equals_uncached_when_views_cover_the_epochs(tmp_path):
+    """The feature cache holds each epoch's draws, so an image drawn twice gets two views
+    there too, the ones the uncached run computes."""
+    data = write_image_folder(tmp_path / "data", n_train=5, n_test=2, size=32)
+    settings = dict(freeze="features", epochs=2, lr=0.5, seed=7, sampler="balanced")
+    runs = {}
+    for cached in (False, True):
+        out = tmp_path / f"cached-{cached}"
+        extra = dict(cache_features=True, cache_views=2) if cached else {}
+        runs[cached] = train(tiny_config(data, out, **settings, **extra))["history"], out
+    (plain, plain_out), (cached, cached_out) = runs[False], runs[True]
+    for row, other in zip(plain, cached):
+        assert row["loss"] == pytest.approx(other["loss"], rel=1e-5, abs=1e-6)
+    heads = [mx.nd.load(str(out / "model.params")) for out in (plain_out, cached_out)]
+    for name in (n for n in heads[0] if n.startswith("output.")):
+        np.testing.assert_allclose(heads[0][name].asnumpy(), heads[1][name].asnumpy(), 1e-4, 1e-6)
