@@ -6,6 +6,7 @@ Small and fast: tiny generated images, mobilenet0.25 from scratch, one or two ep
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mxnet as mx
 import numpy as np
@@ -137,3 +138,62 @@ def test_cached_balanced_training_equals_uncached_when_views_cover_the_epochs(tm
     heads = [mx.nd.load(str(out / "model.params")) for out in (plain_out, cached_out)]
     for name in (n for n in heads[0] if n.startswith("output.")):
         np.testing.assert_allclose(heads[0][name].asnumpy(), heads[1][name].asnumpy(), 1e-4, 1e-6)
+
+
+def test_a_class_of_three_reaches_val_and_test_and_a_smaller_one_is_named(tmp_path):
+    from gluon_ft.data.splits import parts_from_record, split_dataset
+
+    data = write_class_folders(tmp_path / "photos", {"big": 20, "three": 3, "two": 2})
+    parts = split_dataset(data, None, None, seed=0)  # 0.1 each: 3 and 2 round to none
+    per_part = {
+        name: np.bincount(p.labels(), minlength=3).tolist() for name, p in parts.named().items()
+    }
+    assert per_part == {"train": [16, 1, 2], "val": [2, 1, 0], "test": [2, 1, 0]}
+    record = parts.record(seed=0)
+    assert record["absent_from"] == {"test": ["two"], "val": ["two"]}
+    [line] = parts.warnings()
+    assert "class two has 2 image(s)" in line and "cannot be validated or tested" in line
+    # A resumed run or a report rebuilds the parts from split.json, and keeps what it says.
+    assert parts_from_record(data, record).record(seed=0) == record
+
+
+def copy_file(source, target) -> None:
+    target.write_bytes(source.read_bytes())
+
+
+def test_byte_identical_files_stay_in_one_part_and_are_counted(tmp_path):
+    from gluon_ft.data.splits import split_dataset
+
+    data = write_class_folders(tmp_path / "photos", {"ant": 10, "bee": 10})
+    for i in range(10):  # every ant under a second name
+        copy_file(data / "ant" / f"{i:03d}.png", data / "ant" / f"copy-{i:03d}.png")
+    parts = split_dataset(data, 0.2, 0.2, seed=0)
+    part_of = {
+        Path(path).relative_to(data).as_posix(): name
+        for name, part in parts.named().items()
+        for path, _ in part.items
+    }
+    crossing = [
+        i for i in range(10) if part_of[f"ant/{i:03d}.png"] != part_of[f"ant/copy-{i:03d}.png"]
+    ]
+    assert crossing == []
+    assert parts.record()["duplicates"] == {"groups": 10, "files": 20, "across_folders": 0}
+    assert "10 group(s) of byte-identical files (20 files)" in parts.warnings()[0]
+    # Each group counts once in its class's shares: 10 ants, 2 held out for each part.
+    assert sum(part_of[f"ant/{i:03d}.png"] == "test" for i in range(10)) == 2
+
+
+def test_copies_across_your_own_train_and_test_folders_are_reported(tmp_path, capsys):
+    from gluon_ft.cli import main
+
+    data = write_image_folder(tmp_path / "d", n_train=4, n_test=2, size=32)
+    copy_file(data / "train" / "cat" / "000.png", data / "test" / "cat" / "copied.png")
+    out = tmp_path / "run"
+    train(tiny_config(data, out, progress=True))
+    printed = capsys.readouterr().out
+    assert printed.count("1 group(s) of byte-identical files (2 files)") == 1
+    assert "1 of them span the train/ and test/" in printed
+    record = json.loads((out / "split.json").read_text())
+    assert record["duplicates"] == {"groups": 1, "files": 2, "across_folders": 1}
+    assert main(["check-data", str(data), "--image-size", "32"]) == 0
+    assert "train/cat/000.png = test/cat/copied.png" in capsys.readouterr().out

@@ -267,6 +267,9 @@ def load_data(config: TrainConfig, session: Session) -> DatasetParts:
         now = load_dataset(config.data, config.val_split, config.test_split, config.seed)
         check_same_data(session.run.path, list(now.classes), {})
         raise
+    if saved is None and session.writer:  # said once, when the split is made
+        for line in parts.warnings():
+            log(line)
     if config.strict and parts.layout != splits.PACK:  # packs: at pack time
         require_readable(parts, config.image_size)
     if config.early_stop and parts.val is None:
