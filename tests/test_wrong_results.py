@@ -197,3 +197,31 @@ def test_copies_across_your_own_train_and_test_folders_are_reported(tmp_path, ca
     assert record["duplicates"] == {"groups": 1, "files": 2, "across_folders": 1}
     assert main(["check-data", str(data), "--image-size", "32"]) == 0
     assert "train/cat/000.png = test/cat/copied.png" in capsys.readouterr().out
+
+
+def test_predict_and_serve_take_the_runs_own_tta_unless_told(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    import gluon_ft.deploy.serve as serve_module
+    from gluon_ft.cli import main
+    from gluon_ft.deploy.predict import Predictor
+
+    data = write_image_folder(tmp_path / "data", n_train=4, n_test=2, size=36)
+    run = tmp_path / "run"
+    # resnet18_v1: mobilenet0.25 from scratch gives every view the same output here.
+    train(tiny_config(data, run, model="resnet18_v1", tta=2))
+    assert Predictor(run).tta == 2 and Predictor(run, tta=1).tta == 1
+    image = str(data / "test" / "cat" / "000.png")
+    assert main(["predict", run.as_posix(), image, "--json"]) == 0
+    by_default = json.loads(capsys.readouterr().out)[0]["top"]
+    assert main(["predict", run.as_posix(), image, "--json", "--tta", "1"]) == 0
+    plain = json.loads(capsys.readouterr().out)[0]["top"]
+    expected = Predictor(run, tta=2).predict_images([image])[0]["top"]
+    assert by_default == expected and plain != expected
+    served = []
+    monkeypatch.setattr(serve_module, "create_app", lambda predictor, *a: served.append(predictor))
+    monkeypatch.setitem(sys.modules, "uvicorn", types.SimpleNamespace(run=lambda *a, **k: None))
+    assert main(["serve", run.as_posix()]) == 0
+    assert main(["serve", run.as_posix(), "--tta", "1"]) == 0
+    assert [predictor.tta for predictor in served] == [2, 1]
