@@ -225,3 +225,28 @@ def test_predict_and_serve_take_the_runs_own_tta_unless_told(tmp_path, monkeypat
     assert main(["serve", run.as_posix()]) == 0
     assert main(["serve", run.as_posix(), "--tta", "1"]) == 0
     assert [predictor.tta for predictor in served] == [2, 1]
+
+
+def test_head_epochs_are_scored_with_the_runs_tta_like_the_later_ones(tmp_path):
+    """``--recipe best`` picks its best epoch among the head epochs and the later ones: all
+    must be scored alike, on the mean logits of the ``--tta`` views."""
+    from test_tta import log_softmax, logits_by_hand, val_images
+
+    from gluon_ft.model.graft import build_model
+
+    source = build_model("resnet18_v1", 3)  # mobilenet0.25 barely tells a view from its flip
+    source.initialize(mx.init.Xavier())
+    source(mx.nd.zeros((1, 3, 32, 32)))
+    source.save_parameters(str(tmp_path / "source.params"))
+    data = write_image_folder(tmp_path / "data", n_train=6, n_test=2, size=36)
+    run = tmp_path / "run"
+    settings = dict(model="resnet18_v1", pretrained=str(tmp_path / "source.params"), tta=2)
+    settings.update(head_epochs=1, epochs=2, val_split=0.5, momentum=0.9, lr=0.001)
+    head_row = train(tiny_config(data, run, **settings))["history"][0]
+    images, labels = val_images(run)
+    params = run / "checkpoints" / "epoch-0001" / "model.params"
+    plain = logits_by_hand(run, params, images, flip=False)
+    mean = (plain + logits_by_hand(run, params, images, flip=True)) / 2
+    for logits, matches in ((mean, True), (plain, False)):
+        loss = -log_softmax(logits)[np.arange(len(labels)), labels].mean()
+        assert bool(head_row["val_loss"] == pytest.approx(loss, rel=1e-5)) is matches

@@ -496,10 +496,11 @@ def best_epoch(config: TrainConfig, feeds: Feeds, history: list[dict]) -> int:
 def score_epoch(feeds: Feeds, session: Session) -> dict:
     """The epoch's scores: val loss and accuracy, or without a val part the test accuracy."""
     ctx, dist = session.ctx, session.dist
+    net, prepare = feeds.scorer()
     if feeds.eval_part == "test":
-        return {"test_acc": evaluate(feeds.net, feeds.eval, ctx, dist, feeds.prepare)}
+        return {"test_acc": evaluate(net, feeds.eval, ctx, dist, prepare)}
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-    loss, acc = evaluate_sums(feeds.net, feeds.eval, ctx, dist, feeds.prepare, loss_fn).read()
+    loss, acc = evaluate_sums(net, feeds.eval, ctx, dist, prepare, loss_fn).read()
     return {"val_loss": loss, "val_acc": acc}
 
 
