@@ -250,3 +250,16 @@ def test_head_epochs_are_scored_with_the_runs_tta_like_the_later_ones(tmp_path):
     for logits, matches in ((mean, True), (plain, False)):
         loss = -log_softmax(logits)[np.arange(len(labels)), labels].mean()
         assert bool(head_row["val_loss"] == pytest.approx(loss, rel=1e-5)) is matches
+
+
+def test_class_weights_and_the_balanced_sampler_together_are_refused(tmp_path, capsys):
+    from gluon_ft.cli import main
+
+    data = write_class_folders(tmp_path / "photos", {"many": 8, "few": 3})
+    out = tmp_path / "run"
+    flags = ["train", "--data", str(data), "--out", str(out), "--image-size", "32"]
+    flags += ["--model", "mobilenet0.25", "--pretrained", "none", "--epochs", "1", "--no-progress"]
+    code = main([*flags, "--class-weights", "auto", "--sampler", "balanced"])
+    message = capsys.readouterr().err
+    assert code == 2 and "correct it twice" in message and "Pass one of them" in message
+    assert "Traceback" not in message and not out.exists()
