@@ -122,7 +122,8 @@ def test_train_test_layout_carves_val_out_of_train(tmp_path):
 )
 def test_split_settings_a_layout_cannot_use_are_refused(tmp_path, layout, flags, message):
     if layout == "classes":
-        data = write_class_folders(tmp_path / "d", {"a": 4, "b": 4})
+        # Two images a class: too few to hold one out for val and test and train on one.
+        data = write_class_folders(tmp_path / "d", {"a": 2, "b": 2})
     else:
         data = write_image_folder(tmp_path / "d", n_train=2, n_test=1)
     settings = {"val_split": None, "test_split": None, **flags}

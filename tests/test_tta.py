@@ -131,10 +131,10 @@ def test_predict_with_one_view_is_the_plain_network_and_two_the_mean_with_the_fl
     images = [photo(seed=s) for s in range(3)]
     plain = logits_by_hand(run, run / "model.params", images, flip=False)
     flipped = logits_by_hand(run, run / "model.params", images, flip=True)
-    one = Predictor(run).probabilities(images)
+    one = Predictor(run, tta=1).probabilities(images)  # the run's own --tta is 2
     # --tta 1 is the plain evaluation, bit for bit (softmax over the same float32 logits).
     batch = mx.nd.array(np.stack([TestTransform(32)(img) for img in images]), dtype="uint8")
-    loaded = Predictor(run).run
+    loaded = Predictor(run, tta=1).run
     exact = mx.nd.softmax(loaded.net(normalize_batch(batch)), axis=1).asnumpy()
     np.testing.assert_array_equal(one, exact)
     np.testing.assert_allclose(one, softmax(plain), rtol=1e-5, atol=1e-7)

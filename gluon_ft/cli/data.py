@@ -66,6 +66,13 @@ def _format_check_report(report: dict, shown: int = 20) -> str:
         skipped,
         shown,
     )
+    copies = [" = ".join(group) for group in report["duplicates"]]
+    lines += _listing(
+        f"byte-identical files ({len(copies)} groups; a split keeps each group in one part, "
+        "folders you split yourself are not moved)",
+        copies,
+        shown,
+    )
     lines += [f"problem: {problem}" for problem in report["problems"]]
     lines += imbalance_warnings(report)
     return "\n".join(lines)

@@ -34,11 +34,11 @@ def add_tta_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tta",
         type=positive_int,
-        default=1,
+        default=None,
         metavar="N",
         help=f"test-time augmentation: average the logits of N views (1-{MAX_VIEWS}: plain, "
         "its flip, then crops of a 1.14x larger resize and their flips; see README) "
-        "(default 1: the plain center crop)",
+        "(default: the run's own --tta, as its report scored it; 1 is the plain center crop)",
     )
 
 

@@ -7,7 +7,10 @@ left out at any depth.
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,6 +158,33 @@ def scan_dataset(root: str | Path) -> tuple[ImageFolderSplit, ImageFolderSplit]:
     return train, test
 
 
+def identical_files(paths: Sequence[str | Path]) -> list[list[int]]:
+    """Groups of byte-identical files: the positions in ``paths`` of each group of two or
+    more, each group and the list in order. Only files that share their size are read."""
+    by_size = defaultdict(list)
+    for position, path in enumerate(paths):
+        try:
+            by_size[os.stat(path).st_size].append(position)
+        except OSError:
+            continue  # a missing file is the loaders' to report
+    by_content = defaultdict(list)
+    for size, positions in by_size.items():
+        for position in positions if len(positions) > 1 else ():
+            try:
+                by_content[size, _sha1(paths[position])].append(position)
+            except OSError:
+                continue
+    return sorted(group for group in by_content.values() if len(group) > 1)
+
+
+def _sha1(path: str | Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_dataset(root: str | Path, crop: int) -> dict:
     """Decode every image of a dataset folder; report what training meets.
 
@@ -173,8 +203,9 @@ def check_dataset(root: str | Path, crop: int) -> dict:
         ``{"root", "crop", "problems": [why training would refuse the folder], "splits":
         {split: {class: {"images": n, "unreadable": [{"path", "reason"}], "small": [{"path",
         "size": [w, h]}], "ignored": [hidden paths], "skipped": [non-image paths]}}},
-        "beside_classes": {split: {"ignored": [...], "skipped": [files outside a class]}}}``,
-        paths relative to ``root``, a folder's with a trailing ``/``.
+        "beside_classes": {split: {"ignored": [...], "skipped": [files outside a class]}},
+        "duplicates": [[byte-identical files], ...]}``, paths relative to ``root``, a
+        folder's with a trailing ``/``.
     """
     root = Path(root)
     problems = []
@@ -186,11 +217,13 @@ def check_dataset(root: str | Path, crop: int) -> dict:
         problems.append(str(err))
     splits: dict = {}
     beside: dict = {}
+    images: list[Path] = []
     for split in folders or (["."] if root.is_dir() else []):
+        found = class_folders(root / split)
         splits[split] = {
-            name: _check_class(contents, root, crop)
-            for name, contents in class_folders(root / split).items()
+            name: _check_class(contents, root, crop) for name, contents in found.items()
         }
+        images += [file for contents in found.values() for file in contents.images]
         entries = sorted((root / split).iterdir())
         beside[split] = {
             "ignored": [_relative(p, root) for p in entries if is_hidden(p)],
@@ -202,6 +235,9 @@ def check_dataset(root: str | Path, crop: int) -> dict:
         "problems": problems,
         "splits": splits,
         "beside_classes": beside,
+        "duplicates": [
+            [_relative(images[i], root) for i in group] for group in identical_files(images)
+        ],
     }
 
 

@@ -12,7 +12,8 @@ from gluon_ft.data.transforms import sample_rng
 
 
 class TransformedSplit:
-    """A Gluon dataset over an :class:`ImageFolderSplit`, keyed by ``(index, epoch)``.
+    """A Gluon dataset over an :class:`ImageFolderSplit`, keyed by ``(index, epoch)``, or
+    ``(index, epoch, draw)`` for a draw with replacement (see :class:`EpochBatchSampler`).
 
     An unreadable file gives ``None`` instead of raising, so that one bad photo never kills an
     epoch; :func:`collate` drops it and counts it.
@@ -27,13 +28,13 @@ class TransformedSplit:
         return len(self.split)
 
     def __getitem__(self, key):
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        index, epoch, *draw = key if isinstance(key, tuple) else (key, 0)
         label = self.split.items[index][1]
         try:
             img = self.split.load(index)
         except UnreadableImageError:
             return None
-        return self.transform(img, sample_rng(self.seed, epoch, index)), label
+        return self.transform(img, sample_rng(self.seed, epoch, index, *draw)), label
 
 
 def collate(samples: list) -> tuple:
@@ -49,6 +50,10 @@ def collate(samples: list) -> tuple:
 
 class EpochBatchSampler:
     """Batches of ``(index, epoch)`` keys: reshuffled per epoch from a shared seed, sharded.
+
+    A draw with replacement (``probabilities``) yields ``(index, epoch, draw)`` keys, ``draw``
+    the key's position in the epoch's order: an image drawn twice gets two augmentations,
+    the same whatever the shards, and a resumed epoch gives its remaining draws theirs.
 
     ``batch_size`` is the global batch. Every worker of a distributed run draws the same
     permutation, cuts it into the same global batches, and takes every ``num_shards``-th key
@@ -100,7 +105,7 @@ class EpochBatchSampler:
 
     def indices(self) -> np.ndarray:
         """Return this shard's sample indices for the current epoch, in order."""
-        return np.array([i for batch in self for i, _ in batch], dtype=np.int64)
+        return np.array([key[0] for batch in self for key in batch], dtype=np.int64)
 
     def global_batch_sizes(self) -> list[int]:
         """Samples in each global batch this iteration yields a part of, over all shards.
@@ -114,8 +119,12 @@ class EpochBatchSampler:
     def __iter__(self):
         order = self.order()
         for start in range(self.first_batch * self.batch_size, self.size, self.batch_size):
-            mine = order[start : start + self.batch_size][self.shard :: self.num_shards]
-            yield [(int(i), self.epoch) for i in mine]
+            end = min(start + self.batch_size, self.size)
+            draws = range(start, end)[self.shard :: self.num_shards]
+            if self.probabilities is None:
+                yield [(int(order[d]), self.epoch) for d in draws]
+            else:
+                yield [(int(order[d]), self.epoch, d) for d in draws]
 
     def __len__(self) -> int:
         return max(0, math.ceil(self.size / self.batch_size) - self.first_batch)

@@ -14,17 +14,22 @@ iterative stratification (:mod:`gluon_ft.data.multilabel_split`).
 
 A run writes the parts it used as ``split.json`` (relative paths per part and class), and a
 resumed run or a report rebuilds them from it rather than splitting again.
+
+Two guards keep the held-out parts honest. A class too small for its share still gives each
+carved part one image when it can keep one to train on (three images for val and test);
+smaller, it is named (``absent_from``). And byte-identical files under two names are one
+unit of the split, so that no part is scored on a copy of a training image (``duplicates``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from gluon_ft.data.folders import ImageFolderSplit, scan_dataset, scan_split
+from gluon_ft.data.folders import ImageFolderSplit, identical_files, scan_dataset, scan_split
 from gluon_ft.data.labels import LabelTable, MultiLabelSplit
 from gluon_ft.data.multilabel_split import iterative_stratification
 from gluon_ft.errors import UsageError
@@ -51,6 +56,10 @@ class DatasetParts:
     train: Part
     test: Part
     val: Part | None = None
+    # {part: [classes too small to hold out an image for it]}; empty when every class is there
+    absent_from: dict = field(default_factory=dict, hash=False)
+    # Byte-identical files: {"groups", "files", "across_folders"}; empty when there are none
+    duplicates: dict = field(default_factory=dict, hash=False)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -69,7 +78,9 @@ class DatasetParts:
     def record(self, **settings) -> dict:
         """The content of ``split.json``: the layout, ``settings``, the classes, and per part
         ``{class: [paths relative to the dataset root]}``; for multi-label parts ``{path:
-        [its classes]}``, and ``"multi_label": true``."""
+        [its classes]}``, and ``"multi_label": true``; where they are not empty,
+        ``absent_from`` and ``duplicates``."""
+        found = {"absent_from": self.absent_from, "duplicates": self.duplicates}
         record = {
             "layout": self.layout,
             "root": str(self.root),
@@ -79,10 +90,47 @@ class DatasetParts:
                 name: _relative_items(self.root, part, self.layout)
                 for name, part in self.named().items()
             },
+            **{key: value for key, value in found.items() if value},
         }
         if self.multi_label:
             record["multi_label"] = True
         return record
+
+    def warnings(self) -> list[str]:
+        """A line for people per class that a held-out part lacks, and one about
+        byte-identical files: what ``split.json`` records, said once when the split is made."""
+        lines = []
+        sizes = np.sum([class_counts(part) for part in self.named().values()], axis=0)
+        missing: dict[str, list[str]] = {}
+        for part in (name for name in PART_NAMES if name in self.absent_from):
+            for name in self.absent_from[part]:
+                missing.setdefault(name, []).append(part)
+        for name, parts in missing.items():
+            cannot = " or ".join({"val": "validated", "test": "tested"}[p] for p in parts)
+            lines.append(
+                f"warning: class {name} has {sizes[self.classes.index(name)]} image(s), too "
+                f"few to hold one out for {' and '.join(parts)} and keep one to train on: it "
+                f"cannot be {cannot} (split.json: absent_from). Add images of it."
+            )
+        if self.duplicates:
+            lines.append(_duplicates_line(self.root, self.duplicates))
+        return lines
+
+
+def _duplicates_line(root: Path, found: dict) -> str:
+    """What the split did with byte-identical files, and what it could not do."""
+    line = (
+        f"note: {found['groups']} group(s) of byte-identical files ({found['files']} files) in "
+        f"{root}: each group is kept in one part (split.json: duplicates; `gluon-ft check-data` "
+        "lists them)"
+    )
+    if found.get("across_folders"):
+        line += (
+            f". warning: {found['across_folders']} of them span the train/ and test/ (or val/) "
+            "folders you split yourself, which are not moved: those parts score copies of "
+            "training images. Remove the copies."
+        )
+    return line
 
 
 def _relative_items(root: Path, part: Part, layout: str) -> dict[str, list[str]]:
@@ -98,13 +146,17 @@ def _relative_items(root: Path, part: Part, layout: str) -> dict[str, list[str]]
     return by_class
 
 
-def stratified_split(labels, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
+def stratified_split(
+    labels, fractions: dict[str, float], seed: int, groups: list[list[int]] = ()
+) -> dict[str, np.ndarray]:
     """Split item indices into parts with the given fractions within every class.
 
     Each class's items are permuted by a generator seeded with ``(seed, class)``, and the
     first ``round(n * fraction)`` go to each named part in turn; the rest form ``"train"``.
     So every part holds each class's share to within half an image, the parts are disjoint
-    and complete, and the same seed gives the same parts.
+    and complete, and the same seed gives the same parts. A class whose share rounds to no
+    image gets one in each part all the same, where it can keep one to train on
+    (:func:`_held_out_counts`).
 
     Parameters
     ----------
@@ -114,6 +166,9 @@ def stratified_split(labels, fractions: dict[str, float], seed: int) -> dict[str
         ``{part name: fraction}`` of the parts to carve out (e.g. ``{"test": 0.1, "val": 0.1}``).
     seed : int
         The split's seed (``--seed``).
+    groups : list of list of int, optional
+        Items that must share a part (byte-identical files): each group is split as its
+        first item, in that item's class, and the others follow it.
 
     Returns
     -------
@@ -121,17 +176,34 @@ def stratified_split(labels, fractions: dict[str, float], seed: int) -> dict[str
         ``{"train": indices, **{name: indices}}``, each sorted.
     """
     labels = np.asarray(labels)
+    leader = {item: group[0] for group in groups for item in group[1:]}
+    leads = np.ones(len(labels), dtype=bool)
+    leads[list(leader)] = False
     chosen: dict[str, list] = {"train": [], **{name: [] for name in fractions}}
     for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
+        members = np.flatnonzero((labels == label) & leads)
         order = np.random.default_rng([seed, int(label)]).permutation(members)
         start = 0
-        for name, fraction in fractions.items():
-            count = math.floor(len(members) * fraction + 0.5)
+        for name, count in zip(fractions, _held_out_counts(len(members), fractions)):
             chosen[name].extend(order[start : start + count])
             start += count
         chosen["train"].extend(order[start:])
+    part_of = {int(i): name for name, indices in chosen.items() for i in indices}
+    for item, first in leader.items():
+        chosen[part_of[first]].append(item)
     return {name: np.sort(np.array(indices, dtype=np.int64)) for name, indices in chosen.items()}
+
+
+def _held_out_counts(size: int, fractions: dict[str, float]) -> list[int]:
+    """How many of a class's ``size`` items each part takes: ``round(size * fraction)``; the
+    parts that round to none take one each when ``size`` leaves one to train on after them
+    (all of them or none: three images for val and test)."""
+    counts = [math.floor(size * fraction + 0.5) for fraction in fractions.values()]
+    short = [i for i, (c, f) in enumerate(zip(counts, fractions.values())) if c == 0 and f > 0]
+    if size - sum(counts) - len(short) >= 1:
+        for i in short:
+            counts[i] = 1
+    return counts
 
 
 def _subset(split: ImageFolderSplit, indices, root: Path | None = None) -> ImageFolderSplit:
@@ -167,27 +239,62 @@ def split_dataset(
         )
     layout = layout_of(root)
     val, test = _fractions(DEFAULT_FRACTIONS[layout], val_split, test_split)
+    given: dict = {}  # the parts in folders of their own (train-test layout)
     if layout == CLASS_FOLDERS:
         whole = _scan_classes(root)
         carve = {"test": test, "val": val}
         if test <= 0:
             raise UsageError(f"{root} holds class folders only: --test-split must be above 0.")
     else:
-        whole, test_part, given_val = _scan_train_test(root)
+        whole, given["test"], given["val"] = _scan_train_test(root)
         if test_split:
             raise UsageError(
                 f"{root} has a test/ folder; --test-split only splits a folder of classes."
             )
-        if given_val is not None and val:
+        if given["val"] is not None and val:
             raise UsageError(f"{root} has a val/ folder; leave out --val-split to use it.")
         carve = {"val": val}
-    indices = stratified_split(whole.labels(), {k: v for k, v in carve.items() if v}, seed)
+    carved = {name: fraction for name, fraction in carve.items() if fraction}
+    groups, duplicates = _identical_groups(whole, [part for part in given.values() if part])
+    indices = stratified_split(whole.labels(), carved, seed, groups)
     parts = {name: _subset(whole, chosen) for name, chosen in indices.items()}
-    if layout == TRAIN_TEST:
-        parts["test"] = test_part
-        parts.setdefault("val", given_val)
+    for name, part in given.items():
+        parts.setdefault(name, part)
     _check_not_empty(parts, carve, root)
-    return DatasetParts(root, layout, parts["train"], parts["test"], parts.get("val"))
+    absent = _absent_from(parts, carved)
+    val_part = parts.get("val")
+    return DatasetParts(root, layout, parts["train"], parts["test"], val_part, absent, duplicates)
+
+
+def _identical_groups(whole: ImageFolderSplit, given: list[ImageFolderSplit]):
+    """``(groups, record)``: the groups of byte-identical files among ``whole``'s items (their
+    positions), which the split keeps together, and ``split.json``'s ``duplicates``, counted
+    over the folders ``given`` too (``across_folders``: groups the split cannot keep in one
+    part, as they span folders that the user split)."""
+    folders = [whole, *given]
+    paths = [path for folder in folders for path, _ in folder.items]
+    folder_of = np.repeat(np.arange(len(folders)), [len(folder) for folder in folders])
+    found = identical_files(paths)
+    if not found:
+        return [], {}
+    within = [[i for i in group if i < len(whole)] for group in found]
+    record = {
+        "groups": len(found),
+        "files": sum(map(len, found)),
+        "across_folders": sum(len(set(folder_of[group].tolist())) > 1 for group in found),
+    }
+    return [group for group in within if len(group) > 1], record
+
+
+def _absent_from(parts: dict, carved: dict) -> dict[str, list[str]]:
+    """``{part: [classes]}``: the classes a carved part holds no image of (too small)."""
+    absent = {}
+    for name in carved:
+        present = set(parts[name].labels().tolist())
+        missing = [c for i, c in enumerate(parts[name].classes) if i not in present]
+        if missing:
+            absent[name] = missing
+    return absent
 
 
 def split_labels(
@@ -323,12 +430,13 @@ def _scan_train_test(root: Path):
 
 
 def _check_not_empty(parts: dict, carved: dict, root: Path | str) -> None:
+    needed = 1 + sum(1 for fraction in carved.values() if fraction)
     for name, fraction in carved.items():
         if fraction and not len(parts[name]):
             raise UsageError(
-                f"--{name}-split {fraction:g} leaves the {name} part of {root} empty: every "
-                f"class has fewer than {math.ceil(0.5 / fraction)} images. Add images or raise "
-                f"--{name}-split."
+                f"--{name}-split {fraction:g} leaves the {name} part of {root} empty: no class "
+                f"can hold out an image for each part and keep one to train on (that takes "
+                f"{needed} images). Add images."
             )
     train_counts = class_counts(parts["train"])
     missing = [c for c, count in zip(parts["train"].classes, train_counts) if not count]
@@ -372,7 +480,8 @@ def parts_from_record(root: str | Path, record: dict) -> DatasetParts:
         )
     if "train" not in parts or "test" not in parts:
         raise UsageError("split.json must list a train and a test part.")
-    return DatasetParts(root, layout, parts["train"], parts["test"], parts.get("val"))
+    found = {key: record.get(key) or {} for key in ("absent_from", "duplicates")}
+    return DatasetParts(root, layout, parts["train"], parts["test"], parts.get("val"), **found)
 
 
 def _recorded_items(root: Path, classes: tuple[str, ...], listed: dict, multi_label: bool):

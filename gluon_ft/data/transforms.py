@@ -3,6 +3,8 @@
 The random train augmentation draws from a generator seeded per sample by
 ``(seed, epoch, index)``: the same run gives the same images whatever the worker count, a
 resumed run sees what the uninterrupted one saw, and distributed workers agree on the order.
+A draw with replacement (``--sampler balanced``) adds its position in the epoch's order, so
+an image drawn twice in one epoch gets two views.
 """
 
 from __future__ import annotations
@@ -19,9 +21,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """Return the generator that draws the augmentation of one sample in one epoch."""
-    return np.random.default_rng([seed, epoch, index])
+def sample_rng(seed: int, epoch: int, index: int, draw: int | None = None) -> np.random.Generator:
+    """Return the generator that draws the augmentation of one sample in one epoch.
+
+    ``draw`` is the sample's position in the epoch's order, given only where an image can be
+    drawn more than once (``--sampler balanced``); a shuffle keeps ``(seed, epoch, index)``.
+    """
+    key = [seed, epoch, index] if draw is None else [seed, epoch, index, draw]
+    return np.random.default_rng(key)
 
 
 class TrainTransform:

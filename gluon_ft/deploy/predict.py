@@ -141,9 +141,10 @@ class Predictor:
         Images per forward pass.
     dtype : {"float32", "bfloat16", "auto"}
         The network's predict-mode form (see :func:`load_run`).
-    tta : int
+    tta : int, optional
         Test-time augmentation: the mean logits of this many views of each image
-        (:mod:`gluon_ft.data.tta`); 1, the default, is the plain center crop.
+        (:mod:`gluon_ft.data.tta`); 1 is the plain center crop. By default the run's own
+        ``--tta`` (``config.json``), as its report scored it.
 
     Raises
     ------
@@ -158,10 +159,14 @@ class Predictor:
         ctx: mx.Context | None = None,
         batch_size: int = 32,
         dtype: str = "float32",
-        tta: int = 1,
+        tta: int | None = None,
     ):
-        check_views(tta)  # before the run loads
+        if tta is not None:
+            check_views(tta)  # before the run loads
         self.run = load_run(run_dir, ctx, dtype, batch_size)
+        if tta is None:
+            tta = self.run.config.get("tta", 1)
+            check_views(tta, flag=f"--tta in {self.run.path / 'config.json'}")
         self.classes = self.run.classes
         self.transform = eval_transform(self.run.image_size, tta)
         self.tta = tta

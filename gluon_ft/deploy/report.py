@@ -120,9 +120,7 @@ def build_report(
         Not a finished run, no such split, or no readable image in it.
     """
     run_dir = Path(run_dir).expanduser()
-    if tta is None:
-        tta = _run_settings(run_dir).get("tta", 1)
-    predictor = Predictor(run_dir, ctx, tta=tta)
+    predictor = Predictor(run_dir, ctx, tta=tta)  # None: the run's own --tta
     name, images = _evaluated_split(run_dir, split, predictor.classes)
     out = Path(out) if out else run_dir if name == "test" else run_dir / f"report-{name}"
     out.mkdir(parents=True, exist_ok=True)
@@ -151,7 +149,7 @@ def _summary(
         "split": name if name in ("test", "val") else str(images.root),
         "images": len(predictions.labels),
         "unreadable": len(images) - len(predictions.labels),
-        "tta": tta,
+        "tta": predictor.tta,
     }
 
 

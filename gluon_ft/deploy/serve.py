@@ -545,15 +545,15 @@ def serve(
     max_queue: int = DEFAULT_MAX_QUEUE,
     dtype: str = "float32",
     on_loaded=None,
-    tta: int = 1,
+    tta: int | None = None,
 ) -> None:
     """Load a finished run and serve it until interrupted (Ctrl-C).
 
     The limits are those of :func:`create_app`. ``dtype`` is the network's form (see
     :mod:`gluon_ft.deploy.inference`), chosen for one image per forward pass, as
     :class:`InferenceWorker` runs it; ``on_loaded(run)`` is called once the run is loaded,
-    before the server starts. ``tta`` is the test-time augmentation views averaged per image
-    (:class:`gluon_ft.deploy.predict.Predictor`).
+    before the server starts. ``tta`` is the test-time augmentation views averaged per image,
+    by default the run's own (:class:`gluon_ft.deploy.predict.Predictor`).
 
     Raises
     ------

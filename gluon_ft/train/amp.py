@@ -17,6 +17,7 @@ Inputs stay float32: AMP inserts the casts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -40,6 +41,7 @@ PROBE_CLASSES = 10  # the data is not loaded yet; the head is a small part of th
 
 _enabled: list[str] = []  # the dtype AMP was initialized with in this process, if any
 _unwrapped: dict = {}  # (mx.sym or mx.nd, operator name) -> the operator before AMP wrapped it
+_wrapped: dict = {}  # (namespace, name) -> (the operator before AMP, AMP's wrapper): every one
 _PREPARED = "_gluon_ft_stem_in_float32"  # marks a network prepare_network has changed
 
 
@@ -118,8 +120,46 @@ def enable(dtype: str) -> None:
     for name in lists.symbol_bf16.BF16_FUNCS:  # what prepare_network's stem keeps in float32
         for module in (mx.sym, mx.nd):
             _unwrapped[module, name] = getattr(module, name)
+    namespaces = _operator_namespaces()
+    before = {namespace: dict(vars(namespace)) for namespace in namespaces}
     amp.init(target_dtype=dtype)
+    for namespace in namespaces:
+        for name, now in vars(namespace).items():
+            if name in before[namespace] and before[namespace][name] is not now:
+                _wrapped[namespace, name] = (before[namespace][name], now)
     _enabled.append(dtype)
+
+
+def _operator_namespaces() -> list:
+    """The modules whose operators ``amp.init`` replaces by wrappers: ``mx.sym`` and ``mx.nd``,
+    their ``op`` modules and their prefixed submodules (``contrib``, ``linalg``, ...)."""
+    import mxnet as mx
+    from mxnet import base
+
+    found = []
+    for module in (mx.sym, mx.nd):
+        found += [module, module.op]
+        found += [getattr(module, prefix[1:-1]) for prefix in base._OP_NAME_PREFIX_LIST]
+    unique = {id(namespace): namespace for namespace in found}
+    return list(unique.values())
+
+
+@contextlib.contextmanager
+def float32_operators():
+    """Inside the block, every operator AMP wrapped is its own float32 self again.
+
+    A network that builds its graph in the block computes as it would in a process that
+    never turned AMP on: the end-of-run report scores the test part as ``gluon-ft predict``
+    does (float32), not through the casts of a bfloat16 run. Nothing else may run MXNet
+    operators meanwhile (the swap is process-wide); without AMP it changes nothing.
+    """
+    for (namespace, name), (original, _) in _wrapped.items():
+        setattr(namespace, name, original)
+    try:
+        yield
+    finally:
+        for (namespace, name), (_, wrapper) in _wrapped.items():
+            setattr(namespace, name, wrapper)
 
 
 class _Float32Operators:

@@ -68,8 +68,11 @@ def sync_bn_stats(net: gluon.Block, dist: DistContext) -> int:
     offset = 0
     for param in params:
         size = param.data(param.list_ctx()[0]).size
-        part = mean[offset : offset + size].reshape(param.shape)
-        param.set_data(part.astype(param.dtype))
+        part = mean[offset : offset + size].reshape(param.shape).astype(param.dtype)
+        # Written into each device's array: Parameter.set_data would reset a Trainer that
+        # updates on its kvstore (kvstore='device'), and with it every optimizer state.
+        for ctx in param.list_ctx():
+            param.data(ctx)[:] = part.as_in_context(ctx)
         offset += size
     mx.nd.waitall()
     return offset

@@ -169,10 +169,7 @@ class TrainConfig:
                 raise UsageError(
                     f"--{name.replace('_', '-')} must be a fraction in [0, 1), got {value:g}."
                 )
-        if self.class_weights not in ("none", "auto"):
-            raise UsageError("--class-weights must be none or auto.")
-        if self.sampler not in ("uniform", "balanced"):
-            raise UsageError("--sampler must be uniform or balanced.")
+        self.validate_imbalance()
         if self.monitor not in MONITORS:
             raise UsageError(f"--monitor must be one of {', '.join(MONITORS)}.")
         if self.early_stop is not None and self.early_stop < 1:
@@ -193,6 +190,22 @@ class TrainConfig:
             raise UsageError("--accumulate cannot exceed --batch-size (its micro-batches).")
         self.validate_tricks()
         self.freeze_plan().validate(self.epochs)
+
+    def validate_imbalance(self) -> None:
+        """``--class-weights`` and ``--sampler``: one correction of the imbalance, not two."""
+        if self.class_weights not in ("none", "auto"):
+            raise UsageError("--class-weights must be none or auto.")
+        if self.sampler not in ("uniform", "balanced"):
+            raise UsageError("--sampler must be uniform or balanced.")
+        if self.class_weights == "auto" and self.sampler == "balanced":
+            # Refused, not warned: the run would train skewed the other way, quietly.
+            raise UsageError(
+                "--class-weights auto and --sampler balanced each correct the class imbalance; "
+                "together they correct it twice, and a rare class then outweighs a common one "
+                "by as much as it was outnumbered. Pass one of them: --sampler balanced (every "
+                "class drawn equally often) or --class-weights auto (each class's loss "
+                "weighted by its rarity)."
+            )
 
     def validate_tricks(self) -> None:
         """The checks of the recipe flags (``--recipe`` and what it presets)."""

@@ -9,7 +9,9 @@ the stored arrays:
 - the train split through the train augmentation, ``--cache-views K`` times: view ``k`` is
   exactly the augmentation the uncached run draws in epoch ``k`` (the per-sample generator is
   seeded by ``(seed, epoch, index)``), and epoch ``e`` uses view ``e % K``. With ``K`` >= the
-  epochs, training equals the uncached frozen run.
+  epochs, training equals the uncached frozen run. Under ``--sampler balanced`` view ``k``
+  holds epoch ``k``'s draws, one row per position (an image drawn twice, two views), and an
+  epoch ``e`` >= ``K`` replays view ``e % K``'s draws.
 
 The backbone is what comes before the classifier in the network's run order, or before its
 first Dropout; the head part, which every step runs on the stored arrays, is the rest: the
@@ -199,9 +201,11 @@ class FeatureKey:
     view: int | None  # the train augmentation's epoch, None for a deterministic transform
     seed: int | None
     dtype: str
+    draws: str | None = None  # sha1 of --sampler balanced's probabilities: a row per draw
 
     def digest(self) -> str:
-        text = json.dumps({"format": CACHE_FORMAT, **self.__dict__}, sort_keys=True, default=str)
+        fields = {k: v for k, v in self.__dict__.items() if k != "draws" or v is not None}
+        text = json.dumps({"format": CACHE_FORMAT, **fields}, sort_keys=True, default=str)
         return hashlib.sha1(text.encode()).hexdigest()
 
     def path(self, folder: Path) -> Path:
@@ -209,9 +213,10 @@ class FeatureKey:
 
 
 class _IndexedSamples:
-    """A :class:`gluon_ft.data.loaders.TransformedSplit` whose samples carry their index, not label.
+    """A :class:`gluon_ft.data.loaders.TransformedSplit` whose samples carry their row, not label:
+    the image's index, or a draw's position in the epoch (``(index, epoch, draw)`` keys).
 
-    :func:`gluon_ft.data.loaders.collate` then stacks the indices where labels would be, so a batch
+    :func:`gluon_ft.data.loaders.collate` then stacks the rows where labels would be, so a batch
     with an unreadable file (dropped) still says which rows it holds.
     """
 
@@ -223,20 +228,27 @@ class _IndexedSamples:
 
     def __getitem__(self, key):
         sample = self.samples[key]
-        return None if sample is None else (sample[0], key[0])
+        return None if sample is None else (sample[0], key[-1] if len(key) > 2 else key[0])
 
 
-def compute_features(backbone, split, transform, ctx, *, view=0, seed=0, batch_size=64, workers=0):
-    """Run ``backbone`` (predict mode) over every image of ``split`` through ``transform``.
+def compute_features(
+    backbone, split, transform, ctx, *, view=0, seed=0, batch_size=64, workers=0, probabilities=None
+):
+    """Run ``backbone`` (predict mode) over every image of ``split`` through ``transform``;
+    with ``probabilities`` (``--sampler balanced``), over epoch ``view``'s draws instead.
 
     Returns
     -------
     tuple of np.ndarray
-        ``(features float32 [N, ...], valid bool [N])``; an unreadable image's row is invalid.
+        ``(features float32 [N, ...], valid bool [N], images int64 [N])``: row ``r`` holds
+        the features of image ``images[r]`` (of draw ``r`` with ``probabilities``, else of
+        image ``r``); an unreadable image's row is invalid.
     """
     from mxnet.gluon.data import DataLoader
 
-    sampler = EpochBatchSampler(len(split), batch_size, shuffle=False, seed=seed)
+    sampler = EpochBatchSampler(
+        len(split), batch_size, shuffle=False, seed=seed, probabilities=probabilities
+    )
     sampler.set_epoch(view)
     dataset = _IndexedSamples(TransformedSplit(split, transform, seed))
     loader = DataLoader(dataset, batch_sampler=sampler, batchify_fn=collate, num_workers=workers)
@@ -254,22 +266,26 @@ def compute_features(backbone, split, transform, ctx, *, view=0, seed=0, batch_s
             valid[rows] = True
     if features is None:
         raise UsageError(f"{split.root}: no readable image to compute features from.")
-    return features, valid
+    return features, valid, sampler.order().astype(np.int64)
 
 
-def _save(path: Path, features: np.ndarray, valid: np.ndarray, key: FeatureKey) -> None:
+def _save(path: Path, features, valid, images, key: FeatureKey) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"features": features, "valid": valid, "key": np.array(json.dumps(key.__dict__))}
+    if key.draws is not None:  # else row r is image r
+        arrays["images"] = images
     with replacing(path) as tmp, open(tmp, "wb") as out:  # a concurrent run reads all or none
-        np.savez(out, features=features, valid=valid, key=np.array(json.dumps(key.__dict__)))
+        np.savez(out, **arrays)
 
 
 def _load(path: Path, size: int):
     try:
         with np.load(path) as stored:
             features, valid = stored["features"], stored["valid"]
+            images = stored["images"] if "images" in stored.files else np.arange(len(valid))
     except (OSError, ValueError, KeyError):
         return None  # unreadable or truncated by hand: compute it again
-    return (features, valid) if len(valid) == size else None
+    return (features, valid, images) if len(valid) == len(images) == size else None
 
 
 @dataclass
@@ -289,18 +305,32 @@ class CacheReport:
 
 
 def cached_views(
-    backbone, split, transform, ctx, views, *, seed, dtype, batch_size, workers, report
+    backbone,
+    split,
+    transform,
+    ctx,
+    views,
+    *,
+    seed,
+    dtype,
+    batch_size,
+    workers,
+    report,
+    probabilities=None,
 ):
-    """Return ``[(features, valid)]`` for each view in ``views``, from the cache or computed.
+    """Return ``[(features, valid, images)]`` for each view in ``views`` (see
+    :func:`compute_features`), from the cache or computed.
 
     ``views`` is a list of train epochs (``[0, 1, ...]``) or ``[None]`` for a deterministic
-    transform.
+    transform; ``probabilities`` makes each view its epoch's draws (``--sampler balanced``).
     """
     weights, files = weights_digest(backbone), files_digest(split)
     described = describe_transform(transform)
+    draws = None if probabilities is None else hashlib.sha1(probabilities.tobytes()).hexdigest()
     out = []
     for view in views:
-        key = FeatureKey(weights, files, described, view, None if view is None else seed, dtype)
+        view_seed = None if view is None else seed
+        key = FeatureKey(weights, files, described, view, view_seed, dtype, draws)
         path = key.path(Path(report.folder))
         loaded = _load(path, len(split)) if path.is_file() else None
         if loaded is not None:
@@ -316,6 +346,7 @@ def cached_views(
                 seed=seed,
                 batch_size=batch_size,
                 workers=workers,
+                probabilities=probabilities,
             )
             _save(path, *loaded, key)
             report.seconds += time.perf_counter() - started
@@ -329,7 +360,8 @@ class FeatureLoader:
 
     The same :class:`gluon_ft.data.loaders.EpochBatchSampler` (order, sharding, resume skipping),
     and the same drops: a sample whose image was unreadable is skipped and counted. Epoch
-    ``e`` reads view ``e % len(views)``.
+    ``e`` reads view ``e % len(views)``: by image, or by draw (a key's position) where the
+    views hold draws, each labelled with the image its row holds.
     """
 
     def __init__(
@@ -355,14 +387,14 @@ class FeatureLoader:
 
     def __iter__(self):
         for keys in self._batch_sampler:
-            rows = np.array([index for index, _ in keys], dtype=np.int64)
-            features, valid = self.views[self._batch_sampler.epoch % len(self.views)]
+            rows = np.array([key[-1] if len(key) > 2 else key[0] for key in keys], dtype=np.int64)
+            features, valid, images = self.views[self._batch_sampler.epoch % len(self.views)]
             ok = rows[valid[rows]]
             skipped = len(rows) - len(ok)
             if not len(ok):
                 yield None, None, skipped
                 continue
-            yield features[ok], self.labels[ok], skipped
+            yield features[ok], self.labels[images[ok]], skipped
 
 
 def feature_loaders(net, train_split, test_split, ctx, config, shard=0, num_shards=1):
@@ -381,6 +413,7 @@ def feature_loaders(net, train_split, test_split, ctx, config, shard=0, num_shar
     report = CacheReport(str(cache_dir()))
     common = {"seed": config.seed, "dtype": config.dtype, "batch_size": config.batch_size}
     common["workers"] = config.workers
+    probabilities = config.sample_probabilities(train_split.labels())
     train_views = cached_views(
         backbone,
         train_split,
@@ -388,6 +421,7 @@ def feature_loaders(net, train_split, test_split, ctx, config, shard=0, num_shar
         ctx,
         list(range(config.cache_views)),
         report=report,
+        probabilities=probabilities,
         **common,
     )
     test_views = cached_views(
@@ -407,7 +441,7 @@ def feature_loaders(net, train_split, test_split, ctx, config, shard=0, num_shar
         seed=config.seed,
         shard=shard,
         num_shards=num_shards,
-        probabilities=config.sample_probabilities(train_split.labels()),
+        probabilities=probabilities,
     )
     test_loader = FeatureLoader(
         test_views,

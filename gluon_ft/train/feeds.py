@@ -111,6 +111,15 @@ class Feeds:
     cache: object = None  # the feature cache's report (features_cache.CacheReport)
     eval_part: str = "test"  # which part `eval` reads: "val" or "test"
     after_head: Callable | None = None  # --head-epochs: the feeds of the epochs after them
+    # What scores `eval` when not `net` and `prepare`: the whole network on images
+    eval_net: gluon.Block | None = None
+    eval_prepare: Callable | None = None
+
+    def scorer(self) -> tuple[gluon.Block, Callable]:
+        """``(network, prepare)`` that score the ``eval`` batches."""
+        if self.eval_net is None:
+            return self.net, self.prepare
+        return self.eval_net, self.eval_prepare
 
 
 def make_feeds(
@@ -121,15 +130,19 @@ def make_feeds(
     Each epoch evaluates the val part, or the test part when there is no val part. With
     ``--head-epochs E`` (and ``first_epoch`` < E), the first E epochs train the head on cached
     features, one cached view per epoch (exactly the augmentation the images would get), and
-    ``after_head()`` gives the image loaders of the rest. The head epochs are scored without
-    ``--tta``: the cache holds the plain view's features.
+    ``after_head()`` gives the image loaders of the rest. With ``--tta`` the head epochs are
+    scored as the rest are, on the images' views through the whole network (the cache holds
+    the plain view's features only), so that the best epoch is chosen among like scores.
     """
     if config.head_epochs > first_epoch:
-        # The head epochs score the plain view: the cache holds its features only.
         head = replace(config, cache_features=True, cache_views=config.head_epochs, tta=1)
         feeds = make_feeds(replace(head, head_epochs=0), net, parts, ctx, dist)
         rest = replace(config, head_epochs=0)
         feeds.after_head = lambda: make_feeds(rest, net, parts, ctx, dist)
+        if config.tta > 1:
+            evaluated = parts.val if parts.val is not None else parts.test
+            loaders = image_loaders(rest, parts.train, evaluated, dist.rank, dist.num_workers)
+            feeds.eval, feeds.eval_net, feeds.eval_prepare = loaders[1], net, normalize_batch
         return feeds
     eval_part = "val" if parts.val is not None else "test"
     evaluated = parts.val if parts.val is not None else parts.test

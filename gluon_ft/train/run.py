@@ -267,6 +267,9 @@ def load_data(config: TrainConfig, session: Session) -> DatasetParts:
         now = load_dataset(config.data, config.val_split, config.test_split, config.seed)
         check_same_data(session.run.path, list(now.classes), {})
         raise
+    if saved is None and session.writer:  # said once, when the split is made
+        for line in parts.warnings():
+            log(line)
     if config.strict and parts.layout != splits.PACK:  # packs: at pack time
         require_readable(parts, config.image_size)
     if config.early_stop and parts.val is None:
@@ -493,10 +496,11 @@ def best_epoch(config: TrainConfig, feeds: Feeds, history: list[dict]) -> int:
 def score_epoch(feeds: Feeds, session: Session) -> dict:
     """The epoch's scores: val loss and accuracy, or without a val part the test accuracy."""
     ctx, dist = session.ctx, session.dist
+    net, prepare = feeds.scorer()
     if feeds.eval_part == "test":
-        return {"test_acc": evaluate(feeds.net, feeds.eval, ctx, dist, feeds.prepare)}
+        return {"test_acc": evaluate(net, feeds.eval, ctx, dist, prepare)}
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-    loss, acc = evaluate_sums(feeds.net, feeds.eval, ctx, dist, feeds.prepare, loss_fn).read()
+    loss, acc = evaluate_sums(net, feeds.eval, ctx, dist, prepare, loss_fn).read()
     return {"val_loss": loss, "val_acc": acc}
 
 
@@ -698,7 +702,11 @@ def report_run(session: Session, chosen: dict) -> dict:
     summary then holds the selection alone.
     """
     try:
-        summary, _ = build_report(session.run.path, "test", selection=chosen, ctx=session.ctx[0])
+        # As `gluon-ft predict` scores it: in float32, even after a bfloat16 run's AMP.
+        with amp.float32_operators():
+            summary, _ = build_report(
+                session.run.path, "test", selection=chosen, ctx=session.ctx[0]
+            )
     except UsageError as err:
         log(f"warning: the report could not be built: {err}")
         summary = dict(chosen)
