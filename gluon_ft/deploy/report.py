@@ -129,7 +129,7 @@ def build_report(
         raise UsageError(f"No readable image in the {name} split ({images.root}).")
     if selection is None:
         selection = _saved_selection(run_dir)
-    summary = _summary(name, images, predictions, predictor.classes, selection, tta)
+    summary = _summary(name, images, predictions, predictor.classes, selection, predictor.tta)
     _write_report(run_dir, out, summary, predictions, images, predictor.classes)
     return summary, out
 
@@ -149,7 +149,7 @@ def _summary(
         "split": name if name in ("test", "val") else str(images.root),
         "images": len(predictions.labels),
         "unreadable": len(images) - len(predictions.labels),
-        "tta": predictor.tta,
+        "tta": tta,
     }
 
 
