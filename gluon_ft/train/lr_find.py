@@ -31,7 +31,7 @@ from gluon_ft.train.feeds import image_loaders, load_dataset
 from gluon_ft.train.network import make_loss, make_trainer, ready_network
 from gluon_ft.train.rundir import default_out
 from gluon_ft.train.snapshot import TrainingSnapshot
-from gluon_ft.train.step import MetricSums, train_batch
+from gluon_ft.train.step import MetricSums, StepOptions, train_batch
 
 SMOOTHING = 0.98  # beta of the loss's moving average, fastai's
 BLOW_UP = 4.0  # stop once the smoothed loss exceeds this many times the best so far
@@ -180,6 +180,7 @@ def range_test(
         The curve and the rate of :func:`suggest_valley`.
     """
     check_range(num_steps, start_lr, end_lr)
+    options = StepOptions.of(config, prepare=prepare)
     snapshot = TrainingSnapshot(net, trainer)
     sampler = getattr(loader, "_batch_sampler", None)
     position = (sampler.epoch, sampler.first_batch) if hasattr(sampler, "set_epoch") else None
@@ -193,7 +194,7 @@ def range_test(
             lrs.append(lr_at(len(lrs), num_steps, start_lr, end_lr))
             trainer.set_learning_rate(lrs[-1])
             sums = MetricSums(ctx)
-            train_batch(net, trainer, images, labels, ctx, loss_fn, config, sums, prepare)
+            train_batch(net, trainer, images, labels, ctx, loss_fn, sums, options=options)
             losses.append(sums.read()[0])
             smoothed = smooth(losses)
             blew_up = not math.isfinite(smoothed[-1]) or smoothed[-1] > BLOW_UP * min(smoothed)

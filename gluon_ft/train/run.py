@@ -64,6 +64,7 @@ from gluon_ft.train.schedule import LrSchedule
 from gluon_ft.train.selection import epochs_without_improvement, selection
 from gluon_ft.train.step import (
     MetricSums,
+    StepOptions,
     check_finite,
     check_params_finite,
     evaluate,
@@ -527,6 +528,12 @@ def fit_epoch(config, session: Session, model: Model, feeds: Feeds, steps, progr
     # Workers step together; each step's gradient is divided by its global batch.
     dist = session.dist
     step_samples = global_batch_sizes(feeds.train) if dist.distributed else None
+    options = StepOptions.of(
+        config,
+        prepare=feeds.prepare,
+        mixer=epoch_mixer(model, feeds, steps.epoch),
+        after_step=model.ema.update if model.ema is not None else None,
+    )
     with tqdm(
         total=len(feeds.train),
         desc=f"epoch {steps.epoch + 1}/{config.epochs}",
@@ -541,12 +548,9 @@ def fit_epoch(config, session: Session, model: Model, feeds: Feeds, steps, progr
                 steps,
                 session.ctx,
                 model.loss_fn,
-                config,
-                bar,
-                step_samples,
-                feeds.prepare,
-                epoch_mixer(model, feeds, steps.epoch),
-                model.ema.update if model.ema is not None else None,
+                options=options,
+                bar=bar,
+                step_samples=step_samples,
             )
         except DivergedError as err:
             raise diverged_since(err, steps.epoch, progress.last_checkpoint) from None
