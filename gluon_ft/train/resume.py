@@ -184,11 +184,12 @@ def save_interrupted(steps: EpochSteps, totals: tuple, net, dist: DistContext, k
     stopped before taking one (the last checkpoint is then the place to resume).
 
     ``totals`` are this worker's ``(MetricSums, skipped files, seconds)`` of the epoch so far,
-    which the checkpoint keeps as ``partial`` (:func:`add_steps_before` adds them back);
-    ``keep(position, partial, copies)`` saves it, None on a worker that does not write. Every
-    worker of a distributed run calls this: the sums are taken over every worker, and every
-    worker's (and device's) BatchNorm statistics are kept, which is what the resumed run needs
-    to end bit for bit as if never stopped.
+    which the checkpoint keeps as ``partial`` (:func:`add_steps_before` adds them back).
+    ``keep(position, partial=..., reason=..., copies=...)`` saves it, the signal's name as the
+    reason; None on a worker that does not write. Every worker of a distributed run calls
+    this: the sums are taken over every worker, and every worker's (and device's) BatchNorm
+    statistics are kept, which is what the resumed run needs to end bit for bit as if never
+    stopped.
     """
     if steps.done == steps.first_step:
         return
@@ -197,7 +198,8 @@ def save_interrupted(steps: EpochSteps, totals: tuple, net, dist: DistContext, k
     copies = every_copy(net, dist)
     if keep is not None:
         partial = {"sums": sums.totals(), "skipped": skipped, "seconds": seconds}
-        keep((steps.epoch, steps.done), partial, copies)
+        position = (steps.epoch, steps.done)
+        keep(position, partial=partial, reason=steps.stop.signal, copies=copies)
 
 
 def add_steps_before(resumed: Checkpoint | None, epoch: int, totals: tuple) -> tuple:
