@@ -313,6 +313,7 @@ def train_network(net, config: TrainConfig) -> list[dict]:
     from gluon_ft.data.loaders import set_epoch
     from gluon_ft.train import (
         EpochSteps,
+        StepOptions,
         StopRequest,
         evaluate,
         image_loaders,
@@ -336,10 +337,11 @@ def train_network(net, config: TrainConfig) -> list[dict]:
     trainer = make_trainer(net, config, ctx)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     set_lr = LrSchedule.of(config, len(train_loader)).setter(trainer)
+    options = StepOptions.of(config)
     for epoch in range(config.epochs):
         set_epoch(train_loader, epoch)
         steps = EpochSteps(train_loader, config.seed, epoch, 0, StopRequest(), set_lr)
-        sums, _, _ = train_epoch(net, trainer, steps, ctx, loss_fn, config)
+        sums, _, _ = train_epoch(net, trainer, steps, ctx, loss_fn, options=options)
         loss, train_acc = sums.read()
         test_acc = evaluate(net, test_loader, ctx)
         history.append(

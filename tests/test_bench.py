@@ -113,7 +113,7 @@ def test_static_hybridization_is_exact_with_a_short_last_batch():
     from mxnet import autograd, gluon
 
     from gluon_ft.model.graft import scratch_twin
-    from gluon_ft.train import TrainConfig, evaluate, make_trainer, train_epoch
+    from gluon_ft.train import StepOptions, TrainConfig, evaluate, make_trainer, train_epoch
 
     ctx = [mx.cpu()]
     config = TrainConfig(batch_size=8, image_size=32, lr=0.1, progress=False)
@@ -139,7 +139,8 @@ def test_static_hybridization_is_exact_with_a_short_last_batch():
         net = network(**hybridize)
         trainer = make_trainer(net, config, ctx)
         loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-        sums, _, _ = train_epoch(net, trainer, batches, ctx, loss_fn, config)
+        options = StepOptions.of(config)
+        sums, _, _ = train_epoch(net, trainer, batches, ctx, loss_fn, options=options)
         accuracy = evaluate(net, batches[1:3], ctx)  # predict mode, full then short batch
         params = {k: p.data().asnumpy() for k, p in net._collect_params_with_prefix().items()}
         return sums.read(), accuracy, params

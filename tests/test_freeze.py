@@ -25,7 +25,7 @@ from gluon_ft.model.freeze import (
     trainable_table,
     unfreeze,
 )
-from gluon_ft.train import TrainConfig, make_trainer, train, train_epoch
+from gluon_ft.train import StepOptions, TrainConfig, make_trainer, train, train_epoch
 from gluon_ft.train.devices import micro_batches
 
 LOSS = gluon.loss.SoftmaxCrossEntropyLoss()
@@ -475,7 +475,7 @@ def run_steps(ctx, accumulate: int, freeze_first: bool = False):
     set_trainable_grad_req(net, config.freeze_plan().grad_req)
     trainer = make_trainer(net, config, ctx)
     before = snapshot(net)
-    train_epoch(net, trainer, host_batches(2), ctx, LOSS, config)
+    train_epoch(net, trainer, host_batches(2), ctx, LOSS, options=StepOptions.of(config))
     return net, before
 
 

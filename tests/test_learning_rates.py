@@ -14,7 +14,7 @@ from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
 from gluon_ft.data.transforms import normalize_batch
-from gluon_ft.train import MetricSums, TrainConfig, make_trainer, train_batch
+from gluon_ft.train import MetricSums, StepOptions, TrainConfig, make_trainer, train_batch
 
 BATCH = 32
 
@@ -38,7 +38,8 @@ def one_step_each_way(lr: float, wd: float, text_wd: float) -> tuple[dict, dict]
     ours = small_net(seed=1)
     config = TrainConfig(lr=lr, wd=wd, batch_size=BATCH)
     trainer = make_trainer(ours, config, [mx.cpu()])
-    train_batch(ours, trainer, images, labels, [mx.cpu()], loss_fn, config, MetricSums([mx.cpu()]))
+    sums, options = MetricSums([mx.cpu()]), StepOptions.of(config)
+    train_batch(ours, trainer, images, labels, [mx.cpu()], loss_fn, sums, options=options)
 
     text = small_net(seed=1)
     options = {"learning_rate": lr / BATCH, "wd": text_wd}

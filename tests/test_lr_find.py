@@ -20,7 +20,7 @@ from gluon_ft.train.devices import parse_contexts
 from gluon_ft.train.feeds import image_loaders, load_dataset
 from gluon_ft.train.lr_find import lr_at, lr_find, range_test, suggest_valley
 from gluon_ft.train.network import make_loss, make_trainer, ready_network
-from gluon_ft.train.step import MetricSums, train_batch
+from gluon_ft.train.step import MetricSums, StepOptions, train_batch
 
 
 def _setup(data: Path, tmp_path: Path, **changes):
@@ -39,7 +39,8 @@ def _setup(data: Path, tmp_path: Path, **changes):
 def _step(setup, images, labels) -> None:
     config, ctx, net, trainer, _, loss_fn = setup
     mx.random.seed(1)
-    train_batch(net, trainer, images, labels, ctx, loss_fn, config, MetricSums(ctx))
+    sums = MetricSums(ctx)
+    train_batch(net, trainer, images, labels, ctx, loss_fn, sums, options=StepOptions.of(config))
 
 
 def _state(net, trainer) -> dict:

@@ -18,7 +18,14 @@ from gluon_ft.data.loaders import make_loader
 from gluon_ft.data.transforms import TestTransform
 from gluon_ft.errors import UsageError
 from gluon_ft.model.graft import SourceModel, build_model, graft_new_head
-from gluon_ft.train import TrainConfig, make_trainer, parse_contexts, train, train_epoch
+from gluon_ft.train import (
+    StepOptions,
+    TrainConfig,
+    make_trainer,
+    parse_contexts,
+    train,
+    train_epoch,
+)
 
 
 def tiny_net(classes: int = 2, seed: int = 0) -> nn.HybridSequential:
@@ -40,7 +47,7 @@ def one_epoch(net, data_root, ctx, batch_size, hybridize=True, **config):
         net.hybridize()
     trainer = make_trainer(net, cfg, ctx)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-    sums, skipped, _ = train_epoch(net, trainer, loader, ctx, loss_fn, cfg)
+    sums, skipped, _ = train_epoch(net, trainer, loader, ctx, loss_fn, options=StepOptions.of(cfg))
     return sums, skipped
 
 

@@ -147,7 +147,7 @@ class GluonFTStep:
 
         from gluon_ft.model.freeze import FreezePlan
         from gluon_ft.model.graft import scratch_twin
-        from gluon_ft.train import TrainConfig, amp, make_trainer
+        from gluon_ft.train import StepOptions, TrainConfig, amp, make_trainer
 
         self.ctx = [mx.cpu()]
         self.config = TrainConfig(
@@ -165,6 +165,7 @@ class GluonFTStep:
         amp.prepare_network(self.net, dtype)
         self.net.hybridize(static_alloc=True, static_shape=True)
         self.trainer = make_trainer(self.net, self.config, self.ctx)
+        self.options = StepOptions.of(self.config)
         self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
         self.batch = host_batch(sizes)
         self.batch_size = sizes.batch_size
@@ -178,7 +179,7 @@ class GluonFTStep:
         mx.nd.waitall()
         batches = EpochSteps([self.batch] * steps, self.config.seed, 0, 0, StopRequest())
         _, _, seconds = train_epoch(
-            self.net, self.trainer, batches, self.ctx, self.loss_fn, self.config
+            self.net, self.trainer, batches, self.ctx, self.loss_fn, options=self.options
         )
         return seconds
 

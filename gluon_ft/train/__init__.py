@@ -3,7 +3,8 @@
 ``python -m gluon_ft.train`` is ``gluon-ft train``. The modules, from the top:
 
 - :mod:`~gluon_ft.train.run`: ``train``/``pretrain`` as named phases;
-- :mod:`~gluon_ft.train.step`: ``train_batch``, ``train_epoch``, ``evaluate``;
+- :mod:`~gluon_ft.train.step`: ``train_batch``, ``train_epoch`` (their ``StepOptions``),
+  ``evaluate``;
 - :mod:`~gluon_ft.train.network`, :mod:`~gluon_ft.train.feeds`,
   :mod:`~gluon_ft.train.rundir`, :mod:`~gluon_ft.train.resume`: what the phases use;
 - :mod:`~gluon_ft.train.config`, :mod:`~gluon_ft.train.devices`, and the mechanisms
@@ -18,11 +19,12 @@ from gluon_ft.train.feeds import image_loaders, load_dataset
 from gluon_ft.train.network import build_network, make_trainer
 from gluon_ft.train.resume import EpochSteps, StopRequest, step_seed
 from gluon_ft.train.run import pretrain, train
-from gluon_ft.train.step import MetricSums, evaluate, train_batch, train_epoch
+from gluon_ft.train.step import MetricSums, StepOptions, evaluate, train_batch, train_epoch
 
 __all__ = [
     "EpochSteps",
     "MetricSums",
+    "StepOptions",
     "StopRequest",
     "TrainConfig",
     "build_network",

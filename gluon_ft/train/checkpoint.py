@@ -245,10 +245,23 @@ def save_checkpoint(
     """
     directory = Path(directory)
     name = checkpoint_name(int(meta["epoch"]), int(meta.get("step", 0)))
-    final = directory / name
     tmp = directory / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    described = _write_arrays(tmp, net, trainer, running_stats, ema)
+    full_meta = {"format": FORMAT, **meta, **described}
+    (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2) + "\n")
+    _fsync(tmp / META_FILE)
+    _fsync(tmp)
+    saved = Checkpoint(_move_into_place(tmp, directory / name), full_meta)
+    _remove_superseded(directory, saved)
+    return saved
+
+
+def _write_arrays(tmp: Path, net, trainer, running_stats, ema) -> dict:
+    """Write the checkpoint's array files into ``tmp``, each synced to disk; return what
+    ``meta.json`` says of them: ``optimizer``, ``files`` (size and SHA-1 of each) and, with
+    ``ema``, ``ema``."""
     net.save_parameters(str(tmp / PARAMS_FILE))
     arrays, optimizer_info = optimizer_state(trainer, net)
     mx.nd.save(str(tmp / OPTIMIZER_FILE), arrays)
@@ -268,24 +281,30 @@ def save_checkpoint(
             "bytes": (tmp / file_name).stat().st_size,
             "sha1": _sha1(tmp / file_name),
         }
-    full_meta = {"format": FORMAT, **meta, "optimizer": optimizer_info, "files": files}
+    described = {"optimizer": optimizer_info, "files": files}
     if ema_info is not None:
-        full_meta["ema"] = ema_info
-    (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2) + "\n")
-    _fsync(tmp / META_FILE)
-    _fsync(tmp)
+        described["ema"] = ema_info
+    return described
+
+
+def _move_into_place(tmp: Path, final: Path) -> Path:
+    """Rename the complete temporary directory ``tmp`` to ``final``, and sync the folder."""
+    directory = final.parent
     if final.exists():
         # Only a checkpoint that resume skipped as damaged can be in the way: set it aside.
-        stale = directory / f".{name}.old-{os.getpid()}"
+        stale = directory / f".{final.name}.old-{os.getpid()}"
         os.rename(final, stale)
         shutil.rmtree(stale, ignore_errors=True)
     os.rename(tmp, final)
     _fsync(directory)
-    saved = Checkpoint(final, full_meta)
+    return final
+
+
+def _remove_superseded(directory: Path, saved: Checkpoint) -> None:
+    """Remove the interrupted checkpoints older than ``saved``: it supersedes them."""
     for older in list_checkpoints(directory):
         if older.step and older.position < saved.position:
             shutil.rmtree(older.path, ignore_errors=True)
-    return saved
 
 
 def _read_meta(path: Path) -> dict:

@@ -14,6 +14,7 @@ the new head learns ``--head-lr-mult`` times faster, as in training.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from gluon_ft.train.feeds import image_loaders, load_dataset
 from gluon_ft.train.network import make_loss, make_trainer, ready_network
 from gluon_ft.train.rundir import default_out
 from gluon_ft.train.snapshot import TrainingSnapshot
-from gluon_ft.train.step import MetricSums, train_batch
+from gluon_ft.train.step import MetricSums, StepOptions, train_batch
 
 SMOOTHING = 0.98  # beta of the loss's moving average, fastai's
 BLOW_UP = 4.0  # stop once the smoothed loss exceeds this many times the best so far
@@ -180,32 +181,59 @@ def range_test(
         The curve and the rate of :func:`suggest_valley`.
     """
     check_range(num_steps, start_lr, end_lr)
-    snapshot = TrainingSnapshot(net, trainer)
-    sampler = getattr(loader, "_batch_sampler", None)
-    position = (sampler.epoch, sampler.first_batch) if hasattr(sampler, "set_epoch") else None
-    lrs, losses, smoothed = [], [], []
-    blew_up = False
-    mx.random.seed(config.seed)  # the same settings give the same curve
-    batches = _passes(loader)
-    try:
-        while len(lrs) < num_steps and not blew_up:
-            images, labels = next(batches)
-            lrs.append(lr_at(len(lrs), num_steps, start_lr, end_lr))
-            trainer.set_learning_rate(lrs[-1])
-            sums = MetricSums(ctx)
-            train_batch(net, trainer, images, labels, ctx, loss_fn, config, sums, prepare)
-            losses.append(sums.read()[0])
-            smoothed = smooth(losses)
-            blew_up = not math.isfinite(smoothed[-1]) or smoothed[-1] > BLOW_UP * min(smoothed)
-    finally:
-        batches.close()  # ends the loader's pass (and its worker processes) now
-        snapshot.restore()
-        if position is not None:
-            sampler.set_epoch(*position)
+    options = StepOptions.of(config, prepare=prepare)
+    with _put_back(net, trainer, loader):
+        mx.random.seed(config.seed)  # the same settings give the same curve
+        batches = _passes(loader)
+        try:
+            rates = [lr_at(step, num_steps, start_lr, end_lr) for step in range(num_steps)]
+            lrs, losses, smoothed = _sweep(net, trainer, batches, ctx, loss_fn, options, rates)
+        finally:
+            batches.close()  # ends the loader's pass (and its worker processes) now
+    blew_up = _blew_up(smoothed)
     # The step that blew up is kept in the curve, but no suggestion comes from it.
     suggestion, how = suggest_valley(lrs, smoothed[:-1] if blew_up else smoothed)
     stopped_early = blew_up and len(lrs) < num_steps
     return LrFindResult(lrs, losses, smoothed, suggestion, METHOD, how, stopped_early, len(lrs))
+
+
+@contextmanager
+def _put_back(net: gluon.Block, trainer: gluon.Trainer, loader):
+    """Restore the network, its Trainer and the loader's epoch and batch position on leaving,
+    bit for bit (:class:`~gluon_ft.train.snapshot.TrainingSnapshot`)."""
+    snapshot = TrainingSnapshot(net, trainer)
+    sampler = getattr(loader, "_batch_sampler", None)
+    position = (sampler.epoch, sampler.first_batch) if hasattr(sampler, "set_epoch") else None
+    try:
+        yield
+    finally:
+        snapshot.restore()
+        if position is not None:
+            sampler.set_epoch(*position)
+
+
+def _sweep(net, trainer, batches, ctx, loss_fn, options: StepOptions, rates: list[float]):
+    """One training step per rate of ``rates``, in order, until the loss blows up (see
+    :func:`_blew_up`); returns the ``(lrs, losses, smoothed)`` of the steps taken."""
+    lrs, losses, smoothed = [], [], []
+    for rate in rates:
+        images, labels = next(batches)
+        lrs.append(rate)
+        trainer.set_learning_rate(rate)
+        sums = MetricSums(ctx)
+        train_batch(net, trainer, images, labels, ctx, loss_fn, sums, options=options)
+        losses.append(sums.read()[0])
+        smoothed = smooth(losses)
+        if _blew_up(smoothed):
+            break
+    return lrs, losses, smoothed
+
+
+def _blew_up(smoothed: list[float]) -> bool:
+    """The newest smoothed loss is not finite, or over ``BLOW_UP`` times the best so far."""
+    if not smoothed:
+        return False
+    return not math.isfinite(smoothed[-1]) or smoothed[-1] > BLOW_UP * min(smoothed)
 
 
 def default_lr_find_out(config: TrainConfig) -> Path:

@@ -1,12 +1,13 @@
 """Stopping and resuming: signals, per-step seeds, and checking what ``--resume`` continues.
 
 A run stops between two steps on SIGINT or SIGTERM (:class:`StopRequest`) and saves a
-checkpoint first. Every step draws from ``mx.random`` under its own seed and sets its own
-scheduled rate (:class:`EpochSteps`), so a resumed run, even one stopped mid-epoch, computes
-exactly what an uninterrupted run would. ``--resume`` continues only the same run: the
-settings of ``config.json`` (:func:`find_resume_checkpoint`), and the classes and image files
-the run started with (:func:`check_same_data`). The checkpoint files themselves are
-:mod:`gluon_ft.train.checkpoint`'s.
+checkpoint first (:func:`save_interrupted`); the resumed epoch adds the metrics of the steps
+it took before (:func:`add_steps_before`). Every step draws from ``mx.random`` under its own
+seed and sets its own scheduled rate (:class:`EpochSteps`), so a resumed run, even one
+stopped mid-epoch, computes exactly what an uninterrupted run would. ``--resume`` continues
+only the same run: the settings of ``config.json`` (:func:`find_resume_checkpoint`), and the
+classes and image files the run started with (:func:`check_same_data`). The checkpoint files
+themselves are :mod:`gluon_ft.train.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import mxnet as mx
 import numpy as np
 
 from gluon_ft.errors import DivergedError, Interrupted, UsageError
-from gluon_ft.train.checkpoint import latest_checkpoint, remove_stale_temporaries
+from gluon_ft.train.bn_stats import every_copy
+from gluon_ft.train.checkpoint import Checkpoint, latest_checkpoint, remove_stale_temporaries
 from gluon_ft.train.config import TrainConfig
 from gluon_ft.train.dist import DistContext
+from gluon_ft.train.step import sum_over_workers
 
 # Settings that a resumed run may change, because
 # they do not change what is computed:
@@ -132,11 +135,17 @@ class EpochSteps:
         self.stop = stop
         self.set_lr = set_lr  # set_lr(epoch, step), 0-based, before each step
         self.rank = rank
+        self.first_step = first_step
         self.done = first_step
         self.total = first_step + len(loader)
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    @property
+    def stopped(self) -> bool:
+        """A signal stopped the epoch between two steps, before its last."""
+        return self.done < self.total
 
     def __iter__(self):
         for step, batch in enumerate(self.loader, self.done + 1):
@@ -168,6 +177,44 @@ def checkpoint_meta(
             "mxnet": "mx.random.seed(step_seed(seed, epoch, step[, rank])) before each step",
         },
     }
+
+
+def save_interrupted(steps: EpochSteps, totals: tuple, net, dist: DistContext, keep) -> None:
+    """Keep the checkpoint of an epoch that a signal stopped between two steps, unless it
+    stopped before taking one (the last checkpoint is then the place to resume).
+
+    ``totals`` are this worker's ``(MetricSums, skipped files, seconds)`` of the epoch so far,
+    which the checkpoint keeps as ``partial`` (:func:`add_steps_before` adds them back).
+    ``keep(position, partial=..., reason=..., copies=...)`` saves it, the signal's name as the
+    reason; None on a worker that does not write. Every worker of a distributed run calls
+    this: the sums are taken over every worker, and every worker's (and device's) BatchNorm
+    statistics are kept, which is what the resumed run needs to end bit for bit as if never
+    stopped.
+    """
+    if steps.done == steps.first_step:
+        return
+    sums, skipped, seconds = totals
+    sums, skipped = sum_over_workers(dist, sums, skipped)
+    copies = every_copy(net, dist)
+    if keep is not None:
+        partial = {"sums": sums.totals(), "skipped": skipped, "seconds": seconds}
+        position = (steps.epoch, steps.done)
+        keep(position, partial=partial, reason=steps.stop.signal, copies=copies)
+
+
+def add_steps_before(resumed: Checkpoint | None, epoch: int, totals: tuple) -> tuple:
+    """``totals`` (``(MetricSums, skipped files, seconds)``) of ``epoch``, with those of the
+    steps it took before the interruption that ``resumed`` was saved on.
+
+    The checkpoint's ``partial`` totals are over every worker: only the writer adds them,
+    before the sums over the workers.
+    """
+    if resumed is None or not resumed.step or epoch != resumed.epoch:
+        return totals
+    sums, skipped, seconds = totals
+    partial = resumed.meta["partial"]
+    sums.add_totals(partial["sums"])
+    return sums, skipped + partial["skipped"], seconds + partial["seconds"]
 
 
 def read_run_file(run_dir: Path, name: str):

@@ -2,16 +2,20 @@
 
 Open the run (devices, cluster, run directory, the checkpoint to resume), load the data,
 build the network and its Trainer, make the feeds, run the epochs, close the run. Each phase
-is a function below; the step and the epoch are :mod:`gluon_ft.train.step`'s.
+is a function below; the step and the epoch are :mod:`gluon_ft.train.step`'s. Each epoch is
+three phases, as d2l's ``train_ch13``: train one epoch, validate, record; checkpoints and the
+files of the run are :mod:`~gluon_ft.train.rundir`'s, stopping and resuming
+:mod:`~gluon_ft.train.resume`'s.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import mxnet as mx
@@ -22,21 +26,18 @@ from gluon_ft import paths
 from gluon_ft.data import splits
 from gluon_ft.data.loaders import global_batch_sizes, set_epoch
 from gluon_ft.data.splits import DatasetParts
-from gluon_ft.deploy.plots import plot_curves
 from gluon_ft.deploy.report import build_report
 from gluon_ft.errors import DivergedError, UsageError
 from gluon_ft.model import zoo
 from gluon_ft.model.freeze import FreezePlan, ParamTable, log_table
 from gluon_ft.model.graft import get_head, sidecar_path
 from gluon_ft.train import amp
-from gluon_ft.train.bn_stats import every_copy, restore_copy, sync_bn_stats, wants_sync
+from gluon_ft.train.bn_stats import restore_copy, sync_bn_stats, wants_sync
 from gluon_ft.train.checkpoint import (
     PARAMS_FILE,
     Checkpoint,
     checkpoint_name,
-    prune_checkpoints,
     restore_checkpoint,
-    save_checkpoint,
     saved_ema,
     saved_running_stats,
 )
@@ -50,6 +51,7 @@ from gluon_ft.train.network import build_network, make_loss, make_trainer, ready
 from gluon_ft.train.resume import (
     EpochSteps,
     StopRequest,
+    add_steps_before,
     agree_on_checkpoint,
     check_same_data,
     checkpoint_meta,
@@ -58,12 +60,14 @@ from gluon_ft.train.resume import (
     find_resume_checkpoint,
     interrupted_at,
     read_run_file,
+    save_interrupted,
 )
-from gluon_ft.train.rundir import SPLIT_FILE, RunDirectory, TensorBoardLog, default_out
+from gluon_ft.train.rundir import SPLIT_FILE, RunDirectory, default_out
 from gluon_ft.train.schedule import LrSchedule
 from gluon_ft.train.selection import epochs_without_improvement, selection
 from gluon_ft.train.step import (
     MetricSums,
+    StepOptions,
     check_finite,
     check_params_finite,
     evaluate,
@@ -101,7 +105,6 @@ class Session:
     dist: DistContext
     run: RunDirectory
     resumed: Checkpoint | None  # the checkpoint --resume continues from
-    tensorboard: TensorBoardLog | None = None  # --tensorboard, on the writer
     dtype_choice: dict = field(default_factory=dict)  # amp.choose_dtype's record
 
     @property
@@ -200,8 +203,7 @@ def train(config: TrainConfig) -> dict:
             session.run.remove_if_unused()
             raise
         finally:
-            if session.tensorboard is not None:
-                session.tensorboard.close()
+            session.run.close()
         return close_run(config, session, model, parts, history)
 
 
@@ -242,9 +244,9 @@ def open_run(config: TrainConfig) -> Session:
         )
     if dist.is_writer:  # before the data: an unwritable --out fails before a download
         run.prepare(resume=config.resume)
-    logs_events = config.tensorboard and dist.is_writer
-    tensorboard = TensorBoardLog(run.path / "tensorboard") if logs_events else None
-    return Session(ctx, dist, run, resumed, tensorboard, dtype_choice)
+    if config.tensorboard and dist.is_writer:
+        run.log_events()
+    return Session(ctx, dist, run, resumed, dtype_choice)
 
 
 def load_data(config: TrainConfig, session: Session) -> DatasetParts:
@@ -416,59 +418,33 @@ def write_config(config, session, model, feeds, parts: DatasetParts, data_files:
 def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopRequest) -> list:
     """Train from the start, or the resumed position, to ``config.epochs``; return the rows.
 
-    Each epoch: set its order, unfreeze what the plan says, train, check for divergence,
-    stop here if a signal came, then evaluate, report and checkpoint.
+    As d2l's ``train_ch13``: each epoch trains (:func:`train_one_epoch`), validates
+    (:func:`validate`) and is recorded (:func:`record_epoch`), until ``--early-stop`` says
+    enough or a signal stops the run.
     """
     resumed = session.resumed
     progress = Progress(list(resumed.meta["history"]) if resumed else [], resumed)
     start_epoch, start_step = resumed.position if resumed else (0, 0)
     # Steps per epoch from the loader's length: no set_epoch has skipped any yet.
     set_lr = LrSchedule.of(config, len(feeds.train)).setter(model.trainer)
+    ema_update = model.ema.update if model.ema is not None else None
+    options = StepOptions.of(config, after_step=ema_update)
     if feeds.eval_part == "test" and session.writer:
         say(config, NO_VALIDATION_NOTE)
     for epoch in range(start_epoch, config.epochs):
         if should_stop_early(config, progress.history):
             break
         started = time.perf_counter()
+        # Train one epoch: the resumed one from its next step.
+        feeds = epoch_feeds(config, feeds, epoch)
         first_step = start_step if epoch == start_epoch else 0
-        if epoch == config.head_epochs and feeds.after_head is not None:
-            feeds = feeds.after_head()  # the body trains from here: images, not features
-        set_epoch(feeds.train, epoch, first_step)
-        rank = session.dist.rank if session.dist.distributed else None  # one process: no rank
-        steps = EpochSteps(feeds.train, config.seed, epoch, first_step, stop, set_lr, rank)
-        unfrozen = unfreeze_for_epoch(config, session, model, epoch)
-        sums, skipped, seconds = fit_epoch(config, session, model, feeds, steps, progress)
-        if epoch == start_epoch and resumed is not None and resumed.step and session.writer:
-            # The steps taken before the interruption, summed over the workers: added once.
-            partial = resumed.meta["partial"]
-            sums.add_totals(partial["sums"])
-            skipped += partial["skipped"]
-            seconds += partial["seconds"]
-        check_epoch_finite(model, sums, steps, epoch, progress)
-        if steps.done < steps.total:  # a signal stopped the epoch between two steps
-            if steps.done > first_step:
-                partial = (sums, skipped, seconds)
-                position = (epoch, steps.done)
-                save_interrupted(config, session, model, progress, position, partial, stop.signal)
-            raise interrupted_at(stop, progress.last_checkpoint, session.writer)
-        if session.dist.distributed:  # the epoch's metrics over every worker's shard
-            sums, skipped = sum_over_workers(session.dist, sums, skipped)
-        share_bn_stats(config, session, model)
-        scores = score_epoch(feeds, session)
-        if model.ema is not None:
-            with model.ema.swapped_in():
-                scores.update({f"ema_{k}": v for k, v in score_epoch(feeds, session).items()})
-        row = epoch_row(model, epoch, sums, skipped, seconds, started, scores, unfrozen)
-        report_epoch(config, row, progress.history)
-        progress.history.append(row)
-        if session.writer:
-            save_progress(config, session, model, progress, (epoch + 1, 0), None, "epoch")
-            best = best_epoch(config, feeds, progress.history)
-            prune_checkpoints(session.run.path / "checkpoints", config.keep_checkpoints, [best])
-            session.run.write_metrics(progress.history)
-            if session.tensorboard is not None:
-                session.tensorboard.add_epoch(row)
-            plot_curves(progress.history, session.run.path / "curves.png")
+        steps = epoch_steps(config, session, feeds, epoch, first_step, stop, set_lr)
+        trained = train_one_epoch(config, session, model, feeds, steps, options, progress)
+        # Validate: the weights, and --ema's average of them.
+        scores = validate(config, session, model, feeds)
+        # Record: the epoch's line, its checkpoint and the run directory's files.
+        row = epoch_row(model, trained, scores, started)
+        record_epoch(config, session, model, feeds, progress, row)
         if epoch + 1 < config.epochs and stop.requested():
             raise interrupted_at(stop, progress.last_checkpoint, session.writer)
     return progress.history
@@ -487,28 +463,54 @@ def should_stop_early(config: TrainConfig, history: list[dict]) -> bool:
     return epochs_without_improvement(history, config.monitor) >= config.early_stop
 
 
-def best_epoch(config: TrainConfig, feeds: Feeds, history: list[dict]) -> int:
-    """The epoch ``model.params`` will hold: the best by ``--monitor``, else the last."""
-    validated = feeds.eval_part == "val"
-    return selection(history, config.monitor, validated, config.epochs)["best_epoch"]
+def epoch_feeds(config: TrainConfig, feeds: Feeds, epoch: int) -> Feeds:
+    """The feeds ``epoch`` trains on: after ``--head-epochs``, images rather than features."""
+    if epoch == config.head_epochs and feeds.after_head is not None:
+        return feeds.after_head()  # the body trains from here
+    return feeds
 
 
-def score_epoch(feeds: Feeds, session: Session) -> dict:
-    """The epoch's scores: val loss and accuracy, or without a val part the test accuracy."""
-    ctx, dist = session.ctx, session.dist
-    net, prepare = feeds.scorer()
-    if feeds.eval_part == "test":
-        return {"test_acc": evaluate(net, feeds.eval, ctx, dist, prepare)}
-    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
-    loss, acc = evaluate_sums(net, feeds.eval, ctx, dist, prepare, loss_fn).read()
-    return {"val_loss": loss, "val_acc": acc}
+def epoch_steps(config, session: Session, feeds: Feeds, epoch, first_step, stop, set_lr):
+    """The :class:`EpochSteps` of ``epoch`` from ``first_step`` on, in the epoch's order."""
+    set_epoch(feeds.train, epoch, first_step)
+    rank = session.dist.rank if session.dist.distributed else None  # one process: no rank
+    return EpochSteps(feeds.train, config.seed, epoch, first_step, stop, set_lr, rank)
 
 
-def share_bn_stats(config, session: Session, model: Model) -> None:
-    """``--sync-bn-stats``: one set of BatchNorm running statistics over the devices and
-    workers, so that the test pass measures the statistics that are saved."""
-    if wants_sync(config.sync_bn_stats, len(session.ctx), session.dist):
-        sync_bn_stats(model.net, session.dist)
+@dataclass
+class TrainedEpoch:
+    """What an epoch's training leaves for its row."""
+
+    epoch: int  # 0-based
+    sums: MetricSums  # over every worker, with the steps a resumed epoch took before
+    skipped: int  # unreadable files passed over
+    seconds: float  # in the steps
+    unfrozen: list[str]  # what --unfreeze-at opened at its start
+
+
+def train_one_epoch(config, session, model, feeds, steps, options, progress) -> TrainedEpoch:
+    """Open what the plan unfreezes, take the epoch's ``steps``, and sum their metrics over
+    the workers.
+
+    Raises
+    ------
+    DivergedError
+        The loss or the weights are not finite.
+    Interrupted
+        A signal stopped the epoch between two steps; its checkpoint is saved first.
+    """
+    unfrozen = unfreeze_for_epoch(config, session, model, steps.epoch)
+    totals = fit_epoch(config, session, model, feeds, steps, options, progress)
+    if session.writer:  # the checkpoint's sums are over every worker already: added once
+        totals = add_steps_before(session.resumed, steps.epoch, totals)
+    check_epoch_finite(model, totals[0], steps, progress)
+    if steps.stopped:  # by a signal: keep the steps so far, then stop
+        keep = functools.partial(keep_checkpoint, config, session, model, progress)
+        save_interrupted(steps, totals, model.net, session.dist, keep if session.writer else None)
+        raise interrupted_at(steps.stop, progress.last_checkpoint, session.writer)
+    sums, skipped, seconds = totals
+    sums, skipped = sum_over_workers(session.dist, sums, skipped)
+    return TrainedEpoch(steps.epoch, sums, skipped, seconds, unfrozen)
 
 
 def unfreeze_for_epoch(config, session: Session, model: Model, epoch: int) -> list[str]:
@@ -524,20 +526,14 @@ def unfreeze_for_epoch(config, session: Session, model: Model, epoch: int) -> li
     return unfrozen
 
 
-def fit_epoch(config, session: Session, model: Model, feeds: Feeds, steps, progress: Progress):
+def fit_epoch(config, session: Session, model: Model, feeds: Feeds, steps, options, progress):
     """:func:`train_epoch` under a progress bar; returns ``(sums, skipped, seconds)``."""
-    from tqdm.auto import tqdm
-
     # Workers step together; each step's gradient is divided by its global batch.
-    dist = session.dist
-    step_samples = global_batch_sizes(feeds.train) if dist.distributed else None
-    with tqdm(
-        total=len(feeds.train),
-        desc=f"epoch {steps.epoch + 1}/{config.epochs}",
-        unit="batch",
-        disable=not (config.progress and session.writer and bars_render()),
-        leave=False,
-    ) as bar:
+    step_samples = global_batch_sizes(feeds.train) if session.dist.distributed else None
+    # The epoch's input (cached features in the head epochs) and mixing.
+    mixer = epoch_mixer(model, feeds, steps.epoch)
+    options = replace(options, prepare=feeds.prepare, mixer=mixer)
+    with epoch_bar(config, session, len(feeds.train), steps.epoch) as bar:
         try:
             return train_epoch(
                 feeds.net,
@@ -545,15 +541,26 @@ def fit_epoch(config, session: Session, model: Model, feeds: Feeds, steps, progr
                 steps,
                 session.ctx,
                 model.loss_fn,
-                config,
-                bar,
-                step_samples,
-                feeds.prepare,
-                epoch_mixer(model, feeds, steps.epoch),
-                model.ema.update if model.ema is not None else None,
+                options=options,
+                bar=bar,
+                step_samples=step_samples,
             )
         except DivergedError as err:
             raise diverged_since(err, steps.epoch, progress.last_checkpoint) from None
+
+
+def epoch_bar(config, session: Session, total: int, epoch: int):
+    """The epoch's progress bar of ``total`` steps: drawn on the writer only, where it
+    redraws in place (:func:`bars_render`), unless ``--no-progress``."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        unit="batch",
+        disable=not (config.progress and session.writer and bars_render()),
+        leave=False,
+    )
 
 
 def epoch_mixer(model: Model, feeds: Feeds, epoch: int):
@@ -564,7 +571,7 @@ def epoch_mixer(model: Model, feeds: Feeds, epoch: int):
     return model.mixer
 
 
-def check_epoch_finite(model: Model, sums: MetricSums, steps, epoch: int, progress) -> None:
+def check_epoch_finite(model: Model, sums: MetricSums, steps, progress) -> None:
     """Stop with exit 3 if the epoch's loss or the trained weights are not finite."""
     lr = model.trainer.learning_rate
     try:
@@ -572,58 +579,87 @@ def check_epoch_finite(model: Model, sums: MetricSums, steps, epoch: int, progre
             check_finite(sums.read()[0], steps.done, lr)
         check_params_finite(model.net, lr)
     except DivergedError as err:
-        raise diverged_since(err, epoch, progress.last_checkpoint) from None
+        raise diverged_since(err, steps.epoch, progress.last_checkpoint) from None
 
 
-def save_progress(
-    config, session, model, progress: Progress, position, partial, reason, copies=None
-) -> None:
-    """A checkpoint at ``position`` (finished epochs, steps into the next), which becomes
-    ``progress.last_checkpoint``; mid-epoch it keeps the ``partial`` sums so far and every
-    copy of the BatchNorm statistics (``copies``)."""
-    epoch, step = position
-    meta = checkpoint_meta(config, epoch, step, progress.history, partial, reason)
-    progress.last_checkpoint = save_checkpoint(
-        session.run.path / "checkpoints", model.net, model.trainer, meta, copies, model.ema
-    )
+def validate(config, session: Session, model: Model, feeds: Feeds) -> dict:
+    """The epoch's scores (:func:`score_epoch`), and with ``--ema`` its average's as
+    ``ema_*``; with one set of BatchNorm statistics, the one that is saved."""
+    share_bn_stats(config, session, model)
+    scores = score_epoch(feeds, session)
+    if model.ema is not None:
+        with model.ema.swapped_in():
+            scores.update({f"ema_{k}": v for k, v in score_epoch(feeds, session).items()})
+    return scores
 
 
-def save_interrupted(config, session, model, progress, position, partial, reason) -> None:
-    """The checkpoint of an epoch that a signal stopped at ``position``, with the metric sums
-    of its steps so far (``partial``: sums, skipped files, seconds).
-
-    The workers of a distributed run all call it: the sums are taken over every worker, and
-    every worker's (and device's) BatchNorm statistics are kept, which is what the resumed
-    run needs to end bit for bit as if never stopped.
-    """
-    sums, skipped, seconds = partial
-    if session.dist.distributed:
-        sums, skipped = sum_over_workers(session.dist, sums, skipped)
-    copies = every_copy(model.net, session.dist)
-    if session.writer:
-        totals = {"sums": sums.totals(), "skipped": skipped, "seconds": seconds}
-        save_progress(config, session, model, progress, position, totals, reason, copies)
+def share_bn_stats(config, session: Session, model: Model) -> None:
+    """``--sync-bn-stats``: one set of BatchNorm running statistics over the devices and
+    workers, so that the test pass measures the statistics that are saved."""
+    if wants_sync(config.sync_bn_stats, len(session.ctx), session.dist):
+        sync_bn_stats(model.net, session.dist)
 
 
-def epoch_row(model: Model, epoch, sums, skipped, seconds, started, scores, unfrozen) -> dict:
-    """The ``metrics.json`` row of a finished epoch."""
+def score_epoch(feeds: Feeds, session: Session) -> dict:
+    """The epoch's scores: val loss and accuracy, or without a val part the test accuracy."""
+    ctx, dist = session.ctx, session.dist
+    net, prepare = feeds.scorer()
+    if feeds.eval_part == "test":
+        return {"test_acc": evaluate(net, feeds.eval, ctx, dist, prepare)}
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    loss, acc = evaluate_sums(net, feeds.eval, ctx, dist, prepare, loss_fn).read()
+    return {"val_loss": loss, "val_acc": acc}
+
+
+def epoch_row(model: Model, trained: TrainedEpoch, scores: dict, started: float) -> dict:
+    """The ``metrics.json`` row of a finished epoch, which ``started`` at that perf_counter."""
+    sums = trained.sums
     loss, train_acc = sums.read()
     return EpochStats(
-        epoch=epoch + 1,
+        epoch=trained.epoch + 1,
         loss=loss,
         train_acc=train_acc,
         scores=scores,
-        examples_per_sec=sums.count / seconds if seconds else 0.0,
+        examples_per_sec=sums.count / trained.seconds if trained.seconds else 0.0,
         seconds=time.perf_counter() - started,
-        skipped=skipped,
+        skipped=trained.skipped,
         extra={
             "trainable_params": model.table.trainable_count,
             "frozen_params": model.table.frozen_count,
             "train_samples": sums.count,  # over every worker of a distributed run
             "lr": model.trainer.learning_rate,  # at the epoch's last step (see --lr-schedule)
-            **({"unfrozen": unfrozen} if unfrozen else {}),
+            **({"unfrozen": trained.unfrozen} if trained.unfrozen else {}),
         },
     ).as_dict()
+
+
+def record_epoch(config, session: Session, model: Model, feeds: Feeds, progress, row) -> None:
+    """The epoch's line; on the writer, its checkpoint, the pruning of older ones (the best
+    epoch's stays) and the run directory's rows (:meth:`RunDirectory.record`)."""
+    report_epoch(config, row, progress.history)
+    progress.history.append(row)
+    if session.writer:
+        keep_checkpoint(config, session, model, progress, (row["epoch"], 0))
+        best = best_epoch(config, feeds, progress.history)
+        session.run.prune(config.keep_checkpoints, [best])
+        session.run.record(progress.history)
+
+
+def best_epoch(config: TrainConfig, feeds: Feeds, history: list[dict]) -> int:
+    """The epoch ``model.params`` will hold: the best by ``--monitor``, else the last."""
+    validated = feeds.eval_part == "val"
+    return selection(history, config.monitor, validated, config.epochs)["best_epoch"]
+
+
+def keep_checkpoint(
+    config, session, model, progress: Progress, position, partial=None, reason="epoch", copies=None
+) -> None:
+    """A checkpoint at ``position`` (finished epochs, steps into the next), which becomes
+    ``progress.last_checkpoint``; mid-epoch it keeps the ``partial`` sums so far and every
+    copy of the BatchNorm statistics (``copies``), and ``reason`` names the signal."""
+    epoch, step = position
+    meta = checkpoint_meta(config, epoch, step, progress.history, partial, reason)
+    progress.last_checkpoint = session.run.keep(model.net, model.trainer, meta, copies, model.ema)
 
 
 # The scores of an epoch's line, in this order: the weights', then --ema's average's.

@@ -3,7 +3,8 @@
 ``config.json``, ``classes.json``, ``split.json``, ``metrics.json``, ``curves.png``,
 ``metrics.csv``, ``trainable.txt``, ``model.params``, ``checkpoints/`` and, with
 ``--tensorboard``, ``tensorboard/``. Only the writer (rank 0 of a
-distributed run) has one.
+distributed run) has one. Each epoch ends here: :meth:`RunDirectory.keep` its checkpoint,
+:meth:`RunDirectory.prune` the older ones, :meth:`RunDirectory.record` the rows so far.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import shutil
 import time
 from pathlib import Path
 
+import mxnet as mx
 from mxnet import gluon
 
 from gluon_ft import paths
+from gluon_ft.deploy.plots import plot_curves
 from gluon_ft.errors import UsageError
+from gluon_ft.train.checkpoint import Checkpoint, prune_checkpoints, save_checkpoint
 from gluon_ft.train.config import TrainConfig
 
 SPLIT_FILE = "split.json"  # which dataset file is in which part; --resume reuses it
@@ -31,6 +35,7 @@ class RunDirectory:
         # The folders prepare() created, deepest first: a run that fails before it writes
         # anything removes them again (the default ./runs/ included).
         self.created: list[Path] = []
+        self.tensorboard: TensorBoardLog | None = None  # --tensorboard: log_events()
 
     def prepare(self, resume: bool = False) -> None:
         """Create the folder, refusing to overwrite a finished or started run.
@@ -69,6 +74,46 @@ class RunDirectory:
                 folder.rmdir()  # only an empty folder goes
             except OSError:
                 return
+
+    def log_events(self) -> None:
+        """``--tensorboard``: :meth:`record` logs each row in ``tensorboard/`` from now on.
+
+        Raises
+        ------
+        UsageError
+            tensorboardX is not installed.
+        """
+        self.tensorboard = TensorBoardLog(self.path / "tensorboard")
+
+    def close(self) -> None:
+        """Close the TensorBoard log, if one is open."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+    def keep(
+        self,
+        net: gluon.Block,
+        trainer: gluon.Trainer,
+        meta: dict,
+        running_stats: mx.nd.NDArray | None = None,
+        ema=None,
+    ) -> Checkpoint:
+        """A checkpoint in ``checkpoints/`` (:func:`~gluon_ft.train.checkpoint.save_checkpoint`,
+        which says what ``meta``, ``running_stats`` and ``ema`` hold)."""
+        return save_checkpoint(self.path / "checkpoints", net, trainer, meta, running_stats, ema)
+
+    def prune(self, keep_last: int, keep_epochs=()) -> list[Path]:
+        """Remove the end-of-epoch checkpoints but the newest ``keep_last`` and those of
+        ``keep_epochs`` (:func:`~gluon_ft.train.checkpoint.prune_checkpoints`)."""
+        return prune_checkpoints(self.path / "checkpoints", keep_last, keep_epochs)
+
+    def record(self, history: list[dict]) -> None:
+        """The epochs' rows so far: :meth:`write_metrics`, the newest row in the TensorBoard
+        log (with ``--tensorboard``), and the curves in ``curves.png``."""
+        self.write_metrics(history)
+        if self.tensorboard is not None:
+            self.tensorboard.add_epoch(history[-1])
+        plot_curves(history, self.path / "curves.png")
 
     def write_json(self, name: str, obj) -> Path:
         return paths.write_json(self.path / name, obj)

@@ -1,9 +1,10 @@
 """The step and the epoch: ``train_batch``, ``train_epoch`` and ``evaluate``.
 
 As d2l's ``train_batch_ch13``/``train_ch13``: one optimizer step on a batch spread over the
-devices, a pass over a loader, and a predict-mode pass for accuracy. Loss and accuracy are
-summed on each device (:class:`MetricSums`) and read on the host only every
-``config.log_every`` steps, so a step never waits for the host.
+devices, a pass over a loader, and a predict-mode pass for accuracy. What a step needs of the
+run's settings is a :class:`StepOptions`, built once by :meth:`StepOptions.of`. Loss and
+accuracy are summed on each device (:class:`MetricSums`) and read on the host only every
+``log_every`` steps, so a step never waits for the host.
 
 ``Trainer.step`` divides the summed gradient by the samples of the step over all devices
 (and, in a distributed run, all workers), exactly once per step.
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import mxnet as mx
 from mxnet import autograd, gluon
@@ -25,6 +28,28 @@ from gluon_ft.train.config import TrainConfig
 from gluon_ft.train.devices import micro_batches, split_batch, split_rows, zero_unused_grads
 from gluon_ft.train.dist import DistContext
 from gluon_ft.train.mixing import Mixer
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How :func:`train_batch` and :func:`train_epoch` step, besides the network, its Trainer,
+    the batches, the devices and the loss.
+
+    :meth:`of` builds them from a run's settings; an epoch that trains on other inputs or
+    mixes otherwise gets its own with :func:`dataclasses.replace`.
+    """
+
+    dtype: str  # --dtype: the loss scaling of the backward pass (see amp.backward)
+    accumulate: int  # --accumulate: micro-batches per step, their gradients summed
+    log_every: int  # steps between host reads of the running metrics
+    prepare: Callable = normalize_batch  # a device batch -> the network's input
+    mixer: Mixer | None = None  # mixup/CutMix of each host batch; None mixes nothing
+    after_step: Callable | None = None  # after each optimizer step (--ema's update)
+
+    @classmethod
+    def of(cls, config: TrainConfig, **others) -> StepOptions:
+        """The options ``config`` sets; ``others`` gives ``prepare``, ``mixer``, ``after_step``."""
+        return cls(config.dtype, config.accumulate, config.log_every, **others)
 
 
 class MetricSums:
@@ -130,67 +155,65 @@ def train_batch(
     labels,
     ctx: list[mx.Context],
     loss_fn,
-    config: TrainConfig,
     sums: MetricSums,
-    prepare=normalize_batch,
+    *,
+    options: StepOptions,
     step_size: int | None = None,
-    mixer: Mixer | None = None,
 ) -> None:
     """One optimizer step on a host batch, its loss and accuracy added to ``sums``.
 
     ``images is None`` (every file of the batch unreadable) takes a step with zero gradients,
     which a distributed worker must, since the others wait for it. ``step_size`` is the
-    step's global batch in a distributed run; else the batch's own size. A ``mixer`` mixes
-    the host batch first (before it is split, so alike on any number of devices); the loss
-    then gets its soft targets, and accuracy counts the dominant label of each sample.
+    step's global batch in a distributed run; else the batch's own size. The options' mixer
+    mixes the host batch first (before it is split, so alike on any number of devices); the
+    loss then gets its soft targets, and accuracy counts the dominant label of each sample.
+    The options' ``after_step()`` runs once the step is taken.
     """
     extra = ()  # the mixed batch's soft targets, cut alongside the images and labels
-    if images is not None and mixer is not None:
-        mixed = mixer(images, labels)
+    if images is not None and options.mixer is not None:
+        mixed = options.mixer(images, labels)
         images, labels, extra = mixed.images, mixed.labels, (mixed.targets,)
     reached = 0  # contexts that got a slice of some micro-batch of this step
-    parts = [] if images is None else micro_batches(images, labels, config.accumulate, *extra)
+    parts = [] if images is None else micro_batches(images, labels, options.accumulate, *extra)
     for part_images, part_labels, *part_targets in parts:
         xs, ys = split_batch(part_images, part_labels, ctx)
         targets = split_rows(part_targets[0], ctx) if part_targets else ys
         with autograd.record():
-            outs = [net(prepare(x)) for x in xs]
+            outs = [net(options.prepare(x)) for x in xs]
             losses = [loss_fn(out, t) for out, t in zip(outs, targets)]
         # With --accumulate, grad_req is 'add': the micro-batches' gradients sum up.
-        amp.backward(losses, trainer, config.dtype)
+        amp.backward(losses, trainer, options.dtype)
         sums.add(outs, ys, losses)
         reached = max(reached, len(xs))
     if reached < len(ctx):
         zero_unused_grads(net, ctx[reached:])
     # The summed gradient is divided by the samples in this step, over all contexts.
     trainer.step(len(labels) if step_size is None else step_size)
-    if config.accumulate > 1:
+    if options.accumulate > 1:
         net.collect_params().zero_grad()
+    if options.after_step is not None:
+        options.after_step()
 
 
 def train_epoch(
     net,
-    trainer,
+    trainer: gluon.Trainer,
     loader,
-    ctx,
+    ctx: list[mx.Context],
     loss_fn,
-    config: TrainConfig,
+    *,
+    options: StepOptions,
     bar=None,
-    step_samples=None,
-    prepare=normalize_batch,
-    mixer: Mixer | None = None,
-    after_step=None,
+    step_samples: list[int] | None = None,
 ):
     """One pass over ``loader``; returns ``(MetricSums, skipped files, seconds)``.
 
-    ``prepare`` turns a device batch into the network's input (cached features: identity).
-    The host reads the metrics every ``config.log_every`` steps only. ``after_step()`` runs
-    after each optimizer step (``--ema``'s update).
+    Each batch is one :func:`train_batch` under ``options``. The host reads the metrics every
+    ``options.log_every`` steps only, and then advances the progress ``bar`` (tqdm's, if any).
 
     ``step_samples`` (distributed runs) lists the global batch size of each step: the summed
     gradient of all workers is divided by it, and a worker takes every step, with zero
-    gradients when its part of the batch is empty, since the others wait for it. ``mixer``
-    mixes each batch (mixup, CutMix; see :func:`train_batch`).
+    gradients when its part of the batch is empty, since the others wait for it.
     """
     sums = MetricSums(ctx)
     skipped = 0
@@ -201,13 +224,11 @@ def train_epoch(
             continue
         step_size = None if step_samples is None else step_samples[step - 1]
         train_batch(
-            net, trainer, images, labels, ctx, loss_fn, config, sums, prepare, step_size, mixer
+            net, trainer, images, labels, ctx, loss_fn, sums, options=options, step_size=step_size
         )
-        if after_step is not None:
-            after_step()
         if bar is not None:
             bar.update(1)
-        if step % config.log_every == 0 and sums.count:
+        if step % options.log_every == 0 and sums.count:
             loss, acc = sums.read()
             check_finite(loss, step, trainer.learning_rate)
             if bar is not None:
