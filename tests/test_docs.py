@@ -97,3 +97,27 @@ def test_the_link_check_finds_what_is_broken(tmp_path):
         "page.md: there.md#nowhere (no such heading)",
         "page.md: pic.png (no such file)",
     ]
+
+
+def contract_rows() -> dict[str, str]:
+    """The layers of each package's contract in pyproject.toml, as architecture.md writes them."""
+    import tomllib
+
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+    rows = {}
+    for contract in contracts["contracts"]:
+        if contract["type"] == "layers" and contract["containers"] != ["gluon_ft"]:
+            package = contract["containers"][0].removeprefix("gluon_ft.")
+            layers = (f"`{layer.replace('|', chr(92) + '|')}`" for layer in contract["layers"])
+            rows[package] = " -> ".join(layers)
+    return rows
+
+
+def test_architecture_md_states_the_contracts_of_pyproject():
+    page = (REPO / "docs" / "architecture.md").read_text()
+    stale = {
+        package: row
+        for package, row in contract_rows().items()
+        if f"| `{package}/` | {row} |" not in page
+    }
+    assert stale == {}, "docs/architecture.md: update the package table to these layers"
