@@ -88,6 +88,14 @@ def test_onnx_export_of_a_residual_network(resnet_run, tmp_path):
         "model.onnx",
         "preprocessing.json",
     ]
+    # Weights are initializers only, so that ONNX Runtime may fold and fuse them: an input
+    # with an initializer is an overridable default it must leave alone.
+    model = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert [graph_input.name for graph_input in model.graph.input] == ["data"]
+    # Compared without the network's prefix (resnetv2N_), which counts networks built.
+    initializers = {tensor.name.split("_", 1)[-1] for tensor in model.graph.initializer}
+    weights = {name.split("_", 1)[1] for name in load_run(resnet_run).net.collect_params()}
+    assert len(weights) == 98 and weights <= initializers, weights - initializers
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,9 @@
 
 ``mxnet``: ``model-symbol.json`` + ``model-0000.params`` (``HybridBlock.export``), reloaded
 with ``SymbolBlock.imports`` and compared with the run's network on the same input.
-``onnx``: ``model.onnx`` (``mx.onnx.export_model``, dynamic batch size), run with
-``onnx.reference.ReferenceEvaluator`` and compared likewise; it must agree within 1e-4.
+``onnx``: ``model.onnx`` (``mx.onnx.export_model``, dynamic batch size; the weights are
+initializers only, not also graph inputs, so that ONNX Runtime can fold and fuse them), run
+with ``onnx.reference.ReferenceEvaluator`` and compared likewise; it must agree within 1e-4.
 ``--dtype bfloat16`` (MXNet format only) exports the fused bfloat16 graph of
 :mod:`gluon_ft.deploy.inference`, compared with that graph.
 
@@ -154,7 +155,8 @@ def _export_onnx(run: LoadedRun, staging: Path, x: mx.nd.NDArray, reference: np.
             f"MXNet could not convert {run.config.get('model')} to ONNX "
             f"({type(err).__name__}: {str(err)[:300]})."
         ) from None
-    model = onnx.load(str(target))
+    model = weights_as_initializers_only(onnx.load(str(target)))
+    onnx.save(model, str(target))
     onnx.checker.check_model(model)
     input_name = model.graph.input[0].name
     evaluator = ReferenceEvaluator(model, new_ops=[fast_conv_op()])
@@ -162,6 +164,21 @@ def _export_onnx(run: LoadedRun, staging: Path, x: mx.nd.NDArray, reference: np.
     diff = float(np.abs(output - reference).max())
     _check(diff, ONNX_TOLERANCE, "ONNX model (run by onnx.reference.ReferenceEvaluator)")
     return [target], diff, input_name
+
+
+def weights_as_initializers_only(model):
+    """``model`` without the graph inputs that are also initializers: only the data stays.
+
+    mx2onnx lists every weight twice, as an initializer and as a graph input. An input that
+    has an initializer is a default the caller may override, so ONNX Runtime must treat it as
+    variable and will not fold or fuse it (constant folding, Conv+BatchNorm fusion); it warns
+    and keeps the slow graph. Dropping those inputs makes the weights constants.
+    """
+    weights = {tensor.name for tensor in model.graph.initializer}
+    kept = [graph_input for graph_input in model.graph.input if graph_input.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    return model
 
 
 def _check_request(fmt: str, dtype: str) -> None:
