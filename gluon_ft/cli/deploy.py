@@ -135,14 +135,49 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-queue",
         type=positive_int,
-        default=16,
+        default=128,
         metavar="N",
-        help="most /predict requests in progress at once (default %(default)s); more get HTTP "
-        "503 with Retry-After",
+        help="most /predict requests in progress at once, for memory: each may hold an upload "
+        "(default %(default)s); more get HTTP 503 with Retry-After",
     )
+    _add_batching_arguments(p)
     p.add_argument("--ctx", default="cpu", help="the one device to run on: cpu | gpu:N")
     _add_inference_dtype(p)
     add_tta_argument(p)
+
+
+def _add_batching_arguments(p: argparse.ArgumentParser) -> None:
+    """``serve``'s batching: requests that arrive together share a forward pass."""
+    p.add_argument(
+        "--max-wait-s",
+        type=positive_float,
+        default=2.0,
+        metavar="S",
+        help="a request that would wait longer than this for its answer (judged from the "
+        "passes ahead of it) gets HTTP 503 with Retry-After (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=16,
+        metavar="N",
+        help="most requests classified in one forward pass (default %(default)s)",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=_milliseconds,
+        default=5.0,
+        metavar="MS",
+        help="how long a request waits for others to share its forward pass (default "
+        "%(default)s; 0: only those already waiting)",
+    )
+
+
+def _milliseconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1000:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1000, got {text}")
+    return value
 
 
 def _pixel_cap(text: str) -> int:
@@ -193,6 +228,9 @@ def _run_serve(args: argparse.Namespace) -> int:
             f"gluon-ft: serving in {_describe_form(run.inference)}", flush=True
         ),
         tta=args.tta,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        max_wait_s=args.max_wait_s,
     )
     return 0
 
