@@ -361,6 +361,24 @@ def test_serve_in_bfloat16_answers_the_documented_json(
     assert "serving in bfloat16" in log.read_text()
 
 
+def test_serve_in_int8_answers_the_documented_json(trained_run, photos, tmp_path, subprocess_env):
+    log = tmp_path / "serve.log"
+    flags = ("--dtype", "int8", "--calibration-images", "6")
+    with running_server(trained_run, log, *flags, env=subprocess_env) as server:
+        assert requests.get(server.url + "health", timeout=10).json()["dtype"] == "int8"
+        for photo in photos:
+            response = post_image(server.url, photo.read_bytes(), photo.name)
+            assert response.status_code == 200, response.text
+            answer = response.json()
+            assert set(answer) == {"run_id", "model", "tta", "filename", "classes", "probabilities"}
+            assert sorted(answer["classes"]) == ["cat", "dog"]
+            assert sum(answer["probabilities"]) == pytest.approx(1.0, abs=1e-3)
+    record = json.loads((trained_run / "int8" / "calibration.json").read_text())
+    assert record["calibration"]["images"] == 6
+    said = log.read_text()
+    assert "serving in int8" in said and "top-1 agreement with float32" in said, said
+
+
 def test_predict_matches_the_predict_command(server, trained_run, photos, cli_predictions):
     for photo in photos:
         response = post_image(server.url, photo.read_bytes(), photo.name)
@@ -661,16 +679,26 @@ def test_full_queue_answers_503_with_retry_after(tmp_path):
 def test_a_request_that_would_wait_too_long_answers_503(tmp_path):
     from gluon_ft.deploy.serve import create_app
 
-    app = create_app(_GatedPredictor(tmp_path), max_wait_s=0.5)
+    predictor = _GatedPredictor(tmp_path)
+    app = create_app(predictor, max_wait_s=0.5, max_batch=1)
     with serving_in_process(app) as url:
         assert post_image(url, _PNG).status_code == 200
         app.state.worker.seconds_per_pass = 0.6  # as if the network had slowed down
-        busy = post_image(url, _PNG)
-        error = assert_json_error(busy, 503)
-        assert busy.headers["retry-after"] == "1"
-        assert "would wait about 0.6 s, more than 0.5 s" in error and "--max-wait-s" in error
-        app.state.worker.seconds_per_pass = 0.1
-        assert post_image(url, _PNG).status_code == 200
+        assert post_image(url, _PNG).status_code == 200  # alone, it is served all the same
+        predictor.gate.clear()
+        with ThreadPoolExecutor(1) as pool:
+            ahead = pool.submit(post_image, url, _PNG)
+            deadline = time.monotonic() + 30
+            while requests.get(url + "health", timeout=10).json()["pending"] < 1:
+                assert time.monotonic() < deadline, "the first request was never admitted"
+                time.sleep(0.02)
+            app.state.worker.seconds_per_pass = 0.6
+            busy = post_image(url, _PNG)  # one pass ahead of it, and its own: 1.2 s
+            error = assert_json_error(busy, 503)
+            assert busy.headers["retry-after"] == "1"
+            assert "would wait about 1.2 s, more than 0.5 s" in error and "--max-wait-s" in error
+            predictor.gate.set()
+            assert ahead.result(timeout=30).status_code == 200
 
 
 def test_server_failure_is_a_json_500_and_the_server_lives(tmp_path):
@@ -901,6 +929,15 @@ def test_serve_binds_loopback_by_default_and_says_what_all_interfaces_expose(cap
     help_text = " ".join(capsys.readouterr().out.split())
     assert "0.0.0.0 listens on every network interface" in help_text
     assert "without a password" in help_text
+
+
+def test_serve_takes_int8_and_its_calibration_size():
+    from gluon_ft.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "runs/x", "--dtype", "int8"])
+    assert (args.dtype, args.calibration_images) == ("int8", 200)
+    args = build_parser().parse_args(["serve", "runs/x", "--calibration-images", "50"])
+    assert args.calibration_images == 50
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ with ``SymbolBlock.imports`` and compared with the run's network on the same inp
 initializers only, not also graph inputs, so that ONNX Runtime can fold and fuse them), run
 with ``onnx.reference.ReferenceEvaluator`` and compared likewise; it must agree within 1e-4.
 ``--dtype bfloat16`` (MXNet format only) exports the fused bfloat16 graph of
-:mod:`gluon_ft.deploy.inference`, compared with that graph.
+:mod:`gluon_ft.deploy.inference`, compared with that graph; ``--dtype int8`` likewise the
+run's quantized graph (:mod:`gluon_ft.deploy.int8`).
 
 Both also write ``preprocessing.json``: the class names and the input the network expects
 (resize, centre crop, 0-1 scaling, ImageNet mean and std, NCHW float32). Files are written to
@@ -33,11 +34,12 @@ import numpy as np
 
 from gluon_ft.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TestTransform
 from gluon_ft.deploy.inference import sample_input
+from gluon_ft.deploy.int8 import DEFAULT_CALIBRATION_IMAGES
 from gluon_ft.deploy.predict import LoadedRun, load_run
 from gluon_ft.errors import GluonFTError, UsageError
 
 FORMATS = ("mxnet", "onnx")
-EXPORT_DTYPES = ("float32", "bfloat16")
+EXPORT_DTYPES = ("float32", "bfloat16", "int8")
 # MXNet's own reload runs the same operators: it must agree to float rounding.
 MXNET_TOLERANCE = 1e-6
 # The issue's bar for the ONNX file run by another runtime.
@@ -186,11 +188,14 @@ def _check_request(fmt: str, dtype: str) -> None:
         raise UsageError(f"--format {fmt!r}: use {' or '.join(FORMATS)}.")
     if dtype not in EXPORT_DTYPES:
         raise UsageError(f"--dtype {dtype!r}: use {' or '.join(EXPORT_DTYPES)}.")
-    if dtype == "bfloat16" and fmt != "mxnet":
+    if dtype != "float32" and fmt != "mxnet":
         raise UsageError(
-            "--dtype bfloat16 exports the MXNet format only (the fused graph runs oneDNN "
-            "operators that ONNX does not have): add --format mxnet."
+            f"--dtype {dtype} exports the MXNet format only (the {_GRAPH[dtype]} graph runs "
+            "oneDNN operators that ONNX does not have): add --format mxnet."
         )
+
+
+_GRAPH = {"bfloat16": "fused", "int8": "quantized"}
 
 
 def export_run(
@@ -198,6 +203,7 @@ def export_run(
     fmt: str = "mxnet",
     out_dir: str | Path | None = None,
     dtype: str = "float32",
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
 ) -> dict:
     """Export a finished run as MXNet symbol + params or as ONNX, verified on the spot.
 
@@ -209,15 +215,19 @@ def export_run(
         What to write.
     out_dir : str or Path, optional
         Where to write; ``RUN/export`` by default.
-    dtype : {"float32", "bfloat16"}
+    dtype : {"float32", "bfloat16", "int8"}
         bfloat16 (MXNet format only) writes the fused bfloat16 graph of
         :func:`gluon_ft.deploy.inference.fused_bfloat16`: float32 in and out, oneDNN operators
-        inside.
+        inside. int8 (MXNet format only) writes the run's quantized graph
+        (:mod:`gluon_ft.deploy.int8`, calibrated first when the run has no calibration).
+    calibration_images : int
+        int8: how many of the run's training images calibrate it.
 
     Returns
     -------
     dict
-        ``{"format", "out_dir", "files": [names], "max_abs_diff", "tolerance", "checked_with"}``.
+        ``{"format", "out_dir", "files": [names], "max_abs_diff", "tolerance", "checked_with"}``,
+        and ``"calibration"`` (``RUN/int8/calibration.json``) for int8.
 
     Raises
     ------
@@ -228,10 +238,12 @@ def export_run(
         nothing is written then.
     """
     _check_request(fmt, dtype)
-    run = load_run(run_dir, dtype=dtype)
+    run = load_run(run_dir, dtype=dtype, calibration_images=calibration_images)
     out_dir = Path(out_dir) if out_dir is not None else run.path / "export"
     names, diff = _write_verified_export(run, fmt, out_dir)
+    calibration = {"calibration": run.inference["calibration"]} if dtype == "int8" else {}
     return {
+        **calibration,
         "format": fmt,
         "out_dir": str(out_dir),
         "files": names,

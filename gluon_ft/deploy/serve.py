@@ -62,6 +62,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from gluon_ft.deploy.int8 import DEFAULT_CALIBRATION_IMAGES
 from gluon_ft.deploy.predict import Predictor
 
 DEFAULT_HOST = "127.0.0.1"
@@ -347,8 +348,9 @@ class _LoopbackHostsOnly:
 class _Admission:
     """Counts the /predict requests in progress (reading their upload, waiting for the
     worker, or being classified) and refuses one with 503 when ``limit`` are in progress
-    already, or when it would wait more than ``max_wait_s``: the passes ahead of it (the
-    requests in progress, ``worker.max_batch`` a pass) at ``worker.seconds_per_pass`` each.
+    already, or when others are and it would wait more than ``max_wait_s``: the passes ahead
+    of it (the requests in progress, ``worker.max_batch`` a pass) at
+    ``worker.seconds_per_pass`` each.
 
     Only the event loop's thread touches the count, so it needs no lock.
     """
@@ -369,7 +371,7 @@ class _Admission:
         if self.pending >= self.limit:
             raise _busy(f"{self.limit} requests are in progress (gluon-ft serve --max-queue)")
         wait = self.expected_wait_s()
-        if wait > self.max_wait_s:
+        if self.pending and wait > self.max_wait_s:  # a request alone is always served
             raise _busy(
                 f"a request now would wait about {wait:.1f} s, more than {self.max_wait_s:g} s "
                 "(gluon-ft serve --max-wait-s)"
@@ -672,6 +674,7 @@ def serve(
     max_batch: int = DEFAULT_MAX_BATCH,
     batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
     max_wait_s: float = DEFAULT_MAX_WAIT_S,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
 ) -> None:
     """Load a finished run and serve it until interrupted (Ctrl-C).
 
@@ -679,7 +682,8 @@ def serve(
     form (see :mod:`gluon_ft.deploy.inference`), chosen for ``max_batch`` images per forward
     pass, the batch :class:`InferenceWorker` runs under load; ``on_loaded(run)`` is called
     once the run is loaded, before the server starts. ``tta`` is the test-time augmentation
-    views averaged per image, by default the run's own (:class:`gluon_ft.deploy.predict.Predictor`).
+    views averaged per image, by default the run's own (:class:`gluon_ft.deploy.predict.Predictor`);
+    ``calibration_images`` calibrate ``--dtype int8`` (:mod:`gluon_ft.deploy.int8`).
 
     Raises
     ------
@@ -689,7 +693,9 @@ def serve(
     """
     import uvicorn
 
-    predictor = Predictor(run_dir, ctx, batch_size=max_batch, dtype=dtype, tta=tta)
+    predictor = Predictor(
+        run_dir, ctx, max_batch, dtype, tta, calibration_images=calibration_images
+    )
     if on_loaded is not None:
         on_loaded(predictor.run)
     batching = {"max_batch": max_batch, "batch_wait_ms": batch_wait_ms, "max_wait_s": max_wait_s}
