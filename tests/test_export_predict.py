@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import mxnet as mx
 import numpy as np
@@ -19,6 +20,7 @@ from gluon_ft.cli import main
 from gluon_ft.data.decode import load_image
 from gluon_ft.data.transforms import TestTransform, normalize_batch
 from gluon_ft.deploy import export as gexport
+from gluon_ft.deploy import inference
 from gluon_ft.deploy.predict import Predictor, load_run
 from gluon_ft.errors import UsageError
 from gluon_ft.model.graft import build_model
@@ -88,6 +90,14 @@ def test_onnx_export_of_a_residual_network(resnet_run, tmp_path):
         "model.onnx",
         "preprocessing.json",
     ]
+    # Weights are initializers only, so that ONNX Runtime may fold and fuse them: an input
+    # with an initializer is an overridable default it must leave alone.
+    model = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert [graph_input.name for graph_input in model.graph.input] == ["data"]
+    # Compared without the network's prefix (resnetv2N_), which counts networks built.
+    initializers = {tensor.name.split("_", 1)[-1] for tensor in model.graph.initializer}
+    weights = {name.split("_", 1)[1] for name in load_run(resnet_run).net.collect_params()}
+    assert len(weights) == 98 and weights <= initializers, weights - initializers
 
 
 @pytest.mark.parametrize(
@@ -315,3 +325,91 @@ def test_inference_dtypes_are_checked_before_loading(finished, tmp_path):
     with pytest.raises(UsageError, match="add --format mxnet"):
         gexport.export_run(run, "onnx", tmp_path / "out", dtype="bfloat16")
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- int8
+
+
+@pytest.fixture(scope="module")
+def int8_run(finished, tmp_path_factory):
+    """A copy of the finished run (so that its int8/ folder stays out of the other tests)."""
+    run, data = finished
+    copy = tmp_path_factory.mktemp("int8") / "run"
+    shutil.copytree(run, copy)
+    return copy, data
+
+
+def test_predict_in_int8_answers_the_documented_json_and_records_its_calibration(int8_run):
+    run, data = int8_run
+    images = sorted((data / "test").rglob("*.png"))
+    fp32, _ = _predict_json(run, images)
+    int8, stderr = _predict_json(run, images, "--dtype", "int8", "--calibration-images", "5")
+    assert len(int8) == len(images)
+    for mine in int8:
+        assert set(mine) == {"source", "ok", "top"} and mine["ok"]
+        assert [set(t) for t in mine["top"]] == [{"class", "index", "probability"}] * 2
+        assert sum(t["probability"] for t in mine["top"]) == pytest.approx(1.0, abs=1e-4)
+    record = json.loads((run / "int8" / "calibration.json").read_text())
+    assert record["calibration"]["images"] == 5 and record["calibration"]["requested"] == 5
+    agreement = record["test_agreement"]
+    assert agreement["images"] == len(images) and 0 <= agreement["top1_agreement"] <= 1
+    same = np.mean([a["top"][0]["class"] == b["top"][0]["class"] for a, b in zip(int8, fp32)])
+    assert agreement["top1_agreement"] == pytest.approx(same)  # what the command answered
+    said = f"top-1 agreement with float32 {100 * agreement['top1_agreement']:.1f} % on the"
+    assert said in stderr and "calibrated on 5 training images" in stderr, stderr
+    # The network really is the quantized graph, reloaded from int8/ without calibrating again.
+    stamp = (run / "int8" / "calibration.json").stat().st_mtime_ns
+    loaded = load_run(run, dtype="int8", calibration_images=5)
+    assert (run / "int8" / "calibration.json").stat().st_mtime_ns == stamp
+    assert loaded.inference["dtype"] == "int8" and loaded.inference["calibration"] == record
+    ops = {n["op"] for n in json.loads((run / "int8" / "model-symbol.json").read_text())["nodes"]}
+    assert any("quantize" in op for op in ops), ops
+
+
+def test_auto_never_picks_a_form_below_the_agreement_floor(int8_run, monkeypatch):
+    run, _ = int8_run
+    load_run(run, dtype="int8", calibration_images=5)  # calibrated: auto considers int8 too
+    monkeypatch.setattr(inference, "MIN_AGREEMENT", 1.01)  # no form can agree that much
+    loaded = load_run(run, dtype="auto")
+    assert loaded.inference["dtype"] == "float32"
+    assert "int8_probe" in loaded.inference, loaded.inference  # it was probed, and refused
+    assert "below 101 %" in loaded.inference["why"]
+    assert "int8" in loaded.inference["why"]
+
+
+def test_pick_form_keeps_the_fastest_faithful_form():
+    def figures(speedup, finite=True):
+        return {"speedup": speedup, "finite": finite}
+
+    assert inference.pick_form({})[0] == "float32"
+    chosen, why = inference.pick_form(
+        {"bfloat16": (figures(3.0), 0.995), "int8": (figures(2.0), 1.0)}
+    )
+    assert chosen == "bfloat16" and len(why) == 2
+    # Faster, but broken or unfaithful: refused.
+    assert inference.pick_form({"int8": (figures(4.0, finite=False), 1.0)})[0] == "float32"
+    chosen, why = inference.pick_form({"int8": (figures(4.0), 0.98), "bfloat16": (figures(1.2), 1)})
+    assert chosen == "bfloat16" and "98.0 % of the images, below 99 %" in why[0]
+    assert inference.pick_form({"int8": (figures(4.0), float("nan"))})[0] == "float32"
+    assert inference.pick_form({"int8": (figures(1.05), 1.0)})[0] == "float32"  # not faster
+
+
+def test_int8_export_round_trip(int8_run, tmp_path):
+    run, _ = int8_run
+    out = tmp_path / "out"
+    done = run_cli(
+        "export", str(run), "--dtype", "int8", "--calibration-images", "5", "--out", str(out)
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MXNet format only" in done.stderr and "top-1 agreement with float32" in done.stderr
+    assert done.stdout.startswith("mxnet: wrote")
+    info = json.loads((out / "preprocessing.json").read_text())
+    assert info["compute_dtype"] == "int8" and info["input"]["dtype"] == "float32"
+    block = mx.gluon.SymbolBlock.imports(
+        str(out / "model-symbol.json"), ["data"], str(out / "model-0000.params")
+    )
+    x = gexport.sample_input(32, count=3, seed=7)
+    expected = load_run(run, dtype="int8", calibration_images=5).net(x).asnumpy()
+    assert np.abs(block(x).asnumpy() - expected).max() <= 1e-6
+    with pytest.raises(UsageError, match="--dtype int8 exports the MXNet format only"):
+        gexport.export_run(run, "onnx", tmp_path / "onnx", dtype="int8")

@@ -317,6 +317,8 @@ def chromium() -> None:
 
 def test_health_names_the_run_and_its_limit(server, trained_run):
     health = requests.get(server.url + "health", timeout=10).json()
+    batches = health.pop("batches")  # what earlier requests made of it
+    assert all(1 <= int(size) <= 16 and count >= 1 for size, count in batches.items()), batches
     assert health == {
         "status": "ok",
         "run_id": trained_run.name,
@@ -326,7 +328,10 @@ def test_health_names_the_run_and_its_limit(server, trained_run):
         "image_size": 32,
         "max_upload_bytes": int(CAP_MB * 2**20),
         "max_pixels": 24_000_000,
-        "max_queue": 16,
+        "max_queue": 128,
+        "max_wait_s": 2.0,
+        "max_batch": 16,
+        "batch_wait_ms": 5.0,
         "pending": 0,
         "dtype": "float32",
     }
@@ -354,6 +359,24 @@ def test_serve_in_bfloat16_answers_the_documented_json(
                 probabilities, [expected[c] for c in answer["classes"]], atol=0.05
             )
     assert "serving in bfloat16" in log.read_text()
+
+
+def test_serve_in_int8_answers_the_documented_json(trained_run, photos, tmp_path, subprocess_env):
+    log = tmp_path / "serve.log"
+    flags = ("--dtype", "int8", "--calibration-images", "6")
+    with running_server(trained_run, log, *flags, env=subprocess_env) as server:
+        assert requests.get(server.url + "health", timeout=10).json()["dtype"] == "int8"
+        for photo in photos:
+            response = post_image(server.url, photo.read_bytes(), photo.name)
+            assert response.status_code == 200, response.text
+            answer = response.json()
+            assert set(answer) == {"run_id", "model", "tta", "filename", "classes", "probabilities"}
+            assert sorted(answer["classes"]) == ["cat", "dog"]
+            assert sum(answer["probabilities"]) == pytest.approx(1.0, abs=1e-3)
+    record = json.loads((trained_run / "int8" / "calibration.json").read_text())
+    assert record["calibration"]["images"] == 6
+    said = log.read_text()
+    assert "serving in int8" in said and "top-1 agreement with float32" in said, said
 
 
 def test_predict_matches_the_predict_command(server, trained_run, photos, cli_predictions):
@@ -634,7 +657,8 @@ def test_full_queue_answers_503_with_retry_after(tmp_path):
     from gluon_ft.deploy.serve import create_app
 
     predictor = _GatedPredictor(tmp_path)
-    with serving_in_process(create_app(predictor, max_queue=2)) as url:
+    # One request a pass, so that passes count requests.
+    with serving_in_process(create_app(predictor, max_queue=2, max_batch=1)) as url:
         predictor.gate.clear()
         warm_passes = predictor.passes
         with ThreadPoolExecutor(2) as pool:
@@ -650,6 +674,31 @@ def test_full_queue_answers_503_with_retry_after(tmp_path):
             assert [f.result(timeout=30).status_code for f in admitted] == [200, 200]
         assert predictor.passes == warm_passes + 2  # the refused request never reached it
         assert post_image(url, _PNG).status_code == 200  # the queue drained
+
+
+def test_a_request_that_would_wait_too_long_answers_503(tmp_path):
+    from gluon_ft.deploy.serve import create_app
+
+    predictor = _GatedPredictor(tmp_path)
+    app = create_app(predictor, max_wait_s=0.5, max_batch=1)
+    with serving_in_process(app) as url:
+        assert post_image(url, _PNG).status_code == 200
+        app.state.worker.seconds_per_pass = 0.6  # as if the network had slowed down
+        assert post_image(url, _PNG).status_code == 200  # alone, it is served all the same
+        predictor.gate.clear()
+        with ThreadPoolExecutor(1) as pool:
+            ahead = pool.submit(post_image, url, _PNG)
+            deadline = time.monotonic() + 30
+            while requests.get(url + "health", timeout=10).json()["pending"] < 1:
+                assert time.monotonic() < deadline, "the first request was never admitted"
+                time.sleep(0.02)
+            app.state.worker.seconds_per_pass = 0.6
+            busy = post_image(url, _PNG)  # one pass ahead of it, and its own: 1.2 s
+            error = assert_json_error(busy, 503)
+            assert busy.headers["retry-after"] == "1"
+            assert "would wait about 1.2 s, more than 0.5 s" in error and "--max-wait-s" in error
+            predictor.gate.set()
+            assert ahead.result(timeout=30).status_code == 200
 
 
 def test_server_failure_is_a_json_500_and_the_server_lives(tmp_path):
@@ -687,9 +736,11 @@ class _RecordingPredictor:
         self.running = 0
         self.most_running = 0
         self.threads = set()
+        self.batch_sizes = []
 
     def predict_images(self, images, top_k):
         with self.lock:
+            self.batch_sizes.append(len(images))
             self.running += 1
             self.most_running = max(self.most_running, self.running)
             self.threads.add(threading.get_ident())
@@ -716,6 +767,87 @@ def test_worker_runs_the_network_on_its_one_thread():
     assert len(answers) == 64 and all(answers)  # each caller got its own image's answer
     assert predictor.most_running == 1
     assert predictor.threads == {worker._thread.ident}
+
+
+def test_worker_batches_requests_padded_to_a_few_shapes():
+    from gluon_ft.deploy.serve import InferenceWorker, batch_shapes
+
+    assert batch_shapes(16) == [1, 2, 4, 8, 16] and batch_shapes(6) == [1, 2, 4, 6]
+    assert batch_shapes(1) == [1]
+    predictor = _RecordingPredictor()
+    worker = InferenceWorker(predictor, max_batch=6, batch_wait_s=0.05)
+    worker.start().result(timeout=10)
+    barrier = threading.Barrier(8)
+
+    def client(i: int) -> list[bool]:
+        barrier.wait(10)
+        futures = [(f"{i}-{j}".encode(), worker.submit(f"{i}-{j}".encode())) for j in range(8)]
+        return [f.result(timeout=30)["top"][0]["echo"] == sent for sent, f in futures]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = [ok for oks in pool.map(client, range(8)) for ok in oks]
+    worker.close(timeout=10)
+    assert len(answers) == 64 and all(answers)  # each caller got its own image's answer
+    assert set(predictor.batch_sizes) <= {1, 2, 4, 6}  # the network saw these shapes only
+    served = {int(size): count for size, count in worker.batch_counts().items()}
+    assert sum(size * count for size, count in served.items()) == 64
+    assert max(served) > 1, served  # requests shared passes
+    assert predictor.most_running == 1
+
+
+def _distinct_photos(count: int) -> list[bytes]:
+    """``count`` small PNGs of different colours and noise."""
+    rng = np.random.default_rng(11)
+    blobs = []
+    for _ in range(count):
+        colour = rng.integers(0, 256, 3)
+        pixels = np.clip(colour + rng.integers(-60, 60, (40, 40, 3)), 0, 255)
+        blobs.append(encode(Image.fromarray(pixels.astype(np.uint8))))
+    return blobs
+
+
+@pytest.fixture(scope="module")
+def batching_server(trained_run, tmp_path_factory, subprocess_env) -> Iterator[Server]:
+    """A server that batches up to 8 requests, waiting 20 ms for them to gather.
+
+    ``--max-wait-s 60``: on a shared machine a pass may take long enough that the default
+    bound would refuse part of a 64-request burst, which is its job, not this test's subject.
+    """
+    log = tmp_path_factory.mktemp("batching") / "serve.log"
+    flags = ("--max-batch", "8", "--batch-wait-ms", "20", "--max-wait-s", "60")
+    with running_server(trained_run, log, *flags, env=subprocess_env) as s:
+        yield s
+
+
+def test_batched_requests_get_the_answers_they_get_alone(batching_server):
+    server = batching_server
+    blobs = _distinct_photos(8)
+    alone = [post_image(server.url, blob).json() for blob in blobs]  # one at a time
+    assert len({round(answer["probabilities"][0], 4) for answer in alone}) > 1
+    before = requests.get(server.url + "health", timeout=10).json()["batches"]
+    for order_seed in (0, 1):  # two arrival orders
+        order = np.random.default_rng(order_seed).permutation(np.arange(64) % len(blobs))
+        barrier = threading.Barrier(len(order))
+
+        def client(which: int, barrier=barrier):
+            barrier.wait(30)
+            return post_image(server.url, blobs[which])
+
+        with ThreadPoolExecutor(len(order)) as pool:
+            responses = list(pool.map(client, order))
+        assert [r.status_code for r in responses] == [200] * len(order), [
+            r.text for r in responses if r.status_code != 200
+        ][:3]
+        for which, response in zip(order, responses):
+            answer, expected = response.json(), alone[which]
+            assert answer["classes"] == expected["classes"]  # the same top-1 and ranking
+            np.testing.assert_allclose(
+                answer["probabilities"], expected["probabilities"], rtol=0, atol=1e-5
+            )
+    after = requests.get(server.url + "health", timeout=10).json()["batches"]
+    shared = {s: n - before.get(s, 0) for s, n in after.items() if int(s) > 1}
+    assert any(shared.values()), (before, after)  # the requests did share forward passes
+    server.assert_alive()
 
 
 def test_concurrent_clients_all_get_correct_answers(server, photos, capsys):
@@ -790,12 +922,22 @@ def test_serve_binds_loopback_by_default_and_says_what_all_interfaces_expose(cap
 
     args = build_parser().parse_args(["serve", "runs/x"])
     assert (args.host, args.port, args.max_upload_mb) == ("127.0.0.1", 8000, 10.0)
-    assert (args.max_pixels, args.max_queue) == (24_000_000, 16)
+    assert (args.max_pixels, args.max_queue) == (24_000_000, 128)
+    assert (args.max_wait_s, args.max_batch, args.batch_wait_ms) == (2.0, 16, 5.0)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "0.0.0.0 listens on every network interface" in help_text
     assert "without a password" in help_text
+
+
+def test_serve_takes_int8_and_its_calibration_size():
+    from gluon_ft.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "runs/x", "--dtype", "int8"])
+    assert (args.dtype, args.calibration_images) == ("int8", 200)
+    args = build_parser().parse_args(["serve", "runs/x", "--calibration-images", "50"])
+    assert args.calibration_images == 50
 
 
 @pytest.mark.parametrize(
@@ -804,8 +946,11 @@ def test_serve_binds_loopback_by_default_and_says_what_all_interfaces_expose(cap
         (["--max-pixels", "0"], "must be at least 1"),
         (["--max-pixels", "200000000"], "must be at most 89478485"),
         (["--max-queue", "0"], "must be at least 1"),
+        (["--max-batch", "0"], "must be at least 1"),
+        (["--max-wait-s", "0"], "must be a positive number"),
+        (["--batch-wait-ms", "-1"], "must be between 0 and 1000"),
     ],
-    ids=["no-pixels", "over-pil-limit", "no-queue"],
+    ids=["no-pixels", "over-pil-limit", "no-queue", "no-batch", "no-wait", "negative-batch-wait"],
 )
 def test_serve_refuses_impossible_limits(flags, reason, capsys):
     from gluon_ft.cli import build_parser

@@ -2,10 +2,12 @@
 
 ``mxnet``: ``model-symbol.json`` + ``model-0000.params`` (``HybridBlock.export``), reloaded
 with ``SymbolBlock.imports`` and compared with the run's network on the same input.
-``onnx``: ``model.onnx`` (``mx.onnx.export_model``, dynamic batch size), run with
-``onnx.reference.ReferenceEvaluator`` and compared likewise; it must agree within 1e-4.
+``onnx``: ``model.onnx`` (``mx.onnx.export_model``, dynamic batch size; the weights are
+initializers only, not also graph inputs, so that ONNX Runtime can fold and fuse them), run
+with ``onnx.reference.ReferenceEvaluator`` and compared likewise; it must agree within 1e-4.
 ``--dtype bfloat16`` (MXNet format only) exports the fused bfloat16 graph of
-:mod:`gluon_ft.deploy.inference`, compared with that graph.
+:mod:`gluon_ft.deploy.inference`, compared with that graph; ``--dtype int8`` likewise the
+run's quantized graph (:mod:`gluon_ft.deploy.int8`).
 
 Both also write ``preprocessing.json``: the class names and the input the network expects
 (resize, centre crop, 0-1 scaling, ImageNet mean and std, NCHW float32). Files are written to
@@ -32,11 +34,12 @@ import numpy as np
 
 from gluon_ft.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TestTransform
 from gluon_ft.deploy.inference import sample_input
+from gluon_ft.deploy.int8 import DEFAULT_CALIBRATION_IMAGES
 from gluon_ft.deploy.predict import LoadedRun, load_run
 from gluon_ft.errors import GluonFTError, UsageError
 
 FORMATS = ("mxnet", "onnx")
-EXPORT_DTYPES = ("float32", "bfloat16")
+EXPORT_DTYPES = ("float32", "bfloat16", "int8")
 # MXNet's own reload runs the same operators: it must agree to float rounding.
 MXNET_TOLERANCE = 1e-6
 # The issue's bar for the ONNX file run by another runtime.
@@ -154,7 +157,8 @@ def _export_onnx(run: LoadedRun, staging: Path, x: mx.nd.NDArray, reference: np.
             f"MXNet could not convert {run.config.get('model')} to ONNX "
             f"({type(err).__name__}: {str(err)[:300]})."
         ) from None
-    model = onnx.load(str(target))
+    model = weights_as_initializers_only(onnx.load(str(target)))
+    onnx.save(model, str(target))
     onnx.checker.check_model(model)
     input_name = model.graph.input[0].name
     evaluator = ReferenceEvaluator(model, new_ops=[fast_conv_op()])
@@ -164,16 +168,34 @@ def _export_onnx(run: LoadedRun, staging: Path, x: mx.nd.NDArray, reference: np.
     return [target], diff, input_name
 
 
+def weights_as_initializers_only(model):
+    """``model`` without the graph inputs that are also initializers: only the data stays.
+
+    mx2onnx lists every weight twice, as an initializer and as a graph input. An input that
+    has an initializer is a default the caller may override, so ONNX Runtime must treat it as
+    variable and will not fold or fuse it (constant folding, Conv+BatchNorm fusion); it warns
+    and keeps the slow graph. Dropping those inputs makes the weights constants.
+    """
+    weights = {tensor.name for tensor in model.graph.initializer}
+    kept = [graph_input for graph_input in model.graph.input if graph_input.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    return model
+
+
 def _check_request(fmt: str, dtype: str) -> None:
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: use {' or '.join(FORMATS)}.")
     if dtype not in EXPORT_DTYPES:
         raise UsageError(f"--dtype {dtype!r}: use {' or '.join(EXPORT_DTYPES)}.")
-    if dtype == "bfloat16" and fmt != "mxnet":
+    if dtype != "float32" and fmt != "mxnet":
         raise UsageError(
-            "--dtype bfloat16 exports the MXNet format only (the fused graph runs oneDNN "
-            "operators that ONNX does not have): add --format mxnet."
+            f"--dtype {dtype} exports the MXNet format only (the {_GRAPH[dtype]} graph runs "
+            "oneDNN operators that ONNX does not have): add --format mxnet."
         )
+
+
+_GRAPH = {"bfloat16": "fused", "int8": "quantized"}
 
 
 def export_run(
@@ -181,6 +203,7 @@ def export_run(
     fmt: str = "mxnet",
     out_dir: str | Path | None = None,
     dtype: str = "float32",
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
 ) -> dict:
     """Export a finished run as MXNet symbol + params or as ONNX, verified on the spot.
 
@@ -192,15 +215,19 @@ def export_run(
         What to write.
     out_dir : str or Path, optional
         Where to write; ``RUN/export`` by default.
-    dtype : {"float32", "bfloat16"}
+    dtype : {"float32", "bfloat16", "int8"}
         bfloat16 (MXNet format only) writes the fused bfloat16 graph of
         :func:`gluon_ft.deploy.inference.fused_bfloat16`: float32 in and out, oneDNN operators
-        inside.
+        inside. int8 (MXNet format only) writes the run's quantized graph
+        (:mod:`gluon_ft.deploy.int8`, calibrated first when the run has no calibration).
+    calibration_images : int
+        int8: how many of the run's training images calibrate it.
 
     Returns
     -------
     dict
-        ``{"format", "out_dir", "files": [names], "max_abs_diff", "tolerance", "checked_with"}``.
+        ``{"format", "out_dir", "files": [names], "max_abs_diff", "tolerance", "checked_with"}``,
+        and ``"calibration"`` (``RUN/int8/calibration.json``) for int8.
 
     Raises
     ------
@@ -211,10 +238,12 @@ def export_run(
         nothing is written then.
     """
     _check_request(fmt, dtype)
-    run = load_run(run_dir, dtype=dtype)
+    run = load_run(run_dir, dtype=dtype, calibration_images=calibration_images)
     out_dir = Path(out_dir) if out_dir is not None else run.path / "export"
     names, diff = _write_verified_export(run, fmt, out_dir)
+    calibration = {"calibration": run.inference["calibration"]} if dtype == "int8" else {}
     return {
+        **calibration,
         "format": fmt,
         "out_dir": str(out_dir),
         "files": names,

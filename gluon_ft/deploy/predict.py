@@ -14,6 +14,7 @@ error without stopping the others::
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from gluon_ft.data.decode import UnreadableImageError, load_image, to_rgb
 from gluon_ft.data.folders import ImageFolderSplit
 from gluon_ft.data.tta import check_views, eval_transform, view_logits
 from gluon_ft.deploy.inference import check_inference_dtype, choose_form, sample_input
+from gluon_ft.deploy.int8 import DEFAULT_CALIBRATION_IMAGES, int8_form
 from gluon_ft.errors import UsageError
 from gluon_ft.model.graft import build_model, load_parameters
 
@@ -64,6 +66,7 @@ def load_run(
     ctx: mx.Context | None = None,
     dtype: str = "float32",
     batch_size: int = 2,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
 ) -> LoadedRun:
     """Rebuild a finished run's network from ``config.json``, ``classes.json``, ``model.params``.
 
@@ -73,10 +76,13 @@ def load_run(
         A run directory written by ``gluon-ft train``.
     ctx : Context, optional
         Where to run the network; the CPU by default.
-    dtype : {"float32", "bfloat16", "auto"}
-        The predict-mode form (see :mod:`gluon_ft.deploy.inference`): bfloat16 is the fused graph.
+    dtype : {"float32", "bfloat16", "int8", "auto"}
+        The predict-mode form (see :mod:`gluon_ft.deploy.inference`): bfloat16 is the fused
+        graph, int8 the quantized one (:mod:`gluon_ft.deploy.int8`).
     batch_size : int
         The batch the network will mostly see: bfloat16 plans for it, ``auto`` probes it.
+    calibration_images : int
+        int8: how many of the run's training images calibrate it.
 
     Raises
     ------
@@ -106,7 +112,8 @@ def load_run(
     load_parameters(net, run_dir / "model.params", ctx, what="Model parameters")
     net.hybridize(static_alloc=True)
     x = sample_input(image_size, count=batch_size).as_in_context(ctx)
-    net, inference = choose_form(net, x, dtype)
+    int8 = functools.partial(int8_form, run_dir, net, image_size, images=calibration_images)
+    net, inference = choose_form(net, x, dtype, int8)
     return LoadedRun(run_dir, config, classes, net, image_size, ctx, inference)
 
 
@@ -139,8 +146,10 @@ class Predictor:
         Where to run the network; the CPU by default.
     batch_size : int
         Images per forward pass.
-    dtype : {"float32", "bfloat16", "auto"}
+    dtype : {"float32", "bfloat16", "int8", "auto"}
         The network's predict-mode form (see :func:`load_run`).
+    calibration_images : int
+        int8: how many of the run's training images calibrate it (see :func:`load_run`).
     tta : int, optional
         Test-time augmentation: the mean logits of this many views of each image
         (:mod:`gluon_ft.data.tta`); 1 is the plain center crop. By default the run's own
@@ -160,10 +169,11 @@ class Predictor:
         batch_size: int = 32,
         dtype: str = "float32",
         tta: int | None = None,
+        calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
     ):
         if tta is not None:
             check_views(tta)  # before the run loads
-        self.run = load_run(run_dir, ctx, dtype, batch_size)
+        self.run = load_run(run_dir, ctx, dtype, batch_size, calibration_images)
         if tta is None:
             tta = self.run.config.get("tta", 1)
             check_views(tta, flag=f"--tta in {self.run.path / 'config.json'}")

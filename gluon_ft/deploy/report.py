@@ -24,10 +24,10 @@ import numpy as np
 from gluon_ft import paths
 from gluon_ft.data import splits
 from gluon_ft.data.folders import ImageFolderSplit, scan_split
-from gluon_ft.data.recordio import load_pack
 from gluon_ft.deploy import plots
 from gluon_ft.deploy.metrics import class_scores
 from gluon_ft.deploy.predict import Predictor, SplitPredictions, predict_split
+from gluon_ft.deploy.runparts import run_parts
 from gluon_ft.errors import UsageError
 
 SELECTION_KEYS = ("best_epoch", "monitor", "best_value", "stopped_early")
@@ -35,31 +35,6 @@ SELECTION_KEYS = ("best_epoch", "monitor", "best_value", "stopped_early")
 EMA_KEYS = ("weights", "ema_epoch", "ema_score", "trained_score", "weights_reason")
 MISTAKES_SHOWN = 16
 THUMBNAIL = 96  # px, the longer side of a mistake's picture
-
-
-def run_parts(run_dir: Path) -> splits.DatasetParts:
-    """The parts a run trained and was tested on, from its ``split.json``.
-
-    Raises
-    ------
-    UsageError
-        The run has no readable ``split.json``, or its files are gone.
-    """
-    split_file = run_dir / "split.json"
-    if not split_file.is_file():
-        raise UsageError(
-            f"{run_dir} has no split.json (a run from before it was written): give the images "
-            "to report on as --split DIR (DIR/<class>/*)."
-        )
-    try:
-        record = json.loads(split_file.read_text())
-        root = record["root"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UsageError(f"{split_file} is not a split record: {err}") from None
-    if record.get("layout") == splits.PACK:
-        train, test = load_pack(root)
-        return splits.DatasetParts(Path(root), splits.PACK, train, test)
-    return splits.parts_from_record(root, record)
 
 
 def folder_split(folder: Path, classes: list[str]) -> ImageFolderSplit:

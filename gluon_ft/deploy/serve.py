@@ -8,18 +8,23 @@
                     (every class, most probable first; ``?top_k=N`` keeps the first N;
                     ``tta``: the views averaged per image, ``serve --tta N``)
     GET  /health    {"status": "ok", "run_id", "model", "tta", "classes", "image_size",
-                    "max_upload_bytes", "max_pixels", "max_queue", "pending", "dtype"}
+                    "max_upload_bytes", "max_pixels", "max_queue", "max_wait_s",
+                    "max_batch", "batch_wait_ms", "pending", "dtype", "batches"}
                     (``pending``: the /predict requests in progress now; ``dtype``: the
-                    network's form, ``--dtype``)
+                    network's form, ``--dtype``; ``batches``: {"<requests in a forward
+                    pass>": passes} since the start)
 
 A Gluon block must not run forward from two threads at once (a hybridized block with
 ``static_alloc`` reuses its buffers), so one :class:`InferenceWorker` thread owns the network
-and every request hands its image to it through a queue.
+and every request hands its image to it through a queue. Requests that arrive within
+:data:`DEFAULT_BATCH_WAIT_MS` of each other go through the network together, up to
+:data:`DEFAULT_MAX_BATCH` in one pass.
 
 Hostile input is bounded before it costs memory. Uploads are capped
 (:data:`DEFAULT_MAX_UPLOAD_BYTES`) before they are buffered; an image's size is read from its
 header, and one over :data:`DEFAULT_MAX_PIXELS` is refused before a pixel is decoded (a
-baseline JPEG is decoded at 1/2, 1/4 or 1/8 scale instead when that fits); at most
+baseline JPEG is decoded at 1/2, 1/4 or 1/8 scale instead when that fits); a request that
+would wait more than :data:`DEFAULT_MAX_WAIT_S` for its answer is refused, and at most
 :data:`DEFAULT_MAX_QUEUE` requests are in progress at once. The rest is decoded by the
 training code's safe loader (:func:`gluon_ft.data.decode.load_image`). Bound to a loopback address,
 the server answers only requests addressed to a loopback name, so that a web page cannot reach
@@ -29,7 +34,8 @@ Every error is answered with a JSON body ``{"error": "<reason>"}``: 400 for a ma
 (not a multipart form, no ``image`` file field, an empty file), 403 for a Host header naming
 another machine, 404 and 405 for a wrong path or method, 413 for a body or an image over the
 caps, 422 for a file that is not a usable image (not an image, truncated), 500 for a failure
-of the server itself, and 503 (with ``Retry-After``) while the queue is full.
+of the server itself, and 503 (with ``Retry-After``) while the queue is full (by count or by
+the expected wait).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import ipaddress
 import math
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from importlib import resources
@@ -55,6 +62,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from gluon_ft.deploy.int8 import DEFAULT_CALIBRATION_IMAGES
 from gluon_ft.deploy.predict import Predictor
 
 DEFAULT_HOST = "127.0.0.1"
@@ -65,9 +73,16 @@ DEFAULT_MAX_UPLOAD_BYTES = 10 * 2**20
 # 24 MP takes a 6000x4000 camera photo or a 5K frame whole, and JPEGs (phone and camera
 # photos) up to 64 times larger are decoded at a reduced scale.
 DEFAULT_MAX_PIXELS = 24_000_000
-# Each request in progress may hold an upload of up to 10 MiB: 16 of them hold 160 MiB at most,
-# and keep a second of work queued for a network that answers in tens of milliseconds.
-DEFAULT_MAX_QUEUE = 16
+# Requests wait for a batch to fill for at most this long: a few milliseconds, against the tens
+# a forward pass takes, buy a pass shared by every request that arrives meanwhile.
+DEFAULT_BATCH_WAIT_MS = 5.0
+DEFAULT_MAX_BATCH = 16
+# The queue is bounded by the time a new request would wait (estimated from the passes ahead
+# of it), so that a slow network refuses early and a fast one takes a burst.
+DEFAULT_MAX_WAIT_S = 2.0
+# And by a count, for memory: each request in progress may hold an upload of up to 10 MiB, so
+# 128 of them hold 1.25 GiB at most (photos are a few MB).
+DEFAULT_MAX_QUEUE = 128
 RETRY_AFTER_SECONDS = 1
 IMAGE_FIELD = "image"
 # The scales libjpeg can decode a JPEG at directly, without the full-size image in memory.
@@ -80,36 +95,63 @@ class _Job:
     future: Future = field(default_factory=Future)
 
 
+def batch_shapes(max_batch: int) -> list[int]:
+    """The batch sizes the network runs: powers of two below ``max_batch``, and ``max_batch``."""
+    shapes = [1 << power for power in range(max_batch.bit_length()) if 1 << power < max_batch]
+    return [*shapes, max_batch]
+
+
 class InferenceWorker:
     """The one thread that runs a :class:`~gluon_ft.deploy.predict.Predictor`'s network.
 
-    :meth:`submit` may be called from any thread; the jobs wait in a queue and the worker
-    decodes and classifies them one at a time. One image per forward pass keeps the input
-    shape fixed: a hybridized block pays for every new batch shape (measured at 32 px: 0.2 to
-    0.7 s on its first pass, against 5 to 30 ms for a shape it has seen), so batching requests
-    of varying counts would make latency spikes instead of saving time.
+    :meth:`submit` may be called from any thread; the jobs wait in a queue. The worker takes
+    the first waiting job, waits up to ``batch_wait_s`` for others (up to ``max_batch`` in
+    all), and classifies them in one forward pass. A hybridized block pays for every new
+    batch shape (measured at 32 px: 0.2 to 0.7 s on its first pass, against 5 to 30 ms for a
+    shape it has seen), so a batch is padded with blank images to the next of
+    :func:`batch_shapes`, and :meth:`start` runs each of those shapes once before the first
+    request. In predict mode BatchNorm uses its running statistics, so an image's answer does
+    not depend on its neighbours in the batch. (An unreadable upload leaves its batch one
+    image short: a rare shape, paid for once.)
 
     Parameters
     ----------
     predictor : Predictor
-        The loaded run. After :meth:`start`, nothing else may call it.
+        The loaded run; its ``batch_size`` must be at least ``max_batch``. After
+        :meth:`start`, nothing else may call it.
+    max_batch : int
+        Most images in one forward pass.
+    batch_wait_s : float
+        How long the first job of a batch waits for others.
     """
 
-    def __init__(self, predictor: Predictor):
+    def __init__(
+        self,
+        predictor: Predictor,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        batch_wait_s: float = DEFAULT_BATCH_WAIT_MS / 1000,
+    ):
         self.predictor = predictor
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_s
+        # batches_served[n]: passes that classified n requests (one list slot per size, so
+        # that /health can copy it while this thread counts).
+        self.batches_served = [0] * (max_batch + 1)
+        self.seconds_per_pass = 0.0  # recent passes, smoothed; for the admission estimate
+        size = predictor.run.image_size
+        self._blank = Image.new("RGB", (size, size))  # what pads a batch to its shape
+        self._ready: Future = Future()
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="gluon-ft-inference", daemon=True)
 
     def start(self) -> Future:
-        """Start the thread; the returned future is done once a first forward pass has run.
+        """Start the thread; the returned future is done once every batch shape has run.
 
-        The first pass of a hybridized network builds its graph and takes far longer than the
-        others, so it happens here rather than in the first user's request.
+        The first pass of a hybridized network at a batch shape builds its graph and takes far
+        longer than the others, so it happens here rather than in a user's request.
         """
-        size = self.predictor.run.image_size
-        warm_up = self.submit(_encode_png(Image.new("RGB", (size, size))))
         self._thread.start()
-        return warm_up
+        return self._ready
 
     def submit(self, image: bytes | Image.Image) -> Future:
         """Queue an encoded image file (or a lazily opened image); the future's result is
@@ -125,23 +167,66 @@ class InferenceWorker:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def batch_counts(self) -> dict[str, int]:
+        """``{"<requests in a pass>": passes}`` since the start, sizes that occurred only."""
+        return {str(size): count for size, count in enumerate(self.batches_served) if count}
+
+    def _warm_up(self) -> None:
+        blank = self._blank
+        for shape in batch_shapes(self.max_batch):
+            self.predictor.predict_images([blank] * shape, top_k=1)
+        # The largest shape once more, now built: what a pass costs under load.
+        started = time.perf_counter()
+        self.predictor.predict_images([blank] * self.max_batch, top_k=1)
+        self.seconds_per_pass = time.perf_counter() - started
+
     def _loop(self) -> None:
-        every_class = len(self.predictor.classes)
-        while (job := self._jobs.get()) is not None:
-            if not job.future.set_running_or_notify_cancel():
-                continue
+        try:
+            self._warm_up()
+        except Exception as err:  # noqa: BLE001  the server does not start, and says why
+            self._ready.set_exception(err)
+            return
+        self._ready.set_result(None)
+        running = True
+        while running:
+            jobs, running = self._next_batch()
+            jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]
+            if jobs:
+                self._classify(jobs)
+
+    def _next_batch(self) -> tuple[list[_Job], bool]:
+        """The jobs of the next pass (waiting for the first), and whether to go on after it."""
+        first = self._jobs.get()
+        if first is None:
+            return [], False
+        jobs = [first]
+        deadline = time.monotonic() + self.batch_wait_s
+        while len(jobs) < self.max_batch:
             try:
-                [result] = self.predictor.predict_images([job.image], top_k=every_class)
-            except Exception as err:  # noqa: BLE001  the request gets a 500, the server lives
+                job = self._jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if job is None:
+                return jobs, False
+            jobs.append(job)
+        return jobs, True
+
+    def _classify(self, jobs: list[_Job]) -> None:
+        shape = next(s for s in batch_shapes(self.max_batch) if s >= len(jobs))
+        images = [job.image for job in jobs] + [self._blank] * (shape - len(jobs))
+        every_class = len(self.predictor.classes)
+        started = time.perf_counter()
+        try:
+            results = self.predictor.predict_images(images, top_k=every_class)
+        except Exception as err:  # noqa: BLE001  the requests get a 500, the server lives
+            for job in jobs:
                 job.future.set_exception(err)
-            else:
-                job.future.set_result(result)
-
-
-def _encode_png(img: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
-    return buffer.getvalue()
+            return
+        seconds = time.perf_counter() - started
+        self.seconds_per_pass = 0.8 * self.seconds_per_pass + 0.2 * seconds
+        self.batches_served[len(jobs)] += 1
+        for job, result in zip(jobs, results):
+            job.future.set_result(result)
 
 
 def fit_pixel_cap(data: bytes, filename: str, max_pixels: int) -> bytes | Image.Image:
@@ -262,29 +347,48 @@ class _LoopbackHostsOnly:
 
 class _Admission:
     """Counts the /predict requests in progress (reading their upload, waiting for the
-    worker, or being classified) and refuses more than ``limit`` with 503.
+    worker, or being classified) and refuses one with 503 when ``limit`` are in progress
+    already, or when others are and it would wait more than ``max_wait_s``: the passes ahead
+    of it (the requests in progress, ``worker.max_batch`` a pass) at
+    ``worker.seconds_per_pass`` each.
 
     Only the event loop's thread touches the count, so it needs no lock.
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, max_wait_s: float, worker: InferenceWorker):
         self.limit = limit
+        self.max_wait_s = max_wait_s
+        self.worker = worker
         self.pending = 0
+
+    def expected_wait_s(self) -> float:
+        """How long a request arriving now would wait for its answer, roughly."""
+        passes = self.pending // self.worker.max_batch + 1
+        return self.worker.batch_wait_s + passes * self.worker.seconds_per_pass
 
     @contextlib.contextmanager
     def slot(self):
         if self.pending >= self.limit:
-            raise HTTPException(
-                503,
-                f"the server is busy: {self.limit} requests are in progress (gluon-ft serve "
-                f"--max-queue); try again in {RETRY_AFTER_SECONDS} s",
-                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            raise _busy(f"{self.limit} requests are in progress (gluon-ft serve --max-queue)")
+        wait = self.expected_wait_s()
+        if self.pending and wait > self.max_wait_s:  # a request alone is always served
+            raise _busy(
+                f"a request now would wait about {wait:.1f} s, more than {self.max_wait_s:g} s "
+                "(gluon-ft serve --max-wait-s)"
             )
         self.pending += 1
         try:
             yield
         finally:
             self.pending -= 1
+
+
+def _busy(why: str) -> HTTPException:
+    return HTTPException(
+        503,
+        f"the server is busy: {why}; try again in {RETRY_AFTER_SECONDS} s",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
 
 
 class _UploadTooLarge(HTTPException):
@@ -411,13 +515,17 @@ def create_app(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_queue: int = DEFAULT_MAX_QUEUE,
     host: str = DEFAULT_HOST,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
+    max_wait_s: float = DEFAULT_MAX_WAIT_S,
 ) -> FastAPI:
     """The web application around a loaded run; its network runs only on its worker thread.
 
     Parameters
     ----------
     predictor : Predictor
-        The run to serve. The application owns it from now on.
+        The run to serve, with a ``batch_size`` of at least ``max_batch``. The application
+        owns it from now on.
     max_upload_bytes : int
         Largest request body accepted; larger ones get 413.
     max_pixels : int
@@ -427,10 +535,32 @@ def create_app(
     host : str
         The address the server listens on. On a loopback one, requests must name a loopback
         host too.
+    max_batch, batch_wait_ms : int, float
+        Most requests in one forward pass, and how long the first waits for the others
+        (:class:`InferenceWorker`).
+    max_wait_s : float
+        A request that would wait longer than this for its answer gets 503 with
+        ``Retry-After``.
     """
     identity = _run_identity(predictor)
-    worker = InferenceWorker(predictor)
-    admission = _Admission(max_queue)
+    worker = InferenceWorker(predictor, max_batch, batch_wait_ms / 1000)
+    admission = _Admission(max_queue, max_wait_s, worker)
+    app = _application(worker, host, max_upload_bytes)
+    limits = {
+        "max_upload_bytes": max_upload_bytes,
+        "max_pixels": max_pixels,
+        "max_queue": max_queue,
+        "max_wait_s": max_wait_s,
+        "max_batch": max_batch,
+        "batch_wait_ms": batch_wait_ms,
+    }
+    _add_health_route(app, predictor, identity, limits, admission)
+    _add_predict_route(app, predictor, identity, worker, admission, max_pixels)
+    return app
+
+
+def _application(worker: InferenceWorker, host: str, max_upload_bytes: int) -> FastAPI:
+    """The FastAPI application with its lifespan, middleware, error handlers and page."""
     page = (
         resources.files("gluon_ft.deploy").joinpath("static/index.html").read_text(encoding="utf-8")
     )
@@ -446,13 +576,6 @@ def create_app(
         app.add_middleware(_LoopbackHostsOnly, bound_to=host)
     _answer_errors_as_json(app)
     _add_page_route(app, page)
-    limits = {
-        "max_upload_bytes": max_upload_bytes,
-        "max_pixels": max_pixels,
-        "max_queue": max_queue,
-    }
-    _add_health_route(app, predictor, identity, limits, admission)
-    _add_predict_route(app, predictor, identity, worker, admission, max_pixels)
     return app
 
 
@@ -490,7 +613,8 @@ def _add_page_route(app: FastAPI, page: str) -> None:
 def _add_health_route(
     app: FastAPI, predictor: Predictor, identity: dict, limits: dict, admission: _Admission
 ) -> None:
-    """``GET /health``: the run, its limits and the /predict requests in progress."""
+    """``GET /health``: the run, its limits, the /predict requests in progress and the
+    batches served."""
     run = predictor.run
 
     @app.get("/health")
@@ -503,6 +627,7 @@ def _add_health_route(
             **limits,
             "pending": admission.pending,
             "dtype": run.inference["dtype"],
+            "batches": admission.worker.batch_counts(),
         }
 
 
@@ -546,14 +671,19 @@ def serve(
     dtype: str = "float32",
     on_loaded=None,
     tta: int | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
+    max_wait_s: float = DEFAULT_MAX_WAIT_S,
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
 ) -> None:
     """Load a finished run and serve it until interrupted (Ctrl-C).
 
-    The limits are those of :func:`create_app`. ``dtype`` is the network's form (see
-    :mod:`gluon_ft.deploy.inference`), chosen for one image per forward pass, as
-    :class:`InferenceWorker` runs it; ``on_loaded(run)`` is called once the run is loaded,
-    before the server starts. ``tta`` is the test-time augmentation views averaged per image,
-    by default the run's own (:class:`gluon_ft.deploy.predict.Predictor`).
+    The limits and the batching are those of :func:`create_app`. ``dtype`` is the network's
+    form (see :mod:`gluon_ft.deploy.inference`), chosen for ``max_batch`` images per forward
+    pass, the batch :class:`InferenceWorker` runs under load; ``on_loaded(run)`` is called
+    once the run is loaded, before the server starts. ``tta`` is the test-time augmentation
+    views averaged per image, by default the run's own (:class:`gluon_ft.deploy.predict.Predictor`);
+    ``calibration_images`` calibrate ``--dtype int8`` (:mod:`gluon_ft.deploy.int8`).
 
     Raises
     ------
@@ -563,8 +693,11 @@ def serve(
     """
     import uvicorn
 
-    predictor = Predictor(run_dir, ctx, batch_size=1, dtype=dtype, tta=tta)
+    predictor = Predictor(
+        run_dir, ctx, max_batch, dtype, tta, calibration_images=calibration_images
+    )
     if on_loaded is not None:
         on_loaded(predictor.run)
-    app = create_app(predictor, max_upload_bytes, max_pixels, max_queue, host)
+    batching = {"max_batch": max_batch, "batch_wait_ms": batch_wait_ms, "max_wait_s": max_wait_s}
+    app = create_app(predictor, max_upload_bytes, max_pixels, max_queue, host, **batching)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
