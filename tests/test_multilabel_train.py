@@ -186,3 +186,34 @@ def test_a_resumed_multilabel_run_equals_the_uninterrupted_one(multilabel_data, 
     train(multilabel_config(multilabel_data, resumed, momentum=0.9, seed=2, epochs=1))
     train(multilabel_config(multilabel_data, resumed, momentum=0.9, seed=2, resume=True))
     assert md5(resumed / "model.params") == md5(whole / "model.params")
+
+
+def test_export_of_a_multilabel_run_names_its_sigmoid_and_thresholds(multilabel_run, tmp_path):
+    from gluon_ft.deploy import export
+
+    result = export.export_run(multilabel_run, "mxnet", tmp_path / "out")
+    assert result["max_abs_diff"] <= export.MXNET_TOLERANCE
+    info = json.loads((tmp_path / "out" / "preprocessing.json").read_text())
+    saved = json.loads((multilabel_run / "thresholds.json").read_text())["thresholds"]
+    assert "sigmoid" in info["output"] and info["thresholds"] == saved
+
+
+def test_the_commands_say_map_and_the_predicted_set(
+    multilabel_data, multilabel_run, tmp_path, capsys
+):
+    from gluon_ft.cli import main
+
+    labels = str(multilabel_data / "labels.csv")
+    args = ["train", "--data", str(multilabel_data), "--labels", labels, "--epochs", "1"]
+    args += ["--model", "mobilenet0.25", "--pretrained", "none", "--batch-size", "4"]
+    args += ["--image-size", "32", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(args) == 0
+    assert "done: test mAP " in capsys.readouterr().out
+    assert main(["predict", str(multilabel_run), str(multilabel_data / "images" / "000.png")]) == 0
+    assert "000.png: labels [" in capsys.readouterr().out
+
+
+def test_val_map_is_refused_for_a_single_label_run(tmp_path):
+    data = write_class_folders(tmp_path / "data", {"cat": 6, "dog": 6})
+    with pytest.raises(UsageError, match="--monitor val_map scores a multi-label run"):
+        train(tiny_config(data, tmp_path / "run", monitor="val_map"))
