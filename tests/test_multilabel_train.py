@@ -15,12 +15,12 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import tiny_config, write_class_folders
+from conftest import record_steps, tiny_config, write_class_folders
 from PIL import Image
 
 from gluon_ft.data.labels import MultiLabelSplit
 from gluon_ft.data.loaders import collate
-from gluon_ft.errors import UsageError
+from gluon_ft.errors import Interrupted, UsageError
 from gluon_ft.train import train
 from gluon_ft.train.mixing import Mixer
 from gluon_ft.train.multilabel_loss import MultiLabelLoss
@@ -180,12 +180,20 @@ def test_predict_answers_a_set_and_independent_probabilities(multilabel_run, mul
     assert answer["labels"] == [c for c in predictor.classes if probabilities[c] >= thresholds[c]]
 
 
-def test_a_resumed_multilabel_run_equals_the_uninterrupted_one(multilabel_data, tmp_path):
+def test_a_multilabel_run_stopped_mid_epoch_resumes_exactly(multilabel_data, tmp_path, monkeypatch):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     train(multilabel_config(multilabel_data, whole, momentum=0.9, seed=2))
-    train(multilabel_config(multilabel_data, resumed, momentum=0.9, seed=2, epochs=1))
-    train(multilabel_config(multilabel_data, resumed, momentum=0.9, seed=2, resume=True))
+    record_steps(monkeypatch, signal_after=3)  # Ctrl-C during epoch 1's third step
+    with pytest.raises(Interrupted):
+        train(multilabel_config(multilabel_data, resumed, momentum=0.9, seed=2))
+    monkeypatch.undo()
+    assert list((resumed / "checkpoints").glob("interrupted-epoch-0001-step-000003"))
+    result = train(multilabel_config(multilabel_data, resumed, momentum=0.9, seed=2, resume=True))
     assert md5(resumed / "model.params") == md5(whole / "model.params")
+    expected = json.loads((whole / "metrics.json").read_text())
+    for got, want in zip(result["history"], expected):
+        assert got["train_acc"] == pytest.approx(want["train_acc"], rel=1e-6)
+        assert got["val_map"] == want["val_map"]
 
 
 def test_export_of_a_multilabel_run_names_its_sigmoid_and_thresholds(multilabel_run, tmp_path):
