@@ -75,6 +75,8 @@ def _run_predict(args: argparse.Namespace) -> int:
             print(f"{result['source']}: error: {result['error']}", file=sys.stderr)
         elif not args.json:
             top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"])
+            if "labels" in result:  # a multi-label run: the set, then each class's probability
+                top = f"labels [{', '.join(result['labels'])}]; {top}"
             print(f"{result['source']}: {top}")
     # Exit 2 (bad input) when any file could not be classified; the others were.
     return 0 if all(r["ok"] for r in results) else 2

@@ -66,6 +66,8 @@ def _run_train(args: argparse.Namespace) -> int:
         kept = f"the EMA after epoch {summary['ema_epoch']}"
     stopped = ", stopped early" if summary["stopped_early"] else ""
     tested = f"test acc {summary['test_acc']:.3f}" if "test_acc" in summary else "no report"
+    if summary.get("test_map") is not None:  # multi-label: mAP and micro-F1 say more
+        tested = f"test mAP {summary['test_map']:.3f}, micro-F1 {summary['f1_micro']:.3f}"
     print(
         f"done: {tested} with the weights of {kept} "
         f"({epochs} epoch(s){stopped}); run directory {result['run_dir']}"

@@ -78,6 +78,7 @@ def _add_data_flags(p: argparse.ArgumentParser, d, run_flags: bool = True) -> No
         metavar="F",
         help="fraction of each class held out for the test, for DIR/<class>/* (default 0.1)",
     )
+    _add_label_flags(p, d)
     p.add_argument("--model", default=d.model, help="model zoo name (default %(default)s)")
     if run_flags:
         p.add_argument(
@@ -85,6 +86,43 @@ def _add_data_flags(p: argparse.ArgumentParser, d, run_flags: bool = True) -> No
             default=d.pretrained,
             help="imagenet | none | FILE.params (default %(default)s)",
         )
+
+
+def _add_label_flags(p: argparse.ArgumentParser, d) -> None:
+    """A labels CSV instead of class folders, and the multi-label settings."""
+    p.add_argument(
+        "--labels",
+        default=d.labels,
+        metavar="FILE.csv",
+        help="a CSV with a header row: image (a path under --data), labels, and optionally "
+        "split (train, val or test); --data is then the image folder",
+    )
+    p.add_argument(
+        "--label-delim",
+        default=d.label_delim,
+        metavar="D",
+        help="what separates the labels of one row of --labels (default: a space)",
+    )
+    p.add_argument(
+        "--multi-label",
+        action="store_true",
+        help="each image has a set of labels: sigmoid outputs, binary cross-entropy, the "
+        "best epoch by val mAP (chosen for you when a row of --labels has two or more)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=d.threshold,
+        metavar="T",
+        help="multi-label: a class is predicted at this probability or above (default 0.5)",
+    )
+    p.add_argument(
+        "--thresholds",
+        choices=("auto",),
+        default=d.thresholds,
+        help="multi-label: auto chooses one threshold per class, the best F1 on the val part "
+        "(thresholds.json); replaces --threshold",
+    )
 
 
 def _add_optimizer_flags(p: argparse.ArgumentParser, d) -> None:
@@ -252,10 +290,11 @@ def _add_selection_flags(p: argparse.ArgumentParser, d) -> None:
     """Which epoch is kept, and how the classes are weighed."""
     p.add_argument(
         "--monitor",
-        choices=("val_acc", "val_loss"),
+        choices=("val_acc", "val_loss", "val_map"),
         default=d.monitor,
         help="what picks the best epoch, whose weights become model.params (default "
-        "%(default)s; needs a val part, else the last epoch is kept)",
+        "%(default)s; val_map, the mean average precision, for a multi-label run; needs a "
+        "val part, else the last epoch is kept)",
     )
     p.add_argument(
         "--early-stop",

@@ -16,20 +16,23 @@ class TransformedSplit:
     ``(index, epoch, draw)`` for a draw with replacement (see :class:`EpochBatchSampler`).
 
     An unreadable file gives ``None`` instead of raising, so that one bad photo never kills an
-    epoch; :func:`collate` drops it and counts it.
+    epoch; :func:`collate` drops it and counts it. The label of a multi-label split's item
+    (:class:`~gluon_ft.data.labels.MultiLabelSplit`) is its multi-hot row.
     """
 
     def __init__(self, split: ImageFolderSplit, transform, seed: int = 0):
         self.split = split
         self.transform = transform
         self.seed = seed
+        targets = getattr(split, "targets", None)  # only a multi-label split has them
+        self.targets = targets() if targets is not None else None
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, key):
         index, epoch, *draw = key if isinstance(key, tuple) else (key, 0)
-        label = self.split.items[index][1]
+        label = self.split.items[index][1] if self.targets is None else self.targets[index]
         try:
             img = self.split.load(index)
         except UnreadableImageError:
@@ -38,13 +41,17 @@ class TransformedSplit:
 
 
 def collate(samples: list) -> tuple:
-    """Stack decoded samples into ``(uint8 NHWC batch, int32 labels, skipped count)``."""
+    """Stack decoded samples into ``(uint8 NHWC batch, int32 labels, skipped count)``; the
+    labels of multi-label samples are ``(N, C)`` float32 multi-hot rows."""
     good = [s for s in samples if s is not None]
     skipped = len(samples) - len(good)
     if not good:
         return None, None, skipped
     images = np.stack([image for image, _ in good])
-    labels = np.array([label for _, label in good], dtype=np.int32)
+    if isinstance(good[0][1], np.ndarray):
+        labels = np.stack([label for _, label in good]).astype(np.float32, copy=False)
+    else:
+        labels = np.array([label for _, label in good], dtype=np.int32)
     return images, labels, skipped
 
 

@@ -35,7 +35,7 @@ import numpy as np
 from gluon_ft.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TestTransform
 from gluon_ft.deploy.inference import sample_input
 from gluon_ft.deploy.int8 import DEFAULT_CALIBRATION_IMAGES
-from gluon_ft.deploy.predict import LoadedRun, load_run
+from gluon_ft.deploy.predict import LoadedRun, load_run, run_thresholds
 from gluon_ft.errors import GluonFTError, UsageError
 
 FORMATS = ("mxnet", "onnx")
@@ -73,7 +73,23 @@ def preprocessing(run: LoadedRun, input_name: str) -> dict:
         "crop": run.image_size,
         "mean": list(IMAGENET_MEAN),
         "std": list(IMAGENET_STD),
-        "output": "logits, one per class in the order of classes; softmax gives probabilities",
+        **_output(run),
+    }
+
+
+SOFTMAX_OUTPUT = "logits, one per class in the order of classes; softmax gives probabilities"
+
+
+def _output(run: LoadedRun) -> dict:
+    """What the network's output means: softmax logits, or a multi-label run's independent
+    sigmoid logits with each class's threshold."""
+    if not run.config.get("multi_label"):
+        return {"output": SOFTMAX_OUTPUT}
+    thresholds = run_thresholds(run.path, run.config, len(run.classes))
+    return {
+        "output": "logits, one per class in the order of classes; multi-label: the sigmoid of "
+        "each is its class's probability, and a class is predicted at its threshold or above",
+        "thresholds": [float(t) for t in thresholds],
     }
 
 

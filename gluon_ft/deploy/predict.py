@@ -178,18 +178,24 @@ class Predictor:
             tta = self.run.config.get("tta", 1)
             check_views(tta, flag=f"--tta in {self.run.path / 'config.json'}")
         self.classes = self.run.classes
+        # A multi-label run: independent sigmoid probabilities, a set of labels per image.
+        self.multi_label = bool(self.run.config.get("multi_label"))
+        self.thresholds = run_thresholds(self.run.path, self.run.config, len(self.classes))
         self.transform = eval_transform(self.run.image_size, tta)
         self.tta = tta
         self.batch_size = batch_size
 
     def probabilities(self, images: list[Image.Image]) -> np.ndarray:
-        """Class probabilities, ``(len(images), classes)``, of decoded RGB images."""
+        """Class probabilities, ``(len(images), classes)``, of decoded RGB images: a softmax,
+        or for a multi-label run each class's own sigmoid."""
         if not images:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
         batch = mx.nd.array(
             np.stack([self.transform(img) for img in images]), ctx=self.run.ctx, dtype="uint8"
         )
         logits = view_logits(self.run.net, batch).astype("float32", copy=False)
+        if self.multi_label:
+            return logits.sigmoid().asnumpy()
         return mx.nd.softmax(logits, axis=1).asnumpy()
 
     def predict_images(self, images: Sequence[ImageInput], top_k: int = 5) -> list[dict]:
@@ -206,7 +212,9 @@ class Predictor:
         -------
         list of dict
             In input order: ``{"source", "ok": True, "top": [{"class", "index",
-            "probability"}]}`` or ``{"source", "ok": False, "error"}``.
+            "probability"}]}`` or ``{"source", "ok": False, "error"}``. A multi-label run
+            adds ``labels`` (the predicted set: each class at its threshold or above) and
+            ``probabilities`` (``{class: probability}``, independent per class).
         """
         if top_k < 1:
             raise UsageError(f"--top-k must be at least 1, got {top_k}.")
@@ -228,9 +236,34 @@ class Predictor:
                     {"class": self.classes[i], "index": int(i), "probability": float(row[i])}
                     for i in best
                 ]
-                outcome[position] = {"ok": True, "top": top}
+                outcome[position] = {"ok": True, "top": top, **self._label_set(row)}
             results += [{"source": _describe(item, pos), **outcome[pos]} for pos, item in chunk]
         return results
+
+    def _label_set(self, row: np.ndarray) -> dict:
+        """A multi-label answer's ``labels`` and ``probabilities``; nothing for one label."""
+        if not self.multi_label:
+            return {}
+        chosen = [name for name, p, t in zip(self.classes, row, self.thresholds) if p >= t]
+        return {
+            "labels": chosen,
+            "probabilities": {name: float(p) for name, p in zip(self.classes, row)},
+        }
+
+
+THRESHOLDS_FILE = "thresholds.json"
+
+
+def run_thresholds(run_dir: Path, config: dict, num_classes: int) -> np.ndarray:
+    """Each class's threshold of a multi-label run: ``thresholds.json`` (``--thresholds
+    auto``, ``{"thresholds": [...]}``) if the run wrote one, else ``--threshold``."""
+    path = Path(run_dir) / THRESHOLDS_FILE
+    if path.is_file():
+        saved = _read_json(path, "the thresholds").get("thresholds")
+        if isinstance(saved, list) and len(saved) == num_classes:
+            return np.asarray(saved, dtype=np.float64)
+        raise UsageError(f"{path} must hold one threshold per class ({num_classes}).")
+    return np.full(num_classes, float(config.get("threshold", 0.5)))
 
 
 @dataclass
@@ -279,6 +312,7 @@ def predict_split(predictor: Predictor, split: ImageFolderSplit) -> SplitPredict
             indices.append(index)
         probabilities.append(predictor.probabilities(batch))
     indices = np.array(indices, dtype=np.int64)
-    labels = split.labels()[indices]
+    # A multi-label split's labels are its (N, C) multi-hot rows.
+    labels = (split.targets() if predictor.multi_label else split.labels())[indices]
     empty = np.zeros((0, len(predictor.classes)), dtype=np.float32)
     return SplitPredictions(indices, labels, np.concatenate([empty, *probabilities]))

@@ -25,8 +25,8 @@ from gluon_ft import paths
 from gluon_ft.data import splits
 from gluon_ft.data.folders import ImageFolderSplit, scan_split
 from gluon_ft.deploy import plots
-from gluon_ft.deploy.metrics import class_scores
-from gluon_ft.deploy.predict import Predictor, SplitPredictions, predict_split
+from gluon_ft.deploy.metrics import choose_thresholds, class_scores, multilabel_scores
+from gluon_ft.deploy.predict import THRESHOLDS_FILE, Predictor, SplitPredictions, predict_split
 from gluon_ft.deploy.runparts import run_parts
 from gluon_ft.errors import UsageError
 
@@ -96,7 +96,7 @@ def build_report(
     """
     run_dir = Path(run_dir).expanduser()
     predictor = Predictor(run_dir, ctx, tta=tta)  # None: the run's own --tta
-    name, images = _evaluated_split(run_dir, split, predictor.classes)
+    name, images = _evaluated_split(run_dir, split, predictor.classes, predictor.multi_label)
     out = Path(out) if out else run_dir if name == "test" else run_dir / f"report-{name}"
     out.mkdir(parents=True, exist_ok=True)
     predictions = predict_split(predictor, images)
@@ -104,9 +104,64 @@ def build_report(
         raise UsageError(f"No readable image in the {name} split ({images.root}).")
     if selection is None:
         selection = _saved_selection(run_dir)
+    if predictor.multi_label:
+        summary = _multilabel_summary(name, images, predictions, predictor, selection)
+        _write_multilabel_report(run_dir, out, summary)
+        return summary, out
     summary = _summary(name, images, predictions, predictor.classes, selection, predictor.tta)
     _write_report(run_dir, out, summary, predictions, images, predictor.classes)
     return summary, out
+
+
+def write_thresholds(run_dir: str | Path, ctx: mx.Context | None = None) -> np.ndarray:
+    """``--thresholds auto``: each class's threshold, the best F1 of the run's
+    ``model.params`` on its val part (never the test part); written to ``thresholds.json``,
+    which :class:`Predictor` and the report then use.
+
+    Raises
+    ------
+    UsageError
+        The run has no val part, or no readable image in it.
+    """
+    run_dir = Path(run_dir)
+    (run_dir / THRESHOLDS_FILE).unlink(missing_ok=True)  # chosen with no earlier choice
+    predictor = Predictor(run_dir, ctx)
+    _, images = _evaluated_split(run_dir, "val", predictor.classes)
+    predictions = predict_split(predictor, images)
+    if not len(predictions.labels):
+        raise UsageError(f"No readable image in the val part of {run_dir}.")
+    chosen = choose_thresholds(predictions.probabilities, predictions.labels)
+    record = {
+        "thresholds": [float(t) for t in chosen],
+        "classes": list(predictor.classes),
+        "chosen_on": "val",
+        "images": len(predictions.labels),
+    }
+    paths.write_json(run_dir / THRESHOLDS_FILE, record)
+    return chosen
+
+
+def _multilabel_summary(name, images, predictions, predictor: Predictor, selection) -> dict:
+    """``summary.json`` of a multi-label run: mAP, F1 (micro, macro), exact match, the loss,
+    per-label accuracy and per class AP, precision, recall and F1 at the run's thresholds."""
+    probs, targets = predictions.probabilities, predictions.labels
+    scores = multilabel_scores(probs, targets, predictor.classes, predictor.thresholds)
+    prefix = name if name in ("test", "val") else "folder"
+    clipped = np.clip(probs.astype(np.float64), 1e-12, 1 - 1e-12)
+    loss = -(targets * np.log(clipped) + (1 - targets) * np.log(1 - clipped)).mean()
+    decided = (probs >= predictor.thresholds) == (targets > 0)
+    return {
+        **selection,
+        f"{prefix}_map": scores.pop("map"),
+        f"{prefix}_acc": float(decided.mean()),  # per label, at the thresholds
+        f"{prefix}_loss": float(loss),
+        **scores,
+        "multi_label": True,
+        "split": name if name in ("test", "val") else str(images.root),
+        "images": len(targets),
+        "unreadable": len(images) - len(targets),
+        "tta": predictor.tta,
+    }
 
 
 def _summary(
@@ -143,13 +198,25 @@ def _write_report(
     paths.write_text(out / "report.md", report_markdown(run_dir, summary, _part_sizes(run_dir)))
 
 
-def _evaluated_split(run_dir: Path, split: str, classes: list[str]):
-    """``(name, ImageFolderSplit)`` of ``--split``: a part of the run, or a folder."""
+def _write_multilabel_report(run_dir: Path, out: Path, summary: dict) -> None:
+    """A multi-label run's ``summary.json`` and ``report.md`` (no confusion matrix)."""
+    paths.write_json(out / "summary.json", summary)
+    paths.write_text(out / "report.md", multilabel_markdown(run_dir, summary, _part_sizes(run_dir)))
+
+
+def _evaluated_split(run_dir: Path, split: str, classes: list[str], multi_label: bool = False):
+    """``(name, ImageFolderSplit)`` of ``--split``: a part of the run, or a folder (not for a
+    ``multi_label`` run, whose images have sets of labels that class folders cannot give)."""
     if split in ("test", "val"):
         part = run_parts(run_dir).named().get(split)
         if part is None:
             raise UsageError(f"{run_dir} was trained without a {split} part.")
         return split, part
+    if multi_label:
+        raise UsageError(
+            f"{run_dir} is a multi-label run: a folder of class folders gives one label per "
+            "image; report on its test or val part (--split test or val)."
+        )
     folder = Path(split).expanduser()
     if not folder.is_dir():
         raise UsageError(f"--split {split}: expected test, val or a folder DIR/<class>/*.")
@@ -209,9 +276,8 @@ def _plot_mistakes(predictions: SplitPredictions, images, classes: list[str], pa
     plots.plot_mistakes(shown, titles, path, tile=THUMBNAIL)
 
 
-def report_markdown(run_dir: Path, summary: dict, sizes: dict) -> str:
-    """``report.md``: what was evaluated, the overall figures and the table per class."""
-    prefix = next(key[: -len("_acc")] for key in summary if key.endswith("_acc"))
+def _heading_lines(run_dir: Path, summary: dict, sizes: dict) -> list[str]:
+    """``report.md``'s title, what was evaluated, which weights, the split sizes."""
     lines = [f"# Report: {run_dir.name}", ""]
     lines.append(
         f"Evaluated on the {summary['split']} split: {summary['images']} images"
@@ -236,6 +302,13 @@ def report_markdown(run_dir: Path, summary: dict, sizes: dict) -> str:
         lines.append(
             "Split sizes: " + ", ".join(f"{k} {v}" for k, v in sizes.items() if v is not None) + "."
         )
+    return lines
+
+
+def report_markdown(run_dir: Path, summary: dict, sizes: dict) -> str:
+    """``report.md``: what was evaluated, the overall figures and the table per class."""
+    prefix = next(key[: -len("_acc")] for key in summary if key.endswith("_acc"))
+    lines = _heading_lines(run_dir, summary, sizes)
     lines += ["", "| overall | value |", "|---|---|"]
     lines += [
         f"| accuracy | {summary[prefix + '_acc']:.4f} |",
@@ -259,3 +332,33 @@ def report_markdown(run_dir: Path, summary: dict, sizes: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def multilabel_markdown(run_dir: Path, summary: dict, sizes: dict) -> str:
+    """``report.md`` of a multi-label run: the overall figures and, per class, AP, precision,
+    recall and F1 at its threshold (no confusion matrix: an image has several classes)."""
+    prefix = next(key[: -len("_map")] for key in summary if key.endswith("_map"))
+    lines = _heading_lines(run_dir, summary, sizes)
+    lines += ["", "| overall | value |", "|---|---|"]
+    lines += [
+        f"| mAP | {_number(summary[prefix + '_map'])} |",
+        f"| micro-F1 | {_number(summary['f1_micro'])} |",
+        f"| macro-F1 | {_number(summary['f1_macro'])} |",
+        f"| exact match | {_number(summary['exact_match'])} |",
+        f"| per-label accuracy | {_number(summary[prefix + '_acc'])} |",
+        f"| loss | {_number(summary[prefix + '_loss'])} |",
+        "",
+        "| class | AP | threshold | precision | recall | F1 | support |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {row['class']} | {_number(row['ap'])} | {row['threshold']:.3f} "
+        f"| {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | {row['support']} |"
+        for row in summary["per_class"]
+    ]
+    return "\n".join(lines + [""])
+
+
+def _number(value) -> str:
+    """A score to 4 places, or a dash for one that is undefined (a class without positives)."""
+    return "-" if value is None else f"{value:.4f}"

@@ -656,6 +656,8 @@ def _add_predict_route(
             "filename": filename,
             "classes": [entry["class"] for entry in top],
             "probabilities": [entry["probability"] for entry in top],
+            # A multi-label run: the predicted set (each class at its threshold or above).
+            **({"labels": result["labels"]} if "labels" in result else {}),
         }
 
 

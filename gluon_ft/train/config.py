@@ -70,6 +70,11 @@ class TrainConfig:
     """Every setting of a training run; ``config.json`` is this, plus what was resolved."""
 
     data: str = "hotdog"
+    labels: str | None = None  # a labels CSV; --data is then the folder its paths are under
+    label_delim: str = " "  # what separates the labels of one row of --labels
+    multi_label: bool = False  # sigmoid outputs, a set of labels per image; set by the data too
+    threshold: float = 0.5  # multi-label: a class is predicted at this probability or above
+    thresholds: str | None = None  # auto: one threshold per class, chosen on the val part
     val_split: float | None = None  # None: 0.1 for a folder of classes, 0 for train/ + test/
     test_split: float | None = None  # None: 0.1 for a folder of classes (else test/ is used)
     model: str = "resnet18_v2"
@@ -170,6 +175,7 @@ class TrainConfig:
                     f"--{name.replace('_', '-')} must be a fraction in [0, 1), got {value:g}."
                 )
         self.validate_imbalance()
+        self.validate_labels()
         if self.monitor not in MONITORS:
             raise UsageError(f"--monitor must be one of {', '.join(MONITORS)}.")
         if self.early_stop is not None and self.early_stop < 1:
@@ -206,6 +212,18 @@ class TrainConfig:
                 "class drawn equally often) or --class-weights auto (each class's loss "
                 "weighted by its rarity)."
             )
+
+    def validate_labels(self) -> None:
+        """``--labels``, ``--multi-label`` and the thresholds of a multi-label run."""
+        if self.multi_label and not self.labels:
+            raise UsageError(
+                "--multi-label needs a labels file: --labels FILE.csv, whose labels column "
+                "gives each image one or more classes."
+            )
+        if not (math.isfinite(self.threshold) and 0 < self.threshold < 1):
+            raise UsageError(f"--threshold must be in (0, 1), got {self.threshold:g}.")
+        if self.thresholds not in (None, "auto"):
+            raise UsageError("--thresholds must be auto (one per class, chosen on val).")
 
     def validate_tricks(self) -> None:
         """The checks of the recipe flags (``--recipe`` and what it presets)."""

@@ -59,8 +59,9 @@ def split_batch(images: np.ndarray, labels: np.ndarray, ctx: list[mx.Context]):
 
     A batch smaller than the context count uses fewer contexts. (MXNet 1.9.1's
     ``split_and_load(even_split=False)`` fails on a 1-sample batch over 2 contexts.)
+    Class indices load as int32; multi-hot rows (multi-label) keep their float32.
     """
-    return split_rows(images, ctx), split_rows(labels, ctx, "int32")
+    return split_rows(images, ctx), split_rows(labels, ctx, "int32" if labels.ndim == 1 else None)
 
 
 def split_rows(rows: np.ndarray, ctx: list[mx.Context], dtype=None) -> list:

@@ -17,6 +17,7 @@ from mxnet import gluon
 from gluon_ft.data import splits
 from gluon_ft.data.folders import check_dataset, unreadable_in
 from gluon_ft.data.hotdog import hotdog_root
+from gluon_ft.data.labels import describe_bad_rows, read_labels
 from gluon_ft.data.loaders import make_loader
 from gluon_ft.data.recordio import load_pack, pack_prefix
 from gluon_ft.data.splits import DatasetParts
@@ -25,17 +26,39 @@ from gluon_ft.errors import UsageError
 from gluon_ft.train.config import TrainConfig
 
 
+@dataclass(frozen=True)
+class LabelsFile:
+    """``--labels FILE.csv`` with its ``--label-delim``, and ``--multi-label`` (True: the
+    parts are multi-label even when every row has one label; None: the rows decide)."""
+
+    path: str
+    delimiter: str = " "
+    multi_label: bool | None = None
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> LabelsFile | None:
+        """The labels file of ``config``; None for folders of classes."""
+        if not config.labels:
+            return None
+        return cls(config.labels, config.label_delim, True if config.multi_label else None)
+
+
 def load_dataset(
     spec: str,
     val_split: float | None = None,
     test_split: float | None = None,
     seed: int = 0,
     saved: dict | None = None,
+    labels: LabelsFile | None = None,
+    notes: list[str] | None = None,
 ) -> DatasetParts:
     """The parts of ``--data hotdog``, ``DIR`` (either layout) or a RecordIO ``PREFIX``.
 
     ``saved`` is a run's ``split.json``: a resumed run gets the same parts, not a new split.
     A pack (``gluon-ft pack``) gives its train and test splits, with the same interface.
+    With ``labels`` the parts are the rows of the labels file, its image paths under ``spec``
+    (:func:`gluon_ft.data.splits.split_labels`); the rows left out are described in one
+    line appended to ``notes``.
 
     Raises
     ------
@@ -44,6 +67,11 @@ def load_dataset(
         :func:`gluon_ft.data.splits.split_dataset`).
     """
     if spec != "hotdog" and pack_prefix(spec) is not None:
+        if labels is not None:
+            raise UsageError(
+                f"--data {spec} is a RecordIO pack, which holds its labels; with --labels, "
+                "--data names the folder the labels file's image paths are relative to."
+            )
         if val_split or test_split:
             raise UsageError(
                 f"--data {spec} is a RecordIO pack of a train and a test split: "
@@ -54,6 +82,11 @@ def load_dataset(
     root = hotdog_root() if spec == "hotdog" else Path(spec).expanduser()
     if saved is not None:
         return splits.parts_from_record(root, saved)
+    if labels is not None:
+        table = read_labels(labels.path, root, labels.delimiter)
+        if table.bad_rows and notes is not None:
+            notes.append(f"warning: {labels.path}: {describe_bad_rows(table.bad_rows)}")
+        return splits.split_labels(table, val_split, test_split, seed, labels.multi_label)
     return splits.split_dataset(root, val_split, test_split, seed)
 
 
@@ -86,7 +119,10 @@ def image_loaders(
         workers=config.workers,
         shard=shard,
         num_shards=num_shards,
-        probabilities=config.sample_probabilities(train_split.labels()),
+        # A multi-label run refuses --sampler balanced (train.run.check_multi_label).
+        probabilities=None
+        if config.multi_label
+        else config.sample_probabilities(train_split.labels()),
     )
     test_loader = make_loader(
         test_split,

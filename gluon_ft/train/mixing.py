@@ -5,7 +5,8 @@ flip pairing). Mixup blends whole images, ``lam * x + (1 - lam) * x'``; CutMix p
 the partner covering ``1 - lam`` of the image, clipped to it, and then sets ``lam`` to the
 area that is really kept (timm's ``correct_lam``). With both on, each step picks one with
 probability 0.5 (timm's ``switch_prob``). The targets are ``lam * onehot(y) + (1 - lam) *
-onehot(y')``; the loss (:class:`~gluon_ft.train.network.SoftTargetLoss`) adds label smoothing.
+onehot(y')`` (multi-label: the same blend of the multi-hot rows); the loss
+(:class:`~gluon_ft.train.network.SoftTargetLoss`) adds label smoothing.
 
 The host batch is mixed before it is split over the devices, so that the draws and the mix do
 not depend on how many devices there are. Mixup blends raw pixel values: normalization is
@@ -68,8 +69,9 @@ class Mixer:
         else:
             mixed = lam * images.astype(np.float32) + (1.0 - lam) * partner.astype(np.float32)
         labels = np.asarray(labels)
-        eye = np.eye(self.num_classes, dtype=np.float32)
-        targets = lam * eye[labels] + (1.0 - lam) * eye[labels[::-1]]
+        # Multi-hot rows (multi-label) mix as they are: each class's target is its share.
+        rows = labels if labels.ndim == 2 else np.eye(self.num_classes, dtype=np.float32)[labels]
+        targets = lam * rows + (1.0 - lam) * rows[::-1]
         dominant = labels if lam >= 0.5 else labels[::-1]
         return MixedBatch(mixed, targets.astype(np.float32), dominant, lam)
 

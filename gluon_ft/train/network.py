@@ -9,6 +9,7 @@ or ``--optimizer adamw``).
 from __future__ import annotations
 
 import mxnet as mx
+import numpy as np
 from mxnet import gluon
 
 from gluon_ft.data.balance import inverse_frequency
@@ -19,6 +20,7 @@ from gluon_ft.train import amp
 from gluon_ft.train.adamw import AdamW
 from gluon_ft.train.config import TrainConfig
 from gluon_ft.train.dist import DistContext
+from gluon_ft.train.multilabel_loss import MultiLabelLoss
 
 
 def build_network(config: TrainConfig, num_classes: int, ctx: list[mx.Context]):
@@ -92,10 +94,15 @@ def make_loss(config: TrainConfig, train_labels, num_classes: int, ctx: list[mx.
     """The training loss: plain, or with ``--class-weights auto`` weighted by the inverse
     frequency of each class in the train part.
 
+    Multi-hot ``train_labels`` (``(N, C)``, a multi-label run) give
+    :class:`~gluon_ft.train.multilabel_loss.MultiLabelLoss` (:func:`multilabel_loss`).
+
     With ``--label-smoothing``, ``--mixup`` or ``--cutmix`` it is :class:`SoftTargetLoss`
     (the weights on each class's term); without them the book's sparse-label loss, bit for
     bit, or :class:`ClassWeightedLoss` (the weights as the loss's sample weights).
     """
+    if np.ndim(train_labels) == 2:
+        return multilabel_loss(config, train_labels, ctx)
     weights = None
     if config.class_weights != "none":
         weights = inverse_frequency(train_labels, num_classes)
@@ -104,6 +111,17 @@ def make_loss(config: TrainConfig, train_labels, num_classes: int, ctx: list[mx.
     if weights is None:
         return gluon.loss.SoftmaxCrossEntropyLoss()
     return ClassWeightedLoss(weights, ctx)
+
+
+def multilabel_loss(config: TrainConfig, targets, ctx: list[mx.Context]) -> MultiLabelLoss:
+    """The sigmoid loss of a multi-label run with ``--label-smoothing``; ``--class-weights
+    auto`` weights each class's positive term by its negatives over its positives in the
+    train part (``targets``, multi-hot), as PyTorch's ``pos_weight`` is usually set."""
+    weights = None
+    if config.class_weights != "none":
+        positives = np.asarray(targets, dtype=np.float64).sum(axis=0)
+        weights = (len(targets) - positives) / np.maximum(positives, 1.0)
+    return MultiLabelLoss(config.label_smoothing, weights, ctx)
 
 
 def make_trainer(

@@ -26,7 +26,8 @@ from gluon_ft import paths
 from gluon_ft.data import splits
 from gluon_ft.data.loaders import global_batch_sizes, set_epoch
 from gluon_ft.data.splits import DatasetParts
-from gluon_ft.deploy.report import build_report
+from gluon_ft.deploy.metrics import mean_average_precision
+from gluon_ft.deploy.report import build_report, write_thresholds
 from gluon_ft.errors import DivergedError, UsageError
 from gluon_ft.model import zoo
 from gluon_ft.model.freeze import FreezePlan, ParamTable, log_table
@@ -45,7 +46,7 @@ from gluon_ft.train.config import TrainConfig
 from gluon_ft.train.devices import parse_contexts
 from gluon_ft.train.dist import DistContext, connect
 from gluon_ft.train.ema import WeightAverage, choose_weights
-from gluon_ft.train.feeds import Feeds, load_dataset, make_feeds, require_readable
+from gluon_ft.train.feeds import Feeds, LabelsFile, load_dataset, make_feeds, require_readable
 from gluon_ft.train.mixing import Mixer
 from gluon_ft.train.network import build_network, make_loss, make_trainer, ready_network
 from gluon_ft.train.resume import (
@@ -71,6 +72,7 @@ from gluon_ft.train.step import (
     check_finite,
     check_params_finite,
     evaluate,
+    evaluate_multilabel,
     evaluate_sums,
     sum_over_workers,
     train_epoch,
@@ -192,7 +194,8 @@ def train(config: TrainConfig) -> dict:
             if config.resume:  # before any work: the same classes, the same files
                 check_same_data(session.run.path, list(parts.classes), data_files)
             model = build_model(config, session, len(parts.classes))
-            model.loss_fn = make_loss(config, parts.train.labels(), len(parts.classes), session.ctx)
+            train_labels = parts.train.targets() if parts.multi_label else parts.train.labels()
+            model.loss_fn = make_loss(config, train_labels, len(parts.classes), session.ctx)
             model.mixer = Mixer.of(config, len(parts.classes))
             first_epoch = session.resumed.position[0] if session.resumed else 0
             feeds = make_feeds(config, model.net, parts, session.ctx, session.dist, first_epoch)
@@ -226,8 +229,8 @@ def open_run(config: TrainConfig) -> Session:
             f"{'writing' if dist.is_writer else 'rank 0 writes'} {run.path}",
         )
     resumed, notes = None, []
-    if config.resume and config.lr_find:  # the rate the run measured when it started
-        config.lr = (read_run_file(run.path, "config.json") or {}).get("lr", config.lr)
+    if config.resume:  # what the run resolved when it started: its measured rate, its data
+        adopt_resolved(config, read_run_file(run.path, "config.json") or {})
     if config.resume:  # every worker reads rank 0's checkpoint from --out (shared storage)
         resumed, notes = find_resume_checkpoint(run.path, config, tidy=dist.is_writer)
         agree_on_checkpoint(dist, resumed)
@@ -249,6 +252,19 @@ def open_run(config: TrainConfig) -> Session:
     return Session(ctx, dist, run, resumed, dtype_choice)
 
 
+def adopt_resolved(config: TrainConfig, saved: dict) -> None:
+    """``--resume``: take the settings the run resolved from ``saved`` (its ``config.json``)
+    rather than from the flags: the rate ``--recipe best`` measured, and what a labels file
+    with several labels per row made of the defaults (``--multi-label``, ``--monitor
+    val_map``; :func:`check_multi_label`)."""
+    if config.lr_find:
+        config.lr = saved.get("lr", config.lr)
+    if config.labels and saved.get("multi_label") is True:
+        config.multi_label = True
+        if config.monitor == "val_acc" and saved.get("monitor") == "val_map":
+            config.monitor = "val_map"
+
+
 def load_data(config: TrainConfig, session: Session) -> DatasetParts:
     """The parts of ``--data`` (a resumed run: those of its ``split.json``); ``--strict``
     refuses unreadable files."""
@@ -259,19 +275,22 @@ def load_data(config: TrainConfig, session: Session) -> DatasetParts:
             saved = json.loads(split_file.read_text())
         except ValueError as err:
             raise UsageError(f"--resume: {split_file} is not valid JSON: {err}") from None
+    labels, notes = LabelsFile.of(config), []
+    fractions = (config.val_split, config.test_split, config.seed)
     try:
-        parts = load_dataset(config.data, config.val_split, config.test_split, config.seed, saved)
+        parts = load_dataset(config.data, *fractions, saved, labels, notes)
     except UsageError:
         if saved is None:
             raise
         # The folders lack split.json's files: say what changed (a renamed class folder
         # reorders the outputs) when the data as it is now tells; else split.json's message.
-        now = load_dataset(config.data, config.val_split, config.test_split, config.seed)
+        now = load_dataset(config.data, *fractions, labels=labels)
         check_same_data(session.run.path, list(now.classes), {})
         raise
     if saved is None and session.writer:  # said once, when the split is made
-        for line in parts.warnings():
+        for line in notes + parts.warnings():
             log(line)
+    check_multi_label(config, session, parts)
     if config.strict and parts.layout != splits.PACK:  # packs: at pack time
         require_readable(parts, config.image_size)
     if config.early_stop and parts.val is None:
@@ -280,6 +299,37 @@ def load_data(config: TrainConfig, session: Session) -> DatasetParts:
             "--val-split F (or a val/ folder) to --data."
         )
     return parts
+
+
+def check_multi_label(config: TrainConfig, session: Session, parts: DatasetParts) -> None:
+    """Settle ``config.multi_label`` by the parts (a labels file with a row of several labels
+    is multi-label), pick ``--monitor val_map`` for one, and refuse what it cannot do."""
+    config.multi_label = parts.multi_label
+    if not parts.multi_label:
+        if config.monitor == "val_map":
+            raise UsageError("--monitor val_map scores a multi-label run; use val_acc or val_loss.")
+        if config.thresholds:
+            raise UsageError("--thresholds auto chooses the thresholds of a multi-label run.")
+        return
+    if config.monitor == "val_acc":  # the default: per-label accuracy says little here
+        config.monitor = "val_map"
+    refused = {
+        "--sampler balanced": config.sampler == "balanced",
+        "--cache-features": config.cache_features,
+        "--head-epochs": bool(config.head_epochs),
+        "a distributed kvstore": session.dist.distributed,
+    }
+    named = [flag for flag, given in refused.items() if given]
+    if named:
+        raise UsageError(
+            f"A multi-label run cannot use {', '.join(named)} yet (it draws or caches by one "
+            "class per image, or scores mAP in one process); leave it out."
+        )
+    if config.thresholds == "auto" and parts.val is None:
+        raise UsageError(
+            "--thresholds auto chooses each class's threshold on the val part: add "
+            "--val-split F (or val rows in the labels file)."
+        )
 
 
 def build_model(config: TrainConfig, session: Session, num_classes: int) -> Model:
@@ -586,10 +636,11 @@ def validate(config, session: Session, model: Model, feeds: Feeds) -> dict:
     """The epoch's scores (:func:`score_epoch`), and with ``--ema`` its average's as
     ``ema_*``; with one set of BatchNorm statistics, the one that is saved."""
     share_bn_stats(config, session, model)
-    scores = score_epoch(feeds, session)
+    multi = config.multi_label
+    scores = score_epoch(feeds, session, multi)
     if model.ema is not None:
         with model.ema.swapped_in():
-            scores.update({f"ema_{k}": v for k, v in score_epoch(feeds, session).items()})
+            scores.update({f"ema_{k}": v for k, v in score_epoch(feeds, session, multi).items()})
     return scores
 
 
@@ -600,10 +651,20 @@ def share_bn_stats(config, session: Session, model: Model) -> None:
         sync_bn_stats(model.net, session.dist)
 
 
-def score_epoch(feeds: Feeds, session: Session) -> dict:
-    """The epoch's scores: val loss and accuracy, or without a val part the test accuracy."""
+def score_epoch(feeds: Feeds, session: Session, multi_label: bool = False) -> dict:
+    """The epoch's scores: val loss and accuracy, or without a val part the test accuracy.
+
+    A multi-label run adds the mean average precision (``val_map``, ``test_map``); its
+    accuracy is per label (:class:`MetricSums`)."""
     ctx, dist = session.ctx, session.dist
     net, prepare = feeds.scorer()
+    if multi_label:
+        sums, probabilities, targets = evaluate_multilabel(net, feeds.eval, ctx, prepare)
+        loss, acc = sums.read()
+        mean_ap = mean_average_precision(probabilities, targets)[0] if len(targets) else None
+        if feeds.eval_part == "test":
+            return {"test_acc": acc, "test_map": mean_ap}
+        return {"val_loss": loss, "val_acc": acc, "val_map": mean_ap}
     if feeds.eval_part == "test":
         return {"test_acc": evaluate(net, feeds.eval, ctx, dist, prepare)}
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
@@ -663,7 +724,8 @@ def keep_checkpoint(
 
 
 # The scores of an epoch's line, in this order: the weights', then --ema's average's.
-SCORE_KEYS = ("val_loss", "val_acc", "test_acc", "ema_val_loss", "ema_val_acc", "ema_test_acc")
+SCORE_KEYS = ("val_loss", "val_acc", "val_map", "test_acc", "test_map")
+SCORE_KEYS += tuple(f"ema_{key}" for key in SCORE_KEYS)
 
 
 def report_epoch(config: TrainConfig, row: dict, earlier: list[dict]) -> None:
@@ -676,7 +738,7 @@ def report_epoch(config: TrainConfig, row: dict, earlier: list[dict]) -> None:
             "them; --strict refuses them)"
         )
     scores = ", ".join(
-        f"{key.replace('_', ' ')} {row[key]:.3f}" for key in SCORE_KEYS if key in row
+        f"{key.replace('_', ' ')} {row[key]:.3f}" for key in SCORE_KEYS if row.get(key) is not None
     )
     say(
         config,
@@ -714,7 +776,7 @@ def close_run(config, session: Session, model: Model, parts: DatasetParts, histo
         else:
             name = checkpoint_name(chosen["best_epoch"])
             session.run.copy_params(session.run.path / "checkpoints" / name / PARAMS_FILE)
-        summary = report_run(session, chosen)
+        summary = report_run(session, chosen, config.thresholds == "auto")
     return {
         "run_dir": session.run.path,
         "history": history,
@@ -730,8 +792,10 @@ def weights_line(chosen: dict) -> str:
     return f"{kept}: {chosen['weights_reason']}"
 
 
-def report_run(session: Session, chosen: dict) -> dict:
-    """The report on the test part; returns ``summary.json``'s content.
+def report_run(session: Session, chosen: dict, choose_thresholds: bool = False) -> dict:
+    """The report on the test part; returns ``summary.json``'s content. With
+    ``choose_thresholds`` (``--thresholds auto``) a multi-label run's thresholds are chosen on
+    the val part first (``thresholds.json``), and the test part is scored with them.
 
     The weights are saved by now: a report that cannot be built (a network that the run's
     files do not describe, as a customized ``build_network`` makes) is a warning, and the
@@ -740,6 +804,8 @@ def report_run(session: Session, chosen: dict) -> dict:
     try:
         # As `gluon-ft predict` scores it: in float32, even after a bfloat16 run's AMP.
         with amp.float32_operators():
+            if choose_thresholds:
+                write_thresholds(session.run.path, session.ctx[0])
             summary, _ = build_report(
                 session.run.path, "test", selection=chosen, ctx=session.ctx[0]
             )

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 
 # --monitor: the row key, and whether larger is better.
-MONITORS = {"val_acc": True, "val_loss": False}
+# val_map: the mean average precision of a multi-label run, which picks its best epoch.
+MONITORS = {"val_acc": True, "val_loss": False, "val_map": True}
 
 
 def best_row(history: list[dict], monitor: str) -> dict | None:

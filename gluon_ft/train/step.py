@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import mxnet as mx
+import numpy as np
 from mxnet import autograd, gluon
 
 from gluon_ft.data.transforms import normalize_batch
@@ -28,6 +29,7 @@ from gluon_ft.train.config import TrainConfig
 from gluon_ft.train.devices import micro_batches, split_batch, split_rows, zero_unused_grads
 from gluon_ft.train.dist import DistContext
 from gluon_ft.train.mixing import Mixer
+from gluon_ft.train.multilabel_loss import MultiLabelLoss
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,11 @@ class StepOptions:
 
 
 class MetricSums:
-    """Loss and accuracy summed on each device; read on the host only when asked."""
+    """Loss and accuracy summed on each device; read on the host only when asked.
+
+    Multi-label targets (``(N, C)`` rows) count per-label accuracy: each sample adds the
+    share of its classes decided right at probability 0.5 (a logit above 0).
+    """
 
     def __init__(self, ctx: list[mx.Context]):
         self.loss = [mx.nd.zeros((1,), ctx=c) for c in ctx]
@@ -64,6 +70,11 @@ class MetricSums:
         for i, (out, y) in enumerate(zip(outputs, labels)):
             if losses is not None:
                 self.loss[i] += losses[i].sum()
+            if y.ndim == 2:
+                decided = (out.astype("float32", copy=False) > 0) == (y > 0.5)
+                self.correct[i] += decided.mean(axis=1).sum()
+                self.count += y.shape[0]
+                continue
             # argmax in float32: bfloat16 (AMP's output) holds class indices exactly up to 256.
             predicted = out.astype("float32", copy=False).argmax(axis=1)
             self.correct[i] += (predicted == y.astype("float32")).sum()
@@ -135,6 +146,27 @@ def evaluate_sums(
     if dist is not None:
         sums, _ = sum_over_workers(dist, sums)
     return sums
+
+
+def evaluate_multilabel(
+    net: gluon.Block, loader, ctx: list[mx.Context], prepare=normalize_batch
+) -> tuple[MetricSums, np.ndarray, np.ndarray]:
+    """A multi-label pass over ``loader`` in predict mode: ``(sums, probabilities,
+    targets)``, the sums with the plain sigmoid loss, the ``(N, C)`` arrays on the host for
+    the ranking scores (average precision) that device sums cannot give. One process only."""
+    loss_fn = MultiLabelLoss()
+    sums, probabilities, targets = MetricSums(ctx), [], []
+    for images, labels, _ in loader:
+        if images is None:
+            continue
+        xs, ys = split_batch(images, labels, ctx)
+        outs = [view_logits(net, x, prepare).astype("float32", copy=False) for x in xs]
+        sums.add(outs, ys, [loss_fn(out, y) for out, y in zip(outs, ys)])
+        probabilities += [out.sigmoid().asnumpy() for out in outs]
+        targets += [y.asnumpy() for y in ys]
+    if not probabilities:
+        return sums, np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return sums, np.concatenate(probabilities), np.concatenate(targets)
 
 
 def evaluate(
