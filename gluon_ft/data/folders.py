@@ -79,6 +79,36 @@ def folder_contents(folder: Path) -> FolderContents:
     return FolderContents(*(tuple(sorted(found)) for found in (images, ignored, skipped)))
 
 
+@dataclass(frozen=True)
+class ImageArguments:
+    """Image files named on a command line, folders expanded (:func:`expand_image_arguments`)."""
+
+    images: tuple[str, ...]
+    empty_folders: tuple[str, ...]  # folders given that hold no image file, with what they do
+    left_out: int  # hidden and non-image files inside the folders given
+
+
+def expand_image_arguments(arguments: Sequence[str]) -> ImageArguments:
+    """Files as given; each folder as the image files under it, at any depth, sorted.
+
+    Inside a folder, as in a dataset (:func:`folder_contents`): hidden (dot) names and files
+    of no format Pillow decodes are left out. A file named directly is kept whatever its
+    name, so that the caller reports why it cannot be read.
+    """
+    images, empty, left_out = [], [], 0
+    for argument in arguments:
+        path = Path(argument)
+        if not path.is_dir():
+            images.append(argument)
+            continue
+        contents = folder_contents(path)
+        images += [str(image) for image in contents.images]
+        left_out += len(contents.ignored) + len(contents.skipped)
+        if not contents.images:
+            empty.append(_left_out(argument, contents))
+    return ImageArguments(tuple(images), tuple(empty), left_out)
+
+
 def class_folders(root: Path) -> dict[str, FolderContents]:
     """``{class: its contents}`` of ``root/<class>/``, classes sorted; hidden folders are none."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_hidden(p))
