@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import mxnet as mx
@@ -13,6 +15,7 @@ import pytest
 from PIL import Image
 
 from gluon_ft.cli import main
+from gluon_ft.errors import UsageError
 
 
 def _png(path: Path, size: int = 36, value: int = 120) -> Path:
@@ -91,3 +94,116 @@ def test_predict_says_when_a_folder_holds_no_images(untrained_run, tmp_path, cap
     assert main(["predict", str(untrained_run), str(empty)]) == 2
     err = capsys.readouterr().err
     assert "a folder with no image files" in err and "readme.txt" in err
+
+
+# ----------------------------------------------------------------------------- 11: messages
+
+
+def _params_of(model: str, path: Path, classes: int = 3) -> Path:
+    from gluon_ft.model.graft import build_model
+
+    net = build_model(model, classes)
+    net.initialize()
+    net(mx.nd.zeros((1, 3, 32, 32)))
+    net.save_parameters(str(path))
+    return path
+
+
+def test_pretrained_json_is_named_as_the_note_not_the_weights(tmp_path):
+    from gluon_ft.model.graft import load_source_model
+
+    note = tmp_path / "food.json"
+    note.write_text(json.dumps({"model": "resnet18_v2", "classes": ["a", "b"]}))
+    with pytest.raises(UsageError) as caught:
+        load_source_model("resnet18_v2", str(note))
+    assert "is a JSON file" in str(caught.value) and "food.params" in str(caught.value)
+    assert "Traceback" not in str(caught.value)
+
+
+def test_a_file_that_is_no_params_file_says_why_without_traceback(tmp_path):
+    from gluon_ft.model.graft import load_source_model
+
+    junk = tmp_path / "junk.params"
+    junk.write_text("{}")
+    with pytest.raises(UsageError) as caught:
+        load_source_model("resnet18_v2", str(junk))
+    message = str(caught.value)
+    assert "Traceback" not in message and "Invalid NDArray file format" in message
+
+
+def test_another_architectures_params_name_what_is_missing(tmp_path):
+    from gluon_ft.model.graft import load_source_model
+
+    params = _params_of("mobilenet0.25", tmp_path / "mobile.params")
+    with pytest.raises(UsageError) as caught:
+        load_source_model("resnet18_v2", str(params))
+    message = str(caught.value)
+    assert "allow_missing" not in message
+    assert "of the network's 98 parameters missing from the file: features.0.gamma" in message
+    assert "in the file that the network does not have: features.0.weight" in message
+    assert "more" in message and "Pass the --model it was trained with" in message
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + payload))
+        return struct.pack(">I", len(payload)) + kind + payload + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+@pytest.mark.parametrize("side", [20_000, 10_000])  # past twice PIL's limit, and just past it
+def test_a_huge_image_says_its_own_size_and_the_limit(untrained_run, tmp_path, capsys, side):
+    from gluon_ft.data.decode import UnreadableImageError, load_image
+
+    huge = _png_header_only(tmp_path / "huge.png", side, side)
+    with pytest.raises(UnreadableImageError, match=f"{side}x{side} pixels"):
+        load_image(huge)
+    assert main(["predict", str(untrained_run), str(huge)]) == 2
+    err = capsys.readouterr().err
+    assert f"{side}x{side} pixels ({side * side / 1e6:.1f} megapixels)" in err
+    assert "limit of 89478485 pixels" in err
+
+
+def test_data_that_is_a_file_is_called_a_file(tmp_path):
+    from gluon_ft.data.splits import split_dataset
+
+    photo = _png(tmp_path / "photos" / "x.png")
+    with pytest.raises(UsageError) as caught:
+        split_dataset(photo, None, None, 0)
+    message = str(caught.value)
+    assert "is a file, not a folder" in message and "does not exist" not in message
+    assert f"{tmp_path / 'photos'}/<class>/*" in message
+
+
+def test_offline_imagenet_weights_are_one_paragraph(monkeypatch, capsys):
+    import requests
+
+    from gluon_ft.model import graft
+
+    url = "https://example.invalid/gluon/models/resnet18_v2-a81db45f.zip"
+
+    def offline(*args, **kwargs):
+        for left in range(4, -1, -1):  # as MXNet's download prints its attempts
+            print(f"Downloading /x/resnet18_v2.zip from {url}...")
+            if left:
+                print(f"download failed due to ConnectionError(...), retrying, {left} left")
+        refused = OSError(-2, "Name or service not known")
+        raise requests.ConnectionError(
+            requests.packages.urllib3.exceptions.MaxRetryError(None, url, refused)
+        )
+
+    monkeypatch.setattr(graft, "build_model", offline)
+    with pytest.raises(UsageError) as caught:
+        graft.load_source_model("resnet18_v2")
+    message = str(caught.value)
+    assert capsys.readouterr().out == ""
+    assert f"from {url} (Name or service not known; 5 attempts)" in message
+    assert "resnet18_v2-a81db45f.params in" in message and "--pretrained FILE" in message

@@ -47,6 +47,17 @@ class ImageFolderSplit:
         return load_image(self.items[index][0])
 
 
+def missing_folder(root: Path, layouts: str) -> str:
+    """Why ``root`` is no dataset folder (missing, or a file), then the ``layouts`` expected,
+    where ``{root}`` stands for the folder: of ``root`` itself, or of the one holding a file."""
+    if root.exists():
+        return (
+            f"{root} is a file, not a folder: a dataset is a folder of image folders. "
+            f"Did you mean its folder? Expected {layouts.format(root=root.parent)}"
+        )
+    return f"Dataset folder {root} does not exist. Expected {layouts.format(root=root)}"
+
+
 def is_hidden(path: Path) -> bool:
     """A dot-name: ``.DS_Store``, macOS's ``._photo.jpg``, ``.ipynb_checkpoints/``, ``.git/``."""
     return path.name.startswith(".")
@@ -164,8 +175,11 @@ def scan_dataset(root: str | Path) -> tuple[ImageFolderSplit, ImageFolderSplit]:
     root = Path(root)
     if not root.is_dir():
         raise UsageError(
-            f"Dataset folder {root} does not exist. Expected {root}/train/<class>/* and "
-            f"{root}/test/<class>/*, or --data hotdog for the book's dataset."
+            missing_folder(
+                root,
+                "{root}/train/<class>/* and {root}/test/<class>/*, or --data hotdog for the "
+                "book's dataset.",
+            )
         )
     for split in ("train", "test"):
         if not (root / split).is_dir():

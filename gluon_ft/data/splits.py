@@ -29,7 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from gluon_ft.data.folders import ImageFolderSplit, identical_files, scan_dataset, scan_split
+from gluon_ft.data.folders import (
+    ImageFolderSplit,
+    identical_files,
+    missing_folder,
+    scan_dataset,
+    scan_split,
+)
 from gluon_ft.data.labels import LabelTable, MultiLabelSplit
 from gluon_ft.data.multilabel_split import iterative_stratification
 from gluon_ft.errors import UsageError
@@ -234,8 +240,11 @@ def split_dataset(
     root = Path(root).absolute()  # split.json names it, for a report run from anywhere
     if not root.is_dir():
         raise UsageError(
-            f"Dataset folder {root} does not exist. Expected {root}/<class>/* (split for you), "
-            f"or {root}/train/<class>/* and {root}/test/<class>/*, or --data hotdog."
+            missing_folder(
+                root,
+                "{root}/<class>/* (split for you), or {root}/train/<class>/* and "
+                "{root}/test/<class>/*, or --data hotdog.",
+            )
         )
     layout = layout_of(root)
     val, test = _fractions(DEFAULT_FRACTIONS[layout], val_split, test_split)
