@@ -207,3 +207,36 @@ def test_offline_imagenet_weights_are_one_paragraph(monkeypatch, capsys):
     assert capsys.readouterr().out == ""
     assert f"from {url} (Name or service not known; 5 attempts)" in message
     assert "resnet18_v2-a81db45f.params in" in message and "--pretrained FILE" in message
+
+
+# ----------------------------------------------------------------------------- 12: refusals
+
+
+def _class_folders(root: Path, per_class: int = 3) -> Path:
+    for name in ("ant", "bee"):
+        for i in range(per_class):
+            _png(root / name / f"{i}.png", value=40 + 100 * (name == "bee") + i)
+    return root
+
+
+@pytest.mark.parametrize("model, smallest", [("resnet18_v2", 32), ("mobilenet0.25", 32)])
+def test_an_image_size_below_the_models_stride_is_refused_before_any_work(
+    tmp_path, capsys, model, smallest
+):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(tmp_path / "nowhere"), "--model", model, "--out", str(out)]
+    assert main([*args, "--image-size", str(smallest - 8), "--pretrained", "none"]) == 2
+    err = capsys.readouterr().err
+    assert f"--image-size {smallest - 8} is below what {model} takes" in err
+    assert f"Pass --image-size {smallest} or more" in err
+    assert not out.exists()  # refused before the run folder, a download or the data
+
+
+def test_a_batch_larger_than_the_training_set_is_refused(tmp_path, capsys):
+    data = _class_folders(tmp_path / "data", per_class=5)  # 10 images: 6 train, 1 val, 3 test
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--model", "mobilenet0.25", "--pretrained", "none"]
+    assert main([*args, "--image-size", "32", "--batch-size", "64", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size 64 is larger than the training set (6 images)" in err
+    assert "Pass --batch-size 6 or less" in err and "Traceback" not in err

@@ -45,9 +45,21 @@ from gluon_ft.train.config import TrainConfig
 from gluon_ft.train.devices import parse_contexts
 from gluon_ft.train.dist import DistContext, connect
 from gluon_ft.train.ema import WeightAverage, choose_weights
-from gluon_ft.train.feeds import Feeds, load_dataset, make_feeds, require_readable
+from gluon_ft.train.feeds import (
+    Feeds,
+    check_batch_fits,
+    load_dataset,
+    make_feeds,
+    require_readable,
+)
 from gluon_ft.train.mixing import Mixer
-from gluon_ft.train.network import build_network, make_loss, make_trainer, ready_network
+from gluon_ft.train.network import (
+    build_network,
+    check_image_size,
+    make_loss,
+    make_trainer,
+    ready_network,
+)
 from gluon_ft.train.resume import (
     EpochSteps,
     StopRequest,
@@ -184,6 +196,7 @@ def train(config: TrainConfig) -> dict:
     """
     with StopRequest() as stop:
         config.validate()
+        check_image_size(config)  # before a download or a run folder
         session = open_run(config)
         stop.dist = session.dist  # the workers of a distributed run stop together
         try:
@@ -272,6 +285,7 @@ def load_data(config: TrainConfig, session: Session) -> DatasetParts:
     if saved is None and session.writer:  # said once, when the split is made
         for line in parts.warnings():
             log(line)
+    check_batch_fits(config.batch_size, parts)
     if config.strict and parts.layout != splits.PACK:  # packs: at pack time
         require_readable(parts, config.image_size)
     if config.early_stop and parts.val is None:
