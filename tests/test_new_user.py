@@ -240,3 +240,28 @@ def test_a_batch_larger_than_the_training_set_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--batch-size 64 is larger than the training set (6 images)" in err
     assert "Pass --batch-size 6 or less" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- 9/10, 15: the start
+
+
+def test_training_says_how_the_data_was_split_and_records_the_fractions(tmp_path, capsys):
+    data = tmp_path / "data"
+    for i in range(30):
+        _png(data / "ant" / f"{i}.png", size=32, value=40 + i)
+    for i in range(4):
+        _png(data / "bee" / f"{i}.png", size=32, value=200 - i)
+    (data / "ant" / ".DS_Store").write_text("x")
+    (data / "bee" / "notes.txt").write_text("x")
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--model", "mobilenet0.25", "--pretrained", "none"]
+    args += ["--image-size", "32", "--batch-size", "8", "--epochs", "1", "--no-progress"]
+    assert main([*args, "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "(class folders, split with --seed 0: val 0.1, test 0.1)" in said
+    assert "data: per class (train/val/test): ant " in said
+    assert "the train part is imbalanced" in said and "--class-weights auto" in said
+    assert "fewer than 5 test images" in said and "bee 1" in said
+    assert "left out 1 hidden and 1 non-image files" in said
+    config = json.loads((out / "config.json").read_text())
+    assert (config["val_split_used"], config["test_split_used"]) == (0.1, 0.1)

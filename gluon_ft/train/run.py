@@ -282,6 +282,10 @@ def load_data(config: TrainConfig, session: Session) -> DatasetParts:
         now = load_dataset(config.data, config.val_split, config.test_split, config.seed)
         check_same_data(session.run.path, list(now.classes), {})
         raise
+    if session.writer:
+        used = splits.fractions_used(parts.layout, config.val_split, config.test_split)
+        for line in splits.describe_split(parts, used, config.seed):
+            log(line)
     if saved is None and session.writer:  # said once, when the split is made
         for line in parts.warnings():
             log(line)
@@ -407,6 +411,13 @@ def write_config(config, session, model, feeds, parts: DatasetParts, data_files:
         # From scratch there is no new head: the output layer learns at --lr like the rest.
         "head_lr_mult_used": get_head(model.net)[1].weight.lr_mult,
         "layout": parts.layout,
+        # --val-split / --test-split as applied: the flags record None for the defaults.
+        **dict(
+            zip(
+                ("val_split_used", "test_split_used"),
+                splits.fractions_used(parts.layout, config.val_split, config.test_split),
+            )
+        ),
         "train_size": len(parts.train),
         "val_size": len(parts.val) if parts.val is not None else 0,
         "test_size": len(parts.test),
