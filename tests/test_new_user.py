@@ -265,3 +265,55 @@ def test_training_says_how_the_data_was_split_and_records_the_fractions(tmp_path
     assert "left out 1 hidden and 1 non-image files" in said
     config = json.loads((out / "config.json").read_text())
     assert (config["val_split_used"], config["test_split_used"]) == (0.1, 0.1)
+
+
+# ----------------------------------------------------------------------------- 16: pictures
+
+
+def test_mistake_titles_name_the_file(tmp_path, monkeypatch):
+    from gluon_ft.data.folders import ImageFolderSplit
+    from gluon_ft.deploy import plots, report
+    from gluon_ft.deploy.predict import SplitPredictions
+
+    paths = [_png(tmp_path / "ant" / "IMG_0001.png"), _png(tmp_path / "bee" / "b.png")]
+    split = ImageFolderSplit(tmp_path, ("ant", "bee"), ((str(paths[0]), 0), (str(paths[1]), 1)))
+    predictions = SplitPredictions(
+        np.array([0, 1]), np.array([0, 1]), np.array([[0.1, 0.9], [0.8, 0.2]], dtype=np.float32)
+    )
+    seen = {}
+    monkeypatch.setattr(plots, "plot_mistakes", lambda _, titles, *a, **k: seen.update(t=titles))
+    report._plot_mistakes(predictions, split, ["ant", "bee"], tmp_path / "m.png")
+    assert seen["t"] == [
+        "IMG_0001.png\ntrue ant\npred bee (0.90)",
+        "b.png\ntrue bee\npred ant (0.80)",
+    ]
+
+
+def test_curves_mark_the_best_epoch():
+    from gluon_ft.deploy.plots import plot_curves
+
+    scores = ((1, 0.6), (2, 0.9), (3, 0.7))
+    rows = [{"epoch": e, "loss": 1 / e, "train_acc": 0.5, "val_acc": a} for e, a in scores]
+    fig = plot_curves(rows, best_epoch=2)
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert "best: epoch 2" in labels
+
+
+def test_confusion_has_a_row_normalized_view_beside_the_counts():
+    from gluon_ft.deploy.plots import plot_confusion
+
+    fig = plot_confusion(np.array([[1, 1], [0, 8]]), ["ant", "bee"])
+    counts, shares = fig.axes[:2]
+    assert shares.get_title() == "share of each true class"
+    assert sorted(t.get_text() for t in shares.texts) == ["0.00", "0.50", "0.50", "1.00"]
+    assert sorted(t.get_text() for t in counts.texts) == ["0", "1", "1", "8"]
+
+
+def test_check_data_exits_0_with_warnings_and_2_for_an_unusable_folder(tmp_path, capsys):
+    data = _class_folders(tmp_path / "data")
+    (data / "ant" / "broken.png").write_bytes(b"not a png")
+    assert main(["check-data", str(data), "--image-size", "32"]) == 0
+    assert "unreadable (1; training skips them" in capsys.readouterr().out
+    for image in (data / "bee").iterdir():
+        image.unlink()
+    assert main(["check-data", str(data), "--image-size", "32"]) == 2

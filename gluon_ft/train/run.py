@@ -667,7 +667,7 @@ def record_epoch(config, session: Session, model: Model, feeds: Feeds, progress,
         keep_checkpoint(config, session, model, progress, (row["epoch"], 0))
         best = best_epoch(config, feeds, progress.history)
         session.run.prune(config.keep_checkpoints, [best])
-        session.run.record(progress.history)
+        session.run.record(progress.history, best)
 
 
 def best_epoch(config: TrainConfig, feeds: Feeds, history: list[dict]) -> int:
