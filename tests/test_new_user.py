@@ -255,7 +255,7 @@ def test_training_says_how_the_data_was_split_and_records_the_fractions(tmp_path
     (data / "bee" / "notes.txt").write_text("x")
     out = tmp_path / "run"
     args = ["train", "--data", str(data), "--model", "mobilenet0.25", "--pretrained", "none"]
-    args += ["--image-size", "32", "--batch-size", "8", "--epochs", "1", "--no-progress"]
+    args += ["--image-size", "32", "--batch-size", "8", "--epochs", "1"]
     assert main([*args, "--out", str(out)]) == 0
     said = capsys.readouterr().out
     assert "(class folders, split with --seed 0: val 0.1, test 0.1)" in said
@@ -265,6 +265,10 @@ def test_training_says_how_the_data_was_split_and_records_the_fractions(tmp_path
     assert "left out 1 hidden and 1 non-image files" in said
     config = json.loads((out / "config.json").read_text())
     assert (config["val_split_used"], config["test_split_used"]) == (0.1, 0.1)
+    # --no-progress: the warning alone
+    assert main([*args, "--out", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "the train part is imbalanced" in said and "data: " not in said
 
 
 # ----------------------------------------------------------------------------- 16: pictures

@@ -285,7 +285,9 @@ def load_data(config: TrainConfig, session: Session) -> DatasetParts:
     if session.writer:
         used = splits.fractions_used(parts.layout, config.val_split, config.test_split)
         for line in splits.describe_split(parts, used, config.seed):
-            log(line)
+            # The counts are progress talk (--no-progress keeps stdout for results); a warning
+            # is said whatever the flags.
+            (log if line.startswith("warning:") else lambda text: say(config, text))(line)
     if saved is None and session.writer:  # said once, when the split is made
         for line in parts.warnings():
             log(line)
