@@ -321,3 +321,47 @@ def test_check_data_exits_0_with_warnings_and_2_for_an_unusable_folder(tmp_path,
     for image in (data / "bee").iterdir():
         image.unlink()
     assert main(["check-data", str(data), "--image-size", "32"]) == 2
+
+
+# ----------------------------------------------------------------------------- 17: --config
+
+
+def _train_config_of(words: list[str]):
+    from gluon_ft.cli import build_parser
+    from gluon_ft.cli.recipe import parse_command_line
+    from gluon_ft.cli.train import config_from
+
+    return config_from(parse_command_line(build_parser(), ["train", *words]))
+
+
+def test_train_config_takes_a_runs_own_config_json_and_the_command_line_wins(tmp_path):
+    from dataclasses import asdict
+
+    from gluon_ft.train import TrainConfig
+
+    recorded = asdict(TrainConfig(data="photos", model="mobilenet0.25", lr=0.02, epochs=7))
+    recorded.update(out=str(tmp_path / "old-run"), gluon_ft="0.1", num_classes=2, train_size=9)
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    config = _train_config_of(["--config", str(tmp_path / "config.json"), "--epochs", "2"])
+    assert (config.data, config.model, config.lr, config.epochs) == (
+        "photos",
+        "mobilenet0.25",
+        0.02,
+        2,
+    )
+    assert config.out != str(tmp_path / "old-run")  # a new run gets its own folder
+
+
+def test_train_config_refuses_unknown_keys_by_name(tmp_path, capsys):
+    (tmp_path / "c.json").write_text(json.dumps({"batch-size": 4, "bogus": 1, "lrr": 0.1}))
+    with pytest.raises(SystemExit) as caught:
+        _train_config_of(["--config", str(tmp_path / "c.json")])
+    assert caught.value.code == 2
+    assert "unknown setting(s) bogus, lrr" in capsys.readouterr().err
+
+
+def test_train_config_reads_yaml_where_pyyaml_is_installed(tmp_path):
+    pytest.importorskip("yaml")
+    (tmp_path / "c.yaml").write_text("batch_size: 4\noptimizer: adamw\n")
+    config = _train_config_of(["--config", str(tmp_path / "c.yaml")])
+    assert (config.batch_size, config.optimizer) == (4, "adamw")
