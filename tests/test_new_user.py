@@ -365,3 +365,47 @@ def test_train_config_reads_yaml_where_pyyaml_is_installed(tmp_path):
     (tmp_path / "c.yaml").write_text("batch_size: 4\noptimizer: adamw\n")
     config = _train_config_of(["--config", str(tmp_path / "c.yaml")])
     assert (config.batch_size, config.optimizer) == (4, "adamw")
+
+
+# ----------------------------------------------------------------------------- 14: progress
+
+
+def _epoch_line(capsys, epoch: int, **settings) -> str:
+    from gluon_ft.train import TrainConfig
+    from gluon_ft.train.run import report_epoch
+
+    row = {"epoch": epoch, "loss": 0.5, "train_acc": 0.8, "val_acc": 0.7, "skipped": 0}
+    row.update(examples_per_sec=123.0, seconds=50.0)
+    report_epoch(TrainConfig(**settings), row, [])
+    return capsys.readouterr().out
+
+
+def test_the_epoch_line_says_the_time_left_for_the_whole_run(capsys):
+    assert _epoch_line(capsys, 2, epochs=5).rstrip().endswith("examples/sec, about 2m30s left")
+    assert "left" not in _epoch_line(capsys, 5, epochs=5)
+    assert "about 1h23m left" in _epoch_line(capsys, 1, epochs=101)
+
+
+def test_head_epochs_on_cached_features_are_labelled_as_such(capsys):
+    head = dict(epochs=4, head_epochs=2, pretrained="imagenet")
+    line = _epoch_line(capsys, 1, **head)
+    assert "123.0 examples/sec (head on cached features)" in line
+    assert "left" not in line  # the full epochs after it take far longer
+    line = _epoch_line(capsys, 3, **head)
+    assert "(head on cached features)" not in line and "about 0m50s left" in line
+
+
+def test_validating_and_saving_are_said_where_bars_are_drawn(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from gluon_ft.train import TrainConfig
+    from gluon_ft.train.run import phase
+
+    session = SimpleNamespace(writer=True)
+    monkeypatch.setenv("GLUON_FT_PROGRESS_BARS", "1")
+    with phase(TrainConfig(), session, "epoch 1/5: validating"):
+        pass
+    assert "epoch 1/5: validating ..." in capsys.readouterr().err
+    with phase(TrainConfig(progress=False), session, "epoch 1/5: saving"):
+        pass
+    assert "saving" not in capsys.readouterr().err

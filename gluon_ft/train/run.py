@@ -10,6 +10,7 @@ files of the run are :mod:`~gluon_ft.train.rundir`'s, stopping and resuming
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -468,10 +469,12 @@ def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopR
         steps = epoch_steps(config, session, feeds, epoch, first_step, stop, set_lr)
         trained = train_one_epoch(config, session, model, feeds, steps, options, progress)
         # Validate: the weights, and --ema's average of them.
-        scores = validate(config, session, model, feeds)
+        with phase(config, session, f"epoch {epoch + 1}/{config.epochs}: validating"):
+            scores = validate(config, session, model, feeds)
         # Record: the epoch's line, its checkpoint and the run directory's files.
         row = epoch_row(model, trained, scores, started)
-        record_epoch(config, session, model, feeds, progress, row)
+        with phase(config, session, f"epoch {epoch + 1}/{config.epochs}: saving"):
+            record_epoch(config, session, model, feeds, progress, row)
         if epoch + 1 < config.epochs and stop.requested():
             raise interrupted_at(stop, progress.last_checkpoint, session.writer)
     return progress.history
@@ -705,11 +708,38 @@ def report_epoch(config: TrainConfig, row: dict, earlier: list[dict]) -> None:
     scores = ", ".join(
         f"{key.replace('_', ' ')} {row[key]:.3f}" for key in SCORE_KEYS if key in row
     )
+    # A head epoch reads cached features: its speed is no measure of the whole network's.
+    on_features = config.cache_features or epoch <= config.head_epochs
     say(
         config,
         f"epoch {epoch}: loss {row['loss']:.3f}, train acc {row['train_acc']:.3f}, "
-        f"{scores}, {row['examples_per_sec']:.1f} examples/sec",
+        f"{scores}, {row['examples_per_sec']:.1f} examples/sec"
+        f"{' (head on cached features)' if on_features else ''}{time_left(config, row)}",
     )
+
+
+def time_left(config: TrainConfig, row: dict) -> str:
+    """``, about 4m10s left``: the epochs to go at this epoch's pace. Nothing after the last
+    epoch, nor from a head epoch that full epochs follow (those take far longer)."""
+    remaining = config.epochs - row["epoch"]
+    if remaining <= 0 or row["epoch"] < config.head_epochs:
+        return ""
+    seconds = round(remaining * row["seconds"])
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    text = f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+    return f", about {text} left"
+
+
+@contextlib.contextmanager
+def phase(config: TrainConfig, session: Session, what: str):
+    """A status line (``validating``, ``saving``) while the block runs, where progress bars
+    are drawn (:func:`epoch_bar`); it is gone when the block ends."""
+    from tqdm.auto import tqdm
+
+    shown = config.progress and session.writer and bars_render()
+    with tqdm(total=0, desc=what, bar_format="{desc} ...", disable=not shown, leave=False):
+        yield
 
 
 def close_run(config, session: Session, model: Model, parts: DatasetParts, history) -> dict:
