@@ -206,7 +206,8 @@ def test_offline_imagenet_weights_are_one_paragraph(monkeypatch, capsys):
     message = str(caught.value)
     assert capsys.readouterr().out == ""
     assert f"from {url} (Name or service not known; 5 attempts)" in message
-    assert "resnet18_v2-a81db45f.params in" in message and "--pretrained FILE" in message
+    assert "models/resnet18_v2-a81db45f.params (set MXNET_HOME" in message
+    assert "--pretrained FILE" in message
 
 
 # ----------------------------------------------------------------------------- 12: refusals

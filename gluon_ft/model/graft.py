@@ -225,8 +225,8 @@ def _load_imagenet(name: str, image_size: int | None) -> gluon.HybridBlock:
             what = (
                 f"Could not download the ImageNet weights of {name} from {urls[-1]} "
                 f"({_root_cause(err)}; {len(urls)} attempts). To train offline, fetch that "
-                f"file elsewhere, unzip it and put {target.name} in {target.parent} (set "
-                "MXNET_HOME to use another folder)"
+                f"file elsewhere and put it, unzipped, at {target} (set MXNET_HOME to use "
+                "another folder)"
             )
         else:
             what = (

@@ -206,6 +206,7 @@ def train(config: TrainConfig) -> dict:
             if config.resume:  # before any work: the same classes, the same files
                 check_same_data(session.run.path, list(parts.classes), data_files)
             model = build_model(config, session, len(parts.classes))
+            check_batch_fits(config.batch_size, parts)  # after the model's own refusals
             model.loss_fn = make_loss(config, parts.train.labels(), len(parts.classes), session.ctx)
             model.mixer = Mixer.of(config, len(parts.classes))
             first_epoch = session.resumed.position[0] if session.resumed else 0
@@ -292,7 +293,6 @@ def load_data(config: TrainConfig, session: Session) -> DatasetParts:
     if saved is None and session.writer:  # said once, when the split is made
         for line in parts.warnings():
             log(line)
-    check_batch_fits(config.batch_size, parts)
     if config.strict and parts.layout != splits.PACK:  # packs: at pack time
         require_readable(parts, config.image_size)
     if config.early_stop and parts.val is None:
