@@ -242,7 +242,8 @@ def test_strict_refuses_listing_every_unreadable_file(bad_data, tmp_path, capsys
 
 
 def test_check_data_reports_counts_reasons_and_small_images(bad_data, capsys):
-    assert main(["check-data", str(bad_data), "--image-size", "32"]) == 2
+    # Exit 0: training accepts the folder (it skips the unreadable files), see test_new_user.
+    assert main(["check-data", str(bad_data), "--image-size", "32"]) == 0
     text = capsys.readouterr().out
     assert "  train  cat                            9           5      0" in text
     assert "  train  dog                            9           0      1" in text
@@ -250,7 +251,7 @@ def test_check_data_reports_counts_reasons_and_small_images(bad_data, capsys):
         assert f"  train/cat/{name}: " in text and reason in text.split(f"train/cat/{name}: ")[1]
     assert "  train/dog/tiny.png: 1x1" in text
 
-    assert main(["check-data", str(bad_data), "--image-size", "32", "--json"]) == 2
+    assert main(["check-data", str(bad_data), "--image-size", "32", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     dogs = report["splits"]["train"]["dog"]
     assert dogs["images"] == 9 and dogs["small"] == [{"path": "train/dog/tiny.png", "size": [1, 1]}]

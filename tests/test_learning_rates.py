@@ -9,7 +9,7 @@ import json
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, write_image_folder
 from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
@@ -100,11 +100,12 @@ def test_per_batch_rates_and_small_batches_are_not_warned_about(lr, batch_size):
     assert TrainConfig(pretrained="none", head_lr_mult=10).warnings() == []  # the default
 
 
-def test_the_cli_warns_and_config_json_records_the_head_lr_mult_used(tiny_data, tmp_path):
+def test_the_cli_warns_and_config_json_records_the_head_lr_mult_used(tmp_path):
     out = tmp_path / "run"
+    data = write_image_folder(tmp_path / "data", n_train=16, size=32)  # a batch of 32
     done = run_cli(
         "train",
-        *("--data", str(tiny_data), "--model", "mobilenet0.25", "--pretrained", "none"),
+        *("--data", str(data), "--model", "mobilenet0.25", "--pretrained", "none"),
         *("--epochs", "1", "--batch-size", "32", "--image-size", "32", "--out", str(out)),
         *("--lr", "7.8125e-5", "--head-lr-mult", "5", "--no-progress"),
     )

@@ -115,10 +115,10 @@ def test_params_of_another_architecture_are_refused_by_name(pretrained, tmp_path
 
 
 def test_model_name_in_another_case_still_matches_its_sidecar(tmp_path):
-    source = write_image_folder(tmp_path / "source", n_train=2, n_test=1, size=36)
+    source = write_image_folder(tmp_path / "source", n_train=4, n_test=1, size=36)
     params = tmp_path / "source.params"
     assert main(pretrain_args(source, params, model="MobileNet0.25")) == 0
-    target = write_image_folder(tmp_path / "target", n_train=2, n_test=1, size=36, seed=1)
+    target = write_image_folder(tmp_path / "target", n_train=4, n_test=1, size=36, seed=1)
     args = ["train", "--data", str(target), "--model", "MobileNet0.25", "--pretrained"]
     assert main([*args, str(params), "--out", str(tmp_path / "run"), *SMALL_RUN]) == 0
 

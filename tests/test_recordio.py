@@ -98,7 +98,7 @@ def test_train_reads_a_pack_with_the_folder_classes(folder, tmp_path):
     pack_dataset(folder, prefix)
     out = tmp_path / "run"
     config = TrainConfig(
-        data=str(prefix), pretrained="none", epochs=1, batch_size=4, image_size=24,
+        data=str(prefix), pretrained="none", epochs=1, batch_size=4, image_size=32,
         ctx="cpu", out=str(out), progress=False,
     )  # fmt: skip
     train(config)

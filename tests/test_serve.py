@@ -988,7 +988,7 @@ def write_screenshot(out: Path) -> Path:
             flags = ["--pretrained", str(FOOD_MODEL), "--image-size", "64", "--epochs", "5"]
             candidates = sorted((HOTDOG_SMALL / "test" / "hotdog").glob("*.jpg"))
         else:
-            data = write_image_folder(tmp / "data", classes=("hotdog", "not-hotdog"), size=64)
+            data = write_image_folder(tmp / "data", ("hotdog", "not-hotdog"), n_train=16, size=64)
             flags = ["--pretrained", "none", "--image-size", "32", "--epochs", "2"]
             candidates = sorted((data / "test" / "hotdog").glob("*.png"))
         run = train_run(data, tmp / "hotdog-resnet18_v2", *flags, "--batch-size", "32", env=env)

@@ -141,7 +141,7 @@ def test_training_with_loader_worker_processes_finishes(tiny_data, tmp_path):
 
     done = run_cli(
         "train", "--data", str(tiny_data), "--pretrained", "none", "--epochs", "1",
-        "--batch-size", "4", "--image-size", "24", "--ctx", "cpu", "--workers", "2",
+        "--batch-size", "4", "--image-size", "32", "--ctx", "cpu", "--workers", "2",
         "--out", str(tmp_path / "run"), "--no-progress",
         timeout=240,
     )  # fmt: skip

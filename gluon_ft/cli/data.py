@@ -10,7 +10,11 @@ from gluon_ft.cli.common import Command, positive_int
 
 def add_check_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "dir", metavar="DIR", help="dataset folder: DIR/<class>/*, or DIR/train/<class>/* and test/"
+        "dir",
+        metavar="DIR",
+        help="dataset folder: DIR/<class>/*, or DIR/train/<class>/* and test/. Exit code 0 when "
+        "training accepts the folder, warnings included (unreadable files, which training "
+        "skips; small images; imbalance); 2 when training would refuse it",
     )
     p.add_argument(
         "--image-size", type=positive_int, default=224, help="the training crop (default 224)"
@@ -21,16 +25,15 @@ def add_check_data_arguments(p: argparse.ArgumentParser) -> None:
 def _run_check_data(args: argparse.Namespace) -> int:
     import json
 
-    from gluon_ft.data.folders import check_dataset, unreadable_in
+    from gluon_ft.data.folders import check_dataset
 
     report = check_dataset(args.dir, args.image_size)
     print(json.dumps(report, indent=2) if args.json else _format_check_report(report))
     for line in imbalance_warnings(report) if args.json else []:
         print(line, file=sys.stderr)
-    bad = unreadable_in(report)
-    if report["problems"] or bad:
-        return 2
-    return 0
+    # Unreadable files are warnings: training skips them (--strict refuses them). Exit 2 is
+    # for a folder training refuses outright.
+    return 2 if report["problems"] else 0
 
 
 def _format_check_report(report: dict, shown: int = 20) -> str:

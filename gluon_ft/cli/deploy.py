@@ -10,9 +10,22 @@ from gluon_ft.cli.common import Command, positive_float, positive_int
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN", help="a finished run directory")
-    p.add_argument("images", metavar="IMG", nargs="+", help="image files")
+    p.add_argument(
+        "images",
+        metavar="IMG",
+        nargs="+",
+        help="image files, or folders: every image file under a folder, at any depth (hidden "
+        "names and files of no image format are left out, as training does)",
+    )
     p.add_argument("--top-k", type=positive_int, default=5, help="classes per image (default 5)")
     p.add_argument("--json", action="store_true", help="print one JSON list of results")
+    p.add_argument(
+        "--csv",
+        metavar="FILE",
+        help="also write FILE: one row per image: path, class, probability, then the other "
+        "top-k classes and probabilities (class_2, probability_2, ...), and error (empty if it "
+        "was read)",
+    )
     _add_inference_dtype(p)
     add_tta_argument(p)
 
@@ -60,14 +73,26 @@ def add_tta_argument(p: argparse.ArgumentParser) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     import json
 
+    from gluon_ft.data.folders import expand_image_arguments
     from gluon_ft.deploy.predict import Predictor
 
+    found = expand_image_arguments(args.images)
+    for folder in found.empty_folders:
+        print(f"{folder}: error: a folder with no image files", file=sys.stderr)
+    if not found.images:
+        return 2
     predictor = Predictor(
         args.run_dir, dtype=args.dtype, tta=args.tta, calibration_images=args.calibration_images
     )
     if args.dtype in ("auto", "int8"):
         print(f"gluon-ft: --dtype auto: {_describe_form(predictor.run.inference)}", file=sys.stderr)
-    results = predictor.predict_images(args.images, top_k=args.top_k)
+    if found.left_out:
+        print(
+            f"gluon-ft: {len(found.images)} images; left out {found.left_out} hidden or "
+            "non-image files inside the folders given",
+            file=sys.stderr,
+        )
+    results = predictor.predict_images(list(found.images), top_k=args.top_k)
     if args.json:
         print(json.dumps(results, indent=2))
     for result in results:
@@ -78,8 +103,34 @@ def _run_predict(args: argparse.Namespace) -> int:
             if "labels" in result:  # a multi-label run: the set, then each class's probability
                 top = f"labels [{', '.join(result['labels'])}]; {top}"
             print(f"{result['source']}: {top}")
+    if args.csv:
+        _write_csv(args.csv, results, min(args.top_k, len(predictor.classes)))
     # Exit 2 (bad input) when any file could not be classified; the others were.
-    return 0 if all(r["ok"] for r in results) else 2
+    return 0 if all(r["ok"] for r in results) and not found.empty_folders else 2
+
+
+def _write_csv(path: str, results: list[dict], top_k: int) -> None:
+    """``predict --csv``: a row per image; ranks 2..k as ``class_N, probability_N``."""
+    import csv
+
+    from gluon_ft.errors import UsageError
+
+    header = ["path", "class", "probability"]
+    for rank in range(2, top_k + 1):
+        header += [f"class_{rank}", f"probability_{rank}"]
+    try:
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow([*header, "error"])
+            for result in results:
+                cells = [result["source"]]
+                for top in result.get("top", []):
+                    cells += [top["class"], f"{top['probability']:.6f}"]
+                cells += [""] * (len(header) - len(cells))
+                writer.writerow([*cells, result.get("error", "")])
+    except OSError as err:
+        raise UsageError(f"--csv {path}: cannot write it ({err.strerror or err}).") from None
+    print(f"gluon-ft: wrote {len(results)} rows to {path}", file=sys.stderr)
 
 
 def _describe_form(inference: dict) -> str:
@@ -304,7 +355,7 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 PREDICT = Command(
-    "classify image files with a finished run",
+    "classify image files (or folders of them) with a finished run",
     add_predict_arguments,
     _run_predict,
 )

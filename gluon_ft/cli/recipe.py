@@ -53,14 +53,107 @@ def use_preset_defaults(parser: argparse.ArgumentParser, recipe: str) -> None:
 
 
 def parse_command_line(parser: Parser, words: Sequence[str]) -> argparse.Namespace:
-    """``words`` parsed once, a command with ``--recipe`` taking its preset as its defaults."""
+    """``words`` parsed once, a command with ``--recipe`` taking its preset as its defaults,
+    and one with ``--config FILE`` the file's settings over those."""
     command = parser.commands.get(words[0]) if words else None
     # get_default: None when the command has no --recipe (lr-find, and all but train, pretrain)
     if command is not None and command.get_default("recipe") is not None:
         recipe = read_recipe(words[1:])
         if recipe is not None:
             use_preset_defaults(command, recipe)
+    if command is not None and any(a.dest == "config" for a in command._actions):
+        path = read_config_path(words[1:])
+        if path is not None:
+            command.set_defaults(**config_file_defaults(command, path))
     return parser.parse_args(words)
+
+
+def add_config_argument(p: argparse.ArgumentParser) -> None:
+    """``train --config FILE``."""
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="take the settings of FILE, a JSON object of flag names and values (a run's own "
+        "config.json works: what it records beyond the flags, and its out, are left out; "
+        ".yaml/.yml files too where PyYAML is installed); flags given on the command line win",
+    )
+
+
+def read_config_path(words: Sequence[str]) -> str | None:
+    """The ``--config`` of ``words``, if any (the real parse reports a missing value)."""
+    reader = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    reader.add_argument("--config")
+    try:
+        known, _ = reader.parse_known_args(words)
+    except argparse.ArgumentError:
+        return None
+    return known.config
+
+
+# What a run's config.json holds that is no setting to repeat: the next run's own folder.
+_RUN_ONLY = ("out", "resume")
+
+
+def config_file_defaults(command: argparse.ArgumentParser, path: str) -> dict:
+    """The flag values of a ``--config`` file, checked: each key a flag of ``command`` (by its
+    name, ``batch_size`` or ``batch-size``), each value one of its choices.
+
+    A run's ``config.json`` (it records the gluon-ft version) is read as its settings: the
+    keys that are no flag (sizes, versions, contexts), ``out``, and the values that are the
+    defaults are left out.
+    """
+    from gluon_ft.train import TrainConfig
+
+    settings = _read_settings(command, path)
+    actions = {a.dest: a for a in command._actions if a.dest not in ("help", "config")}
+    if "gluon_ft" in settings:  # a run's config.json
+        # Its defaults stay defaults: given, some would read as chosen (--head-lr-mult warns).
+        built_in = vars(TrainConfig())
+        settings = {
+            k: v
+            for k, v in settings.items()
+            if k in actions and k in built_in and k not in _RUN_ONLY and v != built_in[k]
+        }
+    settings = {key.replace("-", "_"): value for key, value in settings.items()}
+    unknown = sorted(key for key in settings if key not in actions)
+    if unknown:
+        command.error(
+            f"--config {path}: unknown setting(s) {', '.join(unknown)}; the keys are train's "
+            "flag names (batch_size or batch-size). `gluon-ft train --help` lists them."
+        )
+    for key, value in settings.items():
+        choices = actions[key].choices
+        if choices is not None and not isinstance(value, list) and value not in choices:
+            command.error(f"--config {path}: {key} must be one of {', '.join(map(str, choices))}")
+    return settings
+
+
+def _read_settings(command: argparse.ArgumentParser, path: str) -> dict:
+    import json
+    from pathlib import Path
+
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as err:
+        command.error(f"--config {path}: cannot read it ({err.strerror or err})")
+    if file.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            command.error(f"--config {path}: a YAML file needs PyYAML; give a JSON file")
+        try:
+            settings = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            command.error(f"--config {path} is not valid YAML: {err}")
+    else:
+        try:
+            settings = json.loads(text)
+        except ValueError as err:
+            command.error(f"--config {path} is not valid JSON: {err}")
+    if not isinstance(settings, dict):
+        command.error(f"--config {path} must hold one object of settings, by flag name")
+    return settings
 
 
 def take_preset(args: argparse.Namespace) -> dict:

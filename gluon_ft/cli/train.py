@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from gluon_ft.cli.common import Command, positive_float, positive_int, report_error
-from gluon_ft.cli.recipe import take_preset
+from gluon_ft.cli.recipe import add_config_argument, take_preset
 from gluon_ft.cli.train_flags import add_train_arguments
 
 if TYPE_CHECKING:
@@ -192,9 +192,14 @@ def _exit_at_once_on_failure(kvstore: str | None):
         os._exit(code)
 
 
+def _add_train_command_arguments(p: argparse.ArgumentParser) -> None:
+    add_train_arguments(p)
+    add_config_argument(p)
+
+
 TRAIN = Command(
     "fine-tune (or train from scratch) on a dataset; writes a run directory",
-    add_train_arguments,
+    _add_train_command_arguments,
     _run_train,
 )
 PRETRAIN = Command(

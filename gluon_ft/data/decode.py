@@ -43,7 +43,7 @@ def load_image(path: str | Path | BinaryIO) -> Image.Image:
         limit (a possible decompression bomb, refused before its pixels are decoded). The
         message is the reason, for per-file reports.
     """
-    with _unreadable_reasons():
+    with _unreadable_reasons(path):
         if isinstance(path, str | Path) and os.path.getsize(path) == 0:
             raise UnreadableImageError("empty file (0 bytes)")
         with warnings.catch_warnings():
@@ -63,13 +63,52 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """
     with _unreadable_reasons():
         if img.width * img.height > Image.MAX_IMAGE_PIXELS:
-            raise Image.DecompressionBombError(f"{img.width}x{img.height} pixels")
+            raise UnreadableImageError(too_many_pixels(img.size))
         return _upright_rgb(img)
 
 
+def too_many_pixels(size: tuple[int, int] | None) -> str:
+    """Why an image over PIL's pixel limit is refused: its own size, then the limit."""
+    limit = Image.MAX_IMAGE_PIXELS
+    what = "more pixels than that"
+    if size is not None:
+        what = f"{size[0]}x{size[1]} pixels ({size[0] * size[1] / 1e6:.1f} megapixels)"
+    return (
+        f"{what}: over the decoder's limit of {limit} pixels ({limit / 1e6:.1f} megapixels), "
+        "refused as a possible decompression bomb; scale the image down"
+    )
+
+
+def unchecked_size(source: str | Path | BinaryIO) -> tuple[int, int] | None:
+    """An image's width and height from its header, past PIL's pixel limit; ``None`` if no
+    format reads it.
+
+    ``Image.open`` refuses a header over the limit without saying the size; its format
+    readers, called as it calls them, only read the header.
+    """
+    Image.init()
+    try:
+        with contextlib.ExitStack() as stack:
+            fp = source
+            if isinstance(source, str | Path):
+                fp = stack.enter_context(open(source, "rb"))
+            fp.seek(0)
+            prefix = fp.read(16)
+            for factory, accept in Image.OPEN.values():
+                if accept and not accept(prefix):
+                    continue
+                fp.seek(0)
+                with contextlib.suppress(Exception):
+                    return tuple(factory(fp, "").size)
+    except OSError:
+        return None
+    return None
+
+
 @contextlib.contextmanager
-def _unreadable_reasons():
-    """Turn whatever PIL raises on a bad file into :class:`UnreadableImageError` with a reason."""
+def _unreadable_reasons(source: str | Path | BinaryIO | None = None):
+    """Turn whatever PIL raises on a bad file into :class:`UnreadableImageError` with a reason;
+    ``source`` is the file, to say the size of one over PIL's pixel limit."""
     # Importing gluoncv sets this process-wide to True (gluoncv/data/mhp.py), and PIL then
     # pads a truncated or damaged file with grey instead of raising: refuse such files.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -80,9 +119,8 @@ def _unreadable_reasons():
     except FileNotFoundError:
         raise UnreadableImageError("file not found") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UnreadableImageError(
-            f"more than {Image.MAX_IMAGE_PIXELS} pixels: refused as a possible decompression bomb"
-        ) from None
+        size = unchecked_size(source) if source is not None else None
+        raise UnreadableImageError(too_many_pixels(size)) from None
     except Image.UnidentifiedImageError:
         raise UnreadableImageError("not an image (no image format recognizes it)") from None
     except Exception as err:  # noqa: BLE001  PIL raises many types on corrupt data

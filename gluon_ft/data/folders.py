@@ -47,6 +47,17 @@ class ImageFolderSplit:
         return load_image(self.items[index][0])
 
 
+def missing_folder(root: Path, layouts: str) -> str:
+    """Why ``root`` is no dataset folder (missing, or a file), then the ``layouts`` expected,
+    where ``{root}`` stands for the folder: of ``root`` itself, or of the one holding a file."""
+    if root.exists():
+        return (
+            f"{root} is a file, not a folder: a dataset is a folder of image folders. "
+            f"Did you mean its folder? Expected {layouts.format(root=root.parent)}"
+        )
+    return f"Dataset folder {root} does not exist. Expected {layouts.format(root=root)}"
+
+
 def is_hidden(path: Path) -> bool:
     """A dot-name: ``.DS_Store``, macOS's ``._photo.jpg``, ``.ipynb_checkpoints/``, ``.git/``."""
     return path.name.startswith(".")
@@ -77,6 +88,36 @@ def folder_contents(folder: Path) -> FolderContents:
             else:
                 skipped.append(path)
     return FolderContents(*(tuple(sorted(found)) for found in (images, ignored, skipped)))
+
+
+@dataclass(frozen=True)
+class ImageArguments:
+    """Image files named on a command line, folders expanded (:func:`expand_image_arguments`)."""
+
+    images: tuple[str, ...]
+    empty_folders: tuple[str, ...]  # folders given that hold no image file, with what they do
+    left_out: int  # hidden and non-image files inside the folders given
+
+
+def expand_image_arguments(arguments: Sequence[str]) -> ImageArguments:
+    """Files as given; each folder as the image files under it, at any depth, sorted.
+
+    Inside a folder, as in a dataset (:func:`folder_contents`): hidden (dot) names and files
+    of no format Pillow decodes are left out. A file named directly is kept whatever its
+    name, so that the caller reports why it cannot be read.
+    """
+    images, empty, left_out = [], [], 0
+    for argument in arguments:
+        path = Path(argument)
+        if not path.is_dir():
+            images.append(argument)
+            continue
+        contents = folder_contents(path)
+        images += [str(image) for image in contents.images]
+        left_out += len(contents.ignored) + len(contents.skipped)
+        if not contents.images:
+            empty.append(_left_out(argument, contents))
+    return ImageArguments(tuple(images), tuple(empty), left_out)
 
 
 def class_folders(root: Path) -> dict[str, FolderContents]:
@@ -134,8 +175,11 @@ def scan_dataset(root: str | Path) -> tuple[ImageFolderSplit, ImageFolderSplit]:
     root = Path(root)
     if not root.is_dir():
         raise UsageError(
-            f"Dataset folder {root} does not exist. Expected {root}/train/<class>/* and "
-            f"{root}/test/<class>/*, or --data hotdog for the book's dataset."
+            missing_folder(
+                root,
+                "{root}/train/<class>/* and {root}/test/<class>/*, or --data hotdog for the "
+                "book's dataset.",
+            )
         )
     for split in ("train", "test"):
         if not (root / split).is_dir():

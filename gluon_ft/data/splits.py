@@ -24,12 +24,21 @@ unit of the split, so that no part is scored on a copy of a training image (``du
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from gluon_ft.data.folders import ImageFolderSplit, identical_files, scan_dataset, scan_split
+from gluon_ft.data.balance import IMBALANCE_WARNING, imbalance_ratio
+from gluon_ft.data.folders import (
+    ImageFolderSplit,
+    class_folders,
+    identical_files,
+    missing_folder,
+    scan_dataset,
+    scan_split,
+)
 from gluon_ft.data.labels import LabelTable, MultiLabelSplit
 from gluon_ft.data.multilabel_split import iterative_stratification
 from gluon_ft.errors import UsageError
@@ -234,8 +243,11 @@ def split_dataset(
     root = Path(root).absolute()  # split.json names it, for a report run from anywhere
     if not root.is_dir():
         raise UsageError(
-            f"Dataset folder {root} does not exist. Expected {root}/<class>/* (split for you), "
-            f"or {root}/train/<class>/* and {root}/test/<class>/*, or --data hotdog."
+            missing_folder(
+                root,
+                "{root}/<class>/* (split for you), or {root}/train/<class>/* and "
+                "{root}/test/<class>/*, or --data hotdog.",
+            )
         )
     layout = layout_of(root)
     val, test = _fractions(DEFAULT_FRACTIONS[layout], val_split, test_split)
@@ -396,6 +408,19 @@ def _table_part(table: LabelTable, indices: np.ndarray, multi: bool) -> Part:
     return ImageFolderSplit(table.root, table.classes, items)
 
 
+def fractions_used(
+    layout: str, val_split: float | None, test_split: float | None
+) -> tuple[float | None, float | None]:
+    """``(val, test)``: ``--val-split`` and ``--test-split`` as the layout applied them, the
+    layout's defaults (:data:`DEFAULT_FRACTIONS`) in place of None; None where the layout
+    has no default (a labels file's own split column)."""
+    defaults = DEFAULT_FRACTIONS.get(layout, (None, None))
+    return (
+        defaults[0] if val_split is None else val_split,
+        defaults[1] if test_split is None else test_split,
+    )
+
+
 def _fractions(
     defaults: tuple[float, float], val_split: float | None, test_split: float | None
 ) -> tuple[float, float]:
@@ -507,3 +532,85 @@ def class_counts(split: Part) -> np.ndarray:
     if isinstance(split, MultiLabelSplit):
         return split.targets().sum(axis=0).astype(np.int64)
     return np.bincount(split.labels(), minlength=len(split.classes))
+
+
+# A held-out part with fewer images of a class than this scores it too noisily to read.
+TINY_SUPPORT = 5
+
+
+def describe_split(
+    parts: DatasetParts, fractions: tuple[float | None, float | None], seed: int
+) -> list[str]:
+    """What training says of its data at the start: how it was split, the counts per part and
+    per class, the imbalance, the classes too rare in the test part to judge, and the files
+    the scan left out."""
+    val, test = fractions
+    how = {
+        CLASS_FOLDERS: f"class folders, split with --seed {seed}: val {val:g}, test {test:g}",
+        TRAIN_TEST: "train/ and test/ folders as given"
+        + (f"; val {val:g} of train/, --seed {seed}" if val else ""),
+        PACK: "a RecordIO pack's train and test splits",
+    }.get(parts.layout, f"{parts.layout}, --seed {seed}")
+    named = parts.named()
+    counts = {name: class_counts(part) for name, part in named.items()}
+    lines = [
+        f"data: {parts.root} ({how})",
+        "data: " + ", ".join(f"{name} {len(part)}" for name, part in named.items()) + " images",
+        "data: per class (" + "/".join(named) + "): " + _per_class(parts.classes, counts),
+    ]
+    lines += _balance_lines(parts.classes, counts)
+    left_out = _left_out_files(parts)
+    if left_out:
+        lines.append(f"data: left out {left_out} (`gluon-ft check-data` lists them)")
+    return lines
+
+
+def _per_class(classes: Sequence[str], counts: dict, shown: int = 8) -> str:
+    """``ant 40/5/5, bee 38/5/4``; past ``shown`` classes, the first few and the range."""
+    rows = [
+        f"{name} " + "/".join(str(int(c[i])) for c in counts.values())
+        for i, name in enumerate(classes)
+    ]
+    if len(rows) <= shown:
+        return ", ".join(rows)
+    train = counts["train"]
+    return (
+        ", ".join(rows[: shown // 2])
+        + f", ... ({len(rows)} classes; train {int(train.min())} to {int(train.max())} each)"
+    )
+
+
+def _balance_lines(classes: Sequence[str], counts: dict) -> list[str]:
+    lines = []
+    train = counts["train"]
+    ratio = imbalance_ratio(train)
+    if ratio > IMBALANCE_WARNING:
+        largest, smallest = int(train.argmax()), int(train.argmin())
+        lines.append(
+            f"warning: the train part is imbalanced: {classes[largest]} has {int(train.max())} "
+            f"images, {classes[smallest]} {int(train.min())} (over {IMBALANCE_WARNING:g}x). "
+            "Consider --class-weights auto (or --sampler balanced)."
+        )
+    rare = [f"{classes[i]} {int(n)}" for i, n in enumerate(counts["test"]) if n < TINY_SUPPORT]
+    if rare:
+        more = f", ... {len(rare) - 6} more" if len(rare) > 6 else ""
+        lines.append(
+            f"note: classes with fewer than {TINY_SUPPORT} test images (their test scores are "
+            f"noisy): {', '.join(rare[:6])}{more}"
+        )
+    return lines
+
+
+def _left_out_files(parts: DatasetParts) -> str:
+    """``3 hidden and 2 non-image files`` under the class folders of an image-folder dataset."""
+    if parts.layout == CLASS_FOLDERS:
+        roots = [parts.root]
+    elif parts.layout == TRAIN_TEST:
+        roots = [parts.root / name for name in PART_NAMES if (parts.root / name).is_dir()]
+    else:
+        return ""
+    found = [contents for root in roots for contents in class_folders(root).values()]
+    hidden = sum(len(contents.ignored) for contents in found)
+    skipped = sum(len(contents.skipped) for contents in found)
+    said = [f"{hidden} hidden" if hidden else "", f"{skipped} non-image" if skipped else ""]
+    return " and ".join(word for word in said if word) + " files" if hidden or skipped else ""

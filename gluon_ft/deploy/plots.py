@@ -26,9 +26,15 @@ def _finish(fig, path: str | Path | None):
     return path
 
 
-def plot_curves(history: Sequence[dict], path: str | Path | None = None, title: str = ""):
+def plot_curves(
+    history: Sequence[dict],
+    path: str | Path | None = None,
+    title: str = "",
+    best_epoch: int | None = None,
+):
     """Train loss and accuracy per epoch, as in the book's plot, with the val loss and
-    accuracy, or without a val part the book's test accuracy."""
+    accuracy, or without a val part the book's test accuracy; ``best_epoch`` (the weights the
+    run keeps) as a vertical line."""
     epochs = [row["epoch"] for row in history]
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     ax.plot(epochs, [row["loss"] for row in history], "-o", label="train loss")
@@ -36,6 +42,8 @@ def plot_curves(history: Sequence[dict], path: str | Path | None = None, title: 
     for key, style in (("val_loss", "-.s"), ("val_acc", ":s"), ("test_acc", ":o")):
         if key in history[0]:
             ax.plot(epochs, [row[key] for row in history], style, label=key.replace("_", " "))
+    if best_epoch is not None:
+        ax.axvline(best_epoch, color="grey", linestyle="--", label=f"best: epoch {best_epoch}")
     ax.set_xlabel("epoch")
     ax.set_xlim(0.5, max(epochs) + 0.5)
     ax.grid(True, alpha=0.3)
@@ -108,7 +116,7 @@ def plot_mistakes(images, titles: Sequence[str], path=None, cols: int = 8, tile:
 
     cols = max(1, min(cols, len(images)))
     rows = -(-len(images) // cols)
-    band, gap = 34, 8  # px above each picture for its two-line title; px between pictures
+    band, gap = 46, 8  # px above each picture for its three-line title; px between pictures
     width, height = tile + gap, tile + band
     montage = np.full((rows * height, cols * width, 3), 255, dtype=np.uint8)
     fig, ax = plt.subplots(figsize=(cols * width / 60, max(rows, 1) * height / 60))
@@ -130,19 +138,30 @@ def plot_mistakes(images, titles: Sequence[str], path=None, cols: int = 8, tile:
 
 
 def plot_confusion(matrix, classes: Sequence[str], path=None):
-    """A confusion matrix with counts in the cells (rows: true class, columns: predicted)."""
+    """A confusion matrix (rows: true class, columns: predicted) twice: the counts, and each
+    row divided by its total (the share of each true class predicted as each class, so a
+    rare class's errors show as plainly as a common one's)."""
     import numpy as np
 
     matrix = np.asarray(matrix)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(classes), 1 + 0.6 * len(classes)))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for (i, j), value in np.ndenumerate(matrix):
-        color = "white" if value > matrix.max() / 2 else "black"
-        ax.text(j, i, str(value), ha="center", va="center", color=color)
+    totals = matrix.sum(axis=1, keepdims=True)
+    shares = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+    side = 1 + 0.6 * len(classes)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * (side + 0.2), side))
+    for ax, values, title, text in (
+        (axes[0], matrix, "counts", lambda v: str(v)),
+        (axes[1], shares, "share of each true class", lambda v: f"{v:.2f}"),
+    ):
+        ax.imshow(values, cmap="Blues", vmin=0)
+        ax.set_title(title)
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+        ax.set_yticks(range(len(classes)), classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        for (i, j), value in np.ndenumerate(values):
+            color = "white" if value > values.max() / 2 else "black"
+            ax.text(j, i, text(value), ha="center", va="center", color=color)
+    fig.tight_layout()
     return _finish(fig, path)
 
 

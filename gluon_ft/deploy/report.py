@@ -8,7 +8,7 @@ folder of class folders. It writes, into one folder:
   then accuracy, loss, balanced accuracy, macro-F1 and the per-class scores;
 - ``report.md``: the same as tables, with the split sizes and both figures;
 - ``confusion.png`` and ``mistakes.png``: the confusion matrix, and the wrong predictions made
-  with the highest confidence, each titled with the true and predicted class.
+  with the highest confidence, each titled with its file name, the true and predicted class.
 
 A deploy module: it reads a finished run and never imports the training code.
 """
@@ -260,6 +260,12 @@ def _part_sizes(run_dir: Path) -> dict:
     return {part: config.get(f"{part}_size") for part in splits.PART_NAMES}
 
 
+def _short_name(path: str, limit: int = 18) -> str:
+    """A file's name that fits a thumbnail's title: its middle elided when long."""
+    name = Path(path).name
+    return name if len(name) <= limit else f"{name[: limit // 2 - 1]}...{name[-(limit // 2 - 2) :]}"
+
+
 def _plot_mistakes(predictions: SplitPredictions, images, classes: list[str], path: Path) -> None:
     """The surest wrong predictions: thumbnails titled true / predicted (probability)."""
     shown, titles = [], []
@@ -270,6 +276,7 @@ def _plot_mistakes(predictions: SplitPredictions, images, classes: list[str], pa
         probability = float(predictions.probabilities[position, predicted])
         shown.append(picture)
         titles.append(
+            f"{_short_name(images.items[index][0])}\n"
             f"true {classes[predictions.labels[position]]}\n"
             f"pred {classes[predicted]} ({probability:.2f})"
         )

@@ -62,6 +62,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from gluon_ft.data.decode import unchecked_size
 from gluon_ft.deploy.int8 import DEFAULT_CALIBRATION_IMAGES
 from gluon_ft.deploy.predict import Predictor
 
@@ -258,7 +259,7 @@ def fit_pixel_cap(data: bytes, filename: str, max_pixels: int) -> bytes | Image.
         # warning is left alone: filters changed here would race the decoder's on its thread.
         img = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise _ImageTooLarge(filename, None, max_pixels) from None
+        raise _ImageTooLarge(filename, unchecked_size(io.BytesIO(data)), max_pixels) from None
     except Exception:  # noqa: BLE001  not an image, or a broken header: the decoder explains
         return data
     width, height = img.size

@@ -16,7 +16,9 @@ new N-class layer, so pooling, flatten and dropout stay where each network puts 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import io
 import json
 import os
 import re
@@ -212,17 +214,45 @@ def _replace_block(net: gluon.Block, path: str, new: gluon.Block) -> None:
 
 def _load_imagenet(name: str, image_size: int | None) -> gluon.HybridBlock:
     target = model_store_file(name)  # raises for the models GluonCV publishes no weights for
+    said = io.StringIO()  # the model store prints each attempt and failure: said once below
     try:
         root = str(mxnet_home() / "models")
-        return build_model(name, 1000, image_size, pretrained=True, root=root)
+        with contextlib.redirect_stdout(said):
+            return build_model(name, 1000, image_size, pretrained=True, root=root)
     except Exception as err:  # the model stores raise bare requests/OSError/ValueError
+        urls = re.findall(r"Downloading \S+ from (\S+?)\.\.\.", said.getvalue())
+        if urls:
+            what = (
+                f"Could not download the ImageNet weights of {name} from {urls[-1]} "
+                f"({_root_cause(err)}; {len(urls)} attempts). To train offline, fetch that "
+                f"file elsewhere and put it, unzipped, at {target} (set MXNET_HOME to use "
+                "another folder)"
+            )
+        else:
+            what = (
+                f"Could not load the ImageNet weights of {name} ({type(err).__name__}: "
+                f"{error_summary(err, 200)}). On an offline machine, put the model store's "
+                f"file at {target} (set MXNET_HOME to use another folder)"
+            )
         raise UsageError(
-            f"Could not load the ImageNet weights of {name} ({type(err).__name__}: "
-            f"{str(err)[:200]}). On an offline machine, put the model store's file at "
-            f"{target} (set MXNET_HOME to use another folder), or pass "
-            "--pretrained FILE.params (a params file of the same architecture), or "
-            "--pretrained none to train from scratch."
+            f"{what}; or pass --pretrained FILE.params (a params file of the same "
+            "architecture), or --pretrained none to train from scratch."
         ) from None
+
+
+def _root_cause(err: BaseException) -> str:
+    """The socket-level reason ("Name or service not known") that requests and urllib3 wrap
+    in layers of their own exceptions; else the error's own summary."""
+    seen, todo = set(), [err]
+    while todo:
+        cause = todo.pop(0)
+        if not isinstance(cause, BaseException) or id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno is not None and cause.strerror:
+            return cause.strerror
+        todo += [*cause.args, getattr(cause, "reason", None), cause.__cause__, cause.__context__]
+    return f"{type(err).__name__}: {error_summary(err, 200)}"
 
 
 def params_num_classes(path: str | Path, head: str = "output") -> int | None:
@@ -274,9 +304,58 @@ def load_parameters(
     try:
         net.load_parameters(str(path), ctx=ctx, cast_dtype=True, dtype_source="current")
     except (mx.base.MXNetError, AssertionError, ValueError, KeyError, OSError) as err:
-        lines = str(err).strip().splitlines()
-        first = lines[0][:300] if lines else type(err).__name__
-        raise UsageError(f"{what} {path} does not fit {fits} ({first}). {hint}") from None
+        why = describe_mismatch(net, path) or error_summary(err)
+        raise UsageError(f"{what} {path} does not fit {fits} ({why}). {hint}") from None
+
+
+def error_summary(err: BaseException, limit: int = 300) -> str:
+    """The line of an exception's text that says what went wrong, cut at a word.
+
+    MXNet's text starts with "Traceback (most recent call last):" and the C++ frames; its
+    reason ("Check failed: ...") comes last.
+    """
+    frames = ("Traceback", "File ", "[bt]", "Stack trace")
+    lines = [line.strip() for line in str(err).strip().splitlines()]
+    lines = [line for line in lines if line and not line.startswith(frames)]
+    if not lines:
+        return type(err).__name__
+    line = lines[-1].removeprefix("MXNetError: ")
+    if len(line) > limit:
+        line = line[:limit].rsplit(" ", 1)[0] + " ..."
+    return line
+
+
+def describe_mismatch(net: gluon.Block, path: str | Path, shown: int = 3) -> str | None:
+    """Which parameters a file lacks, has extra, or holds in another shape than ``net``'s.
+
+    ``None`` when the file cannot be read as parameters, or its names and shapes all fit (so
+    the reason lies elsewhere).
+    """
+    try:
+        saved = mx.nd.load(str(path))
+    except mx.base.MXNetError:
+        return None
+    if not isinstance(saved, dict):
+        return None
+    wanted = net._collect_params_with_prefix()
+    missing = [name for name in wanted if name not in saved]
+    unexpected = [name for name in saved if name not in wanted]
+    reshaped = [
+        f"{name} {tuple(saved[name].shape)} for {wanted[name].shape}"
+        for name in wanted
+        if name in saved and wanted[name].shape and 0 not in wanted[name].shape
+        if tuple(saved[name].shape) != tuple(wanted[name].shape)
+    ]
+    parts = []
+    for names, what in (
+        (missing, f"of the network's {len(wanted)} parameters missing from the file"),
+        (unexpected, "in the file that the network does not have"),
+        (reshaped, "of another shape"),
+    ):
+        if names:
+            more = f", ... {len(names) - shown} more" if len(names) > shown else ""
+            parts.append(f"{len(names)} {what}: {', '.join(names[:shown])}{more}")
+    return "; ".join(parts) or None
 
 
 def _load_params_file(
@@ -284,6 +363,12 @@ def _load_params_file(
 ) -> tuple[gluon.HybridBlock, int, list | None]:
     if not path.is_file():
         raise UsageError(f"Params file {path} does not exist.")
+    if path.suffix.lower() == ".json":
+        raise UsageError(
+            f"--pretrained {path} is a JSON file (the note that names a params file's model "
+            f"and classes), not the weights: pass the .params file saved with it, such as "
+            f"{path.with_suffix('.params')}."
+        )
     meta = {}
     if sidecar_path(path).is_file():
         try:
@@ -302,10 +387,10 @@ def _load_params_file(
         if num_classes is None:
             raise UsageError(f"{path} has no {head_path}.weight; is it a {name} params file?")
     except (mx.base.MXNetError, AssertionError) as err:  # not a params file
-        first = str(err).strip().splitlines()[0][:300]
         raise UsageError(
-            f"{path} does not fit the {name} architecture ({first}). Pass the --model it was "
-            "trained with."
+            f"{path} is not a parameters file that fits the {name} architecture "
+            f"({error_summary(err)}). Pass a .params file saved by gluon-ft or MXNet, and the "
+            "--model it was trained with."
         ) from None
     net = build_model(name, num_classes, image_size)
     load_parameters(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import math
 import re
 from dataclasses import dataclass
 from difflib import get_close_matches
@@ -326,6 +327,22 @@ def check_input_size(net: gluon.HybridBlock, name: str, image_size: int) -> None
         f"{name} cannot take {image_size} px images ({problem}). It was built for {native} px; "
         f"pass --image-size {native}, or pick a model with global pooling (`gluon-ft models`)."
     )
+
+
+def min_input_size(name: str) -> int:
+    """The smallest images ``name`` sees anything in: its total downsampling (ResNets: 32).
+
+    Smaller ones pass through (the convolutions pad), but the last feature map is then a
+    single pixel made mostly of padding. Measured symbolically at the native size: the
+    native size over the smallest feature map above one pixel (224 / 7).
+    """
+    native = lookup(name).input_size
+    try:
+        traced = trace_shapes(build(name, 2), native)
+    except Exception:  # noqa: BLE001  the zoo's own code may fail; check_input_size says why
+        return 1
+    sides = [s[-1] for t in traced.values() for s in t.outputs if len(s) == 4 and s[-1] > 1]
+    return math.ceil(native / min(sides)) if sides else 1
 
 
 @dataclass(frozen=True)

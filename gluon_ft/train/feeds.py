@@ -90,6 +90,18 @@ def load_dataset(
     return splits.split_dataset(root, val_split, test_split, seed)
 
 
+def check_batch_fits(batch_size: int, parts: DatasetParts) -> None:
+    """Refuse a ``--batch-size`` larger than the train part: its one batch would be smaller
+    than asked, with every step's statistics and learning rate set for the larger one."""
+    train_size = len(parts.train)
+    if batch_size > train_size:
+        raise UsageError(
+            f"--batch-size {batch_size} is larger than the training set ({train_size} images): "
+            f"every epoch would be one batch of {train_size}. Pass --batch-size {train_size} or "
+            "less, or add images."
+        )
+
+
 def require_readable(parts: DatasetParts, image_size: int) -> None:
     """``--strict``: refuse a dataset with any unreadable image, listing them."""
     report = check_dataset(parts.root, image_size)

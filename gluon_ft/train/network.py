@@ -14,13 +14,30 @@ from mxnet import gluon
 
 from gluon_ft.data.balance import inverse_frequency
 from gluon_ft.data.transforms import normalize_batch
+from gluon_ft.errors import UsageError
 from gluon_ft.model import zoo
-from gluon_ft.model.graft import graft_new_head, load_source_model, scratch_twin
+from gluon_ft.model.graft import build_model, graft_new_head, load_source_model, scratch_twin
 from gluon_ft.train import amp
 from gluon_ft.train.adamw import AdamW
 from gluon_ft.train.config import TrainConfig
 from gluon_ft.train.dist import DistContext
 from gluon_ft.train.multilabel_loss import MultiLabelLoss
+
+
+def check_image_size(config: TrainConfig) -> None:
+    """Refuse, before any work, an ``--image-size`` the model cannot take at all (VGG's
+    dense layers: :func:`~gluon_ft.model.zoo.check_input_size`), or one below its total
+    downsampling."""
+    net = build_model(config.model, 2, config.image_size)
+    zoo.check_input_size(net, config.model, config.image_size)
+    smallest = zoo.min_input_size(config.model)
+    if config.image_size < smallest:
+        raise UsageError(
+            f"--image-size {config.image_size} is below what {config.model} takes: it shrinks "
+            f"images {smallest} times, so its last feature map would be less than one pixel "
+            f"(mostly padding). Pass --image-size {smallest} or more "
+            f"({zoo.lookup(config.model).input_size} is its native size)."
+        )
 
 
 def build_network(config: TrainConfig, num_classes: int, ctx: list[mx.Context]):

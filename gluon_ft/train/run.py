@@ -10,6 +10,7 @@ files of the run are :mod:`~gluon_ft.train.rundir`'s, stopping and resuming
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -46,9 +47,22 @@ from gluon_ft.train.config import TrainConfig
 from gluon_ft.train.devices import parse_contexts
 from gluon_ft.train.dist import DistContext, connect
 from gluon_ft.train.ema import WeightAverage, choose_weights
-from gluon_ft.train.feeds import Feeds, LabelsFile, load_dataset, make_feeds, require_readable
+from gluon_ft.train.feeds import (
+    Feeds,
+    LabelsFile,
+    check_batch_fits,
+    load_dataset,
+    make_feeds,
+    require_readable,
+)
 from gluon_ft.train.mixing import Mixer
-from gluon_ft.train.network import build_network, make_loss, make_trainer, ready_network
+from gluon_ft.train.network import (
+    build_network,
+    check_image_size,
+    make_loss,
+    make_trainer,
+    ready_network,
+)
 from gluon_ft.train.resume import (
     EpochSteps,
     StopRequest,
@@ -186,6 +200,7 @@ def train(config: TrainConfig) -> dict:
     """
     with StopRequest() as stop:
         config.validate()
+        check_image_size(config)  # before a download or a run folder
         session = open_run(config)
         stop.dist = session.dist  # the workers of a distributed run stop together
         try:
@@ -194,6 +209,7 @@ def train(config: TrainConfig) -> dict:
             if config.resume:  # before any work: the same classes, the same files
                 check_same_data(session.run.path, list(parts.classes), data_files)
             model = build_model(config, session, len(parts.classes))
+            check_batch_fits(config.batch_size, parts)  # after the model's own refusals
             train_labels = parts.train.targets() if parts.multi_label else parts.train.labels()
             model.loss_fn = make_loss(config, train_labels, len(parts.classes), session.ctx)
             model.mixer = Mixer.of(config, len(parts.classes))
@@ -287,6 +303,12 @@ def load_data(config: TrainConfig, session: Session) -> DatasetParts:
         now = load_dataset(config.data, *fractions, labels=labels)
         check_same_data(session.run.path, list(now.classes), {})
         raise
+    if session.writer:
+        used = splits.fractions_used(parts.layout, config.val_split, config.test_split)
+        for line in splits.describe_split(parts, used, config.seed):
+            # The counts are progress talk (--no-progress keeps stdout for results); a warning
+            # is said whatever the flags.
+            (log if line.startswith("warning:") else lambda text: say(config, text))(line)
     if saved is None and session.writer:  # said once, when the split is made
         for line in notes + parts.warnings():
             log(line)
@@ -443,6 +465,13 @@ def write_config(config, session, model, feeds, parts: DatasetParts, data_files:
         # From scratch there is no new head: the output layer learns at --lr like the rest.
         "head_lr_mult_used": get_head(model.net)[1].weight.lr_mult,
         "layout": parts.layout,
+        # --val-split / --test-split as applied: the flags record None for the defaults.
+        **dict(
+            zip(
+                ("val_split_used", "test_split_used"),
+                splits.fractions_used(parts.layout, config.val_split, config.test_split),
+            )
+        ),
         "train_size": len(parts.train),
         "val_size": len(parts.val) if parts.val is not None else 0,
         "test_size": len(parts.test),
@@ -491,10 +520,12 @@ def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopR
         steps = epoch_steps(config, session, feeds, epoch, first_step, stop, set_lr)
         trained = train_one_epoch(config, session, model, feeds, steps, options, progress)
         # Validate: the weights, and --ema's average of them.
-        scores = validate(config, session, model, feeds)
+        with phase(config, session, f"epoch {epoch + 1}/{config.epochs}: validating"):
+            scores = validate(config, session, model, feeds)
         # Record: the epoch's line, its checkpoint and the run directory's files.
         row = epoch_row(model, trained, scores, started)
-        record_epoch(config, session, model, feeds, progress, row)
+        with phase(config, session, f"epoch {epoch + 1}/{config.epochs}: saving"):
+            record_epoch(config, session, model, feeds, progress, row)
         if epoch + 1 < config.epochs and stop.requested():
             raise interrupted_at(stop, progress.last_checkpoint, session.writer)
     return progress.history
@@ -703,7 +734,7 @@ def record_epoch(config, session: Session, model: Model, feeds: Feeds, progress,
         keep_checkpoint(config, session, model, progress, (row["epoch"], 0))
         best = best_epoch(config, feeds, progress.history)
         session.run.prune(config.keep_checkpoints, [best])
-        session.run.record(progress.history)
+        session.run.record(progress.history, best)
 
 
 def best_epoch(config: TrainConfig, feeds: Feeds, history: list[dict]) -> int:
@@ -740,11 +771,38 @@ def report_epoch(config: TrainConfig, row: dict, earlier: list[dict]) -> None:
     scores = ", ".join(
         f"{key.replace('_', ' ')} {row[key]:.3f}" for key in SCORE_KEYS if row.get(key) is not None
     )
+    # A head epoch reads cached features: its speed is no measure of the whole network's.
+    on_features = config.cache_features or epoch <= config.head_epochs
     say(
         config,
         f"epoch {epoch}: loss {row['loss']:.3f}, train acc {row['train_acc']:.3f}, "
-        f"{scores}, {row['examples_per_sec']:.1f} examples/sec",
+        f"{scores}, {row['examples_per_sec']:.1f} examples/sec"
+        f"{' (head on cached features)' if on_features else ''}{time_left(config, row)}",
     )
+
+
+def time_left(config: TrainConfig, row: dict) -> str:
+    """``, about 4m10s left``: the epochs to go at this epoch's pace. Nothing after the last
+    epoch, nor from a head epoch that full epochs follow (those take far longer)."""
+    remaining = config.epochs - row["epoch"]
+    if remaining <= 0 or row["epoch"] < config.head_epochs:
+        return ""
+    seconds = round(remaining * row["seconds"])
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    text = f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+    return f", about {text} left"
+
+
+@contextlib.contextmanager
+def phase(config: TrainConfig, session: Session, what: str):
+    """A status line (``validating``, ``saving``) while the block runs, where progress bars
+    are drawn (:func:`epoch_bar`); it is gone when the block ends."""
+    from tqdm.auto import tqdm
+
+    shown = config.progress and session.writer and bars_render()
+    with tqdm(total=0, desc=what, bar_format="{desc} ...", disable=not shown, leave=False):
+        yield
 
 
 def close_run(config, session: Session, model: Model, parts: DatasetParts, history) -> dict:

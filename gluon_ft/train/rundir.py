@@ -107,13 +107,14 @@ class RunDirectory:
         ``keep_epochs`` (:func:`~gluon_ft.train.checkpoint.prune_checkpoints`)."""
         return prune_checkpoints(self.path / "checkpoints", keep_last, keep_epochs)
 
-    def record(self, history: list[dict]) -> None:
+    def record(self, history: list[dict], best_epoch: int | None = None) -> None:
         """The epochs' rows so far: :meth:`write_metrics`, the newest row in the TensorBoard
-        log (with ``--tensorboard``), and the curves in ``curves.png``."""
+        log (with ``--tensorboard``), and the curves in ``curves.png`` (``best_epoch``, the
+        one ``model.params`` will hold, marked)."""
         self.write_metrics(history)
         if self.tensorboard is not None:
             self.tensorboard.add_epoch(history[-1])
-        plot_curves(history, self.path / "curves.png")
+        plot_curves(history, self.path / "curves.png", best_epoch=best_epoch)
 
     def write_json(self, name: str, obj) -> Path:
         return paths.write_json(self.path / name, obj)
