@@ -538,19 +538,26 @@ def class_counts(split: Part) -> np.ndarray:
 TINY_SUPPORT = 5
 
 
+def _how_split(layout: str, val: float | None, test: float | None, seed: int) -> str:
+    """How the parts were made, in words; a labels file's fractions may be None."""
+    if layout == CLASS_FOLDERS:
+        return f"class folders, split with --seed {seed}: val {val:g}, test {test:g}"
+    if layout == TRAIN_TEST:
+        return "train/ and test/ folders as given" + (
+            f"; val {val:g} of train/, --seed {seed}" if val else ""
+        )
+    if layout == PACK:
+        return "a RecordIO pack's train and test splits"
+    return f"{layout}, --seed {seed}"
+
+
 def describe_split(
     parts: DatasetParts, fractions: tuple[float | None, float | None], seed: int
 ) -> list[str]:
     """What training says of its data at the start: how it was split, the counts per part and
     per class, the imbalance, the classes too rare in the test part to judge, and the files
     the scan left out."""
-    val, test = fractions
-    how = {
-        CLASS_FOLDERS: f"class folders, split with --seed {seed}: val {val:g}, test {test:g}",
-        TRAIN_TEST: "train/ and test/ folders as given"
-        + (f"; val {val:g} of train/, --seed {seed}" if val else ""),
-        PACK: "a RecordIO pack's train and test splits",
-    }.get(parts.layout, f"{parts.layout}, --seed {seed}")
+    how = _how_split(parts.layout, *fractions, seed)
     named = parts.named()
     counts = {name: class_counts(part) for name, part in named.items()}
     lines = [
