@@ -3,6 +3,7 @@ in-process commands, paths to the optional shared data."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -120,16 +121,18 @@ class Finished:
 
 @pytest.fixture
 def cli(capsys) -> Callable[..., Finished]:
-    """``cli(*args)``: ``gluon-ft ARGS`` run in this process by ``main``; its exit code and
-    output. For the tests that are not about the process (exit codes through a real
-    interpreter, signals, the cluster): those start one with :func:`run_cli`."""
+    """``cli(*args, cwd=None)``: ``gluon-ft ARGS`` run in this process by ``main`` (in the
+    folder ``cwd``); its exit code and output. For the tests that are not about the process
+    (exit codes through a real interpreter, signals, the cluster): those start one with
+    :func:`run_cli`."""
     from gluon_ft.cli import main
 
-    def run(*args) -> Finished:
+    def run(*args, cwd: Path | None = None) -> Finished:
         capsys.readouterr()  # only the command's own output
         environment = dict(os.environ)  # what main sets for a command stays with it
         try:
-            code = main([str(arg) for arg in args])
+            with contextlib.chdir(cwd or Path.cwd()):
+                code = main([str(arg) for arg in args])
         except SystemExit as exit:  # argparse refusing the command line
             code = exit.code
         finally:

@@ -263,9 +263,8 @@ def test_offline_without_data_exits_2_fast_naming_the_zip(tmp_path, monkeypatch,
     # A closed port on loopback stands for "no network" without touching the internet.
     monkeypatch.setenv("GLUON_FT_HOTDOG_URL", "http://127.0.0.1:9/hotdog.zip")
     monkeypatch.setenv("MXNET_HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path)
     start = time.monotonic()
-    result = cli("train")  # the bare command: its run folder goes to ./runs/
+    result = cli("train", cwd=tmp_path)  # the bare command: its run folder goes to ./runs/
     assert result.returncode == 2
     assert time.monotonic() - start < 60
     expected = str(tmp_path / "home" / "datasets" / "hotdog.zip")

@@ -255,7 +255,7 @@ def test_on_two_devices_the_average_is_the_closed_form_of_the_weights_taken(
 
 
 @pytest.mark.timeout(150)
-def test_a_distributed_run_averages_scores_and_saves_the_average(tmp_path, cli, monkeypatch):
+def test_a_distributed_run_averages_scores_and_saves_the_average(tmp_path, cli):
     """Two ps-lite workers (gluon-ft launch): each keeps the average of the same weights and
     scores it on its shard, the scores summed over both; rank 0 saves it (--ema-save always)."""
     data = write_image_folder(tmp_path / "data", n_train=6, n_test=4, size=36)
@@ -264,8 +264,8 @@ def test_a_distributed_run_averages_scores_and_saves_the_average(tmp_path, cli, 
     train_cmd += ["--data", str(data), "--pretrained", "none", "--epochs", "1"]
     train_cmd += ["--image-size", "32", "--batch-size", "4", "--out", str(out)]
     train_cmd += ["--model", "mobilenet0.25", "--ema", "0.9", "--ema-save", "always", "--tta", "2"]
-    monkeypatch.chdir(tmp_path)
-    done = cli("launch", "-n", "2", "-s", "1", "--", *train_cmd)  # the launcher in this process
+    # The launcher in this process; its scheduler, server and workers are processes.
+    done = cli("launch", "-n", "2", "-s", "1", "--", *train_cmd, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     (row,) = json.loads((out / "metrics.json").read_text())
     assert 0 <= row["ema_test_acc"] <= 1

@@ -193,10 +193,9 @@ def test_models_command_lists_family_input_params_and_weights(tmp_path, cli):
     assert line.split() == ["squeezenet1.1", "gluon", "SqueezeNet", "224", "1.2M", "cached"]
 
 
-def test_unknown_model_exits_2_with_the_closest_names(tiny_data, tmp_path, cli, monkeypatch):
+def test_unknown_model_exits_2_with_the_closest_names(tiny_data, tmp_path, cli):
     # Without --out a run goes to ./runs/: run where that folder can be looked for.
-    monkeypatch.chdir(tmp_path)
-    done = cli("train", "--model", "resnet18_v3", "--data", tiny_data, "--ctx", "cpu")
+    done = cli("train", "--model", "resnet18_v3", "--data", tiny_data, "--ctx", "cpu", cwd=tmp_path)
     assert done.returncode == 2
     assert "Unknown model 'resnet18_v3'" in done.stderr
     assert "Did you mean: resnet18_v2" in done.stderr

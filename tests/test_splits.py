@@ -50,15 +50,15 @@ def test_stratified_split_shares_and_seed():
             assert abs(int((labels[one[part]] == label).sum()) - total * fraction) <= 1
 
 
-def test_class_folders_train_end_to_end_and_write_split_json(tmp_path, cli, monkeypatch):
+def test_class_folders_train_end_to_end_and_write_split_json(tmp_path, cli):
     data = write_class_folders(tmp_path / "photos", COUNTS)
     out = tmp_path / "run"
-    monkeypatch.chdir(tmp_path)
     done = cli(  # with paths relative to the working directory, as people type them
         "train",
         *("--data", "photos", "--model", "mobilenet0.25", "--pretrained", "none"),
         *("--epochs", "1", "--batch-size", "8", "--image-size", "32", "--seed", "7"),
         *("--val-split", "0.2", "--out", "run", "--no-progress"),
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     record = json.loads((out / "split.json").read_text())
