@@ -130,6 +130,7 @@ def cli(capsys) -> Callable[..., Finished]:
     def run(*args, cwd: Path | None = None) -> Finished:
         capsys.readouterr()  # only the command's own output
         environment = dict(os.environ)  # what main sets for a command stays with it
+        os.environ.setdefault("COLUMNS", "80")  # --help as a process with a pipe wraps it
         try:
             with contextlib.chdir(cwd or Path.cwd()):
                 code = main([str(arg) for arg in args])

@@ -9,7 +9,6 @@ import json
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import run_cli
 from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
@@ -77,8 +76,8 @@ def test_weight_decay_is_not_divided_by_the_batch():
     assert max_difference(ours, text) <= 1e-6
 
 
-def test_help_says_lr_is_per_batch_and_what_the_texts_rates_are_here():
-    text = run_cli("train", "--help").stdout
+def test_help_says_lr_is_per_batch_and_what_the_texts_rates_are_here(cli):
+    text = cli("train", "--help").stdout
     assert "SGD rate per batch" in text
     assert "7.8125e-5 and 7.8125e-4 are --lr 0.01 and 0.1 here" in " ".join(text.split())
 
@@ -99,9 +98,9 @@ def test_per_batch_rates_and_small_batches_are_not_warned_about(lr, batch_size):
     assert TrainConfig(pretrained="none", head_lr_mult=10).warnings() == []  # the default
 
 
-def test_the_cli_warns_and_config_json_records_the_head_lr_mult_used(tiny_data, tmp_path):
+def test_the_cli_warns_and_config_json_records_the_head_lr_mult_used(tiny_data, tmp_path, cli):
     out = tmp_path / "run"
-    done = run_cli(
+    done = cli(
         "train",
         *("--data", str(tiny_data), "--model", "mobilenet0.25", "--pretrained", "none"),
         *("--epochs", "1", "--batch-size", "32", "--image-size", "32", "--out", str(out)),
