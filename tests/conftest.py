@@ -1,11 +1,16 @@
-"""Shared fixtures: tiny generated image folders, paths to the optional shared data."""
+"""Shared fixtures: tiny generated image folders, trained runs cached for the whole session,
+in-process commands, paths to the optional shared data."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +110,42 @@ def run_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedP
     )
 
 
+@dataclass
+class Finished:
+    """What a command left: its exit code and output (as a ``CompletedProcess`` has them)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys) -> Callable[..., Finished]:
+    """``cli(*args, cwd=None)``: ``gluon-ft ARGS`` run in this process by ``main`` (in the
+    folder ``cwd``); its exit code and output. For the tests that are not about the process
+    (exit codes through a real interpreter, signals, the cluster): those start one with
+    :func:`run_cli`."""
+    from gluon_ft.cli import main
+
+    def run(*args, cwd: Path | None = None) -> Finished:
+        capsys.readouterr()  # only the command's own output
+        environment = dict(os.environ)  # what main sets for a command stays with it
+        os.environ.setdefault("COLUMNS", "80")  # --help as a process with a pipe wraps it
+        try:
+            with contextlib.chdir(cwd or Path.cwd()):
+                code = main([str(arg) for arg in args])
+        except SystemExit as exit:  # argparse refusing the command line
+            code = exit.code
+        finally:
+            for name in set(os.environ) - set(environment):
+                del os.environ[name]
+            os.environ.update(environment)
+        out, err = capsys.readouterr()
+        return Finished(code, out, err)
+
+    return run
+
+
 def finish(process: subprocess.Popen, seconds: float) -> tuple[int, str]:
     """Wait up to ``seconds`` for ``process``, kill it either way; ``(exit code, output)``."""
     try:
@@ -127,6 +168,65 @@ def processes_with_environment(entry: str) -> list[int]:
         except (OSError, ValueError):
             continue
     return found
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """A finished run of the session cache: its directory, its data and what train() returned.
+
+    Shared by every test that asks for the same settings: read it, never change it (copy the
+    directory under tmp_path first).
+    """
+
+    path: Path
+    data: Path
+    result: dict
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Callable[..., Path]:
+    """``image_folder(**spec)``: :func:`write_image_folder` with ``spec``, written once per
+    session (``class_folders={name: count}`` writes :func:`write_class_folders` instead)."""
+    folders: dict[str, Path] = {}
+
+    def get(**spec) -> Path:
+        key = json.dumps(spec, sort_keys=True)
+        if key not in folders:
+            root = tmp_path_factory.mktemp("images") / "data"
+            if "class_folders" in spec:
+                counts = spec["class_folders"]
+                others = {k: v for k, v in spec.items() if k != "class_folders"}
+                folders[key] = write_class_folders(root, counts, **others)
+            else:
+                folders[key] = write_image_folder(root, **spec)
+        return folders[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Callable[..., TrainedRun]:
+    """``trained_run(data, **changes)``: ``train(tiny_config(data, out, **changes))``, trained
+    once per test session for each distinct configuration (``out`` aside), however many
+    test files ask for it."""
+    from gluon_ft.train import train
+
+    runs: dict[str, TrainedRun] = {}
+    mxnet_home = tmp_path_factory.mktemp("trained-mxnet-home")
+
+    def get(data: Path, **changes) -> TrainedRun:
+        config = tiny_config(data, "", **changes)
+        key = json.dumps({k: v for k, v in asdict(config).items() if k != "out"}, sort_keys=True)
+        if key not in runs:
+            out = tmp_path_factory.mktemp("trained") / "run"
+            # A module fixture may ask before the test's own MXNET_HOME is set: never ~/.mxnet.
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("MXNET_HOME", str(mxnet_home))
+                result = train(tiny_config(data, out, **changes))
+            runs[key] = TrainedRun(out, Path(data), result)
+        return runs[key]
+
+    return get
 
 
 @pytest.fixture

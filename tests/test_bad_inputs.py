@@ -13,7 +13,6 @@ from __future__ import annotations
 import http.server
 import io
 import json
-import os
 import struct
 import threading
 import zlib
@@ -22,7 +21,7 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import run_cli, write_image_folder
+from conftest import write_image_folder
 from PIL import Image, ImageFile
 
 from gluon_ft.cli import main
@@ -217,9 +216,9 @@ def train_cli(data: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_training_skips_unreadable_files_with_one_counted_warning(bad_data, tmp_path):
+def test_training_skips_unreadable_files_with_one_counted_warning(bad_data, tmp_path, cli):
     out = tmp_path / "run"
-    result = run_cli(*train_cli(bad_data, "--out", str(out)))
+    result = cli(*train_cli(bad_data, "--out", str(out)))
     assert result.returncode == 0, result.stderr
     output = result.stdout + result.stderr
     assert "Traceback" not in output
@@ -369,15 +368,12 @@ def dropping_server():
     server.shutdown()
 
 
-def test_connection_dropped_mid_download_exits_2(dropping_server, tmp_path):
+def test_connection_dropped_mid_download_exits_2(dropping_server, tmp_path, cli, monkeypatch):
     url = f"http://127.0.0.1:{dropping_server.server_address[1]}/hotdog.zip"
-    env = {
-        **os.environ,
-        "GLUON_FT_HOTDOG_URL": url,
-        "MXNET_HOME": str(tmp_path / "home"),
-        "NO_PROXY": "127.0.0.1",
-    }
-    result = run_cli("train", "--data", "hotdog", "--out", str(tmp_path / "run"), env=env)
+    monkeypatch.setenv("GLUON_FT_HOTDOG_URL", url)
+    monkeypatch.setenv("MXNET_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    result = cli("train", "--data", "hotdog", "--out", tmp_path / "run")
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "broke off" in result.stderr
     assert "hotdog.zip" in result.stderr  # where to put a copy by hand

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_config, write_image_folder
+from conftest import tiny_config, write_image_folder
 
 import gluon_ft  # noqa: F401  (thread settings before mxnet)
 import gluon_ft.train.run as run_module
@@ -96,9 +96,9 @@ sys.exit(code)
 """
 
 
-def predicted_accuracy(run_dir, data) -> tuple[float, int]:
+def predicted_accuracy(cli, run_dir, data) -> tuple[float, int]:
     images = sorted(str(p) for p in (data / "test").glob("*/*.png"))
-    done = run_cli("predict", str(run_dir), *images, "--json", "--top-k", "1", timeout=120)
+    done = cli("predict", str(run_dir), *images, "--json", "--top-k", "1")
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
     right = sum(r["top"][0]["class"] == r["source"].split("/")[-2] for r in results)
@@ -106,7 +106,7 @@ def predicted_accuracy(run_dir, data) -> tuple[float, int]:
 
 
 @pytest.mark.timeout(240)
-def test_a_two_worker_run_reports_the_accuracy_of_the_saved_model(tmp_path):
+def test_a_two_worker_run_reports_the_accuracy_of_the_saved_model(tmp_path, cli):
     data = write_image_folder(tmp_path / "data", n_train=8, n_test=8, size=32)
     out = tmp_path / "run"
     script = tmp_path / "worker.py"
@@ -115,7 +115,7 @@ def test_a_two_worker_run_reports_the_accuracy_of_the_saved_model(tmp_path):
     train_args += ["--pretrained", "none", "--epochs", "2", "--image-size", "32"]
     train_args += ["--batch-size", "4", "--out", str(out), "--no-progress"]
     command = [sys.executable, str(script), str(tmp_path), *train_args]
-    done = run_cli("launch", "-n", "2", "--", *command, cwd=tmp_path, timeout=220)
+    done = cli("launch", "-n", "2", "--", *command, cwd=tmp_path)  # the launcher in this process
     assert done.returncode == 0, done.stdout + done.stderr
 
     import mxnet as mx
@@ -130,5 +130,5 @@ def test_a_two_worker_run_reports_the_accuracy_of_the_saved_model(tmp_path):
         np.testing.assert_array_equal(value.asnumpy(), saved[name].asnumpy(), err_msg=name)
     # So the accuracy the run reported is the saved model's.
     reported = json.loads((out / "metrics.json").read_text())[-1]["test_acc"]
-    accuracy, count = predicted_accuracy(out, data)
+    accuracy, count = predicted_accuracy(cli, out, data)
     assert abs(accuracy - reported) * count <= 1 + 1e-9, (accuracy, reported)

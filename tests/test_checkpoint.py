@@ -22,7 +22,7 @@ import conftest
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import REPO, record_steps, run_cli, write_image_folder
+from conftest import REPO, record_steps
 from mxnet import gluon
 from mxnet.gluon import nn
 
@@ -33,8 +33,11 @@ from gluon_ft.train import checkpoint as ckpt
 STEPS_PER_EPOCH = 6  # 2 classes x 12 images, batches of 4
 
 
+SETTINGS = {"epochs": 2, "momentum": 0.9, "seed": 3}
+
+
 def tiny_config(data: Path, out: Path, **changes) -> TrainConfig:
-    return conftest.tiny_config(data, out, **{"epochs": 2, "momentum": 0.9, "seed": 3, **changes})
+    return conftest.tiny_config(data, out, **{**SETTINGS, **changes})
 
 
 def cli_args(data: Path, out: Path, epochs: int = 2) -> list[str]:
@@ -59,20 +62,23 @@ def assert_same_params(a: Path, b: Path) -> float:
     return diff
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted 2-epoch run; every resumed run below must end with its parameters."""
-    root = tmp_path_factory.mktemp("resume")
-    data = write_image_folder(root / "data", n_train=12, n_test=2, size=36)
-    run = root / "uninterrupted"
-    train(tiny_config(data, run))
-    return data, run
+@pytest.fixture
+def reference(image_folder, trained_run):
+    """An uninterrupted 2-epoch run (trained once per session); every resumed run below must
+    end with its parameters."""
+    data = image_folder(n_train=12, n_test=2, size=36)
+    return data, trained_run(data, **SETTINGS).path
 
 
-def test_resume_after_epoch_one_equals_the_uninterrupted_run(reference, tmp_path):
+def one_epoch_run(trained_run, data: Path, where: Path) -> Path:
+    """A copy at ``where`` of the session's 1-epoch run of :func:`tiny_config`, to resume."""
+    shutil.copytree(trained_run(data, **{**SETTINGS, "epochs": 1}).path, where)
+    return where
+
+
+def test_resume_after_epoch_one_equals_the_uninterrupted_run(reference, trained_run, tmp_path):
     data, uninterrupted = reference
-    run = tmp_path / "run"
-    train(tiny_config(data, run, epochs=1))
+    run = one_epoch_run(trained_run, data, tmp_path / "run")
     first = run / "checkpoints" / "epoch-0001"
     meta = json.loads((first / "meta.json").read_text())
     assert meta["epoch"] == 1 and meta["step"] == 0 and len(meta["history"]) == 1
@@ -127,7 +133,7 @@ def _wait_for(path: Path, child: subprocess.Popen) -> None:
         time.sleep(0.005)
 
 
-def test_sigkill_during_epoch_two_resumes_from_epoch_one_never_a_partial(reference, tmp_path):
+def test_sigkill_during_epoch_two_resumes_from_epoch_one_never_a_partial(reference, tmp_path, cli):
     data, uninterrupted = reference
     run = tmp_path / "run"
     checkpoints = run / "checkpoints"
@@ -158,7 +164,7 @@ def test_sigkill_during_epoch_two_resumes_from_epoch_one_never_a_partial(referen
     raw[-5] ^= 0xFF
     (damaged / "model.params").write_bytes(bytes(raw))
 
-    resumed = run_cli(*cli_args(data, run), "--resume")
+    resumed = cli(*cli_args(data, run), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {checkpoints / 'epoch-0001'} (epoch 1)" in resumed.stdout
     assert "epoch-0002: SHA-1 mismatch in model.params" in resumed.stdout
@@ -286,9 +292,9 @@ def test_a_kill_before_the_rename_leaves_no_checkpoint(tmp_path, monkeypatch):
     assert ckpt.latest_checkpoint(tmp_path)[0].path == first.path
 
 
-def test_huge_lr_exits_3_naming_step_and_lr(reference, tmp_path):
+def test_huge_lr_exits_3_naming_step_and_lr(reference, tmp_path, cli):
     data, _ = reference
-    result = run_cli(*cli_args(data, tmp_path / "run"), "--lr", "1e30")
+    result = cli(*cli_args(data, tmp_path / "run"), "--lr", "1e30")
     assert result.returncode == 3, result.stderr
     assert "Traceback" not in result.stderr
     assert "training loss became nan by step" in result.stderr
@@ -317,10 +323,9 @@ def test_divergence_message_names_the_last_good_checkpoint(reference, tmp_path, 
     assert not (run / "checkpoints" / "epoch-0002").exists()  # nothing NaN was saved
 
 
-def test_resume_refuses_other_settings_and_folders_without_a_run(reference, tmp_path):
+def test_resume_refuses_other_settings_and_folders_without_a_run(reference, trained_run, tmp_path):
     data, _ = reference
-    run = tmp_path / "run"
-    train(tiny_config(data, run, epochs=1))
+    run = one_epoch_run(trained_run, data, tmp_path / "run")
     with pytest.raises(UsageError, match=r"--lr was 0\.01, now 0\.1") as err:
         train(tiny_config(data, run, resume=True, lr=0.1))
     assert "Repeat the original command" in str(err.value)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import record_steps, run_cli
+from conftest import record_steps
 from PIL import Image
 
 from gluon_ft.data.synthetic import SMALL_SPEC
@@ -145,11 +145,11 @@ def test_second_run_reuses_task_and_source_and_repeats_the_numbers(first_demo, t
         assert comparable(again["results"][name]["history"]) == comparable(first), name
 
 
-def test_demo_command_prints_the_table_the_gain_and_the_real_run_note(tmp_path):
+def test_demo_command_prints_the_table_the_gain_and_the_real_run_note(tmp_path, cli):
     out = tmp_path / "out"
     args = ["demo", "--size", "small", "--epochs", "1", "--pretrain-epochs", "1"]
     args += ["--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-progress"]
-    result = run_cli(*args)  # MXNET_HOME: the test's own (conftest)
+    result = cli(*args)  # MXNET_HOME: the test's own (conftest)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "test accuracy on the target task" in lines

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import run_cli, write_image_folder
+from conftest import write_image_folder
 
 import gluon_ft  # noqa: F401  (thread settings before mxnet)
 from gluon_ft.cluster.launch import launch
@@ -289,13 +289,14 @@ def test_with_the_optimizer_on_the_servers_the_change_is_lost(worker, tmp_path):
 
 
 @pytest.mark.timeout(150)
-def test_gluon_ft_launch_trains_and_writes_one_run_directory(tmp_path):
+def test_gluon_ft_launch_trains_and_writes_one_run_directory(tmp_path, cli):
     data = write_image_folder(tmp_path / "data", n_train=6, n_test=4, size=36)
     out = tmp_path / "runs" / "dist"
     train = [sys.executable, "-m", "gluon_ft", "train", "--kvstore", "dist_sync"]
     train += ["--data", str(data), "--pretrained", "none", "--epochs", "1", "--image-size", "32"]
-    train += ["--batch-size", "8", "--out", str(out)]
-    done = run_cli("launch", "-n", "2", "-s", "1", "--", *train, cwd=tmp_path, timeout=140)
+    train += ["--model", "mobilenet0.25", "--batch-size", "8", "--out", str(out)]
+    # The launcher runs in this process; its scheduler, server and workers are processes.
+    done = cli("launch", "-n", "2", "-s", "1", "--", *train, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["dist"]
     assert {"config.json", "classes.json", "metrics.json", "model.params", "curves.png"} <= {
@@ -316,7 +317,7 @@ def test_gluon_ft_launch_trains_and_writes_one_run_directory(tmp_path):
     # A worker that fails after joining the cluster (rank 0 refuses the existing run) exits at
     # once with its code, and the launcher stops the others rather than hanging.
     started = time.monotonic()
-    again = run_cli("launch", "-n", "2", "--", *train, cwd=tmp_path, timeout=60)
+    again = cli("launch", "-n", "2", "--", *train, cwd=tmp_path)
     assert again.returncode == 2, again.stdout + again.stderr
     assert time.monotonic() - started < 45
     assert "already holds a run" in again.stdout

@@ -13,7 +13,6 @@ import sys
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import run_cli
 
 from gluon_ft.errors import UsageError
 from gluon_ft.train.amp import BF16_CPU_FLAGS, check_dtype, cpu_flags, trainer_kwargs
@@ -46,11 +45,9 @@ def test_float16_follows_the_amp_recipe_on_the_trainer():
     assert trainer_kwargs("bfloat16") == {} and trainer_kwargs("float32") == {}
 
 
-def test_cli_refuses_float16_on_cpu_with_exit_2_and_no_run(tiny_data, tmp_path):
+def test_cli_refuses_float16_on_cpu_with_exit_2_and_no_run(tiny_data, tmp_path, cli):
     out = tmp_path / "run"
-    done = run_cli(
-        "train", "--data", str(tiny_data), "--dtype", "float16", "--ctx", "cpu", "--out", str(out)
-    )
+    done = cli("train", "--data", tiny_data, "--dtype", "float16", "--ctx", "cpu", "--out", out)
     assert done.returncode == 2
     assert "float16 trains on GPUs only" in done.stderr
     assert "Traceback" not in done.stderr
@@ -300,13 +297,37 @@ def test_bfloat16_keeps_the_stem_off_the_slow_plain_layout_kernels():
     assert len(plain_bf16_batchnorms) <= 1, plain_bf16_batchnorms  # the stages' first, once
 
 
+# `gluon-ft train ARGS` on two devices, then (AMP still on, in the same process) the graph a
+# resnet18_v2 on those devices builds: for each convolution, whether an amp_cast feeds it.
+TRAIN_THEN_GRAPH = """
+import json, sys
+import gluon_ft, mxnet as mx
+from gluon_ft.cli import main
+from gluon_ft.train import amp
+from gluon_ft.model.graft import scratch_twin
+code = main(["train", *sys.argv[1:]])
+amp.enable("bfloat16")
+net = scratch_twin("resnet18_v2", 2, [mx.cpu(0), mx.cpu(1)])
+getattr(amp, "prepare_network", lambda net, dtype: None)(net, "bfloat16")
+net.hybridize()
+net(mx.nd.zeros((1, 3, 32, 32), ctx=mx.cpu(1)))
+graph = net._cached_graph[1].tojson(remove_amp_cast=False)
+nodes = json.loads(graph)["nodes"]
+convs = [n for n in nodes if n["op"] == "Convolution"]
+print(json.dumps([nodes[n["inputs"][0][0]]["op"] == "amp_cast" for n in convs]))
+sys.exit(code)
+"""
+
+
 @pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16: the refusal is tested above")
 def test_bfloat16_trains_on_two_cpu_contexts_with_the_stem_in_float32(tiny_data, tmp_path):
     out = tmp_path / "run"
-    done = run_cli(
-        "train", "--data", str(tiny_data), "--pretrained", "none", "--epochs", "1",
-        "--batch-size", "4", "--image-size", "32", "--dtype", "bfloat16", "--ctx", "cpu:2",
-        "--out", str(out), "--no-progress",
+    done = subprocess.run(
+        [sys.executable, "-c", TRAIN_THEN_GRAPH,
+         "--data", str(tiny_data), "--pretrained", "none", "--epochs", "1",
+         "--batch-size", "4", "--image-size", "32", "--dtype", "bfloat16", "--ctx", "cpu:2",
+         "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     config = json.loads((out / "config.json").read_text())
@@ -314,24 +335,6 @@ def test_bfloat16_trains_on_two_cpu_contexts_with_the_stem_in_float32(tiny_data,
     assert config["dtype"] == "bfloat16" and config["contexts"] == ["cpu(0)", "cpu(1)"]
     assert row["train_samples"] == 12 and 0 < row["loss"] < 10 and 0 <= row["test_acc"] <= 1
     # The graph: the stem convolution reads float32 (no cast before it), the stages bfloat16.
-    code = (
-        "import gluon_ft, mxnet as mx\n"
-        "from gluon_ft.train import amp\n"
-        "from gluon_ft.model.graft import scratch_twin\n"
-        "amp.enable('bfloat16')\n"
-        "net = scratch_twin('resnet18_v2', 2, [mx.cpu(0), mx.cpu(1)])\n"
-        "getattr(amp, 'prepare_network', lambda net, dtype: None)(net, 'bfloat16')\n"
-        "net.hybridize()\n"
-        "net(mx.nd.zeros((1, 3, 32, 32), ctx=mx.cpu(1)))\n"
-        "graph = net._cached_graph[1].tojson(remove_amp_cast=False)\n"
-        "import json\n"
-        "nodes = json.loads(graph)['nodes']\n"
-        "convs = [n for n in nodes if n['op'] == 'Convolution']\n"
-        "fed_by_cast = [nodes[n['inputs'][0][0]]['op'] == 'amp_cast' for n in convs]\n"
-        "print(json.dumps(fed_by_cast))\n"
-    )
-    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert probe.returncode == 0, probe.stderr[-2000:]
-    fed_by_cast = json.loads(probe.stdout.strip().splitlines()[-1])
+    fed_by_cast = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(fed_by_cast) == 20
     assert fed_by_cast[0] is False and all(fed_by_cast[1:])

@@ -15,7 +15,7 @@ import conftest
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import record_steps, run_cli, write_image_folder
+from conftest import record_steps, write_image_folder
 from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
@@ -117,9 +117,11 @@ def test_if_better_takes_the_average_only_when_strictly_better_on_validation():
 # ---------------------------------------------------------------- real runs
 
 
+SETTINGS = {"epochs": 2, "momentum": 0.9, "seed": 3, "val_split": 0.2, "ema": 0.9}
+
+
 def tiny_config(data: Path, out: Path, **changes) -> TrainConfig:
-    settings = {"epochs": 2, "momentum": 0.9, "seed": 3, "val_split": 0.2, "ema": 0.9}
-    return conftest.tiny_config(data, out, **{**settings, **changes})
+    return conftest.tiny_config(data, out, **{**SETTINGS, **changes})
 
 
 def arrays(path: Path) -> dict[str, np.ndarray]:
@@ -133,14 +135,13 @@ def assert_bitwise_equal(a: Path, b: Path) -> None:
         np.testing.assert_array_equal(first[key], second[key], err_msg=f"{a.name}: {key}")
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted 2-epoch run with --ema 0.9 --tta 2 and a validation part."""
-    root = tmp_path_factory.mktemp("ema")
-    data = write_image_folder(root / "data", n_train=12, n_test=2, size=36)
-    run = root / "uninterrupted"
-    result = train(tiny_config(data, run, tta=2))
-    return data, run, result
+@pytest.fixture
+def reference(image_folder, trained_run):
+    """An uninterrupted 2-epoch run with --ema 0.9 --tta 2 and a validation part (trained
+    once per session)."""
+    data = image_folder(n_train=12, n_test=2, size=36)
+    run = trained_run(data, **SETTINGS, tta=2)
+    return data, run.path, run.result
 
 
 def test_each_epoch_scores_the_average_and_the_checkpoints_keep_it(reference):
@@ -254,7 +255,7 @@ def test_on_two_devices_the_average_is_the_closed_form_of_the_weights_taken(
 
 
 @pytest.mark.timeout(150)
-def test_a_distributed_run_averages_scores_and_saves_the_average(tmp_path):
+def test_a_distributed_run_averages_scores_and_saves_the_average(tmp_path, cli):
     """Two ps-lite workers (gluon-ft launch): each keeps the average of the same weights and
     scores it on its shard, the scores summed over both; rank 0 saves it (--ema-save always)."""
     data = write_image_folder(tmp_path / "data", n_train=6, n_test=4, size=36)
@@ -263,7 +264,8 @@ def test_a_distributed_run_averages_scores_and_saves_the_average(tmp_path):
     train_cmd += ["--data", str(data), "--pretrained", "none", "--epochs", "1"]
     train_cmd += ["--image-size", "32", "--batch-size", "4", "--out", str(out)]
     train_cmd += ["--model", "mobilenet0.25", "--ema", "0.9", "--ema-save", "always", "--tta", "2"]
-    done = run_cli("launch", "-n", "2", "-s", "1", "--", *train_cmd, cwd=tmp_path, timeout=140)
+    # The launcher in this process; its scheduler, server and workers are processes.
+    done = cli("launch", "-n", "2", "-s", "1", "--", *train_cmd, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     (row,) = json.loads((out / "metrics.json").read_text())
     assert 0 <= row["ema_test_acc"] <= 1

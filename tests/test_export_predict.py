@@ -10,7 +10,6 @@ import mxnet as mx
 import numpy as np
 import onnx
 import pytest
-from conftest import run_cli, tiny_config, write_image_folder
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 from PIL import Image
@@ -24,18 +23,15 @@ from gluon_ft.deploy import inference
 from gluon_ft.deploy.predict import Predictor, load_run
 from gluon_ft.errors import UsageError
 from gluon_ft.model.graft import build_model
-from gluon_ft.train import train
 
 HAS_BF16 = isa.bfloat16_unsupported() is None
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A trained 2-class mobilenet0.25 run at 32 px, and its data."""
-    root = tmp_path_factory.mktemp("finished")
-    data = write_image_folder(root / "data", n_train=6, n_test=2, size=40)
-    train(tiny_config(data, root / "run"))
-    return root / "run", data
+@pytest.fixture
+def finished(image_folder, trained_run):
+    """A trained 2-class mobilenet0.25 run at 32 px (once per session), and its data."""
+    data = image_folder(n_train=6, n_test=2, size=40)
+    return trained_run(data).path, data
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +129,10 @@ def test_fast_conv_matches_the_reference_conv(x_shape, w_shape, attrs, bias):
     np.testing.assert_allclose(fast, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_export_command_verifies_and_reports_the_difference(finished, tmp_path):
+def test_export_command_verifies_and_reports_the_difference(finished, tmp_path, cli):
     run, _ = finished
     out = tmp_path / "deploy"
-    result = run_cli("export", str(run), "--format", "all", "--out", str(out))
+    result = cli("export", str(run), "--format", "all", "--out", str(out))
     assert result.returncode == 0, result.stderr
     diffs = dict(re.findall(r"^(\w+): wrote .* max abs diff (\S+) ", result.stdout, re.M))
     assert set(diffs) == {"mxnet", "onnx"}
@@ -185,7 +181,7 @@ def test_predictor_uses_the_runs_network_classes_and_test_transform(finished):
     assert as_bytes[0]["source"] == "<image 0>"
 
 
-def test_one_bad_file_does_not_stop_the_others(finished, tmp_path):
+def test_one_bad_file_does_not_stop_the_others(finished, tmp_path, cli):
     run, data = finished
     good = data / "test" / "dog" / "000.png"
     bad = tmp_path / "photo.jpg"
@@ -196,13 +192,13 @@ def test_one_bad_file_does_not_stop_the_others(finished, tmp_path):
     assert "not an image" in results[1]["error"] and "not found" in results[2]["error"]
     assert results[0]["top"] == results[3]["top"] and len(results[0]["top"]) == 1
 
-    cli = run_cli("predict", str(run), str(good), str(bad), "--top-k", "5")
-    assert cli.returncode == 2
-    assert cli.stdout.startswith(f"{good}: ") and cli.stdout.count("\n") == 1
-    assert re.search(r": (cat|dog) \d\.\d{3}, (cat|dog) \d\.\d{3}$", cli.stdout.strip())
-    assert f"{bad}: error: not an image" in cli.stderr and "Traceback" not in cli.stderr
+    shown = cli("predict", str(run), str(good), str(bad), "--top-k", "5")
+    assert shown.returncode == 2
+    assert shown.stdout.startswith(f"{good}: ") and shown.stdout.count("\n") == 1
+    assert re.search(r": (cat|dog) \d\.\d{3}, (cat|dog) \d\.\d{3}$", shown.stdout.strip())
+    assert f"{bad}: error: not an image" in shown.stderr and "Traceback" not in shown.stderr
 
-    as_json = run_cli("predict", str(run), str(good), str(bad), "--json")
+    as_json = cli("predict", str(run), str(good), str(bad), "--json")
     assert as_json.returncode == 2
     assert [r["ok"] for r in json.loads(as_json.stdout)] == [True, False]
 
@@ -241,18 +237,18 @@ def test_run_loader_rejects_malformed_files(finished, tmp_path):
 # ----------------------------------------------------------------------------- bfloat16
 
 
-def _predict_json(run, images, *flags):
-    done = run_cli("predict", str(run), *map(str, images), "--json", "--top-k", "2", *flags)
+def _predict_json(cli, run, images, *flags):
+    done = cli("predict", run, *images, "--json", "--top-k", "2", *flags)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout), done.stderr
 
 
 @pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16: --dtype bfloat16 is refused")
-def test_predict_in_bfloat16_gives_the_documented_json_and_float32_answers(finished):
+def test_predict_in_bfloat16_gives_the_documented_json_and_float32_answers(finished, cli):
     run, data = finished
     images = sorted((data / "test").rglob("*.png"))
-    fp32, _ = _predict_json(run, images)
-    bf16, _ = _predict_json(run, images, "--dtype", "bfloat16")
+    fp32, _ = _predict_json(cli, run, images)
+    bf16, _ = _predict_json(cli, run, images, "--dtype", "bfloat16")
     assert len(bf16) == len(images)
     for mine, theirs in zip(bf16, fp32):
         assert set(mine) == {"source", "ok", "top"} and mine["ok"]
@@ -268,10 +264,10 @@ def test_predict_in_bfloat16_gives_the_documented_json_and_float32_answers(finis
 
 
 @pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16: auto can only pick float32")
-def test_predict_auto_probes_and_says_what_it_chose(finished):
+def test_predict_auto_probes_and_says_what_it_chose(finished, cli):
     run, data = finished
     images = sorted((data / "test").rglob("*.png"))[:2]
-    results, stderr = _predict_json(run, images, "--dtype", "auto")
+    results, stderr = _predict_json(cli, run, images, "--dtype", "auto")
     assert [r["ok"] for r in results] == [True, True]
     said = re.search(r"--dtype auto: (float32|bfloat16) \(.*float32 \S+ img/s", stderr)
     assert said, stderr
@@ -296,10 +292,10 @@ def test_fused_bfloat16_keeps_the_stem_convolution_in_float32(resnet_run):
 
 
 @pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16: --dtype bfloat16 is refused")
-def test_bfloat16_export_round_trip(finished, tmp_path):
+def test_bfloat16_export_round_trip(finished, tmp_path, cli):
     run, _ = finished
     out = tmp_path / "out"
-    done = run_cli("export", str(run), "--dtype", "bfloat16", "--out", str(out))
+    done = cli("export", str(run), "--dtype", "bfloat16", "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "MXNet format only" in done.stderr and done.stdout.startswith("mxnet: wrote")
     info = json.loads((out / "preprocessing.json").read_text())
@@ -330,7 +326,7 @@ def test_inference_dtypes_are_checked_before_loading(finished, tmp_path):
 # ----------------------------------------------------------------------------- int8
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def int8_run(finished, tmp_path_factory):
     """A copy of the finished run (so that its int8/ folder stays out of the other tests)."""
     run, data = finished
@@ -394,10 +390,10 @@ def test_pick_form_keeps_the_fastest_faithful_form():
     assert inference.pick_form({"int8": (figures(1.05), 1.0)})[0] == "float32"  # not faster
 
 
-def test_int8_export_round_trip(int8_run, tmp_path):
+def test_int8_export_round_trip(int8_run, tmp_path, cli):
     run, _ = int8_run
     out = tmp_path / "out"
-    done = run_cli(
+    done = cli(
         "export", str(run), "--dtype", "int8", "--calibration-images", "5", "--out", str(out)
     )
     assert done.returncode == 0, done.stderr[-2000:]

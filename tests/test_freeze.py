@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import mxnet as mx
 import numpy as np
@@ -514,21 +512,12 @@ def test_micro_batches_split_evenly_and_cope_with_short_batches():
 # ----------------------------------------------------------------------------- the CLI
 
 
-def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "gluon_ft", "train", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def test_cli_freeze_pattern_matching_nothing_exits_2_naming_the_parts(tiny_data, tmp_path):
-    common = ["--data", str(tiny_data), "--pretrained", "none", "--image-size", "32"]
-    result = run_cli(*common, "--freeze", "no_such_layer", "--out", str(tmp_path / "a"))
+def test_cli_freeze_pattern_matching_nothing_exits_2_naming_the_parts(tiny_data, tmp_path, cli):
+    common = ["train", "--data", str(tiny_data), "--pretrained", "none", "--image-size", "32"]
+    result = cli(*common, "--freeze", "no_such_layer", "--out", str(tmp_path / "a"))
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert "Parts: features, output, stem, stage1..stage4, all" in result.stderr
-    result = run_cli(*common, "--unfreeze-at", "0:output,1:stage7", "--out", str(tmp_path / "b"))
+    result = cli(*common, "--unfreeze-at", "0:output,1:stage7", "--out", str(tmp_path / "b"))
     assert result.returncode == 2, result.stderr
     assert "Unknown part 'stage7'" in result.stderr and "Traceback" not in result.stderr

@@ -1,10 +1,13 @@
-"""``python -m gluon_ft.freeze_demo`` runs offline and proves what freezing does."""
+"""``python -m gluon_ft.freeze_demo`` runs offline and proves what freezing does.
+
+Its ``main`` runs in this process; test_threads starts ``python -m gluon_ft.freeze_demo`` itself.
+"""
 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
+
+from gluon_ft.freeze_demo import main
 
 SMALL = [
     "--image-size",
@@ -24,20 +27,11 @@ SMALL = [
 ]
 
 
-def run_demo(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "gluon_ft.freeze_demo", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def test_freeze_demo_runs_offline_and_prints_the_table_and_the_proof():
+def test_freeze_demo_runs_offline_and_prints_the_table_and_the_proof(capsys):
     # MXNET_HOME is an empty temporary folder (conftest): no cached ImageNet weights.
-    result = run_demo(*SMALL)
-    assert result.returncode == 0, result.stderr[-2000:]
-    out = result.stdout
+    code = main(SMALL)
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
     no_weights = [line for line in out.splitlines() if "No ImageNet weights cached" in line]
     assert len(no_weights) == 1 and "random initialization" in no_weights[0]
     assert "ResNetV2(" in out and "Conv2D(3 -> 64, kernel_size=(7, 7)" in out

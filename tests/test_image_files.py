@@ -14,7 +14,7 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import run_cli, write_image_folder
+from conftest import write_image_folder
 from PIL import Image
 
 from gluon_ft.data.decode import load_image
@@ -189,7 +189,7 @@ def test_16_bit_files_decode_alike_and_a_dark_image_stays_dark(tmp_path):
     np.testing.assert_array_equal(decoded["png"], np.repeat(want[..., None], 3, axis=2))
 
 
-def test_bit_depths_reach_predict_and_check_data_alike(untrained_run, tmp_path):
+def test_bit_depths_reach_predict_and_check_data_alike(untrained_run, tmp_path, cli):
     """The same dark pixels as PNG and PGM: one answer from predict, none unreadable."""
     data = write_image_folder(tmp_path / "data", n_train=1, n_test=1, size=40)
     png = data / "train" / "cat" / "dark.png"
@@ -199,7 +199,7 @@ def test_bit_depths_reach_predict_and_check_data_alike(untrained_run, tmp_path):
     from_png, from_pgm = Predictor(untrained_run).predict_images([png, pgm])
     assert probabilities(from_png) == probabilities(from_pgm)
 
-    done = run_cli("check-data", str(data), "--image-size", "8", "--json")
+    done = cli("check-data", str(data), "--image-size", "8", "--json")
     assert done.returncode == 0, done.stdout + done.stderr
     assert json.loads(done.stdout)["splits"]["train"]["cat"]["images"] == 3
 
@@ -291,8 +291,8 @@ def test_scan_ignores_hidden_names_and_reads_every_pillow_extension(messy_data):
     assert skipped == 0 and len(images) == 9
 
 
-def test_check_data_counts_ignored_and_skipped_files(messy_data):
-    done = run_cli("check-data", str(messy_data), "--image-size", "16", "--json")
+def test_check_data_counts_ignored_and_skipped_files(messy_data, cli):
+    done = cli("check-data", str(messy_data), "--image-size", "16", "--json")
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout)
     cat, dog = report["splits"]["train"]["cat"], report["splits"]["train"]["dog"]
@@ -310,7 +310,7 @@ def test_check_data_counts_ignored_and_skipped_files(messy_data):
         "skipped": ["train/README.txt"],
     }
 
-    done = run_cli("check-data", str(messy_data), "--image-size", "16")
+    done = cli("check-data", str(messy_data), "--image-size", "16")
     assert done.returncode == 0 and "Traceback" not in done.stdout + done.stderr
     text = done.stdout
     assert "ignored (5 hidden names" in text and "  train/cat/.ipynb_checkpoints/" in text
@@ -318,10 +318,10 @@ def test_check_data_counts_ignored_and_skipped_files(messy_data):
     assert "  train/README.txt (not in a class folder)" in text
 
 
-def test_a_class_with_no_image_says_what_it_skipped(messy_data, tmp_path):
+def test_a_class_with_no_image_says_what_it_skipped(messy_data, tmp_path, cli):
     for image in (messy_data / "train" / "dog").glob("*.*"):
         if image.suffix not in (".txt", ".pdf"):
             image.unlink()
-    done = run_cli("check-data", str(messy_data), "--image-size", "16")
+    done = cli("check-data", str(messy_data), "--image-size", "16")
     assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr
     assert "class folder(s) with no image files: dog (skipped notes.txt, scan.pdf)" in done.stdout

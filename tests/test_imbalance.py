@@ -6,7 +6,7 @@ from __future__ import annotations
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import record_steps, run_cli, tiny_config, write_class_folders
+from conftest import record_steps, tiny_config, write_class_folders
 from mxnet import gluon
 
 from gluon_ft.cli import main
@@ -61,9 +61,9 @@ def test_balanced_run_resumes_exactly(tmp_path, monkeypatch):
         assert (run / name).read_bytes() == (whole / name).read_bytes(), name
 
 
-def test_check_data_warns_about_imbalance(tmp_path, capsys):
+def test_check_data_warns_about_imbalance(tmp_path, capsys, cli):
     data = write_class_folders(tmp_path / "photos", {"many": 11, "few": 2})
-    done = run_cli("check-data", str(data), "--image-size", "32")
+    done = cli("check-data", str(data), "--image-size", "32")
     assert done.returncode == 0, done.stdout + done.stderr
     assert (
         f"warning: the classes of {data} are imbalanced: many has 11 images, few 2" in done.stdout

@@ -16,7 +16,7 @@ import threading
 import time
 
 import pytest
-from conftest import finish, processes_with_environment, run_cli
+from conftest import finish, processes_with_environment
 
 import gluon_ft  # noqa: F401  (thread settings before mxnet)
 
@@ -115,11 +115,14 @@ def test_a_killed_worker_on_one_node_stops_every_node(worker, tmp_path):
     assert cluster_processes(ps_port_of(out0)) == []
 
 
-def _peek(process: subprocess.Popen) -> str:
-    """The start line of a running launcher (read without waiting for it to end)."""
+def _peek(process: subprocess.Popen, until: str = "started") -> str:
+    """A running launcher's output up to the line that holds ``until`` (read without waiting
+    for it to end)."""
     text = ""
-    while "started" not in text:
-        text += process.stdout.readline()
+    while until not in text:
+        line = process.stdout.readline()
+        assert line, f"the launcher ended before saying {until!r}:\n{text}"
+        text += line
     return text
 
 
@@ -157,13 +160,14 @@ def test_a_duplicate_node_rank_is_refused(worker):
     address = f"127.0.0.1:{free_port()}"
     node0 = node(0, address, [*worker, "sum"], nnodes=3, join_timeout=8.0)
     first = node(1, address, [*worker, "sum"], nnodes=3)
-    time.sleep(1.0)
+    joined = _peek(node0, "node 1 (127.0.0.1) joined")  # the second node 1 comes after it
     code, output = finish(node(1, address, [*worker, "sum"], nnodes=3), 30)
     assert code == 2, output
     # Refused at once, not after node 0's 8 s join timeout: that would say "did not join".
     assert "--node-rank 1 has already joined" in output
     # Node 2 never comes: node 0 gives up after its join timeout, and so does node 1.
     code0, out0 = finish(node0, 30)
+    out0 = joined + out0
     assert code0 == 2 and "Node(s) 2 did not join" in out0, out0
     code1, out1 = finish(first, 30)
     assert code1 == 2, out1
@@ -200,8 +204,8 @@ def test_a_scheduler_address_that_is_not_a_launcher_is_a_bounded_failure(worker)
         (["--nnodes", "2", "--node-rank", "1", "--scheduler", "no-such.invalid:1"], "resolve"),
     ],
 )
-def test_bad_node_arguments_exit_2_before_anything_starts(arguments, message):
-    done = run_cli("launch", *arguments, "-n", "1", "--", sys.executable, "-c", "pass", timeout=60)
+def test_bad_node_arguments_exit_2_before_anything_starts(arguments, message, cli):
+    done = cli("launch", *arguments, "-n", "1", "--", sys.executable, "-c", "pass")
     assert done.returncode == 2, done.stdout + done.stderr
     assert message in done.stderr
     assert "Traceback" not in done.stderr

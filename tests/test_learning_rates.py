@@ -9,7 +9,7 @@ import json
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import run_cli, write_image_folder
+from conftest import write_image_folder
 from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
@@ -78,8 +78,8 @@ def test_weight_decay_is_not_divided_by_the_batch():
     assert max_difference(ours, text) <= 1e-6
 
 
-def test_help_says_lr_is_per_batch_and_what_the_texts_rates_are_here():
-    text = run_cli("train", "--help").stdout
+def test_help_says_lr_is_per_batch_and_what_the_texts_rates_are_here(cli):
+    text = cli("train", "--help").stdout
     assert "SGD rate per batch" in text
     assert "7.8125e-5 and 7.8125e-4 are --lr 0.01 and 0.1 here" in " ".join(text.split())
 
@@ -100,10 +100,10 @@ def test_per_batch_rates_and_small_batches_are_not_warned_about(lr, batch_size):
     assert TrainConfig(pretrained="none", head_lr_mult=10).warnings() == []  # the default
 
 
-def test_the_cli_warns_and_config_json_records_the_head_lr_mult_used(tmp_path):
+def test_the_cli_warns_and_config_json_records_the_head_lr_mult_used(tmp_path, cli):
     out = tmp_path / "run"
     data = write_image_folder(tmp_path / "data", n_train=16, size=32)  # a batch of 32
-    done = run_cli(
+    done = cli(
         "train",
         *("--data", str(data), "--model", "mobilenet0.25", "--pretrained", "none"),
         *("--epochs", "1", "--batch-size", "32", "--image-size", "32", "--out", str(out)),

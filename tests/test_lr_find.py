@@ -9,7 +9,7 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import record_steps, run_cli, tiny_config, write_class_folders, write_image_folder
+from conftest import record_steps, tiny_config, write_class_folders, write_image_folder
 
 from gluon_ft.data import folders
 from gluon_ft.data.decode import load_image
@@ -144,11 +144,11 @@ def test_lr_find_reads_the_train_part_only(tmp_path, monkeypatch):
     assert not (tmp_path / "unused").exists()
 
 
-def test_the_command_writes_its_files_and_prints_the_suggestion(tmp_path):
+def test_the_command_writes_its_files_and_prints_the_suggestion(tmp_path, cli):
     data = write_image_folder(tmp_path / "data", n_train=8, size=32)
     args = ["--data", str(data), "--model", "mobilenet0.25", "--pretrained", "none"]
     args += ["--image-size", "32", "--batch-size", "4", "--steps", "12", "--ctx", "cpu:2"]
-    done = run_cli("lr-find", *args, cwd=tmp_path)
+    done = cli("lr-find", *args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     (out,) = (tmp_path / "runs").glob("lr-find-data-mobilenet0.25-*")
     saved = json.loads((out / "lr_find.json").read_text())
@@ -171,11 +171,11 @@ def test_the_command_writes_its_files_and_prints_the_suggestion(tmp_path):
         (["--pretrained", "missing.params"], "missing.params"),
     ],
 )
-def test_bad_input_exits_2_with_a_message(tmp_path, flags, message):
+def test_bad_input_exits_2_with_a_message(tmp_path, flags, message, cli):
     data = write_image_folder(tmp_path / "data", n_train=2, n_test=1, size=32)
     args = ["--data", str(data), "--model", "mobilenet0.25", "--pretrained", "none"]
     args += ["--image-size", "32", "--out", str(tmp_path / "out"), *flags]
-    done = run_cli("lr-find", *args, cwd=tmp_path)
+    done = cli("lr-find", *args, cwd=tmp_path)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()  # checked before anything is written

@@ -171,8 +171,8 @@ def test_params_file_of_a_conv_head_network_is_a_source(tmp_path):
 # ----------------------------------------------------------------------------- the command
 
 
-def test_models_command_lists_family_input_params_and_weights(tmp_path):
-    done = run_cli("models", "squeezenet|inceptionv3", "--json")
+def test_models_command_lists_family_input_params_and_weights(tmp_path, cli):
+    done = cli("models", "squeezenet|inceptionv3", "--json")
     assert done.returncode == 0, done.stderr
     rows = {row["name"]: row for row in map(json.loads, done.stdout.splitlines())}
     assert set(rows) == {"squeezenet1.0", "squeezenet1.1", "inceptionv3"}
@@ -186,17 +186,16 @@ def test_models_command_lists_family_input_params_and_weights(tmp_path):
     target = zoo.model_store_file("squeezenet1.1")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(b"weights")
-    done = run_cli("models", "squeezenet1.1")
+    done = cli("models", "squeezenet1.1")
     assert done.returncode == 0, done.stderr
     header, line = done.stdout.splitlines()
     assert header.split()[:4] == ["name", "zoo", "family", "input"]
     assert line.split() == ["squeezenet1.1", "gluon", "SqueezeNet", "224", "1.2M", "cached"]
 
 
-def test_unknown_model_exits_2_with_the_closest_names(tiny_data, tmp_path):
+def test_unknown_model_exits_2_with_the_closest_names(tiny_data, tmp_path, cli):
     # Without --out a run goes to ./runs/: run where that folder can be looked for.
-    args = ("train", "--model", "resnet18_v3", "--data", str(tiny_data), "--ctx", "cpu")
-    done = run_cli(*args, cwd=tmp_path)
+    done = cli("train", "--model", "resnet18_v3", "--data", tiny_data, "--ctx", "cpu", cwd=tmp_path)
     assert done.returncode == 2
     assert "Unknown model 'resnet18_v3'" in done.stderr
     assert "Did you mean: resnet18_v2" in done.stderr
@@ -204,17 +203,17 @@ def test_unknown_model_exits_2_with_the_closest_names(tiny_data, tmp_path):
     assert not (tmp_path / "runs").exists()  # refused before a run folder was made
 
 
-def test_models_command_unknown_pattern_and_excluded_model_exit_2(tiny_data):
-    done = run_cli("models", "nosuchnet")
+def test_models_command_unknown_pattern_and_excluded_model_exit_2(tiny_data, cli):
+    done = cli("models", "nosuchnet")
     assert done.returncode == 2 and "No supported model matches" in done.stderr
-    done = run_cli("train", "--model", "cifar_resnet20_v1", "--data", str(tiny_data))
+    done = cli("train", "--model", "cifar_resnet20_v1", "--data", str(tiny_data))
     assert done.returncode == 2 and "CIFAR-10" in done.stderr
 
 
-def test_image_size_too_small_for_the_model_exits_2(tiny_data, tmp_path):
+def test_image_size_too_small_for_the_model_exits_2(tiny_data, tmp_path, cli):
     """AlexNet's pools need more than 32 px: refused before any work, with the way out."""
     out = tmp_path / "run"
-    done = run_cli(
+    done = cli(
         "train",
         *("--model", "alexnet", "--pretrained", "none", "--image-size", "32"),
         *("--data", str(tiny_data), "--ctx", "cpu", "--epochs", "1", "--out", str(out)),
@@ -252,13 +251,15 @@ def test_global_pooling_changes_nothing_at_the_native_size(name, size):
     zoo.check_input_size(build_model(name, 5), name, small)
 
 
-def test_densenet_trains_at_64_px(tiny_data, tmp_path):
-    """Once refused below 224 px (its 7x7 final pool), now one epoch of 64 px images."""
+def test_densenet_trains_at_64_px(tmp_path, cli):
+    """Once refused below 224 px (its 7x7 final pool), now one epoch of 64 px images (one
+    step: 4 training images, 2 test images)."""
+    data = write_image_folder(tmp_path / "data", n_train=2, n_test=1, size=64)
     out = tmp_path / "run"
-    done = run_cli(
+    done = cli(
         "train",
         *("--model", "densenet121", "--pretrained", "none", "--image-size", "64"),
-        *("--data", str(tiny_data), "--ctx", "cpu", "--epochs", "1", "--batch-size", "4"),
+        *("--data", str(data), "--ctx", "cpu", "--epochs", "1", "--batch-size", "4"),
         *("--out", str(out), "--no-progress"),
     )
     assert done.returncode == 0, done.stderr

@@ -11,6 +11,7 @@ import base64
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import mxnet as mx
 import nbformat
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import FOOD_MODEL, HOTDOG_SMALL, REPO
 from nbclient.exceptions import CellExecutionError
 from PIL import Image
 
@@ -57,6 +58,9 @@ EXPECTED_TEXT = {
     "03_exercises": ["Smoke mode", "ImageNet class 934: 'hotdog'; class 713: 'photocopier'"],
 }
 UNREACHABLE = "http://127.0.0.1:9/"  # the discard port: nothing listens, a download fails fast
+# Real photos for the kernels, but fewer: the first of each class of hotdog-small (200 train,
+# 50 test). 16 a class fill the first notebook's rows of 8 examples of each class.
+TRAIN_PER_CLASS, TEST_PER_CLASS = 16, 5
 
 
 def _cpu_seconds_of_children() -> float:
@@ -97,9 +101,24 @@ def test_strip_outputs_clears_what_the_check_finds():
 # ----------------------------------------------------------------------------- execution
 
 
+def fewer_shared_photos(root: Path) -> Path:
+    """A shared folder as ``../shared`` is laid out (``$GLUON_FT_SHARED``), holding its models
+    (the food model and its class names) and the first ``TRAIN_PER_CLASS`` / ``TEST_PER_CLASS``
+    photos of each class."""
+    for split, count in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
+        for folder in sorted((HOTDOG_SMALL / split).iterdir()):
+            target = root / notebook.HOTDOG_SMALL / split / folder.name
+            target.mkdir(parents=True)
+            for photo in sorted(folder.iterdir())[:count]:
+                shutil.copy2(photo, target / photo.name)
+    (root / notebook.FOOD_MODEL.parent).symlink_to(FOOD_MODEL.parent, target_is_directory=True)
+    return root
+
+
 @pytest.fixture(scope="module")
 def kernel_env(tmp_path_factory) -> dict:
-    """The kernels' environment: smoke mode, a private MXNET_HOME, no way to download."""
+    """The kernels' environment: smoke mode, a private MXNET_HOME, no way to download; the
+    shared photos (fewer of them) when ``../shared`` is there, else the synthetic task."""
     root = tmp_path_factory.mktemp("notebooks")
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # the kernel's inline one
     env.update(
@@ -109,6 +128,8 @@ def kernel_env(tmp_path_factory) -> dict:
         MXNET_GLUON_REPO=UNREACHABLE,
         GLUON_FT_HOTDOG_URL=UNREACHABLE + "hotdog.zip",
     )
+    if HOTDOG_SMALL.is_dir() and FOOD_MODEL.is_file():
+        env[notebook.SHARED_VARIABLE] = str(fewer_shared_photos(root / "shared"))
     return env
 
 

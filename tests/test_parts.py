@@ -11,7 +11,6 @@ import json
 
 import mxnet as mx
 import pytest
-from conftest import run_cli
 from test_graft import FAMILY_SAMPLE, GRAFT_NAMES
 
 from gluon_ft.errors import UsageError
@@ -299,8 +298,8 @@ def test_unfreeze_at_stage4_unfreezes_the_last_stage():
     assert trainable() == head | weights(net.layer4)
 
 
-def test_models_parts_shows_which_blocks_make_each_part():
-    done = run_cli("models", "resnet50_v1d", "--parts")
+def test_models_parts_shows_which_blocks_make_each_part(cli):
+    done = cli("models", "resnet50_v1d", "--parts")
     assert done.returncode == 0, done.stderr
     lines = {line.split()[0]: line.split() for line in done.stdout.splitlines()[2:]}
     assert list(lines) == ["stem", "stage1", "stage2", "stage3", "stage4", "output"]
@@ -310,7 +309,7 @@ def test_models_parts_shows_which_blocks_make_each_part():
         assert (scale, blocks) == (f"1/{2 ** (k + 1)}", [f"layer{k}"])
     assert lines["output"][2:] == ["fc"]  # no scale for the head
 
-    done = run_cli("models", "densenet121", "--parts", "--json")
+    done = cli("models", "densenet121", "--parts", "--json")
     assert done.returncode == 0, done.stderr
     row = json.loads(done.stdout)
     parts = {part["name"]: part for part in row["parts"]}
@@ -318,11 +317,9 @@ def test_models_parts_shows_which_blocks_make_each_part():
     assert sum(part["params"] for part in parts.values()) == row["params"]
 
 
-def test_cli_a_stage_the_network_lacks_exits_2_naming_its_parts(tiny_data, tmp_path):
+def test_cli_a_stage_the_network_lacks_exits_2_naming_its_parts(tiny_data, tmp_path, cli):
     common = ["train", "--data", str(tiny_data), "--model", "resnet50_v1d", "--pretrained", "none"]
-    done = run_cli(
-        *common, "--image-size", "32", "--freeze", "stage5", "--out", str(tmp_path / "r")
-    )
+    done = cli(*common, "--image-size", "32", "--freeze", "stage5", "--out", str(tmp_path / "r"))
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert "Unknown part 'stage5'" in done.stderr

@@ -7,6 +7,8 @@ paragraph, no traceback) before any training starts.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -15,7 +17,7 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import record_steps, run_cli, write_image_folder
+from conftest import record_steps, write_image_folder
 
 import gluon_ft.train.run
 from gluon_ft.cli import main
@@ -39,15 +41,15 @@ def assert_refused(output: str, message: str) -> None:
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
-    """A mobilenet0.25 params file written by a real ``gluon-ft pretrain`` process."""
+    """A mobilenet0.25 params file written by ``gluon-ft pretrain`` (run in this process)."""
     root = tmp_path_factory.mktemp("pretrain")
     source = write_image_folder(root / "source", SOURCE_CLASSES, n_train=4, n_test=2, size=36)
     out = root / "models" / "source.params"  # a folder that does not exist yet
-    # Module scope runs before the per-test MXNET_HOME isolation: give the process its own.
-    env = {**os.environ, "MXNET_HOME": str(root / "mxnet-home")}
-    result = run_cli(*pretrain_args(source, out), env=env)
-    assert result.returncode == 0, result.stderr
-    assert f"wrote {out}" in result.stdout and "over 3 classes" in result.stdout
+    # Module scope runs before the per-test MXNET_HOME isolation: give the command its own.
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as said:
+        patch.setenv("MXNET_HOME", str(root / "mxnet-home"))
+        assert main(pretrain_args(source, out)) == 0
+    assert f"wrote {out}" in said.getvalue() and "over 3 classes" in said.getvalue()
     return out
 
 
@@ -85,11 +87,11 @@ def test_graft_of_the_pretrained_file_starts_from_its_features(pretrained):
     assert saved["output.weight"].shape[0] == 3
 
 
-def test_train_with_the_pretrained_file_runs_end_to_end(pretrained, tmp_path):
+def test_train_with_the_pretrained_file_runs_end_to_end(pretrained, tmp_path, cli):
     target = write_image_folder(tmp_path / "target", n_train=4, n_test=2, size=36, seed=1)
     run = tmp_path / "run"
     args = ["train", "--data", str(target), "--model", MODEL, "--pretrained", str(pretrained)]
-    result = run_cli(*args, "--out", str(run), *SMALL_RUN)
+    result = cli(*args, "--out", str(run), *SMALL_RUN)
     assert result.returncode == 0, result.stderr
     assert "done: test acc" in result.stdout
     assert len(json.loads((run / "metrics.json").read_text())) == 1
@@ -99,11 +101,11 @@ def test_train_with_the_pretrained_file_runs_end_to_end(pretrained, tmp_path):
     assert (run / "model.params").is_file()
 
 
-def test_params_of_another_architecture_are_refused_by_name(pretrained, tmp_path):
+def test_params_of_another_architecture_are_refused_by_name(pretrained, tmp_path, cli):
     target = write_image_folder(tmp_path / "target", n_train=2, n_test=1, size=36)
     run = tmp_path / "run"
     args = ["train", "--data", str(target), "--model", "resnet18_v2"]
-    result = run_cli(*args, "--pretrained", str(pretrained), "--out", str(run), *SMALL_RUN)
+    result = cli(*args, "--pretrained", str(pretrained), "--out", str(run), *SMALL_RUN)
     assert result.returncode == 2
     # The sidecar names the architecture, so the message can say which --model to use.
     assert_refused(

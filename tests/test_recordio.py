@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, write_image_folder
+from conftest import write_image_folder
 from PIL import Image
 
 from gluon_ft.data.decode import load_image
@@ -29,15 +29,15 @@ def folder(tmp_path):
     return root
 
 
-def pack(folder, prefix, *extra):
-    done = run_cli("pack", str(folder), "--out", str(prefix), *extra)
+def pack(cli, folder, prefix, *extra):
+    done = cli("pack", str(folder), "--out", str(prefix), *extra)
     assert done.returncode == 0, done.stderr[-2000:]
     return done
 
 
-def test_pack_round_trip_keeps_classes_labels_and_pixels(folder, tmp_path):
+def test_pack_round_trip_keeps_classes_labels_and_pixels(folder, tmp_path, cli):
     prefix = tmp_path / "packs" / "small"
-    done = pack(folder, prefix, "--resize", "0")
+    done = pack(cli, folder, prefix, "--resize", "0")
     assert "skipped" in done.stdout and "broken.jpg" in done.stdout
     for split in ("train", "test"):
         assert all(p.is_file() for p in split_paths(prefix, split))
@@ -107,12 +107,12 @@ def test_train_reads_a_pack_with_the_folder_classes(folder, tmp_path):
     assert config["train_size"] == 3 * 3 + 1  # the broken file was left out at pack time
 
 
-def test_pack_and_train_refuse_bad_input(tmp_path):
-    missing = run_cli("pack", str(tmp_path / "nowhere"), "--out", str(tmp_path / "p"))
+def test_pack_and_train_refuse_bad_input(tmp_path, cli):
+    missing = cli("pack", str(tmp_path / "nowhere"), "--out", str(tmp_path / "p"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     assert "Traceback" not in missing.stderr
     root = write_image_folder(tmp_path / "d", n_train=1, n_test=1)
     pack_dataset(root, tmp_path / "p")
     split_paths(tmp_path / "p", "test")[0].unlink()
-    broken = run_cli("train", "--data", str(tmp_path / "p"), "--out", str(tmp_path / "run"))
+    broken = cli("train", "--data", str(tmp_path / "p"), "--out", str(tmp_path / "run"))
     assert broken.returncode == 2 and "incomplete" in broken.stderr

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_config, write_class_folders, write_image_folder
+from conftest import write_image_folder
 
 from gluon_ft.cli import main
 from gluon_ft.deploy.metrics import class_scores
 from gluon_ft.deploy.plots import plot_mistakes
-from gluon_ft.train import train
 
 
 def test_class_scores_equal_hand_computed_ones():
@@ -48,13 +48,11 @@ def test_mistakes_figure_with_and_without_mistakes(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("report")
-    data = write_class_folders(root / "photos", {"red": 10, "green": 10, "blue": 10})
-    run = root / "run"
-    train(tiny_config(data, run, epochs=1, batch_size=8))
-    return data, run
+@pytest.fixture
+def finished_run(image_folder, trained_run):
+    """Three classes in one folder each, 10 images, 1 epoch (trained once per session)."""
+    data = image_folder(class_folders={"red": 10, "green": 10, "blue": 10})
+    return data, trained_run(data, epochs=1, batch_size=8).path
 
 
 def test_every_run_writes_the_report(finished_run):
@@ -72,11 +70,14 @@ def test_every_run_writes_the_report(finished_run):
         assert (run / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_report_command_rebuilds_the_run_report_and_reports_on_a_folder(finished_run, tmp_path):
-    data, run = finished_run
+def test_report_command_rebuilds_the_run_report_and_reports_on_a_folder(
+    finished_run, tmp_path, cli
+):
+    data, shared = finished_run
+    run = Path(shutil.copytree(shared, tmp_path / "run"))  # the session's run stays as it was
     before = json.loads((run / "summary.json").read_text())
     (run / "report.md").unlink()
-    done = run_cli("report", str(run))
+    done = cli("report", run)
     assert done.returncode == 0, done.stderr
     assert json.loads((run / "summary.json").read_text()) == before  # selection fields kept
     assert (run / "report.md").is_file()

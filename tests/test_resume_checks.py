@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, tiny_config, write_image_folder
+from conftest import tiny_config, write_image_folder
 
 from gluon_ft.errors import DivergedError, UsageError
 from gluon_ft.train import train
@@ -32,10 +32,10 @@ def run_files(run: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
 
-def test_resume_refuses_a_renamed_class_folder(tmp_path):
+def test_resume_refuses_a_renamed_class_folder(tmp_path, cli):
     data = write_image_folder(tmp_path / "data", classes=("cat", "dog"))
     run = tmp_path / "run"
-    first = run_cli(*cli_args(data, run))
+    first = cli(*cli_args(data, run))
     assert first.returncode == 0, first.stderr
     before = run_files(run)
     # The user renames "dog" to "ant": the sorted classes become (ant, cat), so output 0,
@@ -43,7 +43,7 @@ def test_resume_refuses_a_renamed_class_folder(tmp_path):
     for split in ("train", "test"):
         (data / split / "dog").rename(data / split / "ant")
 
-    resumed = run_cli(*cli_args(data, run, "--epochs", "2", "--resume"))
+    resumed = cli(*cli_args(data, run, "--epochs", "2", "--resume"))
     assert resumed.returncode == 2, resumed.stderr
     assert "Traceback" not in resumed.stderr
     message = resumed.stderr.strip()

@@ -8,7 +8,7 @@ import math
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import record_steps, run_cli, tiny_config, write_image_folder
+from conftest import record_steps, tiny_config
 
 from gluon_ft.errors import Interrupted, UsageError
 from gluon_ft.train import TrainConfig, train
@@ -43,15 +43,18 @@ def test_an_unknown_schedule_is_refused():
         LrSchedule(0.1, "step")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("sched") / "data", n_train=8, n_test=2)
+@pytest.fixture
+def data(image_folder):
+    return image_folder(n_train=8, n_test=2)
+
+
+# 3 epochs of cosine with 1 of warmup, and momentum.
+SETTINGS = dict(epochs=3, lr=0.05, momentum=0.9, lr_schedule="cosine", warmup_epochs=1.0, seed=1)
 
 
 def config(data, out, **changes) -> TrainConfig:
-    """3 epochs of cosine with 1 of warmup, and momentum."""
-    settings = dict(epochs=3, lr=0.05, momentum=0.9, lr_schedule="cosine", warmup_epochs=1.0)
-    return tiny_config(data, out, seed=1, **{**settings, **changes})
+    """:data:`SETTINGS` with ``changes``."""
+    return tiny_config(data, out, **{**SETTINGS, **changes})
 
 
 def test_every_step_gets_its_scheduled_rate_and_metrics_record_it(data, tmp_path, monkeypatch):
@@ -79,9 +82,11 @@ def max_difference(a, b) -> float:
     return max(float(np.abs(pa[k] - pb[k]).max()) for k in pa)
 
 
-def test_a_run_resumed_mid_epoch_follows_the_same_schedule(data, tmp_path, monkeypatch):
+def test_a_run_resumed_mid_epoch_follows_the_same_schedule(
+    data, tmp_path, monkeypatch, trained_run
+):
     """Interrupted at step 2 of epoch 2 (in the cosine part), then resumed: the same weights."""
-    train(config(data, tmp_path / "whole"))
+    whole = trained_run(data, **SETTINGS).path  # never stopped (trained once per session)
     record_steps(monkeypatch, signal_after=STEPS + 2)
     with pytest.raises(Interrupted):
         train(config(data, tmp_path / "resumed"))
@@ -93,7 +98,7 @@ def test_a_run_resumed_mid_epoch_follows_the_same_schedule(data, tmp_path, monke
         [want.lr(1, s) for s in range(2, STEPS)] + [want.lr(2, s) for s in range(STEPS)]
     )
     run = tmp_path / "resumed" / "model.params"
-    assert max_difference(run, tmp_path / "whole" / "model.params") <= 1e-6
+    assert max_difference(run, whole / "model.params") <= 1e-6
 
 
 def test_two_devices_apply_the_schedule_as_one(data, tmp_path, monkeypatch):
@@ -132,17 +137,15 @@ def test_bad_settings_are_usage_errors(data, tmp_path, changes, message):
         config(data, tmp_path / "run", **changes).validate()
 
 
-def test_command_line_flags(data, tmp_path):
+def test_command_line_flags(data, tmp_path, cli):
     args = ["train", "--data", str(data), "--model", "mobilenet0.25", "--pretrained", "none"]
     args += ["--epochs", "2", "--image-size", "32", "--batch-size", "4", "--no-progress"]
-    good = run_cli(
-        *args, "--lr-schedule", "cosine", "--warmup-epochs", "0.5", "--out", str(tmp_path / "r")
-    )
+    good = cli(*args, "--lr-schedule", "cosine", "--warmup-epochs", "0.5", "--out", tmp_path / "r")
     assert good.returncode == 0, good.stderr
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
     assert (saved["lr_schedule"], saved["warmup_epochs"]) == ("cosine", 0.5)
-    bad = run_cli(*args, "--lr-schedule", "linear")
+    bad = cli(*args, "--lr-schedule", "linear")
     assert bad.returncode == 2 and "invalid choice: 'linear'" in bad.stderr
-    late = run_cli(*args, "--warmup-epochs", "3")
+    late = cli(*args, "--warmup-epochs", "3")
     assert late.returncode == 2 and "between 0 and --epochs (2), got 3" in late.stderr
     assert "Traceback" not in bad.stderr + late.stderr

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, tiny_config, write_image_folder
+from conftest import tiny_config, write_image_folder
 
 from gluon_ft.errors import UsageError
 from gluon_ft.train import TrainConfig, train
@@ -60,7 +60,7 @@ def checkpoint_names(run: Path) -> list[str]:
 
 
 def test_best_epoch_weights_kept_and_test_acc_equals_predict(
-    swapped_val_data, food_model, tmp_path
+    swapped_val_data, food_model, tmp_path, cli
 ):
     run = tmp_path / "run"
     result = train(food_config(swapped_val_data, run, source=food_model, keep_checkpoints=1))
@@ -85,7 +85,7 @@ def test_best_epoch_weights_kept_and_test_acc_equals_predict(
         for label, cls in enumerate(record["classes"])
         for path in record["parts"]["test"][cls]
     ]
-    done = run_cli("predict", str(run), *[f for f, _ in files], "--json", "--top-k", "1")
+    done = cli("predict", str(run), *[f for f, _ in files], "--json", "--top-k", "1")
     assert done.returncode == 0, done.stderr
     predicted = [r["top"][0]["index"] for r in json.loads(done.stdout)]
     right = sum(p == label for p, (_, label) in zip(predicted, files))
@@ -119,10 +119,10 @@ def test_early_stop_and_bit_exact_resume_with_retention(swapped_val_data, food_m
     assert (early / "model.params").read_bytes() == (whole / "model.params").read_bytes()
 
 
-def test_without_val_the_book_test_acc_stays_per_epoch_with_a_note(tmp_path):
+def test_without_val_the_book_test_acc_stays_per_epoch_with_a_note(tmp_path, cli):
     data = write_image_folder(tmp_path / "data", n_train=4, n_test=2, size=32)
     run = tmp_path / "run"
-    done = run_cli(
+    done = cli(
         "train",
         *("--data", str(data), "--model", "mobilenet0.25", "--pretrained", "none"),
         *("--epochs", "2", "--batch-size", "4", "--image-size", "32", "--out", str(run)),

@@ -262,18 +262,17 @@ def subprocess_env(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, subprocess_env) -> Path:
-    """A tiny finished run: resnet18_v2 from scratch, 32 px, one epoch on two colour classes."""
-    root = tmp_path_factory.mktemp("serve")
-    data = write_image_folder(root / "data", n_train=4, n_test=2)
-    flags = ("--pretrained", "none", "--epochs", "1", "--image-size", "32", "--batch-size", "8")
-    return train_run(data, root / "run", *flags, env=subprocess_env)
+def served_run(image_folder, trained_run) -> Path:
+    """A tiny finished run: resnet18_v2 from scratch, 32 px, one epoch on two colour classes
+    (trained once per session)."""
+    data = image_folder(n_train=4, n_test=2)
+    return trained_run(data, model="resnet18_v2", batch_size=8).path
 
 
 @pytest.fixture(scope="module")
-def server(trained_run, tmp_path_factory, subprocess_env) -> Iterator[Server]:
+def server(served_run, tmp_path_factory, subprocess_env) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("server") / "serve.log"
-    with running_server(trained_run, log, "--max-upload-mb", str(CAP_MB), env=subprocess_env) as s:
+    with running_server(served_run, log, "--max-upload-mb", str(CAP_MB), env=subprocess_env) as s:
         yield s
 
 
@@ -293,15 +292,17 @@ def photos(tmp_path_factory) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def cli_predictions(trained_run, photos, subprocess_env) -> dict[str, dict[str, float]]:
-    """``gluon-ft predict --json`` for each photo: {file name: {class: probability}}."""
-    result = run_cli(
-        "predict", str(trained_run), *map(str, photos), "--json", "--top-k", "2", env=subprocess_env
-    )
-    assert result.returncode == 0, result.stderr
+def cli_predictions(served_run, photos) -> dict[str, dict[str, float]]:
+    """``gluon-ft predict --json`` (in this process) for each photo: {file name: {class:
+    probability}}."""
+    from gluon_ft.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        code = main(["predict", str(served_run), *map(str, photos), "--json", "--top-k", "2"])
+    assert code == 0
     return {
         Path(r["source"]).name: {t["class"]: t["probability"] for t in r["top"]}
-        for r in json.loads(result.stdout)
+        for r in json.loads(out.getvalue())
     }
 
 
@@ -315,13 +316,13 @@ def chromium() -> None:
 # ---------------------------------------------------------------- API
 
 
-def test_health_names_the_run_and_its_limit(server, trained_run):
+def test_health_names_the_run_and_its_limit(server, served_run):
     health = requests.get(server.url + "health", timeout=10).json()
     batches = health.pop("batches")  # what earlier requests made of it
     assert all(1 <= int(size) <= 16 and count >= 1 for size, count in batches.items()), batches
     assert health == {
         "status": "ok",
-        "run_id": trained_run.name,
+        "run_id": served_run.name,
         "model": "resnet18_v2",
         "tta": 1,
         "classes": ["cat", "dog"],
@@ -339,17 +340,17 @@ def test_health_names_the_run_and_its_limit(server, trained_run):
 
 @pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16: --dtype bfloat16 is refused")
 def test_serve_in_bfloat16_answers_the_documented_json(
-    trained_run, photos, cli_predictions, tmp_path, subprocess_env
+    served_run, photos, cli_predictions, tmp_path, subprocess_env
 ):
     log = tmp_path / "serve.log"
-    with running_server(trained_run, log, "--dtype", "bfloat16", env=subprocess_env) as server:
+    with running_server(served_run, log, "--dtype", "bfloat16", env=subprocess_env) as server:
         assert requests.get(server.url + "health", timeout=10).json()["dtype"] == "bfloat16"
         for photo in photos:
             response = post_image(server.url, photo.read_bytes(), photo.name)
             assert response.status_code == 200, response.text
             answer = response.json()
             assert set(answer) == {"run_id", "model", "tta", "filename", "classes", "probabilities"}
-            assert answer["run_id"] == trained_run.name and answer["filename"] == photo.name
+            assert answer["run_id"] == served_run.name and answer["filename"] == photo.name
             probabilities = answer["probabilities"]
             assert probabilities == sorted(probabilities, reverse=True)
             assert sum(probabilities) == pytest.approx(1.0, abs=1e-3)
@@ -361,10 +362,10 @@ def test_serve_in_bfloat16_answers_the_documented_json(
     assert "serving in bfloat16" in log.read_text()
 
 
-def test_serve_in_int8_answers_the_documented_json(trained_run, photos, tmp_path, subprocess_env):
+def test_serve_in_int8_answers_the_documented_json(served_run, photos, tmp_path, subprocess_env):
     log = tmp_path / "serve.log"
     flags = ("--dtype", "int8", "--calibration-images", "6")
-    with running_server(trained_run, log, *flags, env=subprocess_env) as server:
+    with running_server(served_run, log, *flags, env=subprocess_env) as server:
         assert requests.get(server.url + "health", timeout=10).json()["dtype"] == "int8"
         for photo in photos:
             response = post_image(server.url, photo.read_bytes(), photo.name)
@@ -373,18 +374,18 @@ def test_serve_in_int8_answers_the_documented_json(trained_run, photos, tmp_path
             assert set(answer) == {"run_id", "model", "tta", "filename", "classes", "probabilities"}
             assert sorted(answer["classes"]) == ["cat", "dog"]
             assert sum(answer["probabilities"]) == pytest.approx(1.0, abs=1e-3)
-    record = json.loads((trained_run / "int8" / "calibration.json").read_text())
+    record = json.loads((served_run / "int8" / "calibration.json").read_text())
     assert record["calibration"]["images"] == 6
     said = log.read_text()
     assert "serving in int8" in said and "top-1 agreement with float32" in said, said
 
 
-def test_predict_matches_the_predict_command(server, trained_run, photos, cli_predictions):
+def test_predict_matches_the_predict_command(server, served_run, photos, cli_predictions):
     for photo in photos:
         response = post_image(server.url, photo.read_bytes(), photo.name)
         assert response.status_code == 200, response.text
         answer = response.json()
-        assert answer["run_id"] == trained_run.name and answer["model"] == "resnet18_v2"
+        assert answer["run_id"] == served_run.name and answer["model"] == "resnet18_v2"
         assert answer["filename"] == photo.name
         assert sorted(answer["classes"]) == ["cat", "dog"]
         probabilities = answer["probabilities"]
@@ -554,11 +555,11 @@ def test_loopback_server_answers_loopback_names(server, host):
 
 
 @pytest.fixture(scope="module")
-def small_cap_server(trained_run, tmp_path_factory, subprocess_env) -> Iterator[Server]:
+def small_cap_server(served_run, tmp_path_factory, subprocess_env) -> Iterator[Server]:
     """A server that decodes at most 1 megapixel."""
     log = tmp_path_factory.mktemp("small-cap") / "serve.log"
     flags = ("--max-pixels", "1000000", "--max-upload-mb", "1")
-    with running_server(trained_run, log, *flags, env=subprocess_env) as s:
+    with running_server(served_run, log, *flags, env=subprocess_env) as s:
         yield s
 
 
@@ -575,7 +576,7 @@ def test_png_over_the_pixel_cap_is_refused(small_cap_server):
     assert post_image(small_cap_server.url, encode(gradient(1000, 1000))).status_code == 200
 
 
-def test_jpeg_over_the_pixel_cap_is_decoded_at_a_reduced_scale(small_cap_server, trained_run):
+def test_jpeg_over_the_pixel_cap_is_decoded_at_a_reduced_scale(small_cap_server, served_run):
     from gluon_ft.deploy.predict import Predictor
 
     photo = encode_jpeg(gradient(1600, 1200))  # 1.9 MP: within the cap at half scale
@@ -587,7 +588,7 @@ def test_jpeg_over_the_pixel_cap_is_decoded_at_a_reduced_scale(small_cap_server,
     draft = Image.open(io.BytesIO(photo))
     draft.draft("RGB", (800, 600))
     assert draft.size == (800, 600)
-    [expected] = Predictor(trained_run).predict_images([draft], top_k=2)
+    [expected] = Predictor(served_run).predict_images([draft], top_k=2)
     for entry in expected["top"]:
         assert served[entry["class"]] == pytest.approx(entry["probability"], rel=1e-5, abs=1e-6)
 
@@ -807,7 +808,7 @@ def _distinct_photos(count: int) -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def batching_server(trained_run, tmp_path_factory, subprocess_env) -> Iterator[Server]:
+def batching_server(served_run, tmp_path_factory, subprocess_env) -> Iterator[Server]:
     """A server that batches up to 8 requests, waiting 20 ms for them to gather.
 
     ``--max-wait-s 60``: on a shared machine a pass may take long enough that the default
@@ -815,7 +816,7 @@ def batching_server(trained_run, tmp_path_factory, subprocess_env) -> Iterator[S
     """
     log = tmp_path_factory.mktemp("batching") / "serve.log"
     flags = ("--max-batch", "8", "--batch-wait-ms", "20", "--max-wait-s", "60")
-    with running_server(trained_run, log, *flags, env=subprocess_env) as s:
+    with running_server(served_run, log, *flags, env=subprocess_env) as s:
         yield s
 
 
@@ -961,8 +962,8 @@ def test_serve_refuses_impossible_limits(flags, reason, capsys):
     assert info.value.code == 2 and f"argument {flags[0]}: {reason}" in error, error
 
 
-def test_serve_refuses_a_folder_that_is_not_a_run(tmp_path):
-    result = run_cli("serve", str(tmp_path), "--port", str(_free_port()), timeout=120)
+def test_serve_refuses_a_folder_that_is_not_a_run(tmp_path, cli):
+    result = cli("serve", tmp_path, "--port", _free_port())
     assert result.returncode == 2, result.stderr
     assert "gluon-ft: error:" in result.stderr and "Traceback" not in result.stderr
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_config, write_class_folders, write_image_folder
+from conftest import tiny_config, write_class_folders, write_image_folder
 
 from gluon_ft.data.splits import split_dataset, stratified_split
 from gluon_ft.errors import UsageError
@@ -50,10 +50,10 @@ def test_stratified_split_shares_and_seed():
             assert abs(int((labels[one[part]] == label).sum()) - total * fraction) <= 1
 
 
-def test_class_folders_train_end_to_end_and_write_split_json(tmp_path):
+def test_class_folders_train_end_to_end_and_write_split_json(tmp_path, cli):
     data = write_class_folders(tmp_path / "photos", COUNTS)
     out = tmp_path / "run"
-    done = run_cli(  # with paths relative to the working directory, as people type them
+    done = cli(  # with paths relative to the working directory, as people type them
         "train",
         *("--data", "photos", "--model", "mobilenet0.25", "--pretrained", "none"),
         *("--epochs", "1", "--batch-size", "8", "--image-size", "32", "--seed", "7"),
@@ -131,10 +131,10 @@ def test_split_settings_a_layout_cannot_use_are_refused(tmp_path, layout, flags,
         split_dataset(data, seed=0, **settings)
 
 
-def test_cli_refuses_a_split_flag_the_layout_cannot_use(tmp_path):
+def test_cli_refuses_a_split_flag_the_layout_cannot_use(tmp_path, cli):
     data = write_image_folder(tmp_path / "d", n_train=2, n_test=1)
     out = tmp_path / "r"
-    done = run_cli("train", "--data", str(data), "--test-split", "0.2", "--out", str(out))
+    done = cli("train", "--data", data, "--test-split", "0.2", "--out", out)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "--test-split only splits a folder of classes" in done.stderr
     assert not out.exists()

@@ -98,22 +98,38 @@ def test_user_thread_setting_is_respected(user, expected):
     assert seen["at_import"] == expected
 
 
+def outputs_of(*children: tuple[list[str], dict]) -> list[str]:
+    """The stdout of each ``(command, environment)``, started all at once: their imports
+    overlap instead of following one another."""
+    started = [
+        subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for command, env in children
+    ]
+    outputs = []
+    for child in started:
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err[-2000:]
+        outputs.append(out)
+    return outputs
+
+
 def test_settings_are_recorded_and_say_who_chose():
     code = "import gluon_ft, json; print('PROBE', json.dumps(gluon_ft.THREAD_SETTINGS))"
     env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
-    mine = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    theirs = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**env, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-    )
-    first = subprocess.run(
-        [sys.executable, "-c", "import mxnet; " + code], env=env, capture_output=True, text=True
+    # A child of a gluon-ft process inherits its choice, which is still not the user's (so
+    # `gluon-ft launch` run from Python sizes its workers' pools).
+    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {code!r}])"
+    mine, theirs, first, inherited = outputs_of(
+        ([sys.executable, "-c", code], env),
+        ([sys.executable, "-c", code], {**env, "OMP_NUM_THREADS": "1"}),
+        ([sys.executable, "-c", "import mxnet; " + code], env),
+        ([sys.executable, "-c", "import gluon_ft; " + child], env),
     )
 
-    def settings(done):
-        return json.loads(done.stdout.split("PROBE", 1)[1])
+    def settings(out):
+        return json.loads(out.split("PROBE", 1)[1])
 
     cores = str(len(os.sched_getaffinity(0)))
     assert settings(mine) == {
@@ -123,27 +139,20 @@ def test_settings_are_recorded_and_say_who_chose():
     }
     assert settings(theirs)["source"] == "user"
     assert settings(theirs)["omp_num_threads"] == "1"
-    # A child of a gluon-ft process inherits its choice, which is still not the user's (so
-    # `gluon-ft launch` run from Python sizes its workers' pools).
-    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {code!r}])"
-    inherited = subprocess.run(
-        [sys.executable, "-c", "import gluon_ft; " + child], env=env, capture_output=True, text=True
-    )
-    assert settings(inherited)["source"] == "gluon-ft", inherited.stderr
+    assert settings(inherited)["source"] == "gluon-ft", inherited
     # Imported after mxnet, gluon_ft cannot size MXNet's pool any more, and says so.
     assert settings(first)["mxnet_imported_first"] is True
 
 
-def test_training_with_loader_worker_processes_finishes(tiny_data, tmp_path):
+@pytest.mark.timeout(240)
+def test_training_with_loader_worker_processes_finishes(tiny_data, tmp_path, cli):
     """Forked DataLoader workers must die on the pool's SIGTERM, not catch it as the trainer
-    does (the inherited handler made the loader's cleanup wait for them forever)."""
-    from conftest import run_cli
-
-    done = run_cli(
-        "train", "--data", str(tiny_data), "--pretrained", "none", "--epochs", "1",
+    does (the inherited handler made the loader's cleanup wait for them forever). Forked
+    from this process, as from a gluon-ft one: the trainer's handler is installed here too."""
+    done = cli(
+        "train", "--data", tiny_data, "--pretrained", "none", "--epochs", "1",
         "--batch-size", "4", "--image-size", "32", "--ctx", "cpu", "--workers", "2",
-        "--out", str(tmp_path / "run"), "--no-progress",
-        timeout=240,
+        "--out", tmp_path / "run", "--no-progress",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "run" / "model.params").is_file()

@@ -9,7 +9,7 @@ import sys
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_config
+from conftest import tiny_config
 from mxnet import gluon
 from mxnet.gluon import nn
 
@@ -177,17 +177,17 @@ def test_a_gpu_that_is_not_there_is_refused_naming_the_count(monkeypatch):
 
 
 @pytest.mark.parametrize("spec, twice", [("gpu:0,0", "GPU 0"), ("gpu:1,0,1,0", "GPU 0, 1")])
-def test_a_device_listed_twice_is_refused(tiny_data, spec, twice):
+def test_a_device_listed_twice_is_refused(tiny_data, spec, twice, cli):
     """One device twice would take two slices of every batch as if it were two devices."""
-    done = run_cli("train", "--data", str(tiny_data), "--ctx", spec, "--pretrained", "none")
+    done = cli("train", "--data", tiny_data, "--ctx", spec, "--pretrained", "none")
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert f"--ctx {spec}: {twice} is listed more than once" in done.stderr
 
 
-def test_end_to_end_cli_writes_the_run_directory(tiny_data, tmp_path):
+def test_end_to_end_cli_writes_the_run_directory(tiny_data, tmp_path, cli):
     out = tmp_path / "run"
-    result = run_cli(
+    result = cli(
         "train",
         "--data", str(tiny_data),
         "--pretrained", "none",
@@ -211,7 +211,7 @@ def test_end_to_end_cli_writes_the_run_directory(tiny_data, tmp_path):
     assert row["examples_per_sec"] > 0 and row["seconds"] > 0
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A second run into the same folder must not overwrite the first.
-    again = run_cli("train", "--data", str(tiny_data), "--pretrained", "none", "--out", str(out))
+    again = cli("train", "--data", tiny_data, "--pretrained", "none", "--out", out)
     assert again.returncode == 2
     assert "already holds a run" in again.stderr
 
@@ -229,10 +229,10 @@ def test_python_m_gluon_ft_train_is_the_same_command(tiny_data, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_hotdog_small_integration_on_two_contexts(hotdog_small, food_model, tmp_path):
+def test_hotdog_small_integration_on_two_contexts(hotdog_small, food_model, tmp_path, cli):
     """Real photos, a real pretrained source, 64 px, the multi-device path."""
     out = tmp_path / "run"
-    result = run_cli(
+    result = cli(
         "train",
         "--data", str(hotdog_small),
         "--pretrained", str(food_model),

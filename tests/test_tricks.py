@@ -16,7 +16,7 @@ import conftest
 import mxnet as mx
 import numpy as np
 import pytest
-from conftest import record_steps, run_cli, write_image_folder
+from conftest import record_steps, write_image_folder
 from mxnet import gluon
 
 from gluon_ft.errors import Interrupted
@@ -249,9 +249,9 @@ def test_adamw_unpickles_in_a_fresh_process():
 # --- the tricks together: the command line, two devices, --resume ---------------------------
 
 
-def test_every_trick_on_two_devices_from_the_command_line(data, tmp_path):
+def test_every_trick_on_two_devices_from_the_command_line(data, tmp_path, cli):
     out = tmp_path / "run"
-    done = run_cli(
+    done = cli(
         *("train", "--data", str(data), "--model", "mobilenet0.25", "--pretrained", "none"),
         *("--epochs", "1", "--batch-size", "4", "--image-size", "32", "--ctx", "cpu:2"),
         *("--optimizer", "adamw", "--lr", "0.001", "--wd", "0.01", "--label-smoothing", "0.1"),
@@ -298,9 +298,9 @@ def test_every_trick_resumes_exactly_mid_epoch_on_two_devices(data, tmp_path, mo
     assert all(np.array_equal(unstopped[k], resumed[k]) for k in trained)
 
 
-def test_mixing_refuses_cached_features_with_exit_2(data, tmp_path):
+def test_mixing_refuses_cached_features_with_exit_2(data, tmp_path, cli):
     """Mixing needs images; cached features are of unmixed ones: a usage error, no traceback."""
-    done = run_cli(
+    done = cli(
         *("train", "--data", str(data), "--model", "mobilenet0.25", "--pretrained", "none"),
         *("--freeze", "features", "--cache-features", "--mixup", "0.2"),
         *("--out", str(tmp_path / "run"), "--no-progress"),

@@ -16,7 +16,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 import requests
-from conftest import record_steps, run_cli, write_image_folder
+from conftest import record_steps, write_image_folder
 from PIL import Image
 from test_serve import post_image, running_server
 
@@ -61,22 +61,23 @@ def test_the_views_in_their_documented_order():
             eval_transform(32, bad)
 
 
+# resnet18_v1: mobilenet0.25 from scratch gives the same output to 1e-7 for every input
+# here (measured), where the views' mean could not differ from the plain view.
+SETTINGS = {"epochs": 2, "momentum": 0.9, "seed": 3, "val_split": 0.2}
+SETTINGS.update(model="resnet18_v1", lr=0.001)
+
+
 def tiny_config(data: Path, out: Path, **changes):
-    # resnet18_v1: mobilenet0.25 from scratch gives the same output to 1e-7 for every input
-    # here (measured), where the views' mean could not differ from the plain view.
-    settings = {"epochs": 2, "momentum": 0.9, "seed": 3, "val_split": 0.2}
-    settings.update(model="resnet18_v1", lr=0.001)
-    return conftest.tiny_config(data, out, **{**settings, **changes})
+    return conftest.tiny_config(data, out, **{**SETTINGS, **changes})
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished 2-epoch run with --tta 2 and a validation part, and its data."""
-    root = tmp_path_factory.mktemp("tta")
-    data = write_image_folder(root / "data", n_train=12, n_test=2, size=36)
-    run = root / "run"
-    result = train(tiny_config(data, run, tta=2))
-    return data, run, result
+@pytest.fixture
+def finished(image_folder, trained_run):
+    """A finished 2-epoch run with --tta 2 and a validation part (trained once per session),
+    and its data."""
+    data = image_folder(n_train=12, n_test=2, size=36)
+    run = trained_run(data, **SETTINGS, tta=2)
+    return data, run.path, run.result
 
 
 def logits_by_hand(run_dir: Path, params: Path, images: list[Image.Image], flip: bool):
@@ -151,18 +152,18 @@ def two_view_probabilities(run: Path, image: Path) -> np.ndarray:
     return softmax((plain + flipped) / 2)[0]
 
 
-def test_the_predict_command_takes_tta_and_refuses_too_many_views(finished, tmp_path):
+def test_the_predict_command_takes_tta_and_refuses_too_many_views(finished, tmp_path, cli):
     _, run, _ = finished
     image = tmp_path / "photo.png"
     photo().save(image)
-    result = run_cli("predict", str(run), str(image), "--tta", "2", "--json")
+    result = cli("predict", run, image, "--tta", "2", "--json")
     assert result.returncode == 0, result.stderr
     [entry] = json.loads(result.stdout)
     assert set(entry) == {"source", "ok", "top"} and entry["ok"]  # the documented shape
     expected = two_view_probabilities(run, image)
     for top in entry["top"]:
         assert top["probability"] == pytest.approx(expected[top["index"]], rel=1e-5)
-    refused = run_cli("predict", str(run), str(image), "--tta", str(MAX_VIEWS + 1))
+    refused = cli("predict", run, image, "--tta", MAX_VIEWS + 1)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert f"between 1 (no test-time augmentation) and {MAX_VIEWS}" in refused.stderr
 
@@ -184,9 +185,9 @@ def test_serve_answers_with_the_views_mean_and_says_tta(finished, tmp_path):
         assert probability == pytest.approx(expected[classes.index(name)], rel=1e-5)
 
 
-def test_train_refuses_tta_with_cached_features(tmp_path):
+def test_train_refuses_tta_with_cached_features(tmp_path, cli):
     data = write_image_folder(tmp_path / "data", n_train=2, n_test=1)
-    result = run_cli(
+    result = cli(
         *("train", "--data", str(data), "--out", str(tmp_path / "run"), "--no-progress"),
         *("--pretrained", "none", "--freeze", "features", "--cache-features", "--tta", "2"),
     )
