@@ -85,7 +85,11 @@ def prepare_source(config: DemoConfig, log=print) -> tuple[dict, Path]:
         data=str(task["source"]),
         model=config.model,
         epochs=config.pretrain_epochs,
-        batch_size=config.pretrain_batch_size,
+        # The whole source set where it is smaller than the batch (--size small): the same one
+        # batch an epoch as before, since train refuses a batch larger than its training set.
+        batch_size=min(
+            config.pretrain_batch_size, spec.n_source_classes * spec.source_train_per_class
+        ),
         lr=config.pretrain_lr,
         momentum=config.pretrain_momentum,
         lr_schedule=config.pretrain_schedule,

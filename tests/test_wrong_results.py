@@ -220,7 +220,9 @@ def test_predict_and_serve_take_the_runs_own_tta_unless_told(tmp_path, monkeypat
     expected = Predictor(run, tta=2).predict_images([image])[0]["top"]
     assert by_default == expected and plain != expected
     served = []
-    monkeypatch.setattr(serve_module, "create_app", lambda predictor, *a: served.append(predictor))
+    monkeypatch.setattr(
+        serve_module, "create_app", lambda predictor, *a, **k: served.append(predictor)
+    )
     monkeypatch.setitem(sys.modules, "uvicorn", types.SimpleNamespace(run=lambda *a, **k: None))
     assert main(["serve", run.as_posix()]) == 0
     assert main(["serve", run.as_posix(), "--tta", "1"]) == 0
