@@ -224,6 +224,11 @@ def test_training_skips_unreadable_files_with_one_counted_warning(bad_data, tmp_
     assert "Traceback" not in output
     assert output.count("warning: skipped") == 1
     assert "warning: skipped 5 unreadable image file(s) in epoch 1" in output
+    # Named: a few in the warning, every one in the run directory.
+    listed = (out / "unreadable.txt").read_text().split()
+    assert sorted(Path(path).name for path in listed) == sorted(UNREADABLE)
+    assert f"and 2 more (all in {out / 'unreadable.txt'})" in output
+    assert Path(listed[0]).name in output.split("warning: skipped")[1]
     metrics = json.loads((out / "metrics.json").read_text())
     # The odd-but-good dogs were trained on: 4 cats and 9 dogs are readable.
     assert [row["skipped"] for row in metrics] == [5, 5]

@@ -308,6 +308,17 @@ def _relative(path: Path, root: Path) -> str:
     return str(path.relative_to(root)) + ("/" if path.is_dir() else "")
 
 
+def unreadable_items(split) -> list[str]:
+    """The paths of ``split``'s items that cannot be decoded, each file decoded once."""
+    bad = []
+    for index, (path, _) in enumerate(getattr(split, "items", ())):
+        try:
+            split.load(index)
+        except UnreadableImageError:
+            bad.append(str(path))
+    return bad
+
+
 def unreadable_in(report: dict) -> list[dict]:
     """Every ``{"path", "reason"}`` of a :func:`check_dataset` report, over splits and classes."""
     return [

@@ -162,6 +162,7 @@ class Feeds:
     # What scores `eval` when not `net` and `prepare`: the whole network on images
     eval_net: gluon.Block | None = None
     eval_prepare: Callable | None = None
+    train_split: object = None  # the train part behind `train`, to name its unreadable files
 
     def scorer(self) -> tuple[gluon.Block, Callable]:
         """``(network, prepare)`` that score the ``eval`` batches."""
@@ -196,10 +197,18 @@ def make_feeds(
     evaluated = parts.val if parts.val is not None else parts.test
     if not config.cache_features:
         loaders = image_loaders(config, parts.train, evaluated, dist.rank, dist.num_workers)
-        return Feeds(*loaders, net, eval_part=eval_part)
+        return Feeds(*loaders, net, eval_part=eval_part, train_split=parts.train)
     from gluon_ft.train.features_cache import feature_loaders
 
     train_loader, eval_loader, head_part, cache = feature_loaders(
         net, parts.train, evaluated, ctx, config, dist.rank, dist.num_workers
     )
-    return Feeds(train_loader, eval_loader, head_part, lambda features: features, cache, eval_part)
+    return Feeds(
+        train_loader,
+        eval_loader,
+        head_part,
+        lambda features: features,
+        cache,
+        eval_part,
+        train_split=parts.train,
+    )

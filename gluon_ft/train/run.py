@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from mxnet import gluon
 import gluon_ft
 from gluon_ft import paths
 from gluon_ft.data import splits
+from gluon_ft.data.folders import unreadable_items
 from gluon_ft.data.loaders import global_batch_sizes, set_epoch
 from gluon_ft.data.splits import DatasetParts
 from gluon_ft.deploy.metrics import mean_average_precision
@@ -728,7 +730,7 @@ def epoch_row(model: Model, trained: TrainedEpoch, scores: dict, started: float)
 def record_epoch(config, session: Session, model: Model, feeds: Feeds, progress, row) -> None:
     """The epoch's line; on the writer, its checkpoint, the pruning of older ones (the best
     epoch's stays) and the run directory's rows (:meth:`RunDirectory.record`)."""
-    report_epoch(config, row, progress.history)
+    report_epoch(config, row, progress.history, lambda: name_unreadable(session, feeds))
     progress.history.append(row)
     if session.writer:
         keep_checkpoint(config, session, model, progress, (row["epoch"], 0))
@@ -754,19 +756,36 @@ def keep_checkpoint(
     progress.last_checkpoint = session.run.keep(model.net, model.trainer, meta, copies, model.ema)
 
 
+def name_unreadable(session: Session, feeds: Feeds, shown: int = 3) -> str:
+    """``": a.jpg, b.jpg and 4 more (all in RUN/unreadable.txt)"``: the train part's unreadable
+    files, found by decoding it once, when an epoch first skips some; "" for cached features."""
+    bad = unreadable_items(feeds.train_split) if feeds.train_split is not None else []
+    if not bad:
+        return ""
+    more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
+    text = ": " + ", ".join(bad[:shown]) + more
+    if session.writer:
+        listing = paths.write_text(session.run.path / "unreadable.txt", "\n".join(bad) + "\n")
+        text += f" (all in {listing})"
+    return text
+
+
 # The scores of an epoch's line, in this order: the weights', then --ema's average's.
 SCORE_KEYS = ("val_loss", "val_acc", "val_map", "test_acc", "test_map")
 SCORE_KEYS += tuple(f"ema_{key}" for key in SCORE_KEYS)
 
 
-def report_epoch(config: TrainConfig, row: dict, earlier: list[dict]) -> None:
-    """The epoch's line, and once per run the warning about unreadable files."""
+def report_epoch(
+    config: TrainConfig, row: dict, earlier: list[dict], named: Callable[[], str]
+) -> None:
+    """The epoch's line, and once per run the warning about unreadable files, which
+    ``named()`` names."""
     epoch, skipped = row["epoch"], row["skipped"]
     if skipped and not any(r.get("skipped") for r in earlier):
         log(
-            f"warning: skipped {skipped} unreadable image file(s) in epoch {epoch}, and "
-            "will in every epoch (metrics.json counts them; `gluon-ft check-data` lists "
-            "them; --strict refuses them)"
+            f"warning: skipped {skipped} unreadable image file(s) in epoch {epoch}{named()}, "
+            "and will in every epoch (metrics.json counts them; `gluon-ft check-data` gives "
+            "the reasons; --strict refuses them)"
         )
     scores = ", ".join(
         f"{key.replace('_', ' ')} {row[key]:.3f}" for key in SCORE_KEYS if row.get(key) is not None
