@@ -335,11 +335,11 @@ def int8_run(finished, tmp_path_factory):
     return copy, data
 
 
-def test_predict_in_int8_answers_the_documented_json_and_records_its_calibration(int8_run):
+def test_predict_in_int8_answers_the_documented_json_and_records_its_calibration(int8_run, cli):
     run, data = int8_run
     images = sorted((data / "test").rglob("*.png"))
-    fp32, _ = _predict_json(run, images)
-    int8, stderr = _predict_json(run, images, "--dtype", "int8", "--calibration-images", "5")
+    fp32, _ = _predict_json(cli, run, images)
+    int8, stderr = _predict_json(cli, run, images, "--dtype", "int8", "--calibration-images", "5")
     assert len(int8) == len(images)
     for mine in int8:
         assert set(mine) == {"source", "ok", "top"} and mine["ok"]
