@@ -31,8 +31,13 @@ format: setup
 	$(VENV)/bin/ruff format gluon_ft tests
 	$(VENV)/bin/ruff check --fix gluon_ft tests
 
+# make test leaves out the tests marked slow (the 8-minute budget on 2 cores); .ci/run runs
+# them after it with make test-slow, and make test-all runs everything.
 test: setup lint
-	$(VENV)/bin/python -m pytest -q $(ARGS)
+	$(VENV)/bin/python -m pytest -q -m "not slow" $(ARGS)
+
+test-slow: setup
+	$(VENV)/bin/python -m pytest -q -m slow $(ARGS)
 
 # make test grafts one model per family; this grafts every name `gluon-ft models` lists, and
 # runs the two-host test in network namespaces (tests/test_multihost.py, root only).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from conftest import run_cli
 
 FIGURES = (
@@ -29,6 +30,7 @@ FIGURES = (
 SIGNED = {"trainer_overhead"}
 
 
+@pytest.mark.slow  # half a minute of timed runs: .ci/run runs it after make test
 def test_quick_bench_prints_one_json_object_with_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     done = run_cli("bench", "--quick", "--out", str(out), timeout=900)
