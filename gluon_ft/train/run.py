@@ -776,10 +776,10 @@ SCORE_KEYS += tuple(f"ema_{key}" for key in SCORE_KEYS)
 
 
 def report_epoch(
-    config: TrainConfig, row: dict, earlier: list[dict], named: Callable[[], str]
+    config: TrainConfig, row: dict, earlier: list[dict], named: Callable[[], str] = str
 ) -> None:
     """The epoch's line, and once per run the warning about unreadable files, which
-    ``named()`` names."""
+    ``named()`` names (by default it names none)."""
     epoch, skipped = row["epoch"], row["skipped"]
     if skipped and not any(r.get("skipped") for r in earlier):
         log(
