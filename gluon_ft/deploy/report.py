@@ -104,12 +104,13 @@ def build_report(
         raise UsageError(f"No readable image in the {name} split ({images.root}).")
     if selection is None:
         selection = _saved_selection(run_dir)
+    sizes = _part_sizes(predictor.run.config)
     if predictor.multi_label:
         summary = _multilabel_summary(name, images, predictions, predictor, selection)
-        _write_multilabel_report(run_dir, out, summary)
+        _write_multilabel_report(run_dir, out, summary, sizes)
         return summary, out
     summary = _summary(name, images, predictions, predictor.classes, selection, predictor.tta)
-    _write_report(run_dir, out, summary, predictions, images, predictor.classes)
+    _write_report(run_dir, out, summary, predictions, images, predictor.classes, sizes)
     return summary, out
 
 
@@ -190,18 +191,19 @@ def _write_report(
     predictions: SplitPredictions,
     images,
     classes: list[str],
+    sizes: dict,
 ) -> None:
     """The report's four files in ``out``: summary, confusion matrix, mistakes, markdown."""
     paths.write_json(out / "summary.json", summary)
     plots.plot_confusion(predictions.confusion_matrix(), classes, out / "confusion.png")
     _plot_mistakes(predictions, images, classes, out / "mistakes.png")
-    paths.write_text(out / "report.md", report_markdown(run_dir, summary, _part_sizes(run_dir)))
+    paths.write_text(out / "report.md", report_markdown(run_dir, summary, sizes))
 
 
-def _write_multilabel_report(run_dir: Path, out: Path, summary: dict) -> None:
+def _write_multilabel_report(run_dir: Path, out: Path, summary: dict, sizes: dict) -> None:
     """A multi-label run's ``summary.json`` and ``report.md`` (no confusion matrix)."""
     paths.write_json(out / "summary.json", summary)
-    paths.write_text(out / "report.md", multilabel_markdown(run_dir, summary, _part_sizes(run_dir)))
+    paths.write_text(out / "report.md", multilabel_markdown(run_dir, summary, sizes))
 
 
 def _evaluated_split(run_dir: Path, split: str, classes: list[str], multi_label: bool = False):
@@ -244,19 +246,9 @@ def _scores(name: str, predictions: SplitPredictions, classes: list[str]) -> dic
     }
 
 
-def _run_settings(run_dir: Path) -> dict:
-    """The run's ``config.json``; empty if unreadable (:class:`Predictor` then says why)."""
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
-
-
-def _part_sizes(run_dir: Path) -> dict:
-    config = _run_settings(run_dir)
-    if not config:
-        return {}
+def _part_sizes(config: dict) -> dict:
+    """The part sizes that the run's ``config.json`` (already read by :class:`Predictor`)
+    records, for the report's heading."""
     return {part: config.get(f"{part}_size") for part in splits.PART_NAMES}
 
 
