@@ -758,16 +758,16 @@ def keep_checkpoint(
 
 def name_unreadable(session: Session, feeds: Feeds, shown: int = 3) -> str:
     """``": a.jpg, b.jpg and 4 more (all in RUN/unreadable.txt)"``: the train part's unreadable
-    files, found by decoding it once, when an epoch first skips some; "" for cached features."""
-    bad = unreadable_items(feeds.train_split) if feeds.train_split is not None else []
+    files, found by decoding it once, when an epoch first skips some. Only the writer looks
+    (the other workers would decode the whole part for a log line); they name none."""
+    if not session.writer or feeds.train_split is None:
+        return ""
+    bad = unreadable_items(feeds.train_split)
     if not bad:
         return ""
     more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
-    text = ": " + ", ".join(bad[:shown]) + more
-    if session.writer:
-        listing = paths.write_text(session.run.path / "unreadable.txt", "\n".join(bad) + "\n")
-        text += f" (all in {listing})"
-    return text
+    listing = paths.write_text(session.run.path / "unreadable.txt", "\n".join(bad) + "\n")
+    return ": " + ", ".join(bad[:shown]) + f"{more} (all in {listing})"
 
 
 # The scores of an epoch's line, in this order: the weights', then --ema's average's.
