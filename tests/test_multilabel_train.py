@@ -234,6 +234,41 @@ def test_predict_answers_a_set_and_independent_probabilities(multilabel_run, mul
     assert answer["labels"] == [c for c in predictor.classes if probabilities[c] >= thresholds[c]]
 
 
+def test_serve_answers_the_set_and_tells_the_page_the_thresholds(multilabel_run, multilabel_data):
+    import asyncio
+
+    from starlette.requests import Request
+
+    from gluon_ft.deploy.predict import Predictor
+    from gluon_ft.deploy.serve import create_app
+
+    image = multilabel_data / "images" / "030.png"
+    predictor = Predictor(multilabel_run, batch_size=1)
+    (expected,) = predictor.predict_images([str(image)])
+    app = create_app(predictor, max_batch=1)  # no server: the routes called in this process
+    routes = {route.path: route.endpoint for route in app.routes}
+    health = asyncio.run(routes["/health"]())
+    assert health["multi_label"] is True
+    assert health["thresholds"] == dict(zip(predictor.classes, predictor.thresholds))
+    body = b'--b\r\nContent-Disposition: form-data; name="image"; filename="030.png"\r\n\r\n'
+    body += image.read_bytes() + b"\r\n--b--\r\n"
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    headers = [(b"content-type", b"multipart/form-data; boundary=b")]
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": headers}
+    app.state.worker.start().result(timeout=60)
+    try:
+        answer = asyncio.run(routes["/predict"](Request({**scope, "query_string": b""}, receive)))
+    finally:
+        app.state.worker.close(timeout=30)
+    assert answer["labels"] == expected["labels"]
+    shown = dict(zip(answer["classes"], answer["probabilities"]))
+    assert shown == pytest.approx(expected["probabilities"], rel=1e-6)
+    assert answer["probabilities"] == sorted(answer["probabilities"], reverse=True)
+
+
 def test_a_multilabel_run_stopped_mid_epoch_resumes_exactly(multilabel_data, tmp_path, monkeypatch):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     train(multilabel_config(multilabel_data, whole, momentum=0.9, seed=2))

@@ -326,6 +326,7 @@ def test_health_names_the_run_and_its_limit(server, served_run):
         "model": "resnet18_v2",
         "tta": 1,
         "classes": ["cat", "dog"],
+        "multi_label": False,
         "image_size": 32,
         "max_upload_bytes": int(CAP_MB * 2**20),
         "max_pixels": 24_000_000,
@@ -615,6 +616,7 @@ class _GatedPredictor:
 
     classes = ["a", "b"]
     tta = 1
+    multi_label = False
 
     def __init__(self, run_dir: Path):
         self.run = SimpleNamespace(
@@ -913,6 +915,58 @@ def test_page_classifies_an_upload_in_chromium(server, photos, cli_predictions, 
     assert refused["state"] == "error" and "not an image" in refused["error"]
     # The page checks the server's limit (from /health) before sending the file at all.
     assert kept_back["state"] == "error" and "accepts up to 0.1 MiB" in kept_back["error"]
+
+
+NODE = shutil.which("node")
+PAGE = REPO / "gluon_ft" / "deploy" / "static" / "index.html"
+
+
+def page_shows(health: dict, answer: dict) -> dict:
+    """What the page shows for ``answer`` (a /predict JSON) once it has read ``health``: its
+    script run by Node on a fake DOM (tests/page_harness.js), no browser, no server."""
+    harness = Path(__file__).with_name("page_harness.js")
+    done = subprocess.run(
+        [NODE, str(harness), str(PAGE)],
+        input=json.dumps({"health": health, "answer": answer}),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed (the page's script needs it)")
+def test_page_shows_a_multilabel_set_and_each_class_own_probability():
+    classes = ["bread", "cheese", "salad", "soup", "tea", "wine"]
+    thresholds = {"bread": 0.5, "cheese": 0.7, "salad": 0.5, "soup": 0.5, "tea": 0.1, "wine": 0.5}
+    health = {"model": "resnet18_v2", "run_id": "lunch", "classes": classes, "multi_label": True}
+    health.update(thresholds=thresholds, max_upload_bytes=2**20)
+    answer = {"run_id": "lunch", "model": "resnet18_v2", "tta": 1, "filename": "table.jpg"}
+    answer["classes"] = ["bread", "cheese", "salad", "soup", "wine", "tea"]  # most probable first
+    answer["probabilities"] = [0.91, 0.62, 0.40, 0.33, 0.2, 0.12]
+    shown = page_shows(health, {**answer, "labels": ["bread", "tea"]})
+    assert "multi-label" in shown["model"]
+    assert shown["chips"] == ["bread", "tea"] and shown["verdict_hidden"]
+    # The five most probable, and tea, sixth but predicted (0.12 is over its 0.1).
+    rows = [(row["name"], row["pct"], row["chosen"], row["tick"]) for row in shown["rows"]]
+    assert rows == [
+        ("bread", "91.0%", True, "50.0%"),
+        ("cheese", "62.0%", False, "70.0%"),
+        ("salad", "40.0%", False, "50.0%"),
+        ("soup", "33.0%", False, "50.0%"),
+        ("wine", "20.0%", False, "50.0%"),
+        ("tea", "12.0%", True, "10.0%"),
+    ]
+    assert "need not add up to 100%" in shown["note"] and shown["status"] == "Photo: table.jpg"
+    assert page_shows(health, {**answer, "labels": []})["chips"] == ["no label"]
+    # A single-label run's answer (no labels) is shown as before: the top class and 5 bars.
+    single = page_shows({**health, "multi_label": False, "thresholds": None}, answer)
+    assert (single["top_class"], single["top_prob"], single["chips"]) == ("bread", "91.0%", [])
+    assert not single["verdict_hidden"]
+    assert [row["name"] for row in single["rows"]] == answer["classes"][:5]
+    assert not any(row["chosen"] or row["tick"] for row in single["rows"]) and not single["note"]
+    assert "multi-label" not in single["model"]
 
 
 # ---------------------------------------------------------------- command line
