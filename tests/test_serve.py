@@ -313,6 +313,13 @@ def chromium() -> None:
         pytest.skip(reason)
 
 
+@pytest.fixture(scope="module")
+def browser(chromium, tmp_path_factory):
+    """One headless Chromium for the page tests of this module (it takes a second to start)."""
+    with chromium_session(tmp_path_factory.mktemp("profile")) as driver:
+        yield driver
+
+
 # ---------------------------------------------------------------- API
 
 
@@ -894,17 +901,16 @@ def test_concurrent_clients_all_get_correct_answers(server, photos, capsys):
 # ---------------------------------------------------------------- the page
 
 
-def test_page_classifies_an_upload_in_chromium(server, photos, cli_predictions, chromium, tmp_path):
+def test_page_classifies_an_upload_in_chromium(server, photos, cli_predictions, browser, tmp_path):
     photo = photos[0]
     expected = cli_predictions[photo.name]
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("not a photo\n")
     too_large = tmp_path / "large.jpg"
     too_large.write_bytes(b"\xff" * 150_000)
-    with chromium_session(tmp_path / "profile") as driver:
-        shown = classify_in_browser(driver, server.url, photo, tmp_path / "page.png")
-        refused = classify_in_browser(driver, server.url, not_an_image)
-        kept_back = classify_in_browser(driver, server.url, too_large)
+    shown = classify_in_browser(browser, server.url, photo, tmp_path / "page.png")
+    refused = classify_in_browser(browser, server.url, not_an_image)
+    kept_back = classify_in_browser(browser, server.url, too_large)
 
     assert shown["state"] == "done", shown["error"]
     assert shown["top_class"] == max(expected, key=expected.get)
@@ -915,6 +921,42 @@ def test_page_classifies_an_upload_in_chromium(server, photos, cli_predictions, 
     assert refused["state"] == "error" and "not an image" in refused["error"]
     # The page checks the server's limit (from /health) before sending the file at all.
     assert kept_back["state"] == "error" and "accepts up to 0.1 MiB" in kept_back["error"]
+
+
+def test_page_draws_a_multilabel_answer_in_chromium(server, browser):
+    """The multi-label view as Chromium lays it out: a multi-label answer and thresholds handed
+    to the page's own render() (the test server's run is single-label; the JSON the page gets
+    from a multi-label server is checked in test_multilabel_train.py)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url)
+    WebDriverWait(browser, 30).until(lambda d: "run" in d.find_element(By.ID, "model").text)
+    answer = {"filename": "lunch.jpg", "classes": ["wine", "cheese", "bread"]}
+    answer.update(probabilities=[0.9, 0.5, 0.2], labels=["cheese", "wine"])
+    browser.execute_script(
+        "thresholds = arguments[1]; render(arguments[0]); document.body.dataset.state = 'done';",
+        answer,
+        {"wine": 0.5, "cheese": 0.25, "bread": 0.75},
+    )
+    chips = browser.find_elements(By.CSS_SELECTOR, "#chips .chip")
+    assert [chip.text for chip in chips] == ["cheese", "wine"]
+    assert all(chip.is_displayed() for chip in chips)
+    assert not browser.find_element(By.ID, "verdict").is_displayed()
+    assert "need not add up" in browser.find_element(By.ID, "note").text
+    drawn = browser.execute_script(
+        "return [...document.querySelectorAll('#bars li')].map((row) => {"
+        "  const track = row.querySelector('.track').getBoundingClientRect();"
+        "  const tick = row.querySelector('.tick').getBoundingClientRect();"
+        "  const fill = row.querySelector('.fill');"
+        "  return [(tick.left + tick.width / 2 - track.left) / track.width,"
+        "          fill.getBoundingClientRect().width / track.width,"
+        "          getComputedStyle(fill).backgroundColor]; });"
+    )
+    ticks, fills, colours = zip(*drawn)
+    assert ticks == pytest.approx([0.5, 0.25, 0.75], abs=0.02)
+    assert fills == pytest.approx([0.9, 0.5, 0.2], abs=0.02)
+    assert colours[0] == colours[1] != colours[2]  # the predicted two in the accent colour
 
 
 NODE = shutil.which("node")
