@@ -13,6 +13,8 @@ from gluon_ft.deploy.metrics import (
     choose_thresholds,
     mean_average_precision,
     multilabel_scores,
+    precision_recall_curve,
+    set_mistakes,
 )
 
 # 4 images, classes a, b, c.
@@ -43,6 +45,43 @@ def test_average_precision_by_hand():
     assert average_precision([0.9, 0.5, 0.5, 0.1], [0, 1, 0, 1]) == pytest.approx(5 / 12)
     assert average_precision([0.9, 0.5, 0.5, 0.1], [0, 0, 1, 1]) == pytest.approx(5 / 12)
     assert average_precision([0.3, 0.2], [0, 0]) is None
+
+
+def test_precision_recall_curve_by_hand():
+    # Ranked: + - + - +. At each score from the top: tp 1 1 2 2 3 of 1..5 predicted.
+    recall, precision, thresholds = precision_recall_curve(
+        [0.9, 0.8, 0.7, 0.6, 0.5], [1, 0, 1, 0, 1]
+    )
+    np.testing.assert_allclose(recall, [0, 1 / 3, 1 / 3, 2 / 3, 2 / 3, 1])
+    np.testing.assert_allclose(precision, [1, 1, 1 / 2, 2 / 3, 1 / 2, 3 / 5])
+    np.testing.assert_allclose(thresholds, [0.9, 0.8, 0.7, 0.6, 0.5])
+    # Tied scores are one point (0.5: 3 predicted, 1 positive); the curve stops at the first
+    # full recall (0.1), and the 0.05 below it is not a point.
+    recall, precision, thresholds = precision_recall_curve(
+        [0.9, 0.5, 0.5, 0.1, 0.05], [0, 1, 0, 1, 0]
+    )
+    np.testing.assert_allclose(recall, [0, 0, 1 / 2, 1])
+    np.testing.assert_allclose(precision, [1, 0, 1 / 3, 1 / 2])
+    np.testing.assert_allclose(thresholds, [0.9, 0.5, 0.1])
+    assert precision_recall_curve([0.3, 0.2], [0, 0]) is None
+
+
+def test_the_area_under_the_curves_steps_is_the_average_precision():
+    rng = np.random.default_rng(0)
+    scores, positive = rng.random(40).round(1), rng.random(40) < 0.3  # rounded: ties
+    recall, precision, _ = precision_recall_curve(scores, positive)
+    area = np.sum(np.diff(recall) * precision[1:])  # each point's precision since the last
+    assert area == pytest.approx(average_precision(scores, positive))
+
+
+def test_set_mistakes_rank_wrong_sets_by_their_distance_from_the_truth():
+    # At 0.5 images 1 (a missed) and 2 (a spurious) have wrong sets. Distance from the truth:
+    # image 1 |0.4-1| + |0.7-1| + |0.1-0| = 1.0; image 2 0.8 + 0.4 + 0.3 = 1.5.
+    assert set_mistakes(PROBS, TARGETS) == [2, 1]
+    assert set_mistakes(PROBS, TARGETS, count=1) == [2]
+    # a at 0.35 takes image 1's 0.4 (its set is right) and not image 3's 0.3.
+    assert set_mistakes(PROBS, TARGETS, threshold=[0.35, 0.5, 0.5]) == [2]
+    assert set_mistakes(PROBS[[0, 3]], TARGETS[[0, 3]]) == []
 
 
 def test_mean_average_precision_leaves_out_a_class_without_positives():

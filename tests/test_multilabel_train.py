@@ -151,6 +151,60 @@ def test_a_multilabel_run_selects_by_val_map_and_reports_map(multilabel_run):
     assert not (multilabel_run / "confusion.png").exists()
 
 
+def test_the_report_lists_the_most_wrong_sets_with_their_files(multilabel_run, multilabel_data):
+    from gluon_ft.deploy.predict import Predictor
+
+    summary = json.loads((multilabel_run / "summary.json").read_text())
+    report = (multilabel_run / "report.md").read_text()
+    rows = [line.split(",") for line in (multilabel_data / "labels.csv").read_text().splitlines()]
+    truth = {name: sorted(labels.split()) for name, labels in rows[1:]}
+    tested = sorted(json.loads((multilabel_run / "split.json").read_text())["parts"]["test"])
+    answers = Predictor(multilabel_run).predict_images([str(multilabel_data / n) for n in tested])
+    predicted = {name: sorted(answer["labels"]) for name, answer in zip(tested, answers)}
+    listed = summary["mistakes"]
+    assert listed, "a 2-epoch run gets some sets wrong"
+    assert sorted(entry["file"] for entry in listed) == [
+        name for name in tested if predicted[name] != truth[name]
+    ]
+    for entry in listed:
+        name = entry["file"]
+        assert entry["true"] == truth[name] and entry["predicted"] == predicted[name]
+        assert entry["missed"] == sorted(set(truth[name]) - set(predicted[name]))
+        assert entry["spurious"] == sorted(set(predicted[name]) - set(truth[name]))
+        sets = [", ".join(entry[key]) or "(none)" for key in ("true", "predicted")]
+        assert f"| {name} | {sets[0]} | {sets[1]} |" in report
+    errors = [entry["error"] for entry in listed]
+    assert errors == sorted(errors, reverse=True)
+    assert "(pr_curves.png)" in report and "(mistakes.png)" in report
+    for figure in ("pr_curves.png", "mistakes.png"):
+        assert (multilabel_run / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_command_draws_each_class_curve_with_its_ap(
+    multilabel_run, tmp_path, capsys, monkeypatch
+):
+    from gluon_ft.cli import main
+    from gluon_ft.deploy import plots
+
+    drawn = {}
+    original = plots.plot_pr_curves
+
+    def record(curves, labels, points=None, path=None):
+        drawn.update(curves=curves, labels=labels, points=points)
+        return original(curves, labels, points, path)
+
+    monkeypatch.setattr(plots, "plot_pr_curves", record)
+    assert main(["report", str(multilabel_run), "--split", "val", "--out", str(tmp_path)]) == 0
+    assert "val: 6 images, mAP " in capsys.readouterr().out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["split"] == "val" and (tmp_path / "pr_curves.png").is_file()
+    per_class = summary["per_class"]
+    assert drawn["labels"] == [f"{row['class']} (AP {row['ap']:.3f})" for row in per_class]
+    assert drawn["points"] == [(row["recall"], row["precision"]) for row in per_class]
+    for (recall, precision), row in zip(drawn["curves"], per_class):
+        assert np.sum(np.diff(recall) * precision[1:]) == pytest.approx(row["ap"])
+
+
 def test_thresholds_auto_are_chosen_on_val_and_used(multilabel_run):
     from gluon_ft.deploy.metrics import choose_thresholds
     from gluon_ft.deploy.predict import Predictor, predict_split
@@ -178,6 +232,41 @@ def test_predict_answers_a_set_and_independent_probabilities(multilabel_run, mul
     assert sum(probabilities.values()) != pytest.approx(1.0, abs=1e-3)  # not a softmax
     thresholds = dict(zip(predictor.classes, predictor.thresholds))
     assert answer["labels"] == [c for c in predictor.classes if probabilities[c] >= thresholds[c]]
+
+
+def test_serve_answers_the_set_and_tells_the_page_the_thresholds(multilabel_run, multilabel_data):
+    import asyncio
+
+    from starlette.requests import Request
+
+    from gluon_ft.deploy.predict import Predictor
+    from gluon_ft.deploy.serve import create_app
+
+    image = multilabel_data / "images" / "030.png"
+    predictor = Predictor(multilabel_run, batch_size=1)
+    (expected,) = predictor.predict_images([str(image)])
+    app = create_app(predictor, max_batch=1)  # no server: the routes called in this process
+    routes = {route.path: route.endpoint for route in app.routes}
+    health = asyncio.run(routes["/health"]())
+    assert health["multi_label"] is True
+    assert health["thresholds"] == dict(zip(predictor.classes, predictor.thresholds))
+    body = b'--b\r\nContent-Disposition: form-data; name="image"; filename="030.png"\r\n\r\n'
+    body += image.read_bytes() + b"\r\n--b--\r\n"
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    headers = [(b"content-type", b"multipart/form-data; boundary=b")]
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": headers}
+    app.state.worker.start().result(timeout=60)
+    try:
+        answer = asyncio.run(routes["/predict"](Request({**scope, "query_string": b""}, receive)))
+    finally:
+        app.state.worker.close(timeout=30)
+    assert answer["labels"] == expected["labels"]
+    shown = dict(zip(answer["classes"], answer["probabilities"]))
+    assert shown == pytest.approx(expected["probabilities"], rel=1e-6)
+    assert answer["probabilities"] == sorted(answer["probabilities"], reverse=True)
 
 
 def test_a_multilabel_run_stopped_mid_epoch_resumes_exactly(multilabel_data, tmp_path, monkeypatch):

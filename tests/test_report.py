@@ -7,13 +7,14 @@ import json
 import shutil
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from conftest import write_image_folder
 
 from gluon_ft.cli import main
 from gluon_ft.deploy.metrics import class_scores
-from gluon_ft.deploy.plots import plot_mistakes
+from gluon_ft.deploy.plots import plot_mistakes, plot_pr_curves
 
 
 def test_class_scores_equal_hand_computed_ones():
@@ -46,6 +47,19 @@ def test_mistakes_figure_with_and_without_mistakes(tmp_path):
             [picture] * count, ["true a\npred b (0.90)"] * count, tmp_path / "m.png"
         )
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pr_curves_figure_names_each_class_with_its_ap(tmp_path):
+    curve = (np.array([0, 0.5, 1]), np.array([1, 1, 0.5]))
+    labels = ["cat (AP 0.750)", "dog (AP -)"]
+    figure = plot_pr_curves([curve, None], labels, [(0.5, 1.0), (0.0, 0.0)])
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert legend == ["cat (AP 0.750)", "dog (AP -): no positive"]
+    (line, dot, _) = figure.axes[0].get_lines()  # the curve, its dot, dog's legend entry
+    assert line.get_drawstyle() == "steps-pre" and list(dot.get_xdata()) == [0.5]
+    plt.close(figure)
+    path = plot_pr_curves([curve, None], labels, path=tmp_path / "pr.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture

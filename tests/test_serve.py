@@ -313,6 +313,13 @@ def chromium() -> None:
         pytest.skip(reason)
 
 
+@pytest.fixture(scope="module")
+def browser(chromium, tmp_path_factory):
+    """One headless Chromium for the page tests of this module (it takes a second to start)."""
+    with chromium_session(tmp_path_factory.mktemp("profile")) as driver:
+        yield driver
+
+
 # ---------------------------------------------------------------- API
 
 
@@ -326,6 +333,7 @@ def test_health_names_the_run_and_its_limit(server, served_run):
         "model": "resnet18_v2",
         "tta": 1,
         "classes": ["cat", "dog"],
+        "multi_label": False,
         "image_size": 32,
         "max_upload_bytes": int(CAP_MB * 2**20),
         "max_pixels": 24_000_000,
@@ -615,6 +623,7 @@ class _GatedPredictor:
 
     classes = ["a", "b"]
     tta = 1
+    multi_label = False
 
     def __init__(self, run_dir: Path):
         self.run = SimpleNamespace(
@@ -892,17 +901,16 @@ def test_concurrent_clients_all_get_correct_answers(server, photos, capsys):
 # ---------------------------------------------------------------- the page
 
 
-def test_page_classifies_an_upload_in_chromium(server, photos, cli_predictions, chromium, tmp_path):
+def test_page_classifies_an_upload_in_chromium(server, photos, cli_predictions, browser, tmp_path):
     photo = photos[0]
     expected = cli_predictions[photo.name]
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("not a photo\n")
     too_large = tmp_path / "large.jpg"
     too_large.write_bytes(b"\xff" * 150_000)
-    with chromium_session(tmp_path / "profile") as driver:
-        shown = classify_in_browser(driver, server.url, photo, tmp_path / "page.png")
-        refused = classify_in_browser(driver, server.url, not_an_image)
-        kept_back = classify_in_browser(driver, server.url, too_large)
+    shown = classify_in_browser(browser, server.url, photo, tmp_path / "page.png")
+    refused = classify_in_browser(browser, server.url, not_an_image)
+    kept_back = classify_in_browser(browser, server.url, too_large)
 
     assert shown["state"] == "done", shown["error"]
     assert shown["top_class"] == max(expected, key=expected.get)
@@ -913,6 +921,94 @@ def test_page_classifies_an_upload_in_chromium(server, photos, cli_predictions, 
     assert refused["state"] == "error" and "not an image" in refused["error"]
     # The page checks the server's limit (from /health) before sending the file at all.
     assert kept_back["state"] == "error" and "accepts up to 0.1 MiB" in kept_back["error"]
+
+
+def test_page_draws_a_multilabel_answer_in_chromium(server, browser):
+    """The multi-label view as Chromium lays it out: a multi-label answer and thresholds handed
+    to the page's own render() (the test server's run is single-label; the JSON the page gets
+    from a multi-label server is checked in test_multilabel_train.py)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url)
+    WebDriverWait(browser, 30).until(lambda d: "run" in d.find_element(By.ID, "model").text)
+    answer = {"filename": "lunch.jpg", "classes": ["wine", "cheese", "bread"]}
+    answer.update(probabilities=[0.9, 0.5, 0.2], labels=["cheese", "wine"])
+    browser.execute_script(
+        "thresholds = arguments[1]; render(arguments[0]); document.body.dataset.state = 'done';",
+        answer,
+        {"wine": 0.5, "cheese": 0.25, "bread": 0.75},
+    )
+    chips = browser.find_elements(By.CSS_SELECTOR, "#chips .chip")
+    assert [chip.text for chip in chips] == ["cheese", "wine"]
+    assert all(chip.is_displayed() for chip in chips)
+    assert not browser.find_element(By.ID, "verdict").is_displayed()
+    assert "need not add up" in browser.find_element(By.ID, "note").text
+    drawn = browser.execute_script(
+        "return [...document.querySelectorAll('#bars li')].map((row) => {"
+        "  const track = row.querySelector('.track').getBoundingClientRect();"
+        "  const tick = row.querySelector('.tick').getBoundingClientRect();"
+        "  const fill = row.querySelector('.fill');"
+        "  return [(tick.left + tick.width / 2 - track.left) / track.width,"
+        "          fill.getBoundingClientRect().width / track.width,"
+        "          getComputedStyle(fill).backgroundColor]; });"
+    )
+    ticks, fills, colours = zip(*drawn)
+    assert ticks == pytest.approx([0.5, 0.25, 0.75], abs=0.02)
+    assert fills == pytest.approx([0.9, 0.5, 0.2], abs=0.02)
+    assert colours[0] == colours[1] != colours[2]  # the predicted two in the accent colour
+
+
+NODE = shutil.which("node")
+PAGE = REPO / "gluon_ft" / "deploy" / "static" / "index.html"
+
+
+def page_shows(health: dict, answer: dict) -> dict:
+    """What the page shows for ``answer`` (a /predict JSON) once it has read ``health``: its
+    script run by Node on a fake DOM (tests/page_harness.js), no browser, no server."""
+    harness = Path(__file__).with_name("page_harness.js")
+    done = subprocess.run(
+        [NODE, str(harness), str(PAGE)],
+        input=json.dumps({"health": health, "answer": answer}),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed (the page's script needs it)")
+def test_page_shows_a_multilabel_set_and_each_class_own_probability():
+    classes = ["bread", "cheese", "salad", "soup", "tea", "wine"]
+    thresholds = {"bread": 0.5, "cheese": 0.7, "salad": 0.5, "soup": 0.5, "tea": 0.1, "wine": 0.5}
+    health = {"model": "resnet18_v2", "run_id": "lunch", "classes": classes, "multi_label": True}
+    health.update(thresholds=thresholds, max_upload_bytes=2**20)
+    answer = {"run_id": "lunch", "model": "resnet18_v2", "tta": 1, "filename": "table.jpg"}
+    answer["classes"] = ["bread", "cheese", "salad", "soup", "wine", "tea"]  # most probable first
+    answer["probabilities"] = [0.91, 0.62, 0.40, 0.33, 0.2, 0.12]
+    shown = page_shows(health, {**answer, "labels": ["bread", "tea"]})
+    assert "multi-label" in shown["model"]
+    assert shown["chips"] == ["bread", "tea"] and shown["verdict_hidden"]
+    # The five most probable, and tea, sixth but predicted (0.12 is over its 0.1).
+    rows = [(row["name"], row["pct"], row["chosen"], row["tick"]) for row in shown["rows"]]
+    assert rows == [
+        ("bread", "91.0%", True, "50.0%"),
+        ("cheese", "62.0%", False, "70.0%"),
+        ("salad", "40.0%", False, "50.0%"),
+        ("soup", "33.0%", False, "50.0%"),
+        ("wine", "20.0%", False, "50.0%"),
+        ("tea", "12.0%", True, "10.0%"),
+    ]
+    assert "need not add up to 100%" in shown["note"] and shown["status"] == "Photo: table.jpg"
+    assert page_shows(health, {**answer, "labels": []})["chips"] == ["no label"]
+    # A single-label run's answer (no labels) is shown as before: the top class and 5 bars.
+    single = page_shows({**health, "multi_label": False, "thresholds": None}, answer)
+    assert (single["top_class"], single["top_prob"], single["chips"]) == ("bread", "91.0%", [])
+    assert not single["verdict_hidden"]
+    assert [row["name"] for row in single["rows"]] == answer["classes"][:5]
+    assert not any(row["chosen"] or row["tick"] for row in single["rows"]) and not single["note"]
+    assert "multi-label" not in single["model"]
 
 
 # ---------------------------------------------------------------- command line

@@ -340,6 +340,8 @@ def _run_report(args: argparse.Namespace) -> int:
     from gluon_ft.deploy.report import build_report
 
     summary, out = build_report(args.run_dir, args.split, args.out)
+    if summary.get("multi_label"):
+        return _print_multilabel_report(summary, out)
     accuracy = next(value for key, value in summary.items() if key.endswith("_acc"))
     print(
         f"{summary['split']}: {summary['images']} images, accuracy {accuracy:.3f}, balanced "
@@ -351,6 +353,23 @@ def _run_report(args: argparse.Namespace) -> int:
             f"  F1 {row['f1']:.3f}  support {row['support']}"
         )
     print(f"wrote {out / 'report.md'}, confusion.png, mistakes.png and summary.json")
+    return 0
+
+
+def _print_multilabel_report(summary: dict, out) -> int:
+    mean_ap = next(value for key, value in summary.items() if key.endswith("_map"))
+    print(
+        f"{summary['split']}: {summary['images']} images, mAP {mean_ap:.3f}, micro-F1 "
+        f"{summary['f1_micro']:.3f}, macro-F1 {summary['f1_macro']:.3f}, exact sets "
+        f"{summary['exact_match']:.3f}"
+    )
+    for row in summary["per_class"]:
+        ap = "-" if row["ap"] is None else f"{row['ap']:.3f}"
+        print(
+            f"  {row['class']:<24} AP {ap:<5}  precision {row['precision']:.3f}  recall "
+            f"{row['recall']:.3f}  F1 {row['f1']:.3f}  support {row['support']}"
+        )
+    print(f"wrote {out / 'report.md'}, pr_curves.png, mistakes.png and summary.json")
     return 0
 
 

@@ -92,6 +92,60 @@ def average_precision(scores, positive) -> float | None:
     return float(np.sum(gained * true_positives / predicted) / total)
 
 
+def precision_recall_curve(scores, positive) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """One class's precision-recall curve: None when it has no positive.
+
+    One point per distinct score, from the highest down: predicting that score and every
+    higher one. The curve stops at the first point that recalls every positive (below it only
+    precision falls), and starts at (recall 0, precision 1), which has no threshold, as
+    scikit-learn's ``precision_recall_curve`` (there in the opposite order). Drawn as steps
+    (each point's precision held from the recall before it), its area is
+    :func:`average_precision`.
+
+    Returns
+    -------
+    (recall, precision, thresholds) or None
+        ``recall`` rising from 0 and ``precision``, ``K + 1`` each; ``thresholds``, ``K``
+        falling scores (point ``k + 1`` predicts the scores at or above ``thresholds[k]``).
+    """
+    positive = np.asarray(positive) > 0
+    total = int(positive.sum())
+    if not total:
+        return None
+    cuts, true_positives, predicted = _ranked_counts(np.asarray(scores, np.float64), positive)
+    kept = int(np.searchsorted(true_positives, total)) + 1  # up to the first full recall
+    recall = np.r_[0.0, true_positives[:kept] / total]
+    precision = np.r_[1.0, true_positives[:kept] / predicted[:kept]]
+    return recall, precision, cuts[:kept]
+
+
+def set_mistakes(probs, targets, threshold=0.5, count: int | None = None) -> list[int]:
+    """The images whose predicted set is not their set, the most wrong first.
+
+    How wrong: the sum over the classes of ``|probability - target|`` (a missed label at
+    probability 0.1 counts 0.9, a spurious one at 0.8 counts 0.8, and the sure right ones
+    little); ties keep the images' order.
+
+    Parameters
+    ----------
+    probs, targets : array-like, (N, C)
+        Probabilities, and 1 where the image has the class.
+    threshold : float or array-like of C floats
+        A class is predicted at this probability or above.
+    count : int, optional
+        At most this many; all by default.
+
+    Returns
+    -------
+    list of int
+        Row positions into ``probs``.
+    """
+    probs, positive = np.asarray(probs, np.float64), np.asarray(targets) > 0
+    wrong = np.flatnonzero(((probs >= np.asarray(threshold)) != positive).any(axis=1))
+    error = np.abs(probs[wrong] - positive[wrong]).sum(axis=1)
+    return [int(i) for i in wrong[np.argsort(-error, kind="stable")][:count]]
+
+
 def mean_average_precision(probs, targets) -> tuple[float, list[float | None]]:
     """``(mAP, each class's AP)`` of ``(N, C)`` probabilities against 0/1 targets.
 

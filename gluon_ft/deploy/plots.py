@@ -1,4 +1,5 @@
-"""Figures: learning curves, image grids, confusion matrices. Files first, notebooks too.
+"""Figures: learning curves, image grids, confusion matrices, precision-recall curves. Files
+first, notebooks too.
 
 Every function draws on its own figure and, given a path, saves a PNG there and closes the
 figure, so long runs leak no memory; without a path it returns the figure for a notebook.
@@ -162,6 +163,42 @@ def plot_confusion(matrix, classes: Sequence[str], path=None):
             color = "white" if value > values.max() / 2 else "black"
             ax.text(j, i, text(value), ha="center", va="center", color=color)
     fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_pr_curves(curves, labels: Sequence[str], points=None, path=None):
+    """Precision-recall curves, one per class, on one axes (a multi-label run's report).
+
+    Parameters
+    ----------
+    curves : sequence of (recall, precision) or None
+        Each class's curve (:func:`gluon_ft.deploy.metrics.precision_recall_curve`), drawn as
+        the steps that its average precision sums; None for a class without positives, which
+        is named in the legend only.
+    labels : sequence of str
+        Each class's legend entry, e.g. ``"red (AP 0.912)"``.
+    points : sequence of (recall, precision), optional
+        Each class's scores at its threshold: a dot on its curve.
+    path : str or Path, optional
+        Where to save the PNG; without it the figure is returned.
+    """
+    fig, ax = plt.subplots(figsize=(5.6, 4))
+    for c, (curve, label) in enumerate(zip(curves, labels)):
+        if curve is None:
+            ax.plot([], [], " ", label=f"{label}: no positive")
+            continue
+        (line,) = ax.plot(curve[0], curve[1], drawstyle="steps-pre", label=label)
+        if points is not None:
+            ax.plot(*points[c], "o", color=line.get_color(), ms=5)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.05)
+    ax.grid(True, alpha=0.3)
+    title = "dots: at each class's threshold" if points is not None else ""
+    ax.set_title(title, fontsize=9)
+    columns = -(-len(labels) // 24)  # a long list of classes in several columns
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, ncol=columns)
     return _finish(fig, path)
 
 

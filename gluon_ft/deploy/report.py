@@ -10,6 +10,11 @@ folder of class folders. It writes, into one folder:
 - ``confusion.png`` and ``mistakes.png``: the confusion matrix, and the wrong predictions made
   with the highest confidence, each titled with its file name, the true and predicted class.
 
+A multi-label run's report has no confusion matrix: ``summary.json`` and ``report.md`` give
+mAP, F1 and per-class AP, precision, recall and F1, and list the images whose predicted set
+is most wrong (file, true set, predicted set, missed and spurious labels); ``pr_curves.png``
+draws each class's precision-recall curve, and ``mistakes.png`` the most wrong images.
+
 A deploy module: it reads a finished run and never imports the training code.
 """
 
@@ -25,7 +30,13 @@ from gluon_ft import paths
 from gluon_ft.data import splits
 from gluon_ft.data.folders import ImageFolderSplit, scan_split
 from gluon_ft.deploy import plots
-from gluon_ft.deploy.metrics import choose_thresholds, class_scores, multilabel_scores
+from gluon_ft.deploy.metrics import (
+    choose_thresholds,
+    class_scores,
+    multilabel_scores,
+    precision_recall_curve,
+    set_mistakes,
+)
 from gluon_ft.deploy.predict import THRESHOLDS_FILE, Predictor, SplitPredictions, predict_split
 from gluon_ft.deploy.runparts import run_parts
 from gluon_ft.errors import UsageError
@@ -34,6 +45,7 @@ SELECTION_KEYS = ("best_epoch", "monitor", "best_value", "stopped_early")
 # With --ema: which weights model.params holds ("ema" or "trained") and why.
 EMA_KEYS = ("weights", "ema_epoch", "ema_score", "trained_score", "weights_reason")
 MISTAKES_SHOWN = 16
+MISTAKES_LISTED = 20  # a multi-label report's table and summary.json
 THUMBNAIL = 96  # px, the longer side of a mistake's picture
 
 
@@ -106,8 +118,12 @@ def build_report(
         selection = _saved_selection(run_dir)
     sizes = _part_sizes(predictor.run.config)
     if predictor.multi_label:
-        summary = _multilabel_summary(name, images, predictions, predictor, selection)
+        wrong = set_mistakes(
+            predictions.probabilities, predictions.labels, predictor.thresholds, MISTAKES_LISTED
+        )
+        summary = _multilabel_summary(name, images, predictions, predictor, selection, wrong)
         _write_multilabel_report(run_dir, out, summary, sizes)
+        _plot_multilabel(out, summary, predictions, images, wrong)
         return summary, out
     summary = _summary(name, images, predictions, predictor.classes, selection, predictor.tta)
     _write_report(run_dir, out, summary, predictions, images, predictor.classes, sizes)
@@ -142,9 +158,12 @@ def write_thresholds(run_dir: str | Path, ctx: mx.Context | None = None) -> np.n
     return chosen
 
 
-def _multilabel_summary(name, images, predictions, predictor: Predictor, selection) -> dict:
+def _multilabel_summary(
+    name, images, predictions, predictor: Predictor, selection, wrong: list[int]
+) -> dict:
     """``summary.json`` of a multi-label run: mAP, F1 (micro, macro), exact match, the loss,
-    per-label accuracy and per class AP, precision, recall and F1 at the run's thresholds."""
+    per-label accuracy, per class AP, precision, recall and F1 at the run's thresholds, and
+    the ``mistakes`` at positions ``wrong``."""
     probs, targets = predictions.probabilities, predictions.labels
     scores = multilabel_scores(probs, targets, predictor.classes, predictor.thresholds)
     prefix = name if name in ("test", "val") else "folder"
@@ -162,7 +181,43 @@ def _multilabel_summary(name, images, predictions, predictor: Predictor, selecti
         "images": len(targets),
         "unreadable": len(images) - len(targets),
         "tta": predictor.tta,
+        "mistakes": [
+            _set_mistake(predictions, images, predictor.classes, predictor.thresholds, position)
+            for position in wrong
+        ],
     }
+
+
+def _set_mistake(predictions: SplitPredictions, images, classes, thresholds, position) -> dict:
+    """One entry of ``summary.json``'s ``mistakes`` (the images whose predicted set is not
+    their set, the most wrong first: :func:`~gluon_ft.deploy.metrics.set_mistakes`): its file
+    (under the dataset root), its sets, the labels missed and the spurious ones, its error and
+    the probabilities of the classes in either set."""
+    row = predictions.probabilities[position].astype(np.float64)
+    true = predictions.labels[position] > 0
+    predicted = row >= thresholds
+    return {
+        "file": _file_name(images, int(predictions.indices[position])),
+        "true": _names(classes, true),
+        "predicted": _names(classes, predicted),
+        "missed": _names(classes, true & ~predicted),
+        "spurious": _names(classes, predicted & ~true),
+        "error": float(np.abs(row - true).sum()),
+        "probabilities": {classes[c]: float(row[c]) for c in np.flatnonzero(true | predicted)},
+    }
+
+
+def _names(classes, chosen: np.ndarray) -> list[str]:
+    return [classes[c] for c in np.flatnonzero(chosen)]
+
+
+def _file_name(images, index: int) -> str:
+    """Item ``index``'s file, relative to the dataset root when it lies under it."""
+    path = Path(images.items[index][0])
+    try:
+        return path.relative_to(images.root).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _summary(
@@ -204,6 +259,32 @@ def _write_multilabel_report(run_dir: Path, out: Path, summary: dict, sizes: dic
     """A multi-label run's ``summary.json`` and ``report.md`` (no confusion matrix)."""
     paths.write_json(out / "summary.json", summary)
     paths.write_text(out / "report.md", multilabel_markdown(run_dir, summary, sizes))
+
+
+def _plot_multilabel(out: Path, summary: dict, predictions, images, wrong: list[int]) -> None:
+    """A multi-label report's figures: ``pr_curves.png``, each class's precision-recall curve
+    with its AP, and ``mistakes.png``, the most wrong images (positions ``wrong``, as
+    ``summary["mistakes"]`` lists them) titled with the labels missed and the spurious ones."""
+    per_class = summary["per_class"]
+    positive = predictions.labels > 0
+    curves = [
+        precision_recall_curve(predictions.probabilities[:, c], positive[:, c])
+        for c in range(len(per_class))
+    ]
+    plots.plot_pr_curves(
+        [None if curve is None else curve[:2] for curve in curves],
+        [f"{row['class']} (AP {_number(row['ap'], 3)})" for row in per_class],
+        [(row["recall"], row["precision"]) for row in per_class],
+        out / "pr_curves.png",
+    )
+    shown = [images.load(int(predictions.indices[i])) for i in wrong[:MISTAKES_SHOWN]]
+    titles = [
+        f"{_short_name(entry['file'])}\n"
+        f"missed {_elided(', '.join(entry['missed']) or '-', 14)}\n"
+        f"spurious {_elided(', '.join(entry['spurious']) or '-', 12)}"
+        for entry in summary["mistakes"][:MISTAKES_SHOWN]
+    ]
+    plots.plot_mistakes(shown, titles, out / "mistakes.png", tile=THUMBNAIL)
 
 
 def _evaluated_split(run_dir: Path, split: str, classes: list[str], multi_label: bool = False):
@@ -256,6 +337,11 @@ def _short_name(path: str, limit: int = 18) -> str:
     """A file's name that fits a thumbnail's title: its middle elided when long."""
     name = Path(path).name
     return name if len(name) <= limit else f"{name[: limit // 2 - 1]}...{name[-(limit // 2 - 2) :]}"
+
+
+def _elided(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, its end elided when longer."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _plot_mistakes(predictions: SplitPredictions, images, classes: list[str], path: Path) -> None:
@@ -334,8 +420,9 @@ def report_markdown(run_dir: Path, summary: dict, sizes: dict) -> str:
 
 
 def multilabel_markdown(run_dir: Path, summary: dict, sizes: dict) -> str:
-    """``report.md`` of a multi-label run: the overall figures and, per class, AP, precision,
-    recall and F1 at its threshold (no confusion matrix: an image has several classes)."""
+    """``report.md`` of a multi-label run: the overall figures, per class AP, precision,
+    recall and F1 at its threshold, the precision-recall curves, and the most wrong images
+    (no confusion matrix: an image has several classes)."""
     prefix = next(key[: -len("_map")] for key in summary if key.endswith("_map"))
     lines = _heading_lines(run_dir, summary, sizes)
     lines += ["", "| overall | value |", "|---|---|"]
@@ -355,9 +442,40 @@ def multilabel_markdown(run_dir: Path, summary: dict, sizes: dict) -> str:
         f"| {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | {row['support']} |"
         for row in summary["per_class"]
     ]
-    return "\n".join(lines + [""])
+    lines += ["", "![precision-recall curve of each class](pr_curves.png)", ""]
+    return "\n".join(lines + _mistakes_lines(summary))
 
 
-def _number(value) -> str:
+def _mistakes_lines(summary: dict) -> list[str]:
+    """``report.md``'s table of the most wrong images of a multi-label run, and their picture."""
+    mistakes = summary["mistakes"]
+    wrong = round((1 - summary["exact_match"]) * summary["images"])
+    if not mistakes:
+        return ["Every image's predicted set is its set.", ""]
+    lines = [
+        f"{wrong} of {summary['images']} images have a predicted set that is not theirs; "
+        f"the {len(mistakes)} most wrong (error: the sum over the classes of each "
+        "probability's distance from the truth, 0 or 1; probabilities in brackets):",
+        "",
+        "| file | true | predicted | missed | spurious | error |",
+        "|---|---|---|---|---|---|",
+    ]
+    for entry in mistakes:
+        sets = [", ".join(entry[key]) or "(none)" for key in ("true", "predicted")]
+        wrong_labels = [
+            ", ".join(f"{name} ({entry['probabilities'][name]:.2f})" for name in entry[key]) or "-"
+            for key in ("missed", "spurious")
+        ]
+        cells = [entry["file"], *sets, *wrong_labels, f"{entry['error']:.2f}"]
+        lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
+    return lines + ["", "![the most wrong images](mistakes.png)", ""]
+
+
+def _cell(text: str) -> str:
+    """``text`` safe in a markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _number(value, places: int = 4) -> str:
     """A score to 4 places, or a dash for one that is undefined (a class without positives)."""
-    return "-" if value is None else f"{value:.4f}"
+    return "-" if value is None else f"{value:.{places}f}"

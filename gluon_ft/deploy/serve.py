@@ -6,13 +6,16 @@
     POST /predict   multipart form, the file in the field ``image`` -> JSON
                     {"run_id", "model", "tta", "filename", "classes", "probabilities"}
                     (every class, most probable first; ``?top_k=N`` keeps the first N;
-                    ``tta``: the views averaged per image, ``serve --tta N``)
-    GET  /health    {"status": "ok", "run_id", "model", "tta", "classes", "image_size",
-                    "max_upload_bytes", "max_pixels", "max_queue", "max_wait_s",
-                    "max_batch", "batch_wait_ms", "pending", "dtype", "batches"}
-                    (``pending``: the /predict requests in progress now; ``dtype``: the
-                    network's form, ``--dtype``; ``batches``: {"<requests in a forward
-                    pass>": passes} since the start)
+                    ``tta``: the views averaged per image, ``serve --tta N``); a
+                    multi-label run adds "labels" (the predicted set), and its
+                    probabilities are each class's own (sigmoid), not a softmax
+    GET  /health    {"status": "ok", "run_id", "model", "tta", "classes", "multi_label",
+                    "image_size", "max_upload_bytes", "max_pixels", "max_queue",
+                    "max_wait_s", "max_batch", "batch_wait_ms", "pending", "dtype",
+                    "batches"} (``pending``: the /predict requests in progress now;
+                    ``dtype``: the network's form, ``--dtype``; ``batches``: {"<requests
+                    in a forward pass>": passes} since the start); a multi-label run adds
+                    "thresholds" ({class: threshold}), which the page draws
 
 A Gluon block must not run forward from two threads at once (a hybridized block with
 ``static_alloc`` reuses its buffers), so one :class:`InferenceWorker` thread owns the network
@@ -617,6 +620,10 @@ def _add_health_route(
     """``GET /health``: the run, its limits, the /predict requests in progress and the
     batches served."""
     run = predictor.run
+    kind = {"multi_label": predictor.multi_label}
+    if predictor.multi_label:
+        chosen = zip(predictor.classes, predictor.thresholds)
+        kind["thresholds"] = {name: float(threshold) for name, threshold in chosen}
 
     @app.get("/health")
     async def health() -> dict:
@@ -624,6 +631,7 @@ def _add_health_route(
             "status": "ok",
             **identity,
             "classes": predictor.classes,
+            **kind,
             "image_size": run.image_size,
             **limits,
             "pending": admission.pending,
