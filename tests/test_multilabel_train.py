@@ -310,6 +310,26 @@ def test_the_commands_say_map_and_the_predicted_set(
     assert "000.png: labels [" in capsys.readouterr().out
 
 
+def test_predict_csv_of_a_multilabel_run_holds_the_set_and_each_probability(
+    multilabel_data, multilabel_run, tmp_path, capsys
+):
+    import csv
+
+    from gluon_ft.cli import main
+    from gluon_ft.deploy.predict import Predictor
+
+    images = [multilabel_data / "images" / f"{i:03d}.png" for i in (0, 30)]
+    table = tmp_path / "out.csv"
+    assert main(["predict", str(multilabel_run), *map(str, images), "--csv", str(table)]) == 0
+    rows = list(csv.reader(table.open()))
+    assert rows[0] == ["path", "labels", "blue", "green", "red", "error"]
+    expected = Predictor(multilabel_run).predict_images([str(image) for image in images])
+    for row, answer in zip(rows[1:], expected):
+        assert row[1].split() == answer["labels"] and row[-1] == ""
+        got = dict(zip(rows[0][2:5], map(float, row[2:5])))
+        assert got == pytest.approx(answer["probabilities"], abs=1e-6)
+
+
 def test_val_map_is_refused_for_a_single_label_run(tmp_path):
     data = write_class_folders(tmp_path / "data", {"cat": 6, "dog": 6})
     with pytest.raises(UsageError, match="--monitor val_map scores a multi-label run"):

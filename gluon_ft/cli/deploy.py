@@ -24,7 +24,8 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="also write FILE: one row per image: path, class, probability, then the other "
         "top-k classes and probabilities (class_2, probability_2, ...), and error (empty if it "
-        "was read)",
+        "was read); for a multi-label run: path, labels (the predicted set, joined by the "
+        "run's --label-delim), each class's probability, and error",
     )
     _add_inference_dtype(p)
     add_tta_argument(p)
@@ -103,30 +104,55 @@ def _run_predict(args: argparse.Namespace) -> int:
             if "labels" in result:  # a multi-label run: the set, then each class's probability
                 top = f"labels [{', '.join(result['labels'])}]; {top}"
             print(f"{result['source']}: {top}")
-    if args.csv:
-        _write_csv(args.csv, results, min(args.top_k, len(predictor.classes)))
+    if args.csv and predictor.multi_label:
+        delim = predictor.run.config.get("label_delim") or " "
+        _write_rows(args.csv, results, *_set_rows(results, predictor.classes, delim))
+    elif args.csv:
+        _write_rows(args.csv, results, *_top_rows(results, min(args.top_k, len(predictor.classes))))
     # Exit 2 (bad input) when any file could not be classified; the others were.
     return 0 if all(r["ok"] for r in results) and not found.empty_folders else 2
 
 
-def _write_csv(path: str, results: list[dict], top_k: int) -> None:
-    """``predict --csv``: a row per image; ranks 2..k as ``class_N, probability_N``."""
+def _top_rows(results: list[dict], top_k: int) -> tuple[list[str], list[list[str]]]:
+    """``predict --csv``'s header and rows: the top class, then ranks 2..k as ``class_N,
+    probability_N``."""
+    header = ["path", "class", "probability"]
+    for rank in range(2, top_k + 1):
+        header += [f"class_{rank}", f"probability_{rank}"]
+    rows = []
+    for result in results:
+        cells = [result["source"]]
+        for top in result.get("top", []):
+            cells += [top["class"], f"{top['probability']:.6f}"]
+        rows.append(cells + [""] * (len(header) - len(cells)))
+    return header, rows
+
+
+def _set_rows(results: list[dict], classes: list[str], delim: str) -> tuple[list, list]:
+    """A multi-label run's ``predict --csv``: the predicted set as the run's labels column
+    (joined by its ``--label-delim``, so the file reads as a labels CSV does), then each
+    class's own probability; top-k ranks say little where the classes do not compete."""
+    rows = []
+    for result in results:
+        if not result["ok"]:
+            rows.append([result["source"], ""] + [""] * len(classes))
+            continue
+        probabilities = [f"{result['probabilities'][name]:.6f}" for name in classes]
+        rows.append([result["source"], delim.join(result["labels"]), *probabilities])
+    return ["path", "labels", *classes], rows
+
+
+def _write_rows(path: str, results: list[dict], header: list[str], rows: list[list]) -> None:
+    """``predict --csv``: ``header``, then a row per image with its error (if any) last."""
     import csv
 
     from gluon_ft.errors import UsageError
 
-    header = ["path", "class", "probability"]
-    for rank in range(2, top_k + 1):
-        header += [f"class_{rank}", f"probability_{rank}"]
     try:
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow([*header, "error"])
-            for result in results:
-                cells = [result["source"]]
-                for top in result.get("top", []):
-                    cells += [top["class"], f"{top['probability']:.6f}"]
-                cells += [""] * (len(header) - len(cells))
+            for result, cells in zip(results, rows):
                 writer.writerow([*cells, result.get("error", "")])
     except OSError as err:
         raise UsageError(f"--csv {path}: cannot write it ({err.strerror or err}).") from None
