@@ -367,3 +367,29 @@ def test_onnxruntime_loads_our_model_without_the_initializer_warning(exported_on
     assert result["input_shape"] == [2, 3, 32, 32] and result["ours_img_s"] > 0
     assert result["initializers_in_graph_inputs"] == 0 and not result["initializer_warning"]
     assert result["warnings"] == {"ours": [], "clean": []} and result["max_abs_diff"] == 0
+
+
+def test_a_failed_server_or_onnxruntime_leaves_the_other_figures(monkeypatch, tmp_path):
+    """Minutes of figures are not lost to a server that did not start or an ONNX Runtime
+    that failed: the bench records why and goes on."""
+    from gluon_ft.bench import onnx_anchor, serve_load
+    from gluon_ft.bench.throughput import QUICK, measure_deployment
+    from gluon_ft.errors import UsageError
+
+    def no_server(run_dir, images, load, log):
+        assert len(images) == load.images == 16 and (run_dir / "model.params").is_file()
+        raise RuntimeError("gluon-ft serve exited with 1: port taken")
+
+    def no_onnxruntime(python, sizes, threads, log):
+        raise UsageError("--onnxruntime python: the ONNX Runtime script failed")
+
+    monkeypatch.setattr(serve_load, "measure_serve", no_server)
+    monkeypatch.setattr(onnx_anchor, "measure_onnxruntime", no_onnxruntime)
+    sizes = replace(QUICK, model="mobilenet0.25", image_size=32, photo_width=64, photo_height=48)
+    result = {"infer_img_s": 1.0, "infer_fused_fp32_img_s": 2.0}
+    details = {"infer_fused_fp32_img_s_top1_agreement": 1.0}
+    measure_deployment(sizes, True, None, "python", result, details, lambda line: None)
+    assert result["serve"] == {"error": "gluon-ft serve exited with 1: port taken"}
+    assert "serve_speedup" not in result
+    assert "ONNX Runtime script failed" in result["onnxruntime"]["error"]
+    assert result["infer_best"]["form"] == "fused_fp32"

@@ -668,7 +668,12 @@ def measure_serve_load(sizes: BenchSizes, quick: bool, run: str | None, result: 
             served = write_scratch_run(tmp / "run", *size)
             write_photos(tmp / "photos", replace(sizes, train_photos=0, test_photos=load.images))
             images = serve_load.folder_jpegs(tmp / "photos" / "test", load.images)
-        serve = serve_load.measure_serve(served, images, load, log)
+        try:
+            serve = serve_load.measure_serve(served, images, load, log)
+        except (OSError, RuntimeError) as err:  # the other figures stay: say why, go on
+            log(f"serve: failed: {err}")
+            result["serve"] = {"error": str(err)}
+            return
     result["serve"] = serve
     result.update(serve_load.summary_figures(serve))
 
@@ -709,6 +714,7 @@ def measure_deployment(sizes, quick, run, onnxruntime, result: dict, details: di
     """int8's agreement on ``run``, the best inference form, serve under load and ONNX Runtime
     (with ``onnxruntime``, a Python that has it). Before AMP: the agreement builds graphs."""
     from gluon_ft.bench.onnx_anchor import measure_onnxruntime
+    from gluon_ft.errors import UsageError
     from gluon_ft.threads import usable_cores
 
     agreement = measure_run_agreement(run, result, log)
@@ -717,7 +723,12 @@ def measure_deployment(sizes, quick, run, onnxruntime, result: dict, details: di
     if onnxruntime is None:
         result["onnxruntime"] = None
         return
-    anchor = measure_onnxruntime(onnxruntime, sizes, usable_cores(), log)
+    try:
+        anchor = measure_onnxruntime(onnxruntime, sizes, usable_cores(), log)
+    except UsageError as err:  # the other figures stay: say why, go on
+        log(f"onnxruntime: failed: {err}")
+        result["onnxruntime"] = {"error": str(err)}
+        return
     best = result["infer_best"]["img_s"]
     anchor["best_form_vs_clean"] = best / anchor["clean_img_s"] if best else None
     result["onnxruntime"] = anchor
