@@ -28,12 +28,24 @@ that a change in the machine's load while the bench runs hits both sides of a ra
   probe's figures) and the rate of that choice against float32 in the same rounds, and
   inference: plain float32, fused float32, fused bfloat16 with its top-1 agreement. The
   top-level bf16 and inference figures are those of the first size.
+- ``infer_int8_img_s``, ``int8_speedup``: the same network quantized to int8 as ``predict
+  --dtype int8`` quantizes a run (:func:`gluon_ft.deploy.int8.quantize`), at every precision
+  size. Its top-1 agreement with float32 (``int8_top1_agreement``, ``agreement``) is judged
+  only on a finished run's test part (``--run RUN``, :mod:`gluon_ft.bench.agreement`); without
+  one it is ``None``, "not measured".
+- ``infer_best``: the fastest of fused float32, fused bfloat16 and int8 (int8 only when
+  ``--run`` judged it) that agrees with float32 on at least 99 %, against plain float32.
+- ``serve``, ``serve_*``: a real ``gluon-ft serve`` process under 1, 8 and 64 concurrent
+  clients posting JPEGs (:mod:`gluon_ft.bench.serve_load`): requests/s, p50/p99 latency,
+  answers other than 200, and whether every answer equals the one-client answer for its image.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -211,20 +223,37 @@ class Inference:
 
     def fused(self, bfloat16: bool = False) -> Inference:
         """The same weights, partitioned for oneDNN; in bfloat16 as ``predict --dtype`` runs."""
-        import mxnet as mx
-
         from gluon_ft.deploy.inference import fused_bfloat16
-        from gluon_ft.model.graft import scratch_twin
 
         if bfloat16:
             return Inference(self.sizes, fused_bfloat16(self.net, self.x), self.x)
-        # optimize_for rewrites its block in place: a twin with the same weights
+        net = self._twin()  # optimize_for rewrites its block in place
+        net.optimize_for(self.x, backend="MKLDNN", static_alloc=True, static_shape=True)
+        return Inference(self.sizes, net, self.x)
+
+    def int8(self) -> Inference:
+        """The same weights quantized to int8 as ``predict --dtype int8`` quantizes a run
+        (:func:`gluon_ft.deploy.int8.quantize`), calibrated on this form's batch."""
+        from gluon_ft.deploy.int8 import quantize
+
+        net = self._twin()  # quantize_net re-hybridizes the network it reads
+        net.hybridize(static_alloc=True)
+        net(self.x)
+        block = quantize(net, self.x)
+        block.hybridize(static_alloc=True, static_shape=True)
+        return Inference(self.sizes, block, self.x)
+
+    def _twin(self):
+        """A network of the same architecture holding this form's weights (called once)."""
+        import mxnet as mx
+
+        from gluon_ft.model.graft import scratch_twin
+
         net = scratch_twin(self.sizes.model, self.sizes.classes, [mx.cpu()])
         net(self.x)
         for mine, theirs in zip(net.collect_params().values(), self.net.collect_params().values()):
             mine.set_data(theirs.data())
-        net.optimize_for(self.x, backend="MKLDNN", static_alloc=True, static_shape=True)
-        return Inference(self.sizes, net, self.x)
+        return net
 
     def output(self) -> np.ndarray:
         return self.net(self.x).astype("float32").asnumpy()
@@ -397,7 +426,11 @@ def measure_threads(sizes: BenchSizes, quick: bool, result: dict, details: dict)
 
 
 def measure_inference(sizes: BenchSizes, bf16: bool, result: dict, details: dict) -> None:
-    """Plain hybridized inference against the fastest form that predicts the same."""
+    """Plain hybridized inference against the fastest form that predicts the same, and int8.
+
+    int8's agreement with float32 is not judged here (random weights, random inputs): see
+    :mod:`gluon_ft.bench.agreement`.
+    """
     plain = Inference(sizes)
     forms = {"infer_img_s": plain, "infer_fused_fp32_img_s": plain.fused()}
     if bf16:
@@ -407,11 +440,14 @@ def measure_inference(sizes: BenchSizes, bf16: bool, result: dict, details: dict
         out = form.output()
         details[f"{name}_max_abs_diff"] = float(np.abs(out - reference).max())
         details[f"{name}_top1_agreement"] = float((out.argmax(1) == reference.argmax(1)).mean())
+    forms["infer_int8_img_s"] = plain.int8()
+    for form in forms.values():
         form.run(sizes.warmup)
     timings = {name: rate(form.run, sizes.batch_size, sizes.steps) for name, form in forms.items()}
     found = record(interleave(timings, sizes.repeats), result, details)
+    result["int8_speedup"] = found["infer_int8_img_s"] / found["infer_img_s"]
     best = max(
-        (name for name in forms if name != "infer_img_s"),
+        (name for name in forms if name not in ("infer_img_s", "infer_int8_img_s")),
         key=lambda name: found[name] if details[f"{name}_top1_agreement"] >= 0.99 else 0.0,
     )
     details["infer_optimized_form"] = best
@@ -449,6 +485,8 @@ def measure_precision_inference(
                 figures["infer_fused_bf16_img_s"] / figures["infer_img_s"] if bf16 else None
             ),
             fused_bf16_top1_agreement=found.get("infer_fused_bf16_img_s_top1_agreement"),
+            infer_int8_img_s=figures["infer_int8_img_s"],
+            int8_speedup=figures["int8_speedup"],
         )
 
 
@@ -559,56 +597,208 @@ def measure_bf16(
     details["train_fp32_paired_img_s"] = main["train_fp32_img_s"]
 
 
-def run_bench(quick: bool = False, workers: int | None = None, log=None) -> dict:
+def best_inference_form(result: dict, details: dict, agreement: dict | None) -> dict:
+    """The fastest inference form at the main size whose top-1 agrees with float32 on at least
+    :data:`gluon_ft.deploy.inference.MIN_AGREEMENT`: int8 only where a run judged it, fused
+    bfloat16 on the run's test part when there is one (else on the bench's batch)."""
+    from gluon_ft.deploy.inference import MIN_AGREEMENT
+
+    batch = "the bench's batch (random network)"
+    candidates = {
+        "fused_fp32": (
+            result["infer_fused_fp32_img_s"],
+            details["infer_fused_fp32_img_s_top1_agreement"],
+            batch,
+        )
+    }
+    if result.get("infer_fused_bf16_img_s") is not None:
+        on_run = agreement and agreement["bfloat16"]
+        candidates["fused_bf16"] = (
+            result["infer_fused_bf16_img_s"],
+            on_run["top1_agreement"]
+            if on_run
+            else details["infer_fused_bf16_img_s_top1_agreement"],
+            "the run's test part" if on_run else batch,
+        )
+    if agreement:
+        measured = agreement["int8"]["top1_agreement"]
+        candidates["int8"] = (result["infer_int8_img_s"], measured, "the run's test part")
+    passed = {name: c for name, c in candidates.items() if c[1] >= MIN_AGREEMENT}
+    best = max(passed, key=lambda name: passed[name][0]) if passed else None
+    keys = ("img_s", "top1_agreement", "judged_on")
+    return {
+        "form": best,
+        "img_s": passed[best][0] if best else None,
+        "speedup": passed[best][0] / result["infer_img_s"] if best else None,
+        "candidates": {name: dict(zip(keys, c)) for name, c in candidates.items()},
+        "int8_considered": bool(agreement),
+    }
+
+
+def measure_run_agreement(run: str | None, result: dict, log) -> dict | None:
+    """int8's (and fused bfloat16's) agreement with float32 on ``run``'s test part, or a note
+    that it was not measured."""
+    from gluon_ft.bench.agreement import NOT_MEASURED, run_agreement
+
+    if run is None:
+        result["int8_top1_agreement"] = None
+        result["agreement"] = {"measured": False, "why": NOT_MEASURED}
+        return None
+    log(f"agreement with float32 on the test part of {run} (int8, fused bfloat16)")
+    agreement = run_agreement(run)
+    result["int8_top1_agreement"] = agreement["int8"]["top1_agreement"]
+    result["agreement"] = {"measured": True, **agreement}
+    return agreement
+
+
+def measure_serve_load(sizes: BenchSizes, quick: bool, run: str | None, result: dict, log):
+    """``gluon-ft serve`` under 1, 8 and 64 clients (:mod:`gluon_ft.bench.serve_load`): of
+    ``run`` with its test photos, else of a random-weight stand-in at the bench's size with
+    written photos."""
+    from gluon_ft.bench import serve_load
+    from gluon_ft.bench.standin import write_scratch_run
+
+    load = serve_load.QUICK_LOAD if quick else serve_load.ServeLoad()
+    with tempfile.TemporaryDirectory(prefix="gluon-ft-bench-serve-") as tmp:
+        tmp = Path(tmp)
+        if run is not None:
+            served, images = Path(run), serve_load.run_test_jpegs(Path(run), load.images)
+        else:
+            size = (sizes.model, sizes.classes, sizes.image_size)
+            served = write_scratch_run(tmp / "run", *size)
+            write_photos(tmp / "photos", replace(sizes, train_photos=0, test_photos=load.images))
+            images = serve_load.folder_jpegs(tmp / "photos" / "test", load.images)
+        try:
+            serve = serve_load.measure_serve(served, images, load, log)
+        except (OSError, RuntimeError) as err:  # the other figures stay: say why, go on
+            log(f"serve: failed: {err}")
+            result["serve"] = {"error": str(err)}
+            return
+    result["serve"] = serve
+    result.update(serve_load.summary_figures(serve))
+
+
+def measure_bf16_if_supported(sizes, fp32, refused, precision, result, details, log) -> None:
+    """:func:`measure_bf16`, or its figures as None where the CPU has no bfloat16."""
+    if refused is None:
+        log("bfloat16 (MXNet AMP) against float32 (interleaved), at each size")
+        measure_bf16(sizes, fp32, precision, result, details)
+    else:
+        result.update(dict.fromkeys(BF16_TIMINGS))
+        details["bf16_unsupported"] = refused
+
+
+def bf16_refusal() -> str | None:
+    """Why this CPU cannot train in bfloat16 (no native bfloat16), or None."""
+    import mxnet as mx
+
+    from gluon_ft.errors import UsageError
+    from gluon_ft.train import amp
+
+    try:
+        amp.check_dtype("bfloat16", [mx.cpu()])
+    except UsageError as err:
+        return str(err)
+    return None
+
+
+def measure_auto(sizes: BenchSizes, precision: dict, log) -> None:
+    """What ``--dtype auto`` chooses at every precision size (its probes are child processes)."""
+    for image_size, batch_size in sizes.precision_sizes:
+        log(f"--dtype auto's probe at {image_size} px, batch {batch_size} (a child process)")
+        entry = precision.setdefault(size_key(image_size, batch_size), {})
+        entry["auto"] = auto_choice(sizes, image_size, batch_size)
+
+
+def measure_deployment(sizes, quick, run, onnxruntime, result: dict, details: dict, log) -> None:
+    """int8's agreement on ``run``, the best inference form, serve under load and ONNX Runtime
+    (with ``onnxruntime``, a Python that has it). Before AMP: the agreement builds graphs."""
+    from gluon_ft.bench.onnx_anchor import measure_onnxruntime
+    from gluon_ft.errors import UsageError
+    from gluon_ft.threads import usable_cores
+
+    agreement = measure_run_agreement(run, result, log)
+    result["infer_best"] = best_inference_form(result, details, agreement)
+    measure_serve_load(sizes, quick, run, result, log)
+    if onnxruntime is None:
+        result["onnxruntime"] = None
+        return
+    try:
+        anchor = measure_onnxruntime(onnxruntime, sizes, usable_cores(), log)
+    except UsageError as err:  # the other figures stay: say why, go on
+        log(f"onnxruntime: failed: {err}")
+        result["onnxruntime"] = {"error": str(err)}
+        return
+    best = result["infer_best"]["img_s"]
+    anchor["best_form_vs_clean"] = best / anchor["clean_img_s"] if best else None
+    result["onnxruntime"] = anchor
+
+
+@contextlib.contextmanager
+def phase(name: str, details: dict):
+    """Record the seconds the block took in ``details["phase_seconds"][name]``."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        details.setdefault("phase_seconds", {})[name] = time.perf_counter() - started
+
+
+def run_bench(
+    quick: bool = False,
+    workers: int | None = None,
+    log=None,
+    run: str | None = None,
+    onnxruntime: str | None = None,
+) -> dict:
     """Measure every figure; return the bench's JSON object.
 
     Parameters
     ----------
     quick : bool
-        Small sizes (64 px, batch 16, few repeats): under a minute on 2 idle cores.
+        Small sizes (64 px, batch 16, few repeats), few requests to serve.
     workers : int, optional
-        DataLoader worker processes of the loader and epoch figures; gluon-ft's default if
-        None.
+        DataLoader processes of the loader and epoch figures; gluon-ft's default if None.
     log : callable, optional
         Called with a line of progress (the CLI prints it to stderr).
+    run : str, optional
+        A finished run: int8's agreement with float32 on its test part
+        (:mod:`gluon_ft.bench.agreement`; it calibrates ``RUN/int8/`` first if needed), and
+        the serve figures on it. Without one, the agreement is reported as not measured.
+    onnxruntime : str, optional
+        A Python with ``onnxruntime`` (a virtual environment of its own): ONNX Runtime on the
+        bench's network exported to ONNX (:mod:`gluon_ft.bench.onnx_anchor`).
     """
-    import mxnet as mx
-
     from gluon_ft.errors import UsageError
-    from gluon_ft.train import TrainConfig, amp
+    from gluon_ft.train import TrainConfig
 
     log = log or (lambda line: None)
+    if onnxruntime is not None and not shutil.which(onnxruntime):
+        raise UsageError(f"--onnxruntime {onnxruntime}: no such program.")
     sizes = QUICK if quick else FULL
     workers = TrainConfig().workers if workers is None else workers
     started = time.perf_counter()
     result: dict = {"quick": quick, "sizes": asdict(sizes), "env": environment(workers)}
     details: dict = {}
-    try:
-        amp.check_dtype("bfloat16", [mx.cpu()])
-        bf16_refused = None
-    except UsageError as err:  # this CPU has no native bfloat16
-        bf16_refused = str(err)
-
-    log("training steps: bare loop, gluon-ft, gluon-ft frozen (interleaved)")
-    fp32 = measure_steps(sizes, result, details)
-    log("bare loop in child processes: MXNet's default threads")
-    measure_threads(sizes, quick, result, details)
-    log("inference: hybridized, then optimize_for(backend='MKLDNN') in float32 and bfloat16")
+    bf16_refused = bf16_refusal()
     precision: dict = {}
-    measure_precision_inference(sizes, bf16_refused is None, precision, result, details)
-    measure_data(sizes, workers, quick, result, details, log)
-    for image_size, batch_size in sizes.precision_sizes:
-        log(f"--dtype auto's probe at {image_size} px, batch {batch_size} (a child process)")
-        entry = precision.setdefault(size_key(image_size, batch_size), {})
-        entry["auto"] = auto_choice(sizes, image_size, batch_size)
-    if bf16_refused is None:
-        log("bfloat16 (MXNet AMP) against float32 (interleaved), at each size")
-        measure_bf16(sizes, fp32, precision, result, details)
-    else:
-        result.update(dict.fromkeys(BF16_TIMINGS))
-        details["bf16_unsupported"] = bf16_refused
+    log("training steps: bare loop, gluon-ft, gluon-ft frozen (interleaved)")
+    with phase("steps", details):
+        fp32 = measure_steps(sizes, result, details)
+        log("bare loop in child processes: MXNet's default threads")
+        measure_threads(sizes, quick, result, details)
+    log("inference: hybridized; optimize_for(backend='MKLDNN') in float32 and bfloat16; int8")
+    with phase("inference", details):
+        measure_precision_inference(sizes, bf16_refused is None, precision, result, details)
+    with phase("data", details):
+        measure_data(sizes, workers, quick, result, details, log)
+    with phase("auto", details):
+        measure_auto(sizes, precision, log)
+    with phase("deployment", details):
+        measure_deployment(sizes, quick, run, onnxruntime, result, details, log)
+    with phase("bf16", details):
+        measure_bf16_if_supported(sizes, fp32, bf16_refused, precision, result, details, log)
     result["precision"] = precision
-
     result["env"]["load_average_at_end"] = list(os.getloadavg())
     result["seconds"] = time.perf_counter() - started
     result["details"] = details

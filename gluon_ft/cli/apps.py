@@ -72,6 +72,21 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         help="data loader processes for the loader and epoch figures (default: train's)",
     )
     p.add_argument("--out", metavar="FILE", help="also write the JSON object to FILE")
+    p.add_argument(
+        "--run",
+        dest="run_dir",
+        metavar="RUN",
+        help="a finished run: int8's (and fused bfloat16's) top-1 agreement with float32 on "
+        "its test part (calibrating RUN/int8/ first if it has none), and the serve figures on "
+        "it and its test photos (default: agreement not measured; serve on a random network)",
+    )
+    p.add_argument(
+        "--onnxruntime",
+        metavar="PYTHON",
+        help="a Python interpreter that has onnxruntime, in a virtual environment of its own "
+        "(its wheels need numpy>=1.24, MXNet <1.24): time ONNX Runtime on the bench's network "
+        "exported to ONNX, in the same sitting",
+    )
     g = p.add_argument_group(
         "recipes", "instead of the speed figures: the book's recipe against --recipe best"
     )
@@ -135,7 +150,13 @@ def _run_bench(args: argparse.Namespace) -> int:
         return 0
     if args.workers is not None and args.workers < 0:
         raise UsageError("--workers must be >= 0.")
-    result = run_bench(args.quick, args.workers, log=lambda line: print(line, file=sys.stderr))
+    result = run_bench(
+        args.quick,
+        args.workers,
+        log=lambda line: print(line, file=sys.stderr),
+        run=args.run_dir,
+        onnxruntime=args.onnxruntime,
+    )
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")

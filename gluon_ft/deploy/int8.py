@@ -102,19 +102,7 @@ def calibrate_run(
     transform = TestTransform(image_size)
     chosen = np.unique(np.linspace(0, len(parts.train) - 1, min(images, len(parts.train))))
     data = _normalized(parts.train, chosen.astype(int), transform)
-    calibration = mx.io.NDArrayIter(data, batch_size=min(BATCH, len(data)), data_name="data")
-    with _quietly():
-        block = mx.contrib.quantization.quantize_net(
-            net,
-            quantized_dtype="auto",
-            calib_mode=CALIBRATION_MODE,
-            calib_data=calibration,
-            num_calib_examples=len(data),
-            ctx=mx.cpu(),
-            logger=None,
-        )
-    net.hybridize(static_alloc=True)  # quantize_net re-hybridized it without
-    block.hybridize(static_alloc=True)
+    block = quantize(net, data)
     agreement = top1_agreement(net, block, parts.test, transform)
     record = {
         "dtype": "int8",
@@ -130,6 +118,33 @@ def calibrate_run(
     }
     _save(run_dir / INT8_DIR, block, data[:1], record)
     return block, record
+
+
+def quantize(net: gluon.HybridBlock, data: mx.nd.NDArray) -> gluon.SymbolBlock:
+    """``net`` quantized to int8 by oneDNN, its ranges calibrated on ``data``.
+
+    Parameters
+    ----------
+    net : HybridBlock
+        A float32 network (hybridized, called once), on the CPU; hybridized again with
+        ``static_alloc`` afterwards (``quantize_net`` re-hybridizes it without).
+    data : NDArray
+        Normalized float32 images, ``(N, 3, S, S)``.
+    """
+    calibration = mx.io.NDArrayIter(data, batch_size=min(BATCH, len(data)), data_name="data")
+    with _quietly():
+        block = mx.contrib.quantization.quantize_net(
+            net,
+            quantized_dtype="auto",
+            calib_mode=CALIBRATION_MODE,
+            calib_data=calibration,
+            num_calib_examples=len(data),
+            ctx=mx.cpu(),
+            logger=None,
+        )
+    net.hybridize(static_alloc=True)
+    block.hybridize(static_alloc=True)
+    return block
 
 
 def _normalized(part, indices: np.ndarray, transform: TestTransform) -> mx.nd.NDArray:
