@@ -314,17 +314,7 @@ net(mx.nd.zeros((1, 3, 32, 32), ctx=mx.cpu(1)))
 graph = net._cached_graph[1].tojson(remove_amp_cast=False)
 nodes = json.loads(graph)["nodes"]
 convs = [n for n in nodes if n["op"] == "Convolution"]
-ops = [n["op"] for n in nodes]
-# An addition of a bfloat16 and a float32 input still gets AMP's cast to the wider type.
-from mxnet.contrib.amp.amp import bfloat16
-mixed = mx.sym.amp_cast(mx.sym.var("a", dtype="float32"), dtype=bfloat16) + mx.sym.var("b")
-mixed_ops = [n["op"] for n in json.loads(mixed.tojson(remove_amp_cast=False))["nodes"]]
-print(json.dumps({
-    "fed_by_cast": [nodes[n["inputs"][0][0]]["op"] == "amp_cast" for n in convs],
-    "adds": ops.count("elemwise_add"),
-    "multicasts": ops.count("amp_multicast"),
-    "mixed_multicasts": mixed_ops.count("amp_multicast"),
-}))
+print(json.dumps([nodes[n["inputs"][0][0]]["op"] == "amp_cast" for n in convs]))
 sys.exit(code)
 """
 
@@ -345,11 +335,6 @@ def test_bfloat16_trains_on_two_cpu_contexts_with_the_stem_in_float32(tiny_data,
     assert config["dtype"] == "bfloat16" and config["contexts"] == ["cpu(0)", "cpu(1)"]
     assert row["train_samples"] == 12 and 0 < row["loss"] < 10 and 0 <= row["test_acc"] <= 1
     # The graph: the stem convolution reads float32 (no cast before it), the stages bfloat16.
-    graph = json.loads(done.stdout.strip().splitlines()[-1])
-    fed_by_cast = graph["fed_by_cast"]
+    fed_by_cast = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(fed_by_cast) == 20
     assert fed_by_cast[0] is False and all(fed_by_cast[1:])
-    # The 8 residual additions add two bfloat16 inputs: no amp_multicast before them (MXNet
-    # AMP puts one before each); an addition of mixed types keeps it.
-    assert graph["adds"] == 8 and graph["multicasts"] == 0
-    assert graph["mixed_multicasts"] == 1

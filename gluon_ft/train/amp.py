@@ -122,79 +122,12 @@ def enable(dtype: str) -> None:
             _unwrapped[module, name] = getattr(module, name)
     namespaces = _operator_namespaces()
     before = {namespace: dict(vars(namespace)) for namespace in namespaces}
-    adds = {(namespace, name): getattr(namespace, name) for namespace, name in _add_operators()}
     amp.init(target_dtype=dtype)
-    for (namespace, name), original in adds.items():
-        setattr(namespace, name, _add_without_needless_cast(original, getattr(namespace, name)))
     for namespace in namespaces:
         for name, now in vars(namespace).items():
             if name in before[namespace] and before[namespace][name] is not now:
                 _wrapped[namespace, name] = (before[namespace][name], now)
     _enabled.append(dtype)
-
-
-# The additions of a network graph (a residual block's ``x + residual`` is ``_Plus``). MXNet
-# AMP lists them in WIDEST_TYPE_CASTS: an ``amp_multicast`` before each, to the wider of its
-# inputs' types, even when both are bfloat16 already (resnet18_v2: 8 in the forward graph).
-# Without them, training computes the same numbers (a 2-epoch run: identical losses and
-# weights). On an AMD EPYC (AVX-512 BF16), DNNL_VERBOSE showed oneDNN running the same
-# primitives with or without them: the casts kept the blocked layout, and the one bfloat16
-# BatchNorm on the plain-layout reference path (ncsp_bnorm) is the stages' first, after the
-# stem's own cast (docs/performance.md).
-SAME_TYPE_ADDS = ("_Plus", "_plus", "elemwise_add", "broadcast_add", "broadcast_plus")
-
-
-def _add_operators() -> list[tuple]:
-    """``(namespace, name)`` of every symbol operator in :data:`SAME_TYPE_ADDS`."""
-    import mxnet as mx
-
-    namespaces = (mx.sym, mx.sym.op, mx.sym._internal)
-    return [(ns, name) for ns in namespaces for name in SAME_TYPE_ADDS if hasattr(ns, name)]
-
-
-def _add_without_needless_cast(original, widest):
-    """An addition that skips AMP's ``amp_multicast`` when its inputs have one type already.
-
-    The type of an input is judged by MXNet's own type inference on the graph behind it,
-    twice: with the graph's untyped inputs (the network's data) as float32 and as float16. A
-    type that both give (or that float32 gives and float16 data cannot reach) is the input's
-    whatever the data: an ``amp_cast`` or a bfloat16 convolution fixed it. Anything else
-    keeps AMP's cast, so an addition of mixed types still gets its ``amp_multicast``.
-    """
-
-    def add(*args, **kwargs):
-        inputs = [*args, *kwargs.values()]
-        if len(inputs) > 1 and _one_known_type(inputs):
-            return original(*args, **kwargs)
-        return widest(*args, **kwargs)
-
-    add.__name__, add.__doc__ = widest.__name__, widest.__doc__
-    return add
-
-
-def _one_known_type(inputs: list) -> bool:
-    """Whether every one of ``inputs`` is a symbol of one type, the same whatever the data."""
-
-    found = {_inferred_type(sym, assumed) for sym in inputs for assumed in ("float32", "float16")}
-    found.discard("inconsistent")  # the graph cannot take that data type at all
-    return len(found) == 1 and None not in found
-
-
-def _inferred_type(sym, assumed: str):
-    """The type of ``sym``'s output, its untyped inputs taken as ``assumed``: a numpy dtype,
-    None when it cannot be told, or ``"inconsistent"`` when the graph refuses ``assumed``."""
-    import mxnet as mx
-    import numpy as np
-
-    if not isinstance(sym, mx.sym.Symbol) or len(sym.list_outputs()) != 1:
-        return None
-    arguments, _, _ = sym.infer_type_partial()
-    untyped = [name for name, known in zip(sym.list_arguments(), arguments) if known is None]
-    try:
-        _, (out,), _ = sym.infer_type_partial(**dict.fromkeys(untyped, np.dtype(assumed)))
-    except mx.base.MXNetError:
-        return None if assumed == "float32" else "inconsistent"
-    return None if out is None else np.dtype(out)
 
 
 def _operator_namespaces() -> list:
