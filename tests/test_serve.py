@@ -634,12 +634,18 @@ class _GatedPredictor:
         self.broken = False
         self.passes = 0
 
-    def predict_images(self, images, top_k):
+    def prepare(self, item):
+        return item
+
+    def prepared_probabilities(self, arrays):
         self.passes += 1
         assert self.gate.wait(30), "the test never opened the gate"
         if self.broken:
             raise RuntimeError("the network failed")
-        return [{"ok": True, "top": [{"class": "a", "probability": 0.75}]} for _ in images]
+        return [[0.75, 0.25] for _ in arrays]
+
+    def answer(self, row, top_k):
+        return {"ok": True, "top": [{"class": "a", "probability": row[0]}]}
 
 
 @contextlib.contextmanager
@@ -723,6 +729,36 @@ def test_server_failure_is_a_json_500_and_the_server_lives(tmp_path):
         assert post_image(url, _PNG).status_code == 200
 
 
+class _DecodingPredictor(_GatedPredictor):
+    """A stand-in that notes which threads decode, and cannot read ``b"junk"``."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(run_dir)
+        self.decoding_threads = set()
+
+    def prepare(self, item):
+        from gluon_ft.data.decode import UnreadableImageError
+
+        self.decoding_threads.add(threading.get_ident())
+        if item == b"junk":
+            raise UnreadableImageError("cannot identify image file")
+        return item
+
+
+def test_uploads_are_decoded_beside_the_network_and_a_bad_one_never_reaches_it(tmp_path):
+    from gluon_ft.deploy.serve import create_app
+
+    predictor = _DecodingPredictor(tmp_path)
+    app = create_app(predictor, max_batch=1)
+    with serving_in_process(app) as url:
+        passes = predictor.passes
+        assert "unusable" in assert_json_error(post_image(url, b"junk"), 422)
+        assert predictor.passes == passes  # refused in the request's thread
+        assert post_image(url, _PNG).status_code == 200
+        assert predictor.passes == passes + 1
+        assert app.state.worker._thread.ident not in predictor.decoding_threads
+
+
 def test_server_on_all_interfaces_does_not_check_the_host_header(tmp_path):
     from gluon_ft.deploy.serve import create_app
 
@@ -748,7 +784,13 @@ class _RecordingPredictor:
         self.threads = set()
         self.batch_sizes = []
 
-    def predict_images(self, images, top_k):
+    def prepare(self, item):
+        return item
+
+    def answer(self, row, top_k):
+        return {"ok": True, "top": [{"class": "a", "echo": row}]}
+
+    def prepared_probabilities(self, images):
         with self.lock:
             self.batch_sizes.append(len(images))
             self.running += 1
@@ -757,7 +799,7 @@ class _RecordingPredictor:
         time.sleep(0.001)  # long enough for callers to pile up
         with self.lock:
             self.running -= 1
-        return [{"ok": True, "top": [{"class": "a", "echo": image}]} for image in images]
+        return images  # each image's "row": its answer echoes it
 
 
 def test_worker_runs_the_network_on_its_one_thread():

@@ -185,18 +185,40 @@ class Predictor:
         self.tta = tta
         self.batch_size = batch_size
 
+    def prepare(self, item: ImageInput) -> np.ndarray:
+        """One image made ready for :meth:`prepared_probabilities`: decoded and transformed
+        (its views, uint8). Any thread may call it (serve decodes in the request's thread).
+
+        Raises
+        ------
+        UnreadableImageError
+            The file cannot be decoded.
+        """
+        return self.transform(_decode(item))
+
     def probabilities(self, images: list[Image.Image]) -> np.ndarray:
         """Class probabilities, ``(len(images), classes)``, of decoded RGB images: a softmax,
         or for a multi-label run each class's own sigmoid."""
-        if not images:
+        return self.prepared_probabilities([self.transform(img) for img in images])
+
+    def prepared_probabilities(self, arrays: list[np.ndarray]) -> np.ndarray:
+        """:meth:`probabilities` of images that :meth:`prepare` made ready, in one pass."""
+        if not arrays:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
-        batch = mx.nd.array(
-            np.stack([self.transform(img) for img in images]), ctx=self.run.ctx, dtype="uint8"
-        )
+        batch = mx.nd.array(np.stack(arrays), ctx=self.run.ctx, dtype="uint8")
         logits = view_logits(self.run.net, batch).astype("float32", copy=False)
         if self.multi_label:
             return logits.sigmoid().asnumpy()
         return mx.nd.softmax(logits, axis=1).asnumpy()
+
+    def answer(self, row: np.ndarray, top_k: int) -> dict:
+        """One image's entry of :meth:`predict_images` (``source`` aside) from its row of
+        probabilities."""
+        best = np.argsort(-row, kind="stable")[:top_k]
+        top = [
+            {"class": self.classes[i], "index": int(i), "probability": float(row[i])} for i in best
+        ]
+        return {"ok": True, "top": top, **self._label_set(row)}
 
     def predict_images(self, images: Sequence[ImageInput], top_k: int = 5) -> list[dict]:
         """Classify each image; an unreadable one gets ``ok: False`` and its ``error``.
@@ -223,20 +245,15 @@ class Predictor:
         # Decoded a batch at a time, so a long list of files never sits in memory at once.
         for start in range(0, len(images), self.batch_size):
             chunk = list(enumerate(images[start : start + self.batch_size], start))
-            decoded, outcome = [], {}
+            prepared, outcome = [], {}
             for position, item in chunk:
                 try:
-                    decoded.append((position, _decode(item)))
+                    prepared.append((position, self.prepare(item)))
                 except UnreadableImageError as err:
                     outcome[position] = {"ok": False, "error": str(err)}
-            probs = self.probabilities([img for _, img in decoded])
-            for (position, _), row in zip(decoded, probs):
-                best = np.argsort(-row, kind="stable")[:top_k]
-                top = [
-                    {"class": self.classes[i], "index": int(i), "probability": float(row[i])}
-                    for i in best
-                ]
-                outcome[position] = {"ok": True, "top": top, **self._label_set(row)}
+            probs = self.prepared_probabilities([array for _, array in prepared])
+            for (position, _), row in zip(prepared, probs):
+                outcome[position] = self.answer(row, top_k)
             results += [{"source": _describe(item, pos), **outcome[pos]} for pos, item in chunk]
         return results
 

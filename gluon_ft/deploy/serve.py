@@ -57,6 +57,7 @@ from importlib import resources
 from pathlib import Path
 
 import mxnet as mx
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -65,7 +66,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from gluon_ft.data.decode import unchecked_size
+from gluon_ft.data.decode import UnreadableImageError, unchecked_size
 from gluon_ft.deploy.int8 import DEFAULT_CALIBRATION_IMAGES
 from gluon_ft.deploy.predict import Predictor
 
@@ -95,7 +96,7 @@ _JPEG_SCALES = (2, 4, 8)
 
 @dataclass
 class _Job:
-    image: bytes | Image.Image
+    image: np.ndarray  # what Predictor.prepare made of the upload
     future: Future = field(default_factory=Future)
 
 
@@ -108,15 +109,17 @@ def batch_shapes(max_batch: int) -> list[int]:
 class InferenceWorker:
     """The one thread that runs a :class:`~gluon_ft.deploy.predict.Predictor`'s network.
 
-    :meth:`submit` may be called from any thread; the jobs wait in a queue. The worker takes
+    :meth:`submit` may be called from any thread, with an image that
+    :meth:`~gluon_ft.deploy.predict.Predictor.prepare` made ready there: decoding in the
+    request's thread overlaps it with the network's passes (on this thread, decoding would
+    queue behind them). The jobs wait in a queue. The worker takes
     the first waiting job, waits up to ``batch_wait_s`` for others (up to ``max_batch`` in
     all), and classifies them in one forward pass. A hybridized block pays for every new
     batch shape (measured at 32 px: 0.2 to 0.7 s on its first pass, against 5 to 30 ms for a
     shape it has seen), so a batch is padded with blank images to the next of
     :func:`batch_shapes`, and :meth:`start` runs each of those shapes once before the first
     request. In predict mode BatchNorm uses its running statistics, so an image's answer does
-    not depend on its neighbours in the batch. (An unreadable upload leaves its batch one
-    image short: a rare shape, paid for once.)
+    not depend on its neighbours in the batch.
 
     Parameters
     ----------
@@ -143,7 +146,8 @@ class InferenceWorker:
         self.batches_served = [0] * (max_batch + 1)
         self.seconds_per_pass = 0.0  # recent passes, smoothed; for the admission estimate
         size = predictor.run.image_size
-        self._blank = Image.new("RGB", (size, size))  # what pads a batch to its shape
+        # What pads a batch to its shape.
+        self._blank = predictor.prepare(Image.new("RGB", (size, size)))
         self._ready: Future = Future()
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="gluon-ft-inference", daemon=True)
@@ -157,10 +161,9 @@ class InferenceWorker:
         self._thread.start()
         return self._ready
 
-    def submit(self, image: bytes | Image.Image) -> Future:
-        """Queue an encoded image file (or a lazily opened image); the future's result is
-        ``Predictor.predict_images``'s entry for it, with every class: ``{"ok": True, "top":
-        [...]}`` or ``{"ok": False, "error"}``."""
+    def submit(self, image: np.ndarray) -> Future:
+        """Queue an image that ``Predictor.prepare`` made ready; the future's result is
+        ``Predictor.answer``'s entry for it, with every class: ``{"ok": True, "top": [...]}``."""
         job = _Job(image)
         self._jobs.put(job)
         return job.future
@@ -178,10 +181,10 @@ class InferenceWorker:
     def _warm_up(self) -> None:
         blank = self._blank
         for shape in batch_shapes(self.max_batch):
-            self.predictor.predict_images([blank] * shape, top_k=1)
+            self.predictor.prepared_probabilities([blank] * shape)
         # The largest shape once more, now built: what a pass costs under load.
         started = time.perf_counter()
-        self.predictor.predict_images([blank] * self.max_batch, top_k=1)
+        self.predictor.prepared_probabilities([blank] * self.max_batch)
         self.seconds_per_pass = time.perf_counter() - started
 
     def _loop(self) -> None:
@@ -221,7 +224,8 @@ class InferenceWorker:
         every_class = len(self.predictor.classes)
         started = time.perf_counter()
         try:
-            results = self.predictor.predict_images(images, top_k=every_class)
+            probs = self.predictor.prepared_probabilities(images)
+            results = [self.predictor.answer(row, every_class) for row in probs[: len(jobs)]]
         except Exception as err:  # noqa: BLE001  the requests get a 500, the server lives
             for job in jobs:
                 job.future.set_exception(err)
@@ -231,6 +235,15 @@ class InferenceWorker:
         self.batches_served[len(jobs)] += 1
         for job, result in zip(jobs, results):
             job.future.set_result(result)
+
+
+def _prepare_upload(predictor: Predictor, data: bytes, filename: str, max_pixels: int):
+    """An upload decoded within the pixel cap and made ready for the network, in the
+    request's thread; 422 if it cannot be decoded."""
+    try:
+        return predictor.prepare(fit_pixel_cap(data, filename, max_pixels))
+    except UnreadableImageError as err:
+        raise HTTPException(422, f"{filename or 'the upload'} is unusable: {err}") from None
 
 
 def fit_pixel_cap(data: bytes, filename: str, max_pixels: int) -> bytes | Image.Image:
@@ -655,10 +668,8 @@ def _add_predict_route(
         with admission.slot():
             top_k = _parse_top_k(request, len(predictor.classes))
             filename, data = await _read_upload(request)
-            image = await asyncio.to_thread(fit_pixel_cap, data, filename, max_pixels)
+            image = await asyncio.to_thread(_prepare_upload, predictor, data, filename, max_pixels)
             result = await asyncio.wrap_future(worker.submit(image))
-        if not result["ok"]:
-            raise HTTPException(422, f"{filename or 'the upload'} is unusable: {result['error']}")
         top = result["top"][:top_k]
         return {
             **identity,
