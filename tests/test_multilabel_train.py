@@ -64,9 +64,22 @@ def multilabel_config(data: Path, out: Path, **changes):
 
 @pytest.fixture(scope="module")
 def multilabel_run(multilabel_data, tmp_path_factory) -> Path:
-    """A finished 2-epoch multi-label run with --thresholds auto."""
-    out = tmp_path_factory.mktemp("runs") / "run"
-    train(multilabel_config(multilabel_data, out, thresholds="auto", momentum=0.9))
+    """A finished 2-epoch multi-label run with --thresholds auto and --recipe best (its
+    lr-find, a head epoch on cached features, then the whole network), from a random
+    "pretrained" mobilenet0.25 of 5 classes."""
+    from gluon_ft.model.graft import build_model
+
+    runs = tmp_path_factory.mktemp("runs")
+    net = build_model("mobilenet0.25", 5)
+    net.initialize(mx.init.Xavier())
+    net(mx.nd.zeros((1, 3, 32, 32)))
+    net.save_parameters(str(runs / "source.params"))
+    out = runs / "run"
+    source = str(runs / "source.params")
+    config = multilabel_config(multilabel_data, out, thresholds="auto", pretrained=source)
+    config.recipe = "best"
+    config.apply_recipe(given={"epochs", "labels", "val_split", "test_split", "thresholds"})
+    train(config)
     return out
 
 
@@ -334,3 +347,42 @@ def test_val_map_is_refused_for_a_single_label_run(tmp_path):
     data = write_class_folders(tmp_path / "data", {"cat": 6, "dog": 6})
     with pytest.raises(UsageError, match="--monitor val_map scores a multi-label run"):
         train(tiny_config(data, tmp_path / "run", monitor="val_map"))
+
+
+def test_recipe_best_on_multi_label_changes_only_what_its_preset_set():
+    from gluon_ft.train.config import MULTI_LABEL_PRESETS, TrainConfig
+
+    best = TrainConfig(recipe="best", label_smoothing=0.2)
+    best.apply_recipe(given={"label_smoothing"})
+    changed = best.apply_multi_label_preset()
+    assert changed == {
+        k: v for k, v in MULTI_LABEL_PRESETS["best"].items() if k != "label_smoothing"
+    }
+    assert (best.crop_scale, best.eval_resize, best.tta) == (1.0, 1.0, 1)
+    assert best.label_smoothing == 0.2  # given explicitly: it stays
+    assert best.recipe_variant == "multi-label" and "eval_resize" in best.preset
+    given = TrainConfig(recipe="best", eval_resize=1.5)  # not in the general preset, but given
+    given.apply_recipe()
+    assert "eval_resize" not in given.apply_multi_label_preset() and given.eval_resize == 1.5
+    book = TrainConfig()
+    assert book.apply_multi_label_preset() == {} and book.recipe_variant is None
+    # --eval-resize 1: the evaluation view is the whole image, resized, nothing cropped.
+    image = Image.fromarray(np.arange(40 * 40 * 3, dtype=np.uint8).reshape(40, 40, 3))
+    whole = TrainConfig(image_size=32, eval_resize=1.0).test_transform()(image)
+    np.testing.assert_array_equal(whole, np.asarray(image.resize((32, 32), Image.BILINEAR)))
+
+
+def test_recipe_best_trains_a_multi_label_run_with_its_head_epoch_on_cached_features(
+    multilabel_run,
+):
+    """The head epoch's cached features carry multi-hot rows; lr-find measures the BCE."""
+    from gluon_ft.deploy.predict import Predictor
+
+    saved = json.loads((multilabel_run / "config.json").read_text())
+    assert saved["multi_label"] and saved["recipe_variant"] == "multi-label"
+    assert (saved["crop_scale"], saved["eval_resize"], saved["tta"]) == (1.0, 1.0, 1)
+    assert saved["lr_find"] and saved["feature_cache"] is not None
+    head, whole = json.loads((multilabel_run / "metrics.json").read_text())
+    assert head["trainable_params"] == 256 * 3 + 3 and 0 <= head["val_map"] <= 1
+    assert whole["unfrozen"] == ["all"]
+    assert Predictor(multilabel_run).transform.resize == 32  # the whole image, as in the run

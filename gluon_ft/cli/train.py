@@ -30,6 +30,7 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
     if given["head_lr_mult"] is None:
         del given["head_lr_mult"]  # the default
     config = TrainConfig(**given)
+    config.preset = list(applied)
     if config.recipe != "book":
         print(f"gluon-ft: --recipe {config.recipe}: {flags_of(applied)}", file=sys.stderr)
     return config

@@ -200,6 +200,14 @@ def _add_crop_flags(p: argparse.ArgumentParser, d) -> None:
         help="random train crops cover S to all of the image's area (default %(default)s, "
         "the book's; small images may need more, e.g. 0.5)",
     )
+    p.add_argument(
+        "--eval-resize",
+        type=positive_float,
+        default=d.eval_resize,
+        metavar="R",
+        help="evaluation (val, test, predict) resizes to R x --image-size, then crops the "
+        "centre (default 1.143: 256/224, the book's); 1: the whole image, uncropped",
+    )
 
 
 def _add_freeze_flags(p: argparse.ArgumentParser, d) -> None:
@@ -329,7 +337,13 @@ def _add_selection_flags(p: argparse.ArgumentParser, d) -> None:
 def add_recipe_arguments(p: argparse.ArgumentParser, d) -> None:
     """The flags of "Getting the most out of a small dataset" (README); each is off by
     default, the book's recipe."""
-    from gluon_ft.train.config import OPTIMIZERS, RECIPES, describe_preset
+    from gluon_ft.train.config import (
+        MULTI_LABEL_PRESETS,
+        OPTIMIZERS,
+        RECIPES,
+        describe_preset,
+        flags_of,
+    )
 
     g = p.add_argument_group("recipe", "tricks for small datasets; all off in the book's recipe")
     g.add_argument(
@@ -337,7 +351,8 @@ def add_recipe_arguments(p: argparse.ArgumentParser, d) -> None:
         choices=RECIPES,
         default=d.recipe,
         help="book (default): the book's recipe; best: a preset, written out in config.json, "
-        f"which flags given explicitly override: {describe_preset('best')}",
+        f"which flags given explicitly override: {describe_preset('best')}; on a "
+        f"multi-label run: {flags_of(MULTI_LABEL_PRESETS['best'])}",
     )
     g.add_argument(
         "--optimizer",

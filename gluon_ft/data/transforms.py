@@ -19,6 +19,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
 
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The book's evaluation resize, as a ratio of the crop: 256 px for a 224 px crop.
+BOOK_RESIZE = 256 / 224
 
 
 def sample_rng(seed: int, epoch: int, index: int, draw: int | None = None) -> np.random.Generator:
@@ -73,9 +75,10 @@ class TestTransform:
     """The book's test transform: ``Resize(round(S * 256 / 224))`` then ``CenterCrop(S)``.
 
     Gluon's ``Resize(256)`` without ``keep_ratio`` makes the image square, as the book does.
+    ``resize_ratio`` 1 (``--eval-resize 1``) resizes to ``S`` and crops nothing: the whole image.
     """
 
-    def __init__(self, size: int, resize_ratio: float = 256 / 224):
+    def __init__(self, size: int, resize_ratio: float = BOOK_RESIZE):
         self.size = size
         self.resize = max(size, int(round(size * resize_ratio)))
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from gluon_ft.data.transforms import TestTransform, normalize_batch
+from gluon_ft.data.transforms import BOOK_RESIZE, TestTransform, normalize_batch
 from gluon_ft.errors import UsageError
 
 LARGER = 1.14  # the second scale: a slightly larger resize, so its corner crops differ
@@ -43,9 +43,9 @@ def check_views(views: int, flag: str = "--tta") -> None:
 class ViewsTransform:
     """The first ``views`` TTA views of an image, stacked: ``views x S x S x 3`` uint8."""
 
-    def __init__(self, size: int, views: int):
+    def __init__(self, size: int, views: int, resize_ratio: float = BOOK_RESIZE):
         check_views(views)
-        self.plain = TestTransform(size)
+        self.plain = TestTransform(size, resize_ratio)
         self.size = size
         self.views = views
         self.larger = max(size, int(round(self.plain.resize * LARGER)))
@@ -69,10 +69,13 @@ class ViewsTransform:
         return np.stack(views[: self.views])
 
 
-def eval_transform(size: int, views: int = 1):
-    """The evaluation transform of ``--tta views``: the plain one for 1, else the views."""
+def eval_transform(size: int, views: int = 1, resize_ratio: float = BOOK_RESIZE):
+    """The evaluation transform of ``--tta views``: the plain one for 1, else the views;
+    ``resize_ratio`` is ``--eval-resize`` (the plain view's resize over its crop)."""
     check_views(views)
-    return TestTransform(size) if views == 1 else ViewsTransform(size, views)
+    if views == 1:
+        return TestTransform(size, resize_ratio)
+    return ViewsTransform(size, views, resize_ratio)
 
 
 def view_logits(net, images, prepare=normalize_batch):

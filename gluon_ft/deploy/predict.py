@@ -28,6 +28,7 @@ from PIL import Image
 
 from gluon_ft.data.decode import UnreadableImageError, load_image, to_rgb
 from gluon_ft.data.folders import ImageFolderSplit
+from gluon_ft.data.transforms import BOOK_RESIZE
 from gluon_ft.data.tta import check_views, eval_transform, view_logits
 from gluon_ft.deploy.inference import check_inference_dtype, choose_form, sample_input
 from gluon_ft.deploy.int8 import DEFAULT_CALIBRATION_IMAGES, int8_form
@@ -181,7 +182,8 @@ class Predictor:
         # A multi-label run: independent sigmoid probabilities, a set of labels per image.
         self.multi_label = bool(self.run.config.get("multi_label"))
         self.thresholds = run_thresholds(self.run.path, self.run.config, len(self.classes))
-        self.transform = eval_transform(self.run.image_size, tta)
+        resize = self.run.config.get("eval_resize", BOOK_RESIZE)  # runs before the flag: 256/224
+        self.transform = eval_transform(self.run.image_size, tta, resize)
         self.tta = tta
         self.batch_size = batch_size
 

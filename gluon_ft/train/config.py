@@ -8,10 +8,10 @@ the new head learning 10x faster.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from gluon_ft.data.balance import balanced_probabilities
-from gluon_ft.data.transforms import TrainTransform
+from gluon_ft.data.transforms import BOOK_RESIZE, TrainTransform
 from gluon_ft.data.tta import check_views, eval_transform
 from gluon_ft.errors import UsageError
 from gluon_ft.model import zoo
@@ -46,6 +46,15 @@ RECIPE_PRESETS: dict[str, dict] = {
         "label_smoothing": 0.1,
         "tta": 2,
     },
+}
+# What --recipe sets instead on a multi-label run (the data decides, after it is read:
+# gluon_ft.train.run.check_multi_label), for each flag not given explicitly. Chosen on the val
+# part of food4-multilabel64 (docs/datasets.md): an image holds several labelled objects, often
+# off-centre, so the train crop keeps the whole image (a random crop cuts one out, and its
+# label is then wrong) and so does the evaluation (the book's centre crop cuts the edges);
+# BCE label smoothing and the flipped TTA view each lowered val mAP there.
+MULTI_LABEL_PRESETS: dict[str, dict] = {
+    "best": {"crop_scale": 1.0, "eval_resize": 1.0, "label_smoothing": 0.0, "tta": 1},
 }
 OPTIMIZERS = ("sgd", "adamw")
 EMA_SAVES = ("if-better", "always")
@@ -89,6 +98,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0  # linear warmup to --lr over the first epochs
     image_size: int | None = None  # None: the model's own input size (299 for inceptionv3)
     crop_scale: float = 0.08  # smallest area fraction of the random train crop (the book's)
+    eval_resize: float = BOOK_RESIZE  # evaluation: resize to this x image_size, center crop
     ctx: str = "auto"
     kvstore: str | None = None
     sync_bn_stats: bool | None = None  # average BatchNorm running statistics; None: if >1 copy
@@ -125,6 +135,8 @@ class TrainConfig:
     tta: int = 1  # test-time augmentation views at evaluation (1: the plain center crop)
     head_epochs: int = 0  # first train the new head alone, on cached features
     lr_find: bool = False  # --lr comes from a short LR range test (--recipe best without --lr)
+    preset: list[str] = field(default_factory=list)  # the settings --recipe set (not flags)
+    recipe_variant: str | None = None  # "multi-label": MULTI_LABEL_PRESETS changed the preset
 
     def apply_recipe(self, given=None) -> dict:
         """Set what ``--recipe`` presets, except the settings in ``given``; return them.
@@ -144,6 +156,29 @@ class TrainConfig:
                 self.lr_find = True
             else:
                 setattr(self, name, value)
+        self.preset = list(applied)
+        return applied
+
+    def apply_multi_label_preset(self) -> dict:
+        """A multi-label run's ``--recipe``: set what :data:`MULTI_LABEL_PRESETS` changes in
+        the recipe's preset, and return it.
+
+        A setting changes where the recipe set it (``preset``), or, one the general preset
+        leaves alone, where it still has its default; a flag given explicitly stays.
+        """
+        defaults = TrainConfig()
+        general = RECIPE_PRESETS[self.recipe]
+        applied = {
+            name: value
+            for name, value in MULTI_LABEL_PRESETS.get(self.recipe, {}).items()
+            if name in self.preset
+            or (name not in general and getattr(self, name) == getattr(defaults, name))
+        }
+        for name, value in applied.items():
+            setattr(self, name, value)
+        if applied:
+            self.preset = list(dict.fromkeys([*self.preset, *applied]))
+            self.recipe_variant = "multi-label"
         return applied
 
     def validate(self) -> None:
@@ -161,6 +196,11 @@ class TrainConfig:
             raise UsageError("--wd must be >= 0 and --momentum in [0, 1).")
         if not 0 < self.crop_scale <= 1:
             raise UsageError(f"--crop-scale must be in (0, 1], got {self.crop_scale:g}.")
+        if not (math.isfinite(self.eval_resize) and 1 <= self.eval_resize <= 4):
+            raise UsageError(
+                "--eval-resize must be between 1 (the whole image) and 4, "
+                f"got {self.eval_resize:g}."
+            )
         if self.lr_schedule not in SCHEDULES:
             raise UsageError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}.")
         if not (math.isfinite(self.warmup_epochs) and 0 <= self.warmup_epochs <= self.epochs):
@@ -318,9 +358,9 @@ class TrainConfig:
         return balanced_probabilities(labels) if self.sampler == "balanced" else None
 
     def test_transform(self):
-        """The evaluation transform: the book's resize and center crop to ``image_size``;
-        with ``--tta N`` the N views of :mod:`gluon_ft.data.tta`."""
-        return eval_transform(self.image_size, self.tta)
+        """The evaluation transform: the book's resize (``--eval-resize``) and center crop to
+        ``image_size``; with ``--tta N`` the N views of :mod:`gluon_ft.data.tta`."""
+        return eval_transform(self.image_size, self.tta, self.eval_resize)
 
     def freeze_plan(self) -> FreezePlan:
         """The :class:`gluon_ft.model.freeze.FreezePlan` of these settings."""

@@ -377,7 +377,9 @@ class FeatureLoader:
         probabilities=None,
     ):
         self.views = views
-        self.labels = np.asarray(labels, dtype=np.int32)
+        # Class indices as int32; a multi-label part's (N, C) multi-hot rows stay float32.
+        labels = np.asarray(labels)
+        self.labels = labels.astype(np.float32 if labels.ndim == 2 else np.int32)
         self._batch_sampler = EpochBatchSampler(
             len(self.labels), batch_size, shuffle, seed, shard, num_shards, probabilities
         )
@@ -397,6 +399,12 @@ class FeatureLoader:
             yield features[ok], self.labels[images[ok]], skipped
 
 
+def split_labels(split) -> np.ndarray:
+    """What a loader labels ``split``'s items with: class indices, or the ``(N, C)``
+    multi-hot targets of a multi-label part (:class:`gluon_ft.data.labels.MultiLabelSplit`)."""
+    return split.targets() if hasattr(split, "targets") else split.labels()
+
+
 def feature_loaders(net, train_split, test_split, ctx, config, shard=0, num_shards=1):
     """Return ``(train loader, test loader, head part, report)``.
 
@@ -413,7 +421,9 @@ def feature_loaders(net, train_split, test_split, ctx, config, shard=0, num_shar
     report = CacheReport(str(cache_dir()))
     common = {"seed": config.seed, "dtype": config.dtype, "batch_size": config.batch_size}
     common["workers"] = config.workers
-    probabilities = config.sample_probabilities(train_split.labels())
+    train_labels = split_labels(train_split)
+    # A multi-label run refuses --sampler balanced (train.run.check_multi_label).
+    probabilities = None if train_labels.ndim == 2 else config.sample_probabilities(train_labels)
     train_views = cached_views(
         backbone,
         train_split,
@@ -435,7 +445,7 @@ def feature_loaders(net, train_split, test_split, ctx, config, shard=0, num_shar
     )
     train_loader = FeatureLoader(
         train_views,
-        train_split.labels(),
+        train_labels,
         config.batch_size,
         shuffle=True,
         seed=config.seed,
@@ -445,7 +455,7 @@ def feature_loaders(net, train_split, test_split, ctx, config, shard=0, num_shar
     )
     test_loader = FeatureLoader(
         test_views,
-        test_split.labels(),
+        split_labels(test_split),
         config.batch_size,
         shuffle=False,
         shard=shard,

@@ -45,7 +45,7 @@ from gluon_ft.train.checkpoint import (
     saved_ema,
     saved_running_stats,
 )
-from gluon_ft.train.config import TrainConfig
+from gluon_ft.train.config import TrainConfig, flags_of
 from gluon_ft.train.devices import parse_contexts
 from gluon_ft.train.dist import DistContext, connect
 from gluon_ft.train.ema import WeightAverage, choose_weights
@@ -337,17 +337,18 @@ def check_multi_label(config: TrainConfig, session: Session, parts: DatasetParts
         return
     if config.monitor == "val_acc":  # the default: per-label accuracy says little here
         config.monitor = "val_map"
+    changed = config.apply_multi_label_preset()  # before the feeds: it sets their transforms
+    if changed and session.writer:
+        say(config, f"--recipe {config.recipe} on a multi-label run: {flags_of(changed)}")
     refused = {
         "--sampler balanced": config.sampler == "balanced",
-        "--cache-features": config.cache_features,
-        "--head-epochs": bool(config.head_epochs),
         "a distributed kvstore": session.dist.distributed,
     }
     named = [flag for flag, given in refused.items() if given]
     if named:
         raise UsageError(
-            f"A multi-label run cannot use {', '.join(named)} yet (it draws or caches by one "
-            "class per image, or scores mAP in one process); leave it out."
+            f"A multi-label run cannot use {', '.join(named)} yet (it draws by one class per "
+            "image, or scores mAP in one process); leave it out."
         )
     if config.thresholds == "auto" and parts.val is None:
         raise UsageError(
