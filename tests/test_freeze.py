@@ -276,7 +276,16 @@ def expected_decay_mult(name: str, decay: float, head: float) -> float:
     return decay**5  # the stem
 
 
-@pytest.mark.parametrize("policy", ["head", "layer-decay"])
+def expected_spread_mult(name: str, spread: float, head: float) -> float:
+    """fastai's three groups, written out from resnet18_v2's parameter names."""
+    if "dense" in name:
+        return head
+    if "stage" in name or "batchnorm2" in name:  # the final BatchNorm computes at 1/32
+        return spread**-0.5
+    return 1.0 / spread  # the stem
+
+
+@pytest.mark.parametrize("policy", ["head", "layer-decay", "spread"])
 def test_effective_learning_rate_is_lr_times_the_policy_multiplier(policy):
     net = resnet()
     net.hybridize(static_alloc=True, static_shape=True)
@@ -286,10 +295,14 @@ def test_effective_learning_rate_is_lr_times_the_policy_multiplier(policy):
         applied = set_lr_policy(net, head_lr_mult=10)
         assert applied == {"output": 10}
         expected = {n: 10.0 if "dense" in n else 1.0 for n in net.collect_params()}
-    else:
+    elif policy == "layer-decay":
         applied = set_lr_policy(net, head_lr_mult=10, layer_decay=0.5)
         assert applied["stage4"] == 0.5 and applied["stem"] == 0.5**5
         expected = {n: expected_decay_mult(n, 0.5, 10) for n in net.collect_params()}
+    else:
+        applied = set_lr_policy(net, head_lr_mult=1, spread=100)
+        assert applied["stage1"] == applied["stage4"] == 0.1 and applied["stem"] == 0.01
+        expected = {n: expected_spread_mult(n, 100, 1) for n in net.collect_params()}
     measured = effective_lrs(net, lr)
     assert len(measured) > 50
     for name, value in measured.items():
@@ -303,6 +316,12 @@ def test_layer_decay_needs_stages():
     mlp.add(gluon.nn.Dense(8), gluon.nn.Dense(2))
     with pytest.raises(UsageError, match="needs a network built from stages"):
         set_lr_policy(mlp, layer_decay=0.5)
+    with pytest.raises(UsageError, match="needs a network built from stages"):
+        set_lr_policy(mlp, spread=50)
+    with pytest.raises(UsageError, match="pass one"):
+        FreezePlan(layer_lr_decay=0.5, lr_spread=50).validate(5)
+    with pytest.raises(UsageError, match="at least 1"):
+        FreezePlan(lr_spread=0.5).validate(5)
 
 
 # ----------------------------------------------------------------------------- the table

@@ -89,6 +89,20 @@ def test_head_epochs_resume_exact_after_a_stop_in_either_phase(setup, tmp_path, 
         assert all(np.array_equal(want[k], got[k]) for k in want), stop_after
 
 
+def test_head_epochs_with_bn_train_reestimate_batchnorm_on_the_images(setup, tmp_path):
+    run = tmp_path / "run"
+    result = train(config(setup, run, head_epochs=1, epochs=1, bn="train"))
+    assert result["history"][0]["trainable_params"] > 2 * 256 + 2  # the head and BatchNorm
+    before, after = arrays(setup["source"]), arrays(run / "model.params")
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    gammas = [k for k in before if k.endswith(("gamma", "beta")) and k.startswith("features.")]
+    convs = [k for k in before if k.startswith("features.") and k not in stats + gammas]
+    assert stats and all(not np.array_equal(before[k], after[k]) for k in stats)
+    assert any(not np.array_equal(before[k], after[k]) for k in gammas)
+    assert convs and all(np.array_equal(before[k], after[k]) for k in convs)
+    assert json.loads((run / "config.json").read_text())["feature_cache"] is None
+
+
 def test_the_schedule_starts_after_the_head_epochs():
     schedule = LrSchedule(0.1, "cosine", epochs=3, steps_per_epoch=2, start_epoch=1)
     rates = [schedule.lr(e, s) for e in range(3) for s in range(2)]

@@ -173,7 +173,10 @@ def _add_optimizer_flags(p: argparse.ArgumentParser, d) -> None:
         "--lr-schedule",
         choices=SCHEDULES,
         default=d.lr_schedule,
-        help="constant, or cosine: from --lr down to 0 over the run (default %(default)s)",
+        help="constant, or cosine: from --lr down to 0 over the run; or onecycle: PyTorch's "
+        "OneCycleLR (fastai's fit_one_cycle), up from --lr/25 over a quarter of the steps, "
+        "then down, with AdamW's beta1 cycled 0.95-0.85-0.95; the head epochs get a cycle of "
+        "their own; its warm-up replaces --warmup-epochs (default %(default)s)",
     )
     p.add_argument(
         "--warmup-epochs",
@@ -216,9 +219,11 @@ def _add_freeze_flags(p: argparse.ArgumentParser, d) -> None:
         "--bn",
         choices=BN_MODES,
         default=d.bn,
-        help="BatchNorm in frozen parts: freeze (use running statistics) or train; inference: "
-        "every BatchNorm uses its running statistics, in the parts that train too (Keras's "
-        "advice for fine-tuning; gamma and beta still learn) (default %(default)s)",
+        help="BatchNorm in frozen parts: freeze (use running statistics) or train (also in "
+        "the --head-epochs, which then run on the images, not cached features: fastai's "
+        "train_bn); inference: every BatchNorm uses its running statistics, in the parts that "
+        "train too (Keras's advice for fine-tuning; gamma and beta still learn) (default "
+        "%(default)s)",
     )
     p.add_argument(
         "--layer-lr-decay",
@@ -226,6 +231,15 @@ def _add_freeze_flags(p: argparse.ArgumentParser, d) -> None:
         default=d.layer_lr_decay,
         metavar="D",
         help="lr_mult D**k for the stage k from the top (the head is 0)",
+    )
+    p.add_argument(
+        "--lr-spread",
+        type=positive_float,
+        default=d.lr_spread,
+        metavar="S",
+        help="fastai's three rate groups, slice(lr/S, lr): lr_mult 1/S for the stem, "
+        "1/sqrt(S) for every stage, 1 for the tail (the head keeps --head-lr-mult); not with "
+        "--layer-lr-decay",
     )
     p.add_argument(
         "--unfreeze-at",

@@ -99,6 +99,7 @@ class TrainConfig:
     freeze: str = "none"  # none | a part (features, stage1..) | a regex on parameter names
     bn: str = "freeze"  # BatchNorm of frozen parts: freeze (running statistics) | train
     layer_lr_decay: float | None = None  # stage k from the top learns D**k as fast
+    lr_spread: float | None = None  # fastai's slice(lr/S, lr): stem 1/S, stages 1/sqrt(S)
     unfreeze_at: str | None = None  # gradual unfreezing, "0:output,2:stage4,4:all"
     accumulate: int = 1  # micro-batches per step (gradient accumulation, grad_req 'add')
     progress: bool = True  # the epoch lines (and on a terminal, progress bars)
@@ -331,4 +332,5 @@ class TrainConfig:
             self.unfreeze_at,
             self.accumulate,
             self.head_epochs,
+            self.lr_spread,
         )

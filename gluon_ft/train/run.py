@@ -791,7 +791,9 @@ def report_epoch(
         f"{key.replace('_', ' ')} {row[key]:.3f}" for key in SCORE_KEYS if row.get(key) is not None
     )
     # A head epoch reads cached features: its speed is no measure of the whole network's.
-    on_features = config.cache_features or epoch <= config.head_epochs
+    on_features = config.cache_features or (
+        epoch <= config.head_epochs and not config.freeze_plan().live_head
+    )
     say(
         config,
         f"epoch {epoch}: loss {row['loss']:.3f}, train acc {row['train_acc']:.3f}, "
