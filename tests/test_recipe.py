@@ -239,3 +239,35 @@ def test_recipe_best_on_two_devices_resumes_exactly(setup, tmp_path, monkeypatch
     assert all(np.array_equal(want[k], got[k]) for k in want)
     saved = json.loads((run / "config.json").read_text())
     assert saved["lr"] == json.loads((whole / "config.json").read_text())["lr"]
+
+
+def test_adapt_bn_sets_running_statistics_to_the_mean_of_the_batches_and_nothing_else():
+    from gluon_ft.train.adabn import adapt_batchnorm
+
+    net = mx.gluon.nn.HybridSequential()
+    net.add(mx.gluon.nn.BatchNorm(in_channels=3), mx.gluon.nn.Conv2D(4, 3, in_channels=3))
+    net.add(mx.gluon.nn.BatchNorm(in_channels=4))
+    net.initialize()
+    for param in net.collect_params().values():
+        param.grad_req = "null"  # a frozen body: its BatchNorm statistics move all the same
+    net[0]._kwargs["use_global_stats"] = True  # --bn inference: restored after
+    net.hybridize(static_alloc=True, static_shape=True)
+    net(mx.nd.zeros((1, 3, 8, 8)))
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), None) for _ in range(3)]
+    gamma = net[2].gamma.data().asnumpy().copy()
+    assert (
+        adapt_batchnorm(
+            net, batches, mx.cpu(), prepare=lambda x: x.astype("float32").transpose((0, 3, 1, 2))
+        )
+        == 3
+    )
+    means = [b.astype(np.float64).mean(axis=(0, 1, 2)) for b, _ in batches]
+    variances = [b.astype(np.float64).var(axis=(0, 1, 2)) for b, _ in batches]
+    np.testing.assert_allclose(net[0].running_mean.data().asnumpy(), np.mean(means, 0), rtol=1e-5)
+    np.testing.assert_allclose(
+        net[0].running_var.data().asnumpy(), np.mean(variances, 0), rtol=1e-3
+    )
+    assert np.array_equal(net[2].gamma.data().asnumpy(), gamma)
+    assert net[0]._kwargs["use_global_stats"] and net[0]._kwargs["momentum"] == 0.9
+    assert not np.allclose(net[2].running_var.data().asnumpy(), 1.0)  # the second moved too

@@ -433,3 +433,11 @@ def _add_evaluation_flags(g, d) -> None:
         help="train the new head alone for the first E of --epochs, on cached features, "
         "then the whole network (default 0)",
     )
+    g.add_argument(
+        "--adapt-bn",
+        action="store_true",
+        default=d.adapt_bn,
+        help="AdaBN: before training, re-estimate every BatchNorm's running statistics on the "
+        "train part (one forward pass of its plain view, no weight changes), so that the "
+        "body normalizes with the target's statistics rather than the source's",
+    )

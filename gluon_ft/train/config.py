@@ -125,6 +125,7 @@ class TrainConfig:
     ema_save: str = "if-better"  # if-better (on validation) | always: model.params is the EMA
     tta: int = 1  # test-time augmentation views at evaluation (1: the plain center crop)
     head_epochs: int = 0  # first train the new head alone, on cached features
+    adapt_bn: bool = False  # AdaBN: BatchNorm's running statistics re-estimated on train first
     lr_find: bool = False  # --lr comes from a short LR range test (--recipe best without --lr)
 
     def apply_recipe(self, given=None) -> dict:
@@ -139,7 +140,13 @@ class TrainConfig:
             given = {
                 f.name for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)
             }
-        applied = {k: v for k, v in RECIPE_PRESETS[self.recipe].items() if k not in given}
+        # Rate groups and a schedule's warm-up come as one choice: a given --lr-spread
+        # replaces the preset's --layer-lr-decay, a given onecycle its --warmup-epochs.
+        implied = {"layer_lr_decay"} if "lr_spread" in given else set()
+        if "lr_schedule" in given and self.lr_schedule == "onecycle":
+            implied.add("warmup_epochs")
+        preset = RECIPE_PRESETS[self.recipe]
+        applied = {k: v for k, v in preset.items() if k not in given | implied}
         for name, value in applied.items():
             if name == "lr" and value == FIND_LR:
                 self.lr_find = True
@@ -273,6 +280,11 @@ class TrainConfig:
             raise UsageError(
                 "--head-epochs trains a new head on a pretrained body first; from scratch "
                 "(--pretrained none) there is neither."
+            )
+        if self.adapt_bn and self.pretrained == "none":
+            raise UsageError(
+                "--adapt-bn re-estimates a pretrained body's BatchNorm statistics on the "
+                "target; from scratch (--pretrained none) there are none to adapt."
             )
         if self.head_epochs and self.cache_features:
             raise UsageError(

@@ -53,6 +53,7 @@ from gluon_ft.train.feeds import (
     Feeds,
     LabelsFile,
     check_batch_fits,
+    image_loaders,
     load_dataset,
     make_feeds,
     require_readable,
@@ -215,6 +216,7 @@ def train(config: TrainConfig) -> dict:
             train_labels = parts.train.targets() if parts.multi_label else parts.train.labels()
             model.loss_fn = make_loss(config, train_labels, len(parts.classes), session.ctx)
             model.mixer = Mixer.of(config, len(parts.classes))
+            adapt_bn(config, session, model, parts)  # before the head epochs cache features
             first_epoch = session.resumed.position[0] if session.resumed else 0
             feeds = make_feeds(config, model.net, parts, session.ctx, session.dist, first_epoch)
             find_lr(config, session, model, feeds)
@@ -226,6 +228,21 @@ def train(config: TrainConfig) -> dict:
         finally:
             session.run.close()
         return close_run(config, session, model, parts, history)
+
+
+def adapt_bn(config: TrainConfig, session: Session, model: Model, parts: DatasetParts) -> None:
+    """``--adapt-bn``: AdaBN on the train part's plain view, once (a resumed run has the
+    adapted statistics in its checkpoint). Every worker passes over the whole train part in
+    the same order, so that each gets the same statistics."""
+    if not config.adapt_bn or session.resumed is not None:
+        return
+    from gluon_ft.train.adabn import adapt_batchnorm
+
+    plain = replace(config, tta=1)
+    loader = image_loaders(plain, parts.train, parts.train)[1]  # the eval transform, in order
+    with phase(config, session, "adapt-bn: BatchNorm statistics of the train part"):
+        batches = adapt_batchnorm(model.net, loader, session.ctx[0])
+    say(config, f"adapt-bn: BatchNorm statistics re-estimated on {batches} train batches")
 
 
 def open_run(config: TrainConfig) -> Session:
