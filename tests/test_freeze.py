@@ -16,6 +16,7 @@ from gluon_ft.model.freeze import (
     FreezePlan,
     freeze,
     named_parts,
+    needs_input_grad,
     parse_unfreeze_schedule,
     select,
     set_lr_policy,
@@ -540,3 +541,37 @@ def test_cli_freeze_pattern_matching_nothing_exits_2_naming_the_parts(tiny_data,
     result = cli(*common, "--unfreeze-at", "0:output,1:stage7", "--out", str(tmp_path / "b"))
     assert result.returncode == 2, result.stderr
     assert "Unknown part 'stage7'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_an_input_batchnorm_without_parameters_moves_its_statistics_with_the_inputs_gradient(
+    input_grad,
+):
+    from gluon_ft.train.step import MetricSums, train_batch
+
+    mx.random.seed(0)
+    net = gluon.nn.HybridSequential()  # ResNet v2's start: BatchNorm without gamma and beta
+    net.add(gluon.nn.BatchNorm(scale=False, center=False, in_channels=3))
+    net.add(gluon.nn.Conv2D(4, 3, in_channels=3), gluon.nn.GlobalAvgPool2D(), gluon.nn.Dense(2))
+    net.initialize()
+    net.hybridize(static_alloc=True, static_shape=True)
+    assert needs_input_grad(net)
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1})
+    options = StepOptions("float32", 1, 10, input_grad=input_grad)
+    before = net[0].running_mean.data().asnumpy().copy()
+    train_batch(
+        net,
+        trainer,
+        images,
+        np.array([0, 1, 0, 1]),
+        [mx.cpu()],
+        LOSS,
+        MetricSums([mx.cpu()]),
+        options=options,
+    )
+    net(mx.nd.zeros((4, 3, 8, 8)))  # a cached graph writes them back at its next call
+    moved = not np.array_equal(net[0].running_mean.data().asnumpy(), before)
+    assert moved == input_grad  # without it MXNet skips the layer's backward, and its update
+    net[0]._kwargs["use_global_stats"] = True  # frozen (--bn freeze, inference): not needed
+    assert not needs_input_grad(net)

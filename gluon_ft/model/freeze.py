@@ -263,6 +263,25 @@ def use_running_stats(net: gluon.Block) -> list[str]:
     return changed
 
 
+def needs_input_grad(net: gluon.Block) -> bool:
+    """Whether a training step must take the gradient of the input for every BatchNorm in
+    training mode to update its running statistics.
+
+    MXNet updates them in BatchNorm's backward pass, and skips that pass for a layer that
+    neither trains parameters nor has any before it: ResNet v2's first layer, a BatchNorm
+    without gamma and beta on the input, would keep the source's statistics for good (and
+    the test would normalize the input with them while training normalized it by batch).
+    Any BatchNorm normalizing by batch with every parameter frozen counts: what runs before
+    it may be frozen too.
+    """
+    return any(
+        is_batchnorm(block)
+        and not block._kwargs["use_global_stats"]
+        and all(p.grad_req == "null" for p in _params_of(block))
+        for _, block in walk_blocks(net)
+    )
+
+
 def frozen_batchnorms(net: gluon.Block) -> list[str]:
     """Names of the BatchNorm layers that use their running statistics in training."""
     blocks = (b for _, b in walk_blocks(net))

@@ -33,7 +33,7 @@ from gluon_ft.deploy.metrics import mean_average_precision
 from gluon_ft.deploy.report import build_report, write_thresholds
 from gluon_ft.errors import DivergedError, UsageError
 from gluon_ft.model import zoo
-from gluon_ft.model.freeze import FreezePlan, ParamTable, log_table
+from gluon_ft.model.freeze import FreezePlan, ParamTable, log_table, needs_input_grad
 from gluon_ft.model.graft import get_head, sidecar_path
 from gluon_ft.train import amp
 from gluon_ft.train.bn_stats import restore_copy, sync_bn_stats, wants_sync
@@ -632,7 +632,9 @@ def fit_epoch(config, session: Session, model: Model, feeds: Feeds, steps, optio
     step_samples = global_batch_sizes(feeds.train) if session.dist.distributed else None
     # The epoch's input (cached features in the head epochs) and mixing.
     mixer = epoch_mixer(model, feeds, steps.epoch)
-    options = replace(options, prepare=feeds.prepare, mixer=mixer)
+    options = replace(
+        options, prepare=feeds.prepare, mixer=mixer, input_grad=needs_input_grad(feeds.net)
+    )
     with epoch_bar(config, session, len(feeds.train), steps.epoch) as bar:
         try:
             return train_epoch(
