@@ -333,21 +333,11 @@ def set_lr_policy(
         if layout.head is None:
             raise UsageError(f"{type(net).__name__} has no output layer for a head lr_mult.")
         groups.append(("output", [layout.head], float(head_lr_mult)))
+    if layer_decay is not None and spread is not None:
+        raise UsageError("--lr-spread and --layer-lr-decay each set the body's rates: pass one.")
     if layer_decay is not None:
-        if not layout.stages:
-            raise UsageError(
-                f"--layer-lr-decay needs a network built from stages (like a ResNet); "
-                f"{type(net).__name__} has none. Parts: {describe_parts(net)}."
-            )
-        n, parts = len(layout.stages), layout.parts(net)
-        # Ranks from the top: the tail learns as fast as the last stage, the stem slowest.
-        ranks = {"tail": 1, **{f"stage{k}": n + 1 - k for k in range(n, 0, -1)}, "stem": n + 1}
-        groups += [(p, parts[p], layer_decay**k) for p, k in ranks.items() if p in parts]
+        groups += _decay_groups(net, layout, layer_decay)
     if spread is not None:
-        if layer_decay is not None:
-            raise UsageError(
-                "--lr-spread and --layer-lr-decay each set the body's rates: pass one."
-            )
         groups += _spread_groups(net, layout, spread)
     applied = {}
     for name, blocks, mult in groups:
@@ -357,13 +347,25 @@ def set_lr_policy(
     return applied
 
 
-def _spread_groups(net, layout, spread: float) -> list[tuple[str, list, float]]:
-    """The stem at ``1 / spread``, the stages at ``1 / sqrt(spread)``, the tail at 1."""
+def _require_stages(net, layout, flag: str) -> None:
     if not layout.stages:
         raise UsageError(
-            f"--lr-spread needs a network built from stages (like a ResNet); "
+            f"{flag} needs a network built from stages (like a ResNet); "
             f"{type(net).__name__} has none. Parts: {describe_parts(net)}."
         )
+
+
+def _decay_groups(net, layout, decay: float) -> list[tuple[str, list, float]]:
+    """Stage k from the top at ``decay**k``: the tail as the last stage, the stem slowest."""
+    _require_stages(net, layout, "--layer-lr-decay")
+    n, parts = len(layout.stages), layout.parts(net)
+    ranks = {"tail": 1, **{f"stage{k}": n + 1 - k for k in range(n, 0, -1)}, "stem": n + 1}
+    return [(p, parts[p], decay**k) for p, k in ranks.items() if p in parts]
+
+
+def _spread_groups(net, layout, spread: float) -> list[tuple[str, list, float]]:
+    """The stem at ``1 / spread``, the stages at ``1 / sqrt(spread)``, the tail at 1."""
+    _require_stages(net, layout, "--lr-spread")
     parts = layout.parts(net)
     mults = {"stem": 1.0 / spread, "tail": 1.0}
     mults.update({f"stage{k}": spread**-0.5 for k in range(1, len(layout.stages) + 1)})
