@@ -271,3 +271,13 @@ def test_adapt_bn_sets_running_statistics_to_the_mean_of_the_batches_and_nothing
     assert np.array_equal(net[2].gamma.data().asnumpy(), gamma)
     assert net[0]._kwargs["use_global_stats"] and net[0]._kwargs["momentum"] == 0.9
     assert not np.allclose(net[2].running_var.data().asnumpy(), 1.0)  # the second moved too
+
+
+def test_precise_bn_changes_only_the_running_statistics_of_the_last_epoch(setup, tmp_path):
+    plain, precise = tmp_path / "plain", tmp_path / "precise"
+    train(config(setup, plain, epochs=1))
+    train(config(setup, precise, epochs=1, precise_bn=True))
+    want, got = arrays(plain / "model.params"), arrays(precise / "model.params")
+    stats = [k for k in want if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(not np.array_equal(want[k], got[k]) for k in stats)
+    assert all(np.array_equal(want[k], got[k]) for k in want if k not in stats)

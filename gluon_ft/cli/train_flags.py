@@ -441,3 +441,11 @@ def _add_evaluation_flags(g, d) -> None:
         "train part (one forward pass of its plain view, no weight changes), so that the "
         "body normalizes with the target's statistics rather than the source's",
     )
+    g.add_argument(
+        "--precise-bn",
+        action="store_true",
+        default=d.precise_bn,
+        help="the same after the last epoch's steps, before its evaluation and save: the "
+        "running statistics become the exact mean over the train part's plain view, not "
+        "an exponential average of augmented batches (not with --cache-features)",
+    )

@@ -29,24 +29,60 @@ RECIPES = ("book", "best")
 # A value of --lr in a preset: the rate comes from a short LR range test on the training split
 # (gluon_ft.train.lr_find), run by train() before the first epoch.
 FIND_LR = "find"
-# What --recipe sets, for each flag not given explicitly. "best" was chosen by the ablation
-# on food10-64 in docs/recipes.md ("The best recipe").
+# What --recipe sets, for each flag not given explicitly. "best" was chosen by the ablations
+# in docs/recipes.md ("The best recipe", "Against a fastai-style peer"): from
+# BEST_FEW_SHOT_BELOW images a class on (food10-64, pizza64), fastai's fine_tune with
+# BatchNorm trained on the target; below it (food10-64-20shot), BEST_FEW_SHOT, which keeps
+# the source's BatchNorm statistics and measures its rate.
 RECIPE_PRESETS: dict[str, dict] = {
     "book": {},
     "best": {
         "optimizer": "adamw",
-        "lr": FIND_LR,
+        "lr": 1e-3,
+        "head_lr_mult": 1.0,
+        "lr_spread": 50.0,
         "wd": 0.01,
-        "lr_schedule": "cosine",
-        "warmup_epochs": 0.5,
+        "lr_schedule": "onecycle",
         "crop_scale": 0.25,
-        "layer_lr_decay": 0.5,
-        "bn": "inference",
+        "bn": "train",
         "head_epochs": 1,
         "label_smoothing": 0.1,
         "tta": 2,
     },
 }
+BEST_FEW_SHOT = {
+    "optimizer": "adamw",
+    "lr": FIND_LR,
+    "wd": 0.01,
+    "lr_schedule": "cosine",
+    "warmup_epochs": 0.5,
+    "crop_scale": 0.25,
+    "layer_lr_decay": 0.5,
+    "bn": "inference",
+    "head_epochs": 1,
+    "label_smoothing": 0.1,
+    "tta": 2,
+}
+BEST_FEW_SHOT_BELOW = 50  # images a class in the train part
+
+
+def recipe_preset(recipe: str, images_per_class: float | None = None) -> tuple[dict, str | None]:
+    """``(preset, shape)``: what ``--recipe`` sets for a train part of ``images_per_class``
+    images a class (None: unknown, the many-image preset), and the shape it chose by, for
+    ``config.json`` (None for the book's)."""
+    if recipe != "best":
+        return RECIPE_PRESETS[recipe], None
+    if images_per_class is not None and images_per_class < BEST_FEW_SHOT_BELOW:
+        return (
+            BEST_FEW_SHOT,
+            f"few-shot: {images_per_class:g} < {BEST_FEW_SHOT_BELOW} images a class",
+        )
+    known = "unknown" if images_per_class is None else f"{images_per_class:g}"
+    return RECIPE_PRESETS[
+        recipe
+    ], f"many: {known} images a class (>= {BEST_FEW_SHOT_BELOW} or unknown)"
+
+
 OPTIMIZERS = ("sgd", "adamw")
 EMA_SAVES = ("if-better", "always")
 
@@ -62,6 +98,11 @@ def flags_of(settings: dict) -> str:
 
 def describe_preset(recipe: str) -> str:
     """``--help``'s account of what ``recipe`` sets."""
+    if recipe == "best":
+        return (
+            f"{flags_of(RECIPE_PRESETS[recipe])}; with fewer than {BEST_FEW_SHOT_BELOW} train "
+            f"images a class: {flags_of(BEST_FEW_SHOT)}"
+        )
     return flags_of(RECIPE_PRESETS[recipe]) or "nothing"
 
 
@@ -126,7 +167,9 @@ class TrainConfig:
     tta: int = 1  # test-time augmentation views at evaluation (1: the plain center crop)
     head_epochs: int = 0  # first train the new head alone, on cached features
     adapt_bn: bool = False  # AdaBN: BatchNorm's running statistics re-estimated on train first
+    precise_bn: bool = False  # ... and after the last epoch, before its evaluation and save
     lr_find: bool = False  # --lr comes from a short LR range test (--recipe best without --lr)
+    recipe_shape: str | None = None  # which --recipe best preset the train part's shape chose
 
     def apply_recipe(self, given=None) -> dict:
         """Set what ``--recipe`` presets, except the settings in ``given``; return them.
@@ -145,7 +188,9 @@ class TrainConfig:
         implied = {"layer_lr_decay"} if "lr_spread" in given else set()
         if "lr_schedule" in given and self.lr_schedule == "onecycle":
             implied.add("warmup_epochs")
-        preset = RECIPE_PRESETS[self.recipe]
+        from gluon_ft.data.folders import images_per_class
+
+        preset, self.recipe_shape = recipe_preset(self.recipe, images_per_class(self.data))
         applied = {k: v for k, v in preset.items() if k not in given | implied}
         for name, value in applied.items():
             if name == "lr" and value == FIND_LR:
@@ -280,6 +325,11 @@ class TrainConfig:
             raise UsageError(
                 "--head-epochs trains a new head on a pretrained body first; from scratch "
                 "(--pretrained none) there is neither."
+            )
+        if self.precise_bn and self.cache_features:
+            raise UsageError(
+                "--precise-bn re-estimates the body's BatchNorm statistics, which "
+                "--cache-features keeps frozen: leave out one of them."
             )
         if self.adapt_bn and self.pretrained == "none":
             raise UsageError(

@@ -216,7 +216,7 @@ def train(config: TrainConfig) -> dict:
             train_labels = parts.train.targets() if parts.multi_label else parts.train.labels()
             model.loss_fn = make_loss(config, train_labels, len(parts.classes), session.ctx)
             model.mixer = Mixer.of(config, len(parts.classes))
-            adapt_bn(config, session, model, parts)  # before the head epochs cache features
+            adapt_bn(config, session, model, parts.train)  # before the head epochs cache
             first_epoch = session.resumed.position[0] if session.resumed else 0
             feeds = make_feeds(config, model.net, parts, session.ctx, session.dist, first_epoch)
             find_lr(config, session, model, feeds)
@@ -230,19 +230,22 @@ def train(config: TrainConfig) -> dict:
         return close_run(config, session, model, parts, history)
 
 
-def adapt_bn(config: TrainConfig, session: Session, model: Model, parts: DatasetParts) -> None:
-    """``--adapt-bn``: AdaBN on the train part's plain view, once (a resumed run has the
-    adapted statistics in its checkpoint). Every worker passes over the whole train part in
-    the same order, so that each gets the same statistics."""
-    if not config.adapt_bn or session.resumed is not None:
+def adapt_bn(config: TrainConfig, session: Session, model: Model, train_part, when="first") -> None:
+    """``--adapt-bn`` (``when`` "first"): AdaBN on the train part's plain view, once (a
+    resumed run has the adapted statistics in its checkpoint); ``--precise-bn`` ("last"): the
+    same after the last epoch's steps, before its evaluation and save. Every worker passes
+    over the whole train part in the same order, so that each gets the same statistics."""
+    if when == "first" and (not config.adapt_bn or session.resumed is not None):
+        return
+    if when == "last" and not config.precise_bn:
         return
     from gluon_ft.train.adabn import adapt_batchnorm
 
     plain = replace(config, tta=1)
-    loader = image_loaders(plain, parts.train, parts.train)[1]  # the eval transform, in order
-    with phase(config, session, "adapt-bn: BatchNorm statistics of the train part"):
+    loader = image_loaders(plain, train_part, train_part)[1]  # the eval transform, in order
+    with phase(config, session, "BatchNorm statistics of the train part"):
         batches = adapt_batchnorm(model.net, loader, session.ctx[0])
-    say(config, f"adapt-bn: BatchNorm statistics re-estimated on {batches} train batches")
+    say(config, f"BatchNorm statistics re-estimated on {batches} train batches ({when})")
 
 
 def open_run(config: TrainConfig) -> Session:
@@ -538,6 +541,8 @@ def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopR
         first_step = start_step if epoch == start_epoch else 0
         steps = epoch_steps(config, session, feeds, epoch, first_step, stop, set_lr)
         trained = train_one_epoch(config, session, model, feeds, steps, options, progress)
+        if epoch + 1 == config.epochs:
+            adapt_bn(config, session, model, feeds.train_split, "last")
         # Validate: the weights, and --ema's average of them.
         with phase(config, session, f"epoch {epoch + 1}/{config.epochs}: validating"):
             scores = validate(config, session, model, feeds)
