@@ -23,7 +23,7 @@ from gluon_ft.errors import Interrupted, UsageError
 from gluon_ft.model.freeze import FreezePlan, is_batchnorm
 from gluon_ft.model.graft import build_model, walk_blocks
 from gluon_ft.train import TrainConfig, train
-from gluon_ft.train.config import RECIPE_PRESETS, flags_of
+from gluon_ft.train.config import BEST_FEW_SHOT, RECIPE_PRESETS, flags_of, recipe_preset
 from gluon_ft.train.schedule import LrSchedule
 
 STEPS_PER_EPOCH = 3  # 12 train images in batches of 4
@@ -181,7 +181,8 @@ def test_given_flags_are_those_on_the_command_line_whatever_their_values(capsys)
     assert capsys.readouterr().err == f"gluon-ft: --recipe best: {flags_of(applied)}\n"
     # Not given: the preset's values, before the built-in defaults.
     config = command_line_config(["train", "--recipe", "best"])
-    assert config.lr_find and config.lr == TrainConfig().lr and config.tta == preset["tta"]
+    assert not config.lr_find and config.lr == preset["lr"] and config.tta == preset["tta"]
+    assert config.recipe_shape.startswith("many: unknown")  # no folder to count: many
     assert capsys.readouterr().err == f"gluon-ft: --recipe best: {flags_of(preset)}\n"
     assert command_line_config(["train", "--recipe", "book"]) == TrainConfig()
 
@@ -206,9 +207,10 @@ def test_recipe_best_on_the_command_line_writes_its_settings_and_the_measured_lr
     )
     assert code == 0
     saved = json.loads((out / "config.json").read_text())
-    for name, value in RECIPE_PRESETS["best"].items():
+    for name, value in BEST_FEW_SHOT.items():  # 6 train images a class: the few-shot preset
         if name not in ("lr", "tta"):
             assert saved[name] == value, name
+    assert saved["recipe_shape"].startswith("few-shot: 6 < 50")
     assert saved["tta"] == 1  # given explicitly: the preset's 2 does not apply
     found = json.loads((out / "lr_find.json").read_text())
     assert saved["lr_find"] and saved["lr"] == found["suggestion"] != TrainConfig().lr
@@ -281,3 +283,18 @@ def test_precise_bn_changes_only_the_running_statistics_of_the_last_epoch(setup,
     stats = [k for k in want if k.endswith(("running_mean", "running_var"))]
     assert stats and all(not np.array_equal(want[k], got[k]) for k in stats)
     assert all(np.array_equal(want[k], got[k]) for k in want if k not in stats)
+
+
+def test_recipe_best_chooses_its_preset_by_the_images_a_class(tmp_path):
+    from gluon_ft.data.folders import images_per_class
+
+    assert recipe_preset("best", 20)[0] is BEST_FEW_SHOT
+    assert recipe_preset("best", 100)[0] is RECIPE_PRESETS["best"] is recipe_preset("best")[0]
+    assert recipe_preset("best", 100)[0]["bn"] == "train" != BEST_FEW_SHOT["bn"]
+    assert recipe_preset("book", 20) == ({}, None)
+    data = write_image_folder(tmp_path / "data", n_train=3, n_test=1, size=8)
+    assert images_per_class(str(data)) == 3 and images_per_class(str(tmp_path / "no")) is None
+    words = ["train", "--data", str(data), "--recipe", "best"]
+    chosen = command_line_config(words)
+    assert chosen.bn == "inference" and chosen.recipe_shape.startswith("few-shot")
+    assert command_line_config([*words, "--bn", "train"]).bn == "train"  # given wins

@@ -19,9 +19,10 @@ class PresetValue:
     would run through the flag's type (``--lr`` has no type that reads the preset's "find").
     """
 
-    def __init__(self, value, built_in):
+    def __init__(self, value, built_in, order: int = 0):
         self.value = value
         self.built_in = built_in  # the flag's own default: --lr's, while lr-find measures it
+        self.order = order  # its place in the preset, which --recipe's line keeps
 
 
 def read_recipe(words: Sequence[str]) -> str | None:
@@ -49,7 +50,10 @@ def use_preset_defaults(parser: argparse.ArgumentParser, recipe: str, data: str 
     preset, shape = recipe_preset(recipe, images_per_class(data) if data else None)
     parser.set_defaults(
         recipe_shape=shape,
-        **{name: PresetValue(value, parser.get_default(name)) for name, value in preset.items()},
+        **{
+            name: PresetValue(value, parser.get_default(name), order)
+            for order, (name, value) in enumerate(preset.items())
+        },
     )
 
 
@@ -169,9 +173,8 @@ def take_preset(args: argparse.Namespace) -> dict:
     from gluon_ft.train.config import FIND_LR
 
     applied = {}
-    for name, preset in list(vars(args).items()):
-        if not isinstance(preset, PresetValue):
-            continue  # given on the command line
+    presets = [(n, p) for n, p in vars(args).items() if isinstance(p, PresetValue)]
+    for name, preset in sorted(presets, key=lambda item: item[1].order):  # not given
         applied[name] = preset.value
         if name == "lr" and preset.value == FIND_LR:
             args.lr_find = True
