@@ -48,6 +48,7 @@ RECIPE_PRESETS: dict[str, dict] = {
         "head_epochs": 1,
         "label_smoothing": 0.1,
         "tta": 2,
+        "precise_bn": True,
     },
 }
 BEST_FEW_SHOT = {
@@ -92,7 +93,10 @@ def flags_of(settings: dict) -> str:
     words = []
     for name, value in settings.items():
         flag = "--" + {"mix_off_epoch": "mixup-off-epoch"}.get(name, name.replace("_", "-"))
-        words.append(f"{flag} {'(lr-find)' if value == FIND_LR else value}")
+        if value is True:
+            words.append(flag)  # a switch: --precise-bn
+        else:
+            words.append(f"{flag} {'(lr-find)' if value == FIND_LR else value}")
     return " ".join(words)
 
 
