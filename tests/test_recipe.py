@@ -298,3 +298,10 @@ def test_recipe_best_chooses_its_preset_by_the_images_a_class(tmp_path):
     chosen = command_line_config(words)
     assert chosen.bn == "inference" and chosen.recipe_shape.startswith("few-shot")
     assert command_line_config([*words, "--bn", "train"]).bn == "train"  # given wins
+    many = write_image_folder(tmp_path / "many", n_train=50, n_test=1, size=8)
+    words = ["train", "--data", str(many), "--recipe", "best"]
+    chosen = command_line_config(words)
+    assert (chosen.bn, chosen.lr_spread, chosen.layer_lr_decay) == ("train", 50.0, None)
+    assert chosen.recipe_shape.startswith("many: 50 images")
+    decay = command_line_config([*words, "--layer-lr-decay", "0.5"])  # replaces the groups
+    assert (decay.lr_spread, decay.layer_lr_decay) == (None, 0.5)

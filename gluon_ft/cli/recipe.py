@@ -170,8 +170,12 @@ def take_preset(args: argparse.Namespace) -> dict:
     """Put each :class:`PresetValue` of ``args`` by its value; return what the preset set, in
     its order. A preset's ``--lr`` of "find" sets ``lr_find``: train() measures the rate first,
     and ``--lr`` keeps its own default until then."""
-    from gluon_ft.train.config import FIND_LR
+    from gluon_ft.train.config import FIND_LR, replaced_by
 
+    given = {n for n, p in vars(args).items() if not isinstance(p, PresetValue)}
+    for name in replaced_by(given, getattr(args, "lr_schedule", None)):
+        if isinstance(getattr(args, name, None), PresetValue):
+            setattr(args, name, getattr(args, name).built_in)  # the flag's own default
     applied = {}
     presets = [(n, p) for n, p in vars(args).items() if isinstance(p, PresetValue)]
     for name, preset in sorted(presets, key=lambda item: item[1].order):  # not given

@@ -88,6 +88,21 @@ OPTIMIZERS = ("sgd", "adamw")
 EMA_SAVES = ("if-better", "always")
 
 
+def replaced_by(given, lr_schedule: str) -> set[str]:
+    """The preset's settings that the ``given`` ones replace: rate groups and a schedule's
+    warm-up come as one choice, so a given ``--lr-spread`` or ``--layer-lr-decay`` replaces
+    the preset's other one, and a given onecycle schedule (its own warm-up) the preset's
+    ``--warmup-epochs``."""
+    replaced = set()
+    if "lr_spread" in given:
+        replaced.add("layer_lr_decay")
+    if "layer_lr_decay" in given:
+        replaced.add("lr_spread")
+    if "lr_schedule" in given and lr_schedule == "onecycle":
+        replaced.add("warmup_epochs")
+    return replaced
+
+
 def flags_of(settings: dict) -> str:
     """Settings as the command-line flags that give them: ``--lr-schedule cosine``."""
     words = []
@@ -187,11 +202,7 @@ class TrainConfig:
             given = {
                 f.name for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)
             }
-        # Rate groups and a schedule's warm-up come as one choice: a given --lr-spread
-        # replaces the preset's --layer-lr-decay, a given onecycle its --warmup-epochs.
-        implied = {"layer_lr_decay"} if "lr_spread" in given else set()
-        if "lr_schedule" in given and self.lr_schedule == "onecycle":
-            implied.add("warmup_epochs")
+        implied = replaced_by(given, self.lr_schedule)
         from gluon_ft.data.folders import images_per_class
 
         preset, self.recipe_shape = recipe_preset(self.recipe, images_per_class(self.data))
