@@ -172,7 +172,8 @@ def take_preset(args: argparse.Namespace) -> dict:
     and ``--lr`` keeps its own default until then."""
     from gluon_ft.train.config import FIND_LR, replaced_by
 
-    given = {n for n, p in vars(args).items() if not isinstance(p, PresetValue)}
+    # None is the default of the flags that replace others (--lr-spread, --layer-lr-decay)
+    given = {n for n, p in vars(args).items() if p is not None and not isinstance(p, PresetValue)}
     for name in replaced_by(given, getattr(args, "lr_schedule", None)):
         if isinstance(getattr(args, name, None), PresetValue):
             setattr(args, name, getattr(args, name).built_in)  # the flag's own default
