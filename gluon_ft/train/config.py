@@ -48,7 +48,6 @@ RECIPE_PRESETS: dict[str, dict] = {
         "head_epochs": 1,
         "label_smoothing": 0.1,
         "tta": 2,
-        "precise_bn": True,
     },
 }
 BEST_FEW_SHOT = {
