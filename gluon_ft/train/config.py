@@ -262,7 +262,21 @@ class TrainConfig:
         if self.accumulate > self.batch_size:
             raise UsageError("--accumulate cannot exceed --batch-size (its micro-batches).")
         self.validate_tricks()
+        self.validate_batchnorm_passes()
         self.freeze_plan().validate(self.epochs)
+
+    def validate_batchnorm_passes(self) -> None:
+        """``--adapt-bn`` and ``--precise-bn``: a body whose statistics can move."""
+        if self.precise_bn and self.cache_features:
+            raise UsageError(
+                "--precise-bn re-estimates the body's BatchNorm statistics, which "
+                "--cache-features keeps frozen: leave out one of them."
+            )
+        if self.adapt_bn and self.pretrained == "none":
+            raise UsageError(
+                "--adapt-bn re-estimates a pretrained body's BatchNorm statistics on the "
+                "target; from scratch (--pretrained none) there are none to adapt."
+            )
 
     def validate_imbalance(self) -> None:
         """``--class-weights`` and ``--sampler``: one correction of the imbalance, not two."""
@@ -339,16 +353,6 @@ class TrainConfig:
             raise UsageError(
                 "--head-epochs trains a new head on a pretrained body first; from scratch "
                 "(--pretrained none) there is neither."
-            )
-        if self.precise_bn and self.cache_features:
-            raise UsageError(
-                "--precise-bn re-estimates the body's BatchNorm statistics, which "
-                "--cache-features keeps frozen: leave out one of them."
-            )
-        if self.adapt_bn and self.pretrained == "none":
-            raise UsageError(
-                "--adapt-bn re-estimates a pretrained body's BatchNorm statistics on the "
-                "target; from scratch (--pretrained none) there are none to adapt."
             )
         if self.head_epochs and self.cache_features:
             raise UsageError(
