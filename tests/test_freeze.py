@@ -16,6 +16,7 @@ from gluon_ft.model.freeze import (
     FreezePlan,
     freeze,
     named_parts,
+    needs_input_grad,
     parse_unfreeze_schedule,
     select,
     set_lr_policy,
@@ -276,7 +277,16 @@ def expected_decay_mult(name: str, decay: float, head: float) -> float:
     return decay**5  # the stem
 
 
-@pytest.mark.parametrize("policy", ["head", "layer-decay"])
+def expected_spread_mult(name: str, spread: float, head: float) -> float:
+    """fastai's three groups, written out from resnet18_v2's parameter names."""
+    if "dense" in name:
+        return head
+    if "stage" in name or "batchnorm2" in name:  # the final BatchNorm computes at 1/32
+        return spread**-0.5
+    return 1.0 / spread  # the stem
+
+
+@pytest.mark.parametrize("policy", ["head", "layer-decay", "spread"])
 def test_effective_learning_rate_is_lr_times_the_policy_multiplier(policy):
     net = resnet()
     net.hybridize(static_alloc=True, static_shape=True)
@@ -286,10 +296,14 @@ def test_effective_learning_rate_is_lr_times_the_policy_multiplier(policy):
         applied = set_lr_policy(net, head_lr_mult=10)
         assert applied == {"output": 10}
         expected = {n: 10.0 if "dense" in n else 1.0 for n in net.collect_params()}
-    else:
+    elif policy == "layer-decay":
         applied = set_lr_policy(net, head_lr_mult=10, layer_decay=0.5)
         assert applied["stage4"] == 0.5 and applied["stem"] == 0.5**5
         expected = {n: expected_decay_mult(n, 0.5, 10) for n in net.collect_params()}
+    else:
+        applied = set_lr_policy(net, head_lr_mult=1, spread=100)
+        assert applied["stage1"] == applied["stage4"] == 0.1 and applied["stem"] == 0.01
+        expected = {n: expected_spread_mult(n, 100, 1) for n in net.collect_params()}
     measured = effective_lrs(net, lr)
     assert len(measured) > 50
     for name, value in measured.items():
@@ -303,6 +317,12 @@ def test_layer_decay_needs_stages():
     mlp.add(gluon.nn.Dense(8), gluon.nn.Dense(2))
     with pytest.raises(UsageError, match="needs a network built from stages"):
         set_lr_policy(mlp, layer_decay=0.5)
+    with pytest.raises(UsageError, match="needs a network built from stages"):
+        set_lr_policy(mlp, spread=50)
+    with pytest.raises(UsageError, match="pass one"):
+        FreezePlan(layer_lr_decay=0.5, lr_spread=50).validate(5)
+    with pytest.raises(UsageError, match="at least 1"):
+        FreezePlan(lr_spread=0.5).validate(5)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -521,3 +541,37 @@ def test_cli_freeze_pattern_matching_nothing_exits_2_naming_the_parts(tiny_data,
     result = cli(*common, "--unfreeze-at", "0:output,1:stage7", "--out", str(tmp_path / "b"))
     assert result.returncode == 2, result.stderr
     assert "Unknown part 'stage7'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_an_input_batchnorm_without_parameters_moves_its_statistics_with_the_inputs_gradient(
+    input_grad,
+):
+    from gluon_ft.train.step import MetricSums, train_batch
+
+    mx.random.seed(0)
+    net = gluon.nn.HybridSequential()  # ResNet v2's start: BatchNorm without gamma and beta
+    net.add(gluon.nn.BatchNorm(scale=False, center=False, in_channels=3))
+    net.add(gluon.nn.Conv2D(4, 3, in_channels=3), gluon.nn.GlobalAvgPool2D(), gluon.nn.Dense(2))
+    net.initialize()
+    net.hybridize(static_alloc=True, static_shape=True)
+    assert needs_input_grad(net)
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1})
+    options = StepOptions("float32", 1, 10, input_grad=input_grad)
+    before = net[0].running_mean.data().asnumpy().copy()
+    train_batch(
+        net,
+        trainer,
+        images,
+        np.array([0, 1, 0, 1]),
+        [mx.cpu()],
+        LOSS,
+        MetricSums([mx.cpu()]),
+        options=options,
+    )
+    net(mx.nd.zeros((4, 3, 8, 8)))  # a cached graph writes them back at its next call
+    moved = not np.array_equal(net[0].running_mean.data().asnumpy(), before)
+    assert moved == input_grad  # without it MXNet skips the layer's backward, and its update
+    net[0]._kwargs["use_global_stats"] = True  # frozen (--bn freeze, inference): not needed
+    assert not needs_input_grad(net)

@@ -23,7 +23,7 @@ from gluon_ft.errors import Interrupted, UsageError
 from gluon_ft.model.freeze import FreezePlan, is_batchnorm
 from gluon_ft.model.graft import build_model, walk_blocks
 from gluon_ft.train import TrainConfig, train
-from gluon_ft.train.config import RECIPE_PRESETS, flags_of
+from gluon_ft.train.config import BEST_FEW_SHOT, RECIPE_PRESETS, flags_of, recipe_preset
 from gluon_ft.train.schedule import LrSchedule
 
 STEPS_PER_EPOCH = 3  # 12 train images in batches of 4
@@ -87,6 +87,20 @@ def test_head_epochs_resume_exact_after_a_stop_in_either_phase(setup, tmp_path, 
         train(config(setup, run, head_epochs=1, epochs=3, resume=True))
         want, got = arrays(whole / "model.params"), arrays(run / "model.params")
         assert all(np.array_equal(want[k], got[k]) for k in want), stop_after
+
+
+def test_head_epochs_with_bn_train_reestimate_batchnorm_on_the_images(setup, tmp_path):
+    run = tmp_path / "run"
+    result = train(config(setup, run, head_epochs=1, epochs=1, bn="train"))
+    assert result["history"][0]["trainable_params"] > 2 * 256 + 2  # the head and BatchNorm
+    before, after = arrays(setup["source"]), arrays(run / "model.params")
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    gammas = [k for k in before if k.endswith(("gamma", "beta")) and k.startswith("features.")]
+    convs = [k for k in before if k.startswith("features.") and k not in stats + gammas]
+    assert stats and all(not np.array_equal(before[k], after[k]) for k in stats)
+    assert any(not np.array_equal(before[k], after[k]) for k in gammas)
+    assert convs and all(np.array_equal(before[k], after[k]) for k in convs)
+    assert json.loads((run / "config.json").read_text())["feature_cache"] is None
 
 
 def test_the_schedule_starts_after_the_head_epochs():
@@ -167,7 +181,8 @@ def test_given_flags_are_those_on_the_command_line_whatever_their_values(capsys)
     assert capsys.readouterr().err == f"gluon-ft: --recipe best: {flags_of(applied)}\n"
     # Not given: the preset's values, before the built-in defaults.
     config = command_line_config(["train", "--recipe", "best"])
-    assert config.lr_find and config.lr == TrainConfig().lr and config.tta == preset["tta"]
+    assert not config.lr_find and config.lr == preset["lr"] and config.tta == preset["tta"]
+    assert config.recipe_shape.startswith("many: unknown")  # no folder to count: many
     assert capsys.readouterr().err == f"gluon-ft: --recipe best: {flags_of(preset)}\n"
     assert command_line_config(["train", "--recipe", "book"]) == TrainConfig()
 
@@ -192,9 +207,10 @@ def test_recipe_best_on_the_command_line_writes_its_settings_and_the_measured_lr
     )
     assert code == 0
     saved = json.loads((out / "config.json").read_text())
-    for name, value in RECIPE_PRESETS["best"].items():
+    for name, value in BEST_FEW_SHOT.items():  # 6 train images a class: the few-shot preset
         if name not in ("lr", "tta"):
             assert saved[name] == value, name
+    assert saved["recipe_shape"].startswith("few-shot: 6 < 50")
     assert saved["tta"] == 1  # given explicitly: the preset's 2 does not apply
     found = json.loads((out / "lr_find.json").read_text())
     assert saved["lr_find"] and saved["lr"] == found["suggestion"] != TrainConfig().lr
@@ -225,3 +241,67 @@ def test_recipe_best_on_two_devices_resumes_exactly(setup, tmp_path, monkeypatch
     assert all(np.array_equal(want[k], got[k]) for k in want)
     saved = json.loads((run / "config.json").read_text())
     assert saved["lr"] == json.loads((whole / "config.json").read_text())["lr"]
+
+
+def test_adapt_bn_sets_running_statistics_to_the_mean_of_the_batches_and_nothing_else():
+    from gluon_ft.train.adabn import adapt_batchnorm
+
+    net = mx.gluon.nn.HybridSequential()
+    net.add(mx.gluon.nn.BatchNorm(in_channels=3), mx.gluon.nn.Conv2D(4, 3, in_channels=3))
+    net.add(mx.gluon.nn.BatchNorm(in_channels=4))
+    net.initialize()
+    for param in net.collect_params().values():
+        param.grad_req = "null"  # a frozen body: its BatchNorm statistics move all the same
+    net[0]._kwargs["use_global_stats"] = True  # --bn inference: restored after
+    net.hybridize(static_alloc=True, static_shape=True)
+    net(mx.nd.zeros((1, 3, 8, 8)))
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), None) for _ in range(3)]
+    gamma = net[2].gamma.data().asnumpy().copy()
+    assert (
+        adapt_batchnorm(
+            net, batches, mx.cpu(), prepare=lambda x: x.astype("float32").transpose((0, 3, 1, 2))
+        )
+        == 3
+    )
+    means = [b.astype(np.float64).mean(axis=(0, 1, 2)) for b, _ in batches]
+    variances = [b.astype(np.float64).var(axis=(0, 1, 2)) for b, _ in batches]
+    np.testing.assert_allclose(net[0].running_mean.data().asnumpy(), np.mean(means, 0), rtol=1e-5)
+    np.testing.assert_allclose(
+        net[0].running_var.data().asnumpy(), np.mean(variances, 0), rtol=1e-3
+    )
+    assert np.array_equal(net[2].gamma.data().asnumpy(), gamma)
+    assert net[0]._kwargs["use_global_stats"] and net[0]._kwargs["momentum"] == 0.9
+    assert not np.allclose(net[2].running_var.data().asnumpy(), 1.0)  # the second moved too
+
+
+def test_precise_bn_changes_only_the_running_statistics_of_the_last_epoch(setup, tmp_path):
+    plain, precise = tmp_path / "plain", tmp_path / "precise"
+    train(config(setup, plain, epochs=1))
+    train(config(setup, precise, epochs=1, precise_bn=True))
+    want, got = arrays(plain / "model.params"), arrays(precise / "model.params")
+    stats = [k for k in want if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(not np.array_equal(want[k], got[k]) for k in stats)
+    assert all(np.array_equal(want[k], got[k]) for k in want if k not in stats)
+
+
+def test_recipe_best_chooses_its_preset_by_the_images_a_class(tmp_path):
+    from gluon_ft.data.folders import images_per_class
+
+    assert recipe_preset("best", 20)[0] is BEST_FEW_SHOT
+    assert recipe_preset("best", 100)[0] is RECIPE_PRESETS["best"] is recipe_preset("best")[0]
+    assert recipe_preset("best", 100)[0]["bn"] == "train" != BEST_FEW_SHOT["bn"]
+    assert recipe_preset("book", 20) == ({}, None)
+    data = write_image_folder(tmp_path / "data", n_train=3, n_test=1, size=8)
+    assert images_per_class(str(data)) == 3 and images_per_class(str(tmp_path / "no")) is None
+    words = ["train", "--data", str(data), "--recipe", "best"]
+    chosen = command_line_config(words)
+    assert chosen.bn == "inference" and chosen.recipe_shape.startswith("few-shot")
+    assert command_line_config([*words, "--bn", "train"]).bn == "train"  # given wins
+    many = write_image_folder(tmp_path / "many", n_train=50, n_test=1, size=8)
+    words = ["train", "--data", str(many), "--recipe", "best"]
+    chosen = command_line_config(words)
+    assert (chosen.bn, chosen.lr_spread, chosen.layer_lr_decay) == ("train", 50.0, None)
+    assert chosen.recipe_shape.startswith("many: 50 images")
+    decay = command_line_config([*words, "--layer-lr-decay", "0.5"])  # replaces the groups
+    assert (decay.lr_spread, decay.layer_lr_decay) == (None, 0.5)

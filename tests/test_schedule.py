@@ -38,6 +38,35 @@ def test_cosine_falls_from_the_peak_to_zero_after_the_warmup():
     assert [whole.lr(0, s) for s in range(4)] == pytest.approx([0.05, 0.1, 0.15, 0.2])
 
 
+def test_onecycle_is_pytorchs_onecyclelr_with_beta1_cycled_the_other_way():
+    # OneCycleLR(max_lr=1e-3, total_steps=16, pct_start=0.25): up over steps 0..3, then down.
+    schedule = LrSchedule(1e-3, "onecycle", epochs=1, steps_per_epoch=16)
+    rates = [schedule.lr(0, s) for s in range(16)]
+    betas = [schedule.beta1(0, s) for s in range(16)]
+    assert rates[0] == pytest.approx(1e-3 / 25) and betas[0] == pytest.approx(0.95)
+    assert rates[3] == pytest.approx(1e-3) and betas[3] == pytest.approx(0.85)
+    assert rates[9] == pytest.approx(1e-3 / 25 / 1e4 + (1e-3 - 4e-9) / 2)  # half way down
+    assert betas[9] == pytest.approx(0.9)
+    assert rates[15] == pytest.approx(1e-3 / 25 / 1e4) and betas[15] == pytest.approx(0.95)
+    assert rates[:4] == sorted(rates[:4]) and rates[3:] == sorted(rates[3:], reverse=True)
+    assert LrSchedule(1e-3, "cosine").beta1(0, 0) is None  # other schedules leave beta1 alone
+
+
+def test_onecycle_gives_the_head_epochs_a_cycle_of_their_own_and_sets_adamws_beta1():
+    schedule = LrSchedule(1e-3, "onecycle", epochs=3, steps_per_epoch=16, start_epoch=1)
+    head = LrSchedule(1e-3, "onecycle", epochs=1, steps_per_epoch=16)
+    rest = LrSchedule(1e-3, "onecycle", epochs=2, steps_per_epoch=16)
+    assert [schedule.lr(0, s) for s in range(16)] == [head.lr(0, s) for s in range(16)]
+    got = [schedule.lr(e, s) for e in (1, 2) for s in range(16)]
+    assert got == [rest.lr(e, s) for e in (0, 1) for s in range(16)]
+    net = mx.gluon.nn.Dense(2)
+    net.initialize()
+    trainer = mx.gluon.Trainer(net.collect_params(), "adamw", {"learning_rate": 1.0})
+    schedule.setter(trainer)(1, 7)
+    assert trainer.learning_rate == pytest.approx(rest.lr(0, 7))
+    assert trainer._optimizer.beta1 == pytest.approx(rest.beta1(0, 7)) != 0.9
+
+
 def test_an_unknown_schedule_is_refused():
     with pytest.raises(ValueError, match="unknown lr schedule 'step'"):
         LrSchedule(0.1, "step")

@@ -19,9 +19,10 @@ class PresetValue:
     would run through the flag's type (``--lr`` has no type that reads the preset's "find").
     """
 
-    def __init__(self, value, built_in):
+    def __init__(self, value, built_in, order: int = 0):
         self.value = value
         self.built_in = built_in  # the flag's own default: --lr's, while lr-find measures it
+        self.order = order  # its place in the preset, which --recipe's line keeps
 
 
 def read_recipe(words: Sequence[str]) -> str | None:
@@ -40,15 +41,19 @@ def read_recipe(words: Sequence[str]) -> str | None:
     return None if known.help else known.recipe
 
 
-def use_preset_defaults(parser: argparse.ArgumentParser, recipe: str) -> None:
-    """Make the settings of ``recipe``'s preset the defaults of ``parser``'s flags."""
-    from gluon_ft.train.config import RECIPE_PRESETS
+def use_preset_defaults(parser: argparse.ArgumentParser, recipe: str, data: str | None) -> None:
+    """Make the settings of ``recipe``'s preset for ``--data data``'s shape (images a class)
+    the defaults of ``parser``'s flags; the shape it chose by is ``recipe_shape``'s."""
+    from gluon_ft.data.folders import images_per_class
+    from gluon_ft.train.config import recipe_preset
 
+    preset, shape = recipe_preset(recipe, images_per_class(data) if data else None)
     parser.set_defaults(
+        recipe_shape=shape,
         **{
-            name: PresetValue(value, parser.get_default(name))
-            for name, value in RECIPE_PRESETS[recipe].items()
-        }
+            name: PresetValue(value, parser.get_default(name), order)
+            for order, (name, value) in enumerate(preset.items())
+        },
     )
 
 
@@ -60,7 +65,7 @@ def parse_command_line(parser: Parser, words: Sequence[str]) -> argparse.Namespa
     if command is not None and command.get_default("recipe") is not None:
         recipe = read_recipe(words[1:])
         if recipe is not None:
-            use_preset_defaults(command, recipe)
+            use_preset_defaults(command, recipe, read_flag(words[1:], "--data"))
     if command is not None and any(a.dest == "config" for a in command._actions):
         path = read_config_path(words[1:])
         if path is not None:
@@ -81,13 +86,18 @@ def add_config_argument(p: argparse.ArgumentParser) -> None:
 
 def read_config_path(words: Sequence[str]) -> str | None:
     """The ``--config`` of ``words``, if any (the real parse reports a missing value)."""
+    return read_flag(words, "--config")
+
+
+def read_flag(words: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``words``, if any (the real parse reports a missing value)."""
     reader = argparse.ArgumentParser(add_help=False, exit_on_error=False)
-    reader.add_argument("--config")
+    reader.add_argument(flag, dest="value")
     try:
         known, _ = reader.parse_known_args(words)
     except argparse.ArgumentError:
         return None
-    return known.config
+    return known.value
 
 
 # What a run's config.json holds that is no setting to repeat: the next run's own folder.
@@ -160,13 +170,16 @@ def take_preset(args: argparse.Namespace) -> dict:
     """Put each :class:`PresetValue` of ``args`` by its value; return what the preset set, in
     its order. A preset's ``--lr`` of "find" sets ``lr_find``: train() measures the rate first,
     and ``--lr`` keeps its own default until then."""
-    from gluon_ft.train.config import FIND_LR, RECIPE_PRESETS
+    from gluon_ft.train.config import FIND_LR, replaced_by
 
+    # None is the default of the flags that replace others (--lr-spread, --layer-lr-decay)
+    given = {n for n, p in vars(args).items() if p is not None and not isinstance(p, PresetValue)}
+    for name in replaced_by(given, getattr(args, "lr_schedule", None)):
+        if isinstance(getattr(args, name, None), PresetValue):
+            setattr(args, name, getattr(args, name).built_in)  # the flag's own default
     applied = {}
-    for name in RECIPE_PRESETS[getattr(args, "recipe", "book")]:
-        preset = getattr(args, name)
-        if not isinstance(preset, PresetValue):
-            continue  # given on the command line
+    presets = [(n, p) for n, p in vars(args).items() if isinstance(p, PresetValue)]
+    for name, preset in sorted(presets, key=lambda item: item[1].order):  # not given
         applied[name] = preset.value
         if name == "lr" and preset.value == FIND_LR:
             args.lr_find = True

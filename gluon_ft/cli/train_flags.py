@@ -173,7 +173,10 @@ def _add_optimizer_flags(p: argparse.ArgumentParser, d) -> None:
         "--lr-schedule",
         choices=SCHEDULES,
         default=d.lr_schedule,
-        help="constant, or cosine: from --lr down to 0 over the run (default %(default)s)",
+        help="constant, or cosine: from --lr down to 0 over the run; or onecycle: PyTorch's "
+        "OneCycleLR (fastai's fit_one_cycle), up from --lr/25 over a quarter of the steps, "
+        "then down, with AdamW's beta1 cycled 0.95-0.85-0.95; the head epochs get a cycle of "
+        "their own; its warm-up replaces --warmup-epochs (default %(default)s)",
     )
     p.add_argument(
         "--warmup-epochs",
@@ -224,9 +227,11 @@ def _add_freeze_flags(p: argparse.ArgumentParser, d) -> None:
         "--bn",
         choices=BN_MODES,
         default=d.bn,
-        help="BatchNorm in frozen parts: freeze (use running statistics) or train; inference: "
-        "every BatchNorm uses its running statistics, in the parts that train too (Keras's "
-        "advice for fine-tuning; gamma and beta still learn) (default %(default)s)",
+        help="BatchNorm in frozen parts: freeze (use running statistics) or train (also in "
+        "the --head-epochs, which then run on the images, not cached features: fastai's "
+        "train_bn); inference: every BatchNorm uses its running statistics, in the parts that "
+        "train too (Keras's advice for fine-tuning; gamma and beta still learn) (default "
+        "%(default)s)",
     )
     p.add_argument(
         "--layer-lr-decay",
@@ -234,6 +239,15 @@ def _add_freeze_flags(p: argparse.ArgumentParser, d) -> None:
         default=d.layer_lr_decay,
         metavar="D",
         help="lr_mult D**k for the stage k from the top (the head is 0)",
+    )
+    p.add_argument(
+        "--lr-spread",
+        type=positive_float,
+        default=d.lr_spread,
+        metavar="S",
+        help="fastai's three rate groups, slice(lr/S, lr): lr_mult 1/S for the stem, "
+        "1/sqrt(S) for every stage, 1 for the tail (the head keeps --head-lr-mult); not with "
+        "--layer-lr-decay",
     )
     p.add_argument(
         "--unfreeze-at",
@@ -433,4 +447,20 @@ def _add_evaluation_flags(g, d) -> None:
         metavar="E",
         help="train the new head alone for the first E of --epochs, on cached features, "
         "then the whole network (default 0)",
+    )
+    g.add_argument(
+        "--adapt-bn",
+        action="store_true",
+        default=d.adapt_bn,
+        help="AdaBN: before training, re-estimate every BatchNorm's running statistics on the "
+        "train part (one forward pass of its plain view, no weight changes), so that the "
+        "body normalizes with the target's statistics rather than the source's",
+    )
+    g.add_argument(
+        "--precise-bn",
+        action="store_true",
+        default=d.precise_bn,
+        help="the same after the last epoch's steps, before its evaluation and save: the "
+        "running statistics become the exact mean over the train part's plain view, not "
+        "an exponential average of augmented batches (not with --cache-features)",
     )

@@ -126,6 +126,19 @@ def class_folders(root: Path) -> dict[str, FolderContents]:
     return {name: folder_contents(root / name) for name in classes}
 
 
+def images_per_class(spec: str) -> float | None:
+    """The mean number of images a class in the train part of ``--data spec``: ``DIR/train/``
+    when there is one, else ``DIR/<class>/`` (before any split); None for anything else (a
+    pack, ``hotdog``, a missing folder), or a folder without classes."""
+    root = Path(spec).expanduser()
+    if (root / "train").is_dir():
+        root = root / "train"
+    if not root.is_dir():
+        return None
+    counts = [len(contents.images) for contents in class_folders(root).values()]
+    return sum(counts) / len(counts) if counts else None
+
+
 def scan_split(root: str | Path) -> ImageFolderSplit:
     """List ``root/<class>/*`` image files; classes are the sorted folder names.
 

@@ -263,6 +263,25 @@ def use_running_stats(net: gluon.Block) -> list[str]:
     return changed
 
 
+def needs_input_grad(net: gluon.Block) -> bool:
+    """Whether a training step must take the gradient of the input for every BatchNorm in
+    training mode to update its running statistics.
+
+    MXNet updates them in BatchNorm's backward pass, and skips that pass for a layer that
+    neither trains parameters nor has any before it: ResNet v2's first layer, a BatchNorm
+    without gamma and beta on the input, would keep the source's statistics for good (and
+    the test would normalize the input with them while training normalized it by batch).
+    Any BatchNorm normalizing by batch with every parameter frozen counts: what runs before
+    it may be frozen too.
+    """
+    return any(
+        is_batchnorm(block)
+        and not block._kwargs["use_global_stats"]
+        and all(p.grad_req == "null" for p in _params_of(block))
+        for _, block in walk_blocks(net)
+    )
+
+
 def frozen_batchnorms(net: gluon.Block) -> list[str]:
     """Names of the BatchNorm layers that use their running statistics in training."""
     blocks = (b for _, b in walk_blocks(net))
@@ -273,7 +292,10 @@ def frozen_batchnorms(net: gluon.Block) -> list[str]:
 
 
 def set_lr_policy(
-    net: gluon.Block, head_lr_mult: float | None = None, layer_decay: float | None = None
+    net: gluon.Block,
+    head_lr_mult: float | None = None,
+    layer_decay: float | None = None,
+    spread: float | None = None,
 ) -> dict[str, float]:
     """Set ``lr_mult`` by part: the head multiplier and layer-wise decay.
 
@@ -290,6 +312,10 @@ def set_lr_policy(
         ``D``: counting from the top, where the head is 0, stage k gets ``D**k``. The last
         stage (with the tail after it, VGG's Dense layers) is 1, the stem is
         ``len(stages) + 1``.
+    spread : float, optional
+        ``S``: fastai's three rate groups, ``slice(lr / S, lr)``: the stem learns ``1 / S``
+        as fast as the head, every stage ``1 / sqrt(S)`` (the geometric mean), the tail 1.
+        Not with ``layer_decay``.
 
     Returns
     -------
@@ -307,22 +333,43 @@ def set_lr_policy(
         if layout.head is None:
             raise UsageError(f"{type(net).__name__} has no output layer for a head lr_mult.")
         groups.append(("output", [layout.head], float(head_lr_mult)))
+    if layer_decay is not None and spread is not None:
+        raise UsageError("--lr-spread and --layer-lr-decay each set the body's rates: pass one.")
     if layer_decay is not None:
-        if not layout.stages:
-            raise UsageError(
-                f"--layer-lr-decay needs a network built from stages (like a ResNet); "
-                f"{type(net).__name__} has none. Parts: {describe_parts(net)}."
-            )
-        n, parts = len(layout.stages), layout.parts(net)
-        # Ranks from the top: the tail learns as fast as the last stage, the stem slowest.
-        ranks = {"tail": 1, **{f"stage{k}": n + 1 - k for k in range(n, 0, -1)}, "stem": n + 1}
-        groups += [(p, parts[p], layer_decay**k) for p, k in ranks.items() if p in parts]
+        groups += _decay_groups(net, layout, layer_decay)
+    if spread is not None:
+        groups += _spread_groups(net, layout, spread)
     applied = {}
     for name, blocks, mult in groups:
         for block in blocks:
             block.collect_params().setattr("lr_mult", mult)
         applied[name] = mult
     return applied
+
+
+def _require_stages(net, layout, flag: str) -> None:
+    if not layout.stages:
+        raise UsageError(
+            f"{flag} needs a network built from stages (like a ResNet); "
+            f"{type(net).__name__} has none. Parts: {describe_parts(net)}."
+        )
+
+
+def _decay_groups(net, layout, decay: float) -> list[tuple[str, list, float]]:
+    """Stage k from the top at ``decay**k``: the tail as the last stage, the stem slowest."""
+    _require_stages(net, layout, "--layer-lr-decay")
+    n, parts = len(layout.stages), layout.parts(net)
+    ranks = {"tail": 1, **{f"stage{k}": n + 1 - k for k in range(n, 0, -1)}, "stem": n + 1}
+    return [(p, parts[p], decay**k) for p, k in ranks.items() if p in parts]
+
+
+def _spread_groups(net, layout, spread: float) -> list[tuple[str, list, float]]:
+    """The stem at ``1 / spread``, the stages at ``1 / sqrt(spread)``, the tail at 1."""
+    _require_stages(net, layout, "--lr-spread")
+    parts = layout.parts(net)
+    mults = {"stem": 1.0 / spread, "tail": 1.0}
+    mults.update({f"stage{k}": spread**-0.5 for k in range(1, len(layout.stages) + 1)})
+    return [(p, parts[p], m) for p, m in mults.items() if p in parts]
 
 
 # ----------------------------------------------------------------------------- the table
@@ -505,7 +552,9 @@ class FreezePlan:
 
     ``head_epochs`` E > 0 trains the new head alone for the first E epochs, on a body frozen
     with its BatchNorm (so its features can be cached), then opens the network as ``freeze``
-    says.
+    says. With ``bn="train"`` the body's BatchNorm layers train in those epochs (batch
+    statistics, running statistics re-estimated on the target, gamma and beta learning), as
+    fastai's ``fine_tune``; the features then change and are not cached.
     """
 
     freeze: str = "none"
@@ -514,11 +563,18 @@ class FreezePlan:
     unfreeze_at: str | None = None
     accumulate: int = 1
     head_epochs: int = 0
+    lr_spread: float | None = None
     _body_open: bool = field(default=False, repr=False, compare=False)
 
     @property
     def schedule(self) -> list[tuple[int, str]]:
         return parse_unfreeze_schedule(self.unfreeze_at) if self.unfreeze_at else []
+
+    @property
+    def live_head(self) -> bool:
+        """Head epochs whose BatchNorm trains (``--bn train``): run on images, not cached
+        features, since their statistics and gamma and beta move."""
+        return bool(self.head_epochs) and self.bn == "train"
 
     @property
     def grad_req(self) -> str:
@@ -533,6 +589,14 @@ class FreezePlan:
             math.isfinite(self.layer_lr_decay) and 0 < self.layer_lr_decay <= 1
         ):
             raise UsageError("--layer-lr-decay must be in (0, 1].")
+        if self.lr_spread is not None and not (
+            math.isfinite(self.lr_spread) and self.lr_spread >= 1
+        ):
+            raise UsageError("--lr-spread must be at least 1 (1: one rate for the body).")
+        if self.lr_spread is not None and self.layer_lr_decay is not None:
+            raise UsageError(
+                "--lr-spread and --layer-lr-decay each set the body's rates: pass one."
+            )
         if self.accumulate < 1:
             raise UsageError("--accumulate must be at least 1.")
         if self.head_epochs and self.unfreeze_at:
@@ -575,14 +639,16 @@ class FreezePlan:
         elif self.head_epochs:
             if self.freeze != "none":
                 select(net, self.freeze)
-            changes.append(freeze(net, ALL, "freeze"))  # BatchNorm too: cacheable features
+            # BatchNorm frozen too, for cacheable features; with --bn train it trains in the
+            # head epochs (fastai's train_bn), which then run live on the images.
+            changes.append(freeze(net, ALL, "train" if self.live_head else "freeze"))
             changes.append(unfreeze(net, OUTPUT, self.grad_req))
         elif self.freeze != "none":
             changes.append(freeze(net, self.freeze, self.bn))
         if self.bn == "inference":
             use_running_stats(net)
-        if self.layer_lr_decay is not None:
-            set_lr_policy(net, layer_decay=self.layer_lr_decay)
+        if self.layer_lr_decay is not None or self.lr_spread is not None:
+            set_lr_policy(net, layer_decay=self.layer_lr_decay, spread=self.lr_spread)
         set_trainable_grad_req(net, self.grad_req)
         return changes + self.at_epoch(net, 0)
 
@@ -615,6 +681,7 @@ class FreezePlan:
             "freeze": self.freeze,
             "bn": self.bn,
             "layer_lr_decay": self.layer_lr_decay,
+            "lr_spread": self.lr_spread,
             "unfreeze_at": [f"{e}:{p}" for e, p in self.schedule],
             "accumulate": self.accumulate,
             "trainable_params": table.trainable_count,

@@ -29,19 +29,22 @@ RECIPES = ("book", "best")
 # A value of --lr in a preset: the rate comes from a short LR range test on the training split
 # (gluon_ft.train.lr_find), run by train() before the first epoch.
 FIND_LR = "find"
-# What --recipe sets, for each flag not given explicitly. "best" was chosen by the ablation
-# on food10-64 in docs/recipes.md ("The best recipe").
+# What --recipe sets, for each flag not given explicitly. "best" was chosen by the ablations
+# in docs/recipes.md ("The best recipe", "Against a fastai-style peer"): from
+# BEST_FEW_SHOT_BELOW images a class on (food10-64, pizza64), fastai's fine_tune with
+# BatchNorm trained on the target; below it (food10-64-20shot), BEST_FEW_SHOT, which keeps
+# the source's BatchNorm statistics and measures its rate.
 RECIPE_PRESETS: dict[str, dict] = {
     "book": {},
     "best": {
         "optimizer": "adamw",
-        "lr": FIND_LR,
+        "lr": 1e-3,
+        "head_lr_mult": 1.0,
+        "lr_spread": 50.0,
         "wd": 0.01,
-        "lr_schedule": "cosine",
-        "warmup_epochs": 0.5,
+        "lr_schedule": "onecycle",
         "crop_scale": 0.25,
-        "layer_lr_decay": 0.5,
-        "bn": "inference",
+        "bn": "train",
         "head_epochs": 1,
         "label_smoothing": 0.1,
         "tta": 2,
@@ -56,8 +59,56 @@ RECIPE_PRESETS: dict[str, dict] = {
 MULTI_LABEL_PRESETS: dict[str, dict] = {
     "best": {"crop_scale": 1.0, "eval_resize": 1.0, "label_smoothing": 0.0, "tta": 1},
 }
+BEST_FEW_SHOT = {
+    "optimizer": "adamw",
+    "lr": FIND_LR,
+    "wd": 0.01,
+    "lr_schedule": "cosine",
+    "warmup_epochs": 0.5,
+    "crop_scale": 0.25,
+    "layer_lr_decay": 0.5,
+    "bn": "inference",
+    "head_epochs": 1,
+    "label_smoothing": 0.1,
+    "tta": 2,
+}
+BEST_FEW_SHOT_BELOW = 50  # images a class in the train part
+
+
+def recipe_preset(recipe: str, images_per_class: float | None = None) -> tuple[dict, str | None]:
+    """``(preset, shape)``: what ``--recipe`` sets for a train part of ``images_per_class``
+    images a class (None: unknown, the many-image preset), and the shape it chose by, for
+    ``config.json`` (None for the book's)."""
+    if recipe != "best":
+        return RECIPE_PRESETS[recipe], None
+    if images_per_class is not None and images_per_class < BEST_FEW_SHOT_BELOW:
+        return (
+            BEST_FEW_SHOT,
+            f"few-shot: {images_per_class:g} < {BEST_FEW_SHOT_BELOW} images a class",
+        )
+    known = "unknown" if images_per_class is None else f"{images_per_class:g}"
+    return RECIPE_PRESETS[
+        recipe
+    ], f"many: {known} images a class (>= {BEST_FEW_SHOT_BELOW} or unknown)"
+
+
 OPTIMIZERS = ("sgd", "adamw")
 EMA_SAVES = ("if-better", "always")
+
+
+def replaced_by(given, lr_schedule: str) -> set[str]:
+    """The preset's settings that the ``given`` ones replace: rate groups and a schedule's
+    warm-up come as one choice, so a given ``--lr-spread`` or ``--layer-lr-decay`` replaces
+    the preset's other one, and a given onecycle schedule (its own warm-up) the preset's
+    ``--warmup-epochs``."""
+    replaced = set()
+    if "lr_spread" in given:
+        replaced.add("layer_lr_decay")
+    if "layer_lr_decay" in given:
+        replaced.add("lr_spread")
+    if "lr_schedule" in given and lr_schedule == "onecycle":
+        replaced.add("warmup_epochs")
+    return replaced
 
 
 def flags_of(settings: dict) -> str:
@@ -65,12 +116,20 @@ def flags_of(settings: dict) -> str:
     words = []
     for name, value in settings.items():
         flag = "--" + {"mix_off_epoch": "mixup-off-epoch"}.get(name, name.replace("_", "-"))
-        words.append(f"{flag} {'(lr-find)' if value == FIND_LR else value}")
+        if value is True:
+            words.append(flag)  # a switch: --precise-bn
+        else:
+            words.append(f"{flag} {'(lr-find)' if value == FIND_LR else value}")
     return " ".join(words)
 
 
 def describe_preset(recipe: str) -> str:
     """``--help``'s account of what ``recipe`` sets."""
+    if recipe == "best":
+        return (
+            f"{flags_of(RECIPE_PRESETS[recipe])}; with fewer than {BEST_FEW_SHOT_BELOW} train "
+            f"images a class: {flags_of(BEST_FEW_SHOT)}"
+        )
     return flags_of(RECIPE_PRESETS[recipe]) or "nothing"
 
 
@@ -109,6 +168,7 @@ class TrainConfig:
     freeze: str = "none"  # none | a part (features, stage1..) | a regex on parameter names
     bn: str = "freeze"  # BatchNorm of frozen parts: freeze (running statistics) | train
     layer_lr_decay: float | None = None  # stage k from the top learns D**k as fast
+    lr_spread: float | None = None  # fastai's slice(lr/S, lr): stem 1/S, stages 1/sqrt(S)
     unfreeze_at: str | None = None  # gradual unfreezing, "0:output,2:stage4,4:all"
     accumulate: int = 1  # micro-batches per step (gradient accumulation, grad_req 'add')
     progress: bool = True  # the epoch lines (and on a terminal, progress bars)
@@ -134,9 +194,12 @@ class TrainConfig:
     ema_save: str = "if-better"  # if-better (on validation) | always: model.params is the EMA
     tta: int = 1  # test-time augmentation views at evaluation (1: the plain center crop)
     head_epochs: int = 0  # first train the new head alone, on cached features
+    adapt_bn: bool = False  # AdaBN: BatchNorm's running statistics re-estimated on train first
+    precise_bn: bool = False  # ... and after the last epoch, before its evaluation and save
     lr_find: bool = False  # --lr comes from a short LR range test (--recipe best without --lr)
     preset: list[str] = field(default_factory=list)  # the settings --recipe set (not flags)
     recipe_variant: str | None = None  # "multi-label": MULTI_LABEL_PRESETS changed the preset
+    recipe_shape: str | None = None  # which --recipe best preset the train part's shape chose
 
     def apply_recipe(self, given=None) -> dict:
         """Set what ``--recipe`` presets, except the settings in ``given``; return them.
@@ -150,7 +213,11 @@ class TrainConfig:
             given = {
                 f.name for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)
             }
-        applied = {k: v for k, v in RECIPE_PRESETS[self.recipe].items() if k not in given}
+        implied = replaced_by(given, self.lr_schedule)
+        from gluon_ft.data.folders import images_per_class
+
+        preset, self.recipe_shape = recipe_preset(self.recipe, images_per_class(self.data))
+        applied = {k: v for k, v in preset.items() if k not in given | implied}
         for name, value in applied.items():
             if name == "lr" and value == FIND_LR:
                 self.lr_find = True
@@ -235,7 +302,21 @@ class TrainConfig:
         if self.accumulate > self.batch_size:
             raise UsageError("--accumulate cannot exceed --batch-size (its micro-batches).")
         self.validate_tricks()
+        self.validate_batchnorm_passes()
         self.freeze_plan().validate(self.epochs)
+
+    def validate_batchnorm_passes(self) -> None:
+        """``--adapt-bn`` and ``--precise-bn``: a body whose statistics can move."""
+        if self.precise_bn and self.cache_features:
+            raise UsageError(
+                "--precise-bn re-estimates the body's BatchNorm statistics, which "
+                "--cache-features keeps frozen: leave out one of them."
+            )
+        if self.adapt_bn and self.pretrained == "none":
+            raise UsageError(
+                "--adapt-bn re-estimates a pretrained body's BatchNorm statistics on the "
+                "target; from scratch (--pretrained none) there are none to adapt."
+            )
 
     def validate_imbalance(self) -> None:
         """``--class-weights`` and ``--sampler``: one correction of the imbalance, not two."""
@@ -371,4 +452,5 @@ class TrainConfig:
             self.unfreeze_at,
             self.accumulate,
             self.head_epochs,
+            self.lr_spread,
         )

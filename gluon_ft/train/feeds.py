@@ -182,8 +182,9 @@ def make_feeds(
     ``after_head()`` gives the image loaders of the rest. With ``--tta`` the head epochs are
     scored as the rest are, on the images' views through the whole network (the cache holds
     the plain view's features only), so that the best epoch is chosen among like scores.
+    With ``--bn train`` the head epochs train the BatchNorm layers too, on the images: no cache.
     """
-    if config.head_epochs > first_epoch:
+    if config.head_epochs > first_epoch and not config.freeze_plan().live_head:
         head = replace(config, cache_features=True, cache_views=config.head_epochs, tta=1)
         feeds = make_feeds(replace(head, head_epochs=0), net, parts, ctx, dist)
         rest = replace(config, head_epochs=0)

@@ -33,7 +33,7 @@ from gluon_ft.deploy.metrics import mean_average_precision
 from gluon_ft.deploy.report import build_report, write_thresholds
 from gluon_ft.errors import DivergedError, UsageError
 from gluon_ft.model import zoo
-from gluon_ft.model.freeze import FreezePlan, ParamTable, log_table
+from gluon_ft.model.freeze import FreezePlan, ParamTable, log_table, needs_input_grad
 from gluon_ft.model.graft import get_head, sidecar_path
 from gluon_ft.train import amp
 from gluon_ft.train.bn_stats import restore_copy, sync_bn_stats, wants_sync
@@ -53,6 +53,7 @@ from gluon_ft.train.feeds import (
     Feeds,
     LabelsFile,
     check_batch_fits,
+    image_loaders,
     load_dataset,
     make_feeds,
     require_readable,
@@ -215,6 +216,7 @@ def train(config: TrainConfig) -> dict:
             train_labels = parts.train.targets() if parts.multi_label else parts.train.labels()
             model.loss_fn = make_loss(config, train_labels, len(parts.classes), session.ctx)
             model.mixer = Mixer.of(config, len(parts.classes))
+            adapt_bn(config, session, model, parts.train)  # before the head epochs cache
             first_epoch = session.resumed.position[0] if session.resumed else 0
             feeds = make_feeds(config, model.net, parts, session.ctx, session.dist, first_epoch)
             find_lr(config, session, model, feeds)
@@ -226,6 +228,24 @@ def train(config: TrainConfig) -> dict:
         finally:
             session.run.close()
         return close_run(config, session, model, parts, history)
+
+
+def adapt_bn(config: TrainConfig, session: Session, model: Model, train_part, when="first") -> None:
+    """``--adapt-bn`` (``when`` "first"): AdaBN on the train part's plain view, once (a
+    resumed run has the adapted statistics in its checkpoint); ``--precise-bn`` ("last"): the
+    same after the last epoch's steps, before its evaluation and save. Every worker passes
+    over the whole train part in the same order, so that each gets the same statistics."""
+    if when == "first" and (not config.adapt_bn or session.resumed is not None):
+        return
+    if when == "last" and not config.precise_bn:
+        return
+    from gluon_ft.train.adabn import adapt_batchnorm
+
+    plain = replace(config, tta=1)
+    loader = image_loaders(plain, train_part, train_part)[1]  # the eval transform, in order
+    with phase(config, session, "BatchNorm statistics of the train part"):
+        batches = adapt_batchnorm(model.net, loader, session.ctx[0])
+    say(config, f"BatchNorm statistics re-estimated on {batches} train batches ({when})")
 
 
 def open_run(config: TrainConfig) -> Session:
@@ -522,6 +542,8 @@ def run_epochs(config, session: Session, model: Model, feeds: Feeds, stop: StopR
         first_step = start_step if epoch == start_epoch else 0
         steps = epoch_steps(config, session, feeds, epoch, first_step, stop, set_lr)
         trained = train_one_epoch(config, session, model, feeds, steps, options, progress)
+        if epoch + 1 == config.epochs:
+            adapt_bn(config, session, model, feeds.train_split, "last")
         # Validate: the weights, and --ema's average of them.
         with phase(config, session, f"epoch {epoch + 1}/{config.epochs}: validating"):
             scores = validate(config, session, model, feeds)
@@ -616,7 +638,9 @@ def fit_epoch(config, session: Session, model: Model, feeds: Feeds, steps, optio
     step_samples = global_batch_sizes(feeds.train) if session.dist.distributed else None
     # The epoch's input (cached features in the head epochs) and mixing.
     mixer = epoch_mixer(model, feeds, steps.epoch)
-    options = replace(options, prepare=feeds.prepare, mixer=mixer)
+    options = replace(
+        options, prepare=feeds.prepare, mixer=mixer, input_grad=needs_input_grad(feeds.net)
+    )
     with epoch_bar(config, session, len(feeds.train), steps.epoch) as bar:
         try:
             return train_epoch(
@@ -792,7 +816,9 @@ def report_epoch(
         f"{key.replace('_', ' ')} {row[key]:.3f}" for key in SCORE_KEYS if row.get(key) is not None
     )
     # A head epoch reads cached features: its speed is no measure of the whole network's.
-    on_features = config.cache_features or epoch <= config.head_epochs
+    on_features = config.cache_features or (
+        epoch <= config.head_epochs and not config.freeze_plan().live_head
+    )
     say(
         config,
         f"epoch {epoch}: loss {row['loss']:.3f}, train acc {row['train_acc']:.3f}, "

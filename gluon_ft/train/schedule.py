@@ -1,4 +1,4 @@
-"""Learning-rate schedules: ``--lr-schedule constant|cosine`` with ``--warmup-epochs``.
+"""Learning-rate schedules: ``--lr-schedule constant|cosine|onecycle`` with ``--warmup-epochs``.
 
 The learning rate is a pure function of the position in the run (epoch, step), not a counter
 kept by the optimizer, so a resumed run and every worker of a distributed run set exactly the
@@ -12,7 +12,33 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "onecycle")
+# One-cycle as PyTorch's OneCycleLR defaults (fastai's fit_one_cycle): from lr / DIV up to lr
+# over the first ONECYCLE_PCT of the steps, then down to lr / (DIV * FINAL_DIV), both halves
+# cosine; AdamW's beta1 (SGD's momentum) goes the other way, BETA_HIGH -> BETA_LOW -> BETA_HIGH.
+ONECYCLE_PCT = 0.25
+ONECYCLE_DIV = 25.0
+ONECYCLE_FINAL_DIV = 1e4
+BETA_HIGH, BETA_LOW = 0.95, 0.85
+
+
+def _anneal(start: float, end: float, fraction: float) -> float:
+    """Cosine from ``start`` (fraction 0) to ``end`` (fraction 1)."""
+    return end + (start - end) / 2.0 * (math.cos(math.pi * fraction) + 1.0)
+
+
+def one_cycle(position: int, total: int) -> tuple[float, float]:
+    """``(rate factor, beta1)`` of step ``position`` (0-based) of a one-cycle of ``total``
+    steps: the factor of the peak rate, and the momentum, as ``torch.optim.lr_scheduler.
+    OneCycleLR(pct_start=max(0.25, 2.5 / total))`` sets them for that step."""
+    pct = max(ONECYCLE_PCT, 2.5 / total)  # at least two warm-up steps on tiny sets
+    up_end = float(pct * total) - 1.0
+    low = 1.0 / ONECYCLE_DIV
+    if position <= up_end:
+        fraction = position / up_end
+        return _anneal(low, 1.0, fraction), _anneal(BETA_HIGH, BETA_LOW, fraction)
+    fraction = min(1.0, (position - up_end) / max(1e-12, total - 1 - up_end))
+    return _anneal(1.0, low / ONECYCLE_FINAL_DIV, fraction), _anneal(BETA_LOW, BETA_HIGH, fraction)
 
 
 @dataclass(frozen=True)
@@ -25,7 +51,9 @@ class LrSchedule:
         ``--lr``: the rate after warmup (the peak of a cosine schedule).
     kind : str
         ``constant``, or ``cosine``: from ``base_lr`` down to 0 at the end of the last epoch
-        (Loshchilov and Hutter's SGDR without restarts, as ``mx.lr_scheduler.CosineScheduler``).
+        (Loshchilov and Hutter's SGDR without restarts, as ``mx.lr_scheduler.CosineScheduler``);
+        or ``onecycle`` (:func:`one_cycle`): one cycle over the head epochs, another over the
+        rest, as fastai's ``fine_tune``, with AdamW's beta1 cycled too (:meth:`beta1`).
     epochs : int
         Epochs of the whole run.
     steps_per_epoch : int
@@ -36,7 +64,7 @@ class LrSchedule:
     start_epoch : int
         The schedule (warmup, cosine) starts at this epoch; before it the rate is ``base_lr``:
         the head epochs (``--head-epochs``), on a frozen body, as fastai's ``fine_tune``
-        trains its head in a cycle of its own.
+        trains its head in a cycle of its own (``onecycle``: a cycle of their own here too).
     """
 
     base_lr: float
@@ -76,11 +104,28 @@ class LrSchedule:
 
         def set_lr(epoch: int, step: int) -> None:
             trainer.set_learning_rate(self.lr(epoch, step))
+            beta1 = self.beta1(epoch, step)
+            if beta1 is not None and hasattr(trainer._optimizer, "beta1"):
+                trainer._optimizer.beta1 = beta1
 
         return set_lr
 
+    def _cycle(self, epoch: int, step: int) -> tuple[float, float]:
+        """``onecycle``: :func:`one_cycle` of the step in its phase (head epochs, or the rest)."""
+        start, end = (
+            (0, self.start_epoch) if epoch < self.start_epoch else (self.start_epoch, self.epochs)
+        )
+        total = max(1, (end - start) * self.steps_per_epoch)
+        return one_cycle((epoch - start) * self.steps_per_epoch + step, total)
+
+    def beta1(self, epoch: int, step: int) -> float | None:
+        """AdamW's beta1 for the step under ``onecycle``; None (the optimizer's own) else."""
+        return self._cycle(epoch, step)[1] if self.kind == "onecycle" else None
+
     def lr(self, epoch: int, step: int) -> float:
         """The rate of step ``step`` (0-based) of epoch ``epoch`` (0-based)."""
+        if self.kind == "onecycle":
+            return self.base_lr * self._cycle(epoch, step)[0]
         if epoch < self.start_epoch:
             return self.base_lr
         position = (epoch - self.start_epoch) * self.steps_per_epoch + step

@@ -47,6 +47,10 @@ class StepOptions:
     prepare: Callable = normalize_batch  # a device batch -> the network's input
     mixer: Mixer | None = None  # mixup/CutMix of each host batch; None mixes nothing
     after_step: Callable | None = None  # after each optimizer step (--ema's update)
+    # The input gets a gradient too: MXNet moves a BatchNorm's running statistics in its
+    # backward pass, which it skips for a layer nothing before or in it trains (ResNet v2's
+    # input BatchNorm); see gluon_ft.model.freeze.needs_input_grad.
+    input_grad: bool = False
 
     @classmethod
     def of(cls, config: TrainConfig, **others) -> StepOptions:
@@ -210,8 +214,12 @@ def train_batch(
     for part_images, part_labels, *part_targets in parts:
         xs, ys = split_batch(part_images, part_labels, ctx)
         targets = split_rows(part_targets[0], ctx) if part_targets else ys
+        inputs = [options.prepare(x) for x in xs]
+        if options.input_grad:
+            for x in inputs:
+                x.attach_grad()
         with autograd.record():
-            outs = [net(options.prepare(x)) for x in xs]
+            outs = [net(x) for x in inputs]
             losses = [loss_fn(out, t) for out, t in zip(outs, targets)]
         # With --accumulate, grad_req is 'add': the micro-batches' gradients sum up.
         amp.backward(losses, trainer, options.dtype)
