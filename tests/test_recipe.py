@@ -305,3 +305,24 @@ def test_recipe_best_chooses_its_preset_by_the_images_a_class(tmp_path):
     assert chosen.recipe_shape.startswith("many: 50 images")
     decay = command_line_config([*words, "--layer-lr-decay", "0.5"])  # replaces the groups
     assert (decay.lr_spread, decay.layer_lr_decay) == (None, 0.5)
+
+
+def test_recipe_best_counts_a_labels_file_by_its_train_rows(tmp_path):
+    from gluon_ft.train.config import task_images_per_class
+
+    rows = ["image,labels,split", "a.png,cat dog,train", "b.png,dog,", "c.png,cat,test"]
+    rows += [f"t{i}.png,bird;x,val" for i in range(60)]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    # Train rows only (split train or empty): cat 1, dog 2; the folder's files do not count.
+    assert task_images_per_class(str(tmp_path), str(labels)) == 1.5
+    (tmp_path / "images").mkdir()
+    for i in range(60):
+        (tmp_path / "images" / f"{i}.png").write_bytes(b"")
+    words = ["train", "--data", str(tmp_path), "--labels", str(labels), "--recipe", "best"]
+    assert command_line_config(words).recipe_shape.startswith("few-shot: 1.5 < 50")
+    semicolons = [*words, "--label-delim", ";"]
+    # Split by ";": "cat dog" is one class, "dog" another.
+    assert task_images_per_class(str(tmp_path), str(labels), ";") == 1.0
+    assert command_line_config(semicolons).recipe_shape.startswith("few-shot")
+    assert task_images_per_class(str(tmp_path), str(tmp_path / "missing.csv")) is None

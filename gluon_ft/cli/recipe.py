@@ -41,13 +41,20 @@ def read_recipe(words: Sequence[str]) -> str | None:
     return None if known.help else known.recipe
 
 
-def use_preset_defaults(parser: argparse.ArgumentParser, recipe: str, data: str | None) -> None:
-    """Make the settings of ``recipe``'s preset for ``--data data``'s shape (images a class)
-    the defaults of ``parser``'s flags; the shape it chose by is ``recipe_shape``'s."""
-    from gluon_ft.data.folders import images_per_class
-    from gluon_ft.train.config import recipe_preset
+def use_preset_defaults(
+    parser: argparse.ArgumentParser,
+    recipe: str,
+    data: str | None,
+    labels: str | None = None,
+    delim: str = " ",
+) -> None:
+    """Make the settings of ``recipe``'s preset for ``--data data``'s shape (images a class,
+    of ``--labels labels`` when given) the defaults of ``parser``'s flags; the shape it chose
+    by is ``recipe_shape``'s."""
+    from gluon_ft.train.config import recipe_preset, task_images_per_class
 
-    preset, shape = recipe_preset(recipe, images_per_class(data) if data else None)
+    shape = task_images_per_class(data, labels, delim) if data else None
+    preset, shape = recipe_preset(recipe, shape)
     parser.set_defaults(
         recipe_shape=shape,
         **{
@@ -65,7 +72,10 @@ def parse_command_line(parser: Parser, words: Sequence[str]) -> argparse.Namespa
     if command is not None and command.get_default("recipe") is not None:
         recipe = read_recipe(words[1:])
         if recipe is not None:
-            use_preset_defaults(command, recipe, read_flag(words[1:], "--data"))
+            rest = words[1:]
+            data, labels = read_flag(rest, "--data"), read_flag(rest, "--labels")
+            delim = read_flag(rest, "--label-delim") or " "
+            use_preset_defaults(command, recipe, data, labels, delim)
     if command is not None and any(a.dest == "config" for a in command._actions):
         path = read_config_path(words[1:])
         if path is not None:

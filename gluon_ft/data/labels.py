@@ -198,6 +198,24 @@ def read_labels(
 _ROW_COLUMNS = (IMAGE_COLUMN, LABELS_COLUMN, SPLIT_COLUMN)
 
 
+def labelled_images_per_class(source: str | Path, delim: str = " ") -> float | None:
+    """The mean number of images a class holds in the train rows of a labels file (those
+    whose ``split`` is ``train`` or empty), for ``--recipe best``'s choice by the task's
+    shape; None where the file cannot be read (the run's own reading then says why)."""
+    try:
+        rows, columns = _read_rows(Path(source))
+    except UsageError:
+        return None
+    counts: dict[str, int] = {}
+    for _, cells in rows:
+        if _cell(cells, columns.get(SPLIT_COLUMN)).lower() not in ("", "train"):
+            continue
+        labels = _cell(cells, columns[LABELS_COLUMN]).split(delim or " ")
+        for name in {name.strip() for name in labels} - {""}:
+            counts[name] = counts.get(name, 0) + 1
+    return sum(counts.values()) / len(counts) if counts else None
+
+
 def _cell(cells: list[str], index: int | None) -> str:
     """The cell at ``index`` stripped; empty when the column is absent or the row short."""
     return cells[index].strip() if index is not None and index < len(cells) else ""

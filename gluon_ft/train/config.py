@@ -75,6 +75,15 @@ BEST_FEW_SHOT = {
 BEST_FEW_SHOT_BELOW = 50  # images a class in the train part
 
 
+def task_images_per_class(data: str, labels: str | None = None, delim: str = " "):
+    """Images a class in the train part of ``--data`` (its class folders), or of ``--labels``
+    (its train rows) when given; None when it cannot be told."""
+    from gluon_ft.data.folders import images_per_class
+    from gluon_ft.data.labels import labelled_images_per_class
+
+    return labelled_images_per_class(labels, delim) if labels else images_per_class(data)
+
+
 def recipe_preset(recipe: str, images_per_class: float | None = None) -> tuple[dict, str | None]:
     """``(preset, shape)``: what ``--recipe`` sets for a train part of ``images_per_class``
     images a class (None: unknown, the many-image preset), and the shape it chose by, for
@@ -214,9 +223,9 @@ class TrainConfig:
                 f.name for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)
             }
         implied = replaced_by(given, self.lr_schedule)
-        from gluon_ft.data.folders import images_per_class
-
-        preset, self.recipe_shape = recipe_preset(self.recipe, images_per_class(self.data))
+        preset, self.recipe_shape = recipe_preset(
+            self.recipe, task_images_per_class(self.data, self.labels, self.label_delim)
+        )
         applied = {k: v for k, v in preset.items() if k not in given | implied}
         for name, value in applied.items():
             if name == "lr" and value == FIND_LR:
