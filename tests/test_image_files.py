@@ -123,7 +123,7 @@ def probabilities(result: dict) -> list[float]:
 
 def test_predict_and_serve_classify_the_photo_as_it_is_seen(untrained_run, tmp_path):
     """A file, its uploaded bytes and the serve worker agree with the upright view's pixels."""
-    from gluon_ft.deploy.serve import InferenceWorker
+    from gluon_ft.deploy.serve import InferenceWorker, fit_pixel_cap
 
     photo = exif_jpeg(tmp_path / "phone.jpg", 6)
     with Image.open(photo) as raw:  # the stored pixels, turned as a viewer turns them
@@ -136,7 +136,9 @@ def test_predict_and_serve_classify_the_photo_as_it_is_seen(untrained_run, tmp_p
     worker = InferenceWorker(predictor)
     worker.start().result(timeout=60)
     try:
-        from_upload = worker.submit(photo.read_bytes()).result(timeout=60)
+        # As serve's route: checked against the pixel cap, made ready in the request's thread.
+        upload = predictor.prepare(fit_pixel_cap(photo.read_bytes(), "phone.jpg", 10**8))
+        from_upload = worker.submit(upload).result(timeout=60)
     finally:
         worker.close(timeout=10)
     for result in (from_file, from_bytes, from_upload):
