@@ -163,7 +163,7 @@ def test_bench_judges_int8_agreement_on_a_run_and_says_so_without_one(tiny_run, 
 
     asked = []
 
-    def int8_form(run_dir, net, image_size, calibrate=True, images=200):
+    def int8_form(run_dir, net, image_size, calibrate=True, images=200, resize=256 / 224):
         asked.append((run_dir, image_size, images))
 
         def flipped(x):  # the other class for the images at odd positions of a batch

@@ -386,3 +386,28 @@ def test_recipe_best_trains_a_multi_label_run_with_its_head_epoch_on_cached_feat
     assert head["trainable_params"] == 256 * 3 + 3 and 0 <= head["val_map"] <= 1
     assert whole["unfrozen"] == ["all"]
     assert Predictor(multilabel_run).transform.resize == 32  # the whole image, as in the run
+
+
+def test_int8_calibrates_and_scores_on_the_view_the_run_predicts_on(
+    multilabel_run, tmp_path, monkeypatch
+):
+    import shutil
+
+    from gluon_ft.data.transforms import TestTransform, normalize_batch
+    from gluon_ft.deploy import int8
+    from gluon_ft.deploy.predict import Predictor
+    from gluon_ft.deploy.runparts import run_parts
+
+    run = tmp_path / "run"
+    shutil.copytree(multilabel_run, run, ignore=shutil.ignore_patterns("int8"))
+    seen = []
+    quantize = int8.quantize
+    monkeypatch.setattr(
+        int8, "quantize", lambda net, data: seen.append(data) or quantize(net, data)
+    )
+    predictor = Predictor(run, dtype="int8", calibration_images=2)
+    assert predictor.run.eval_resize == 1.0  # best's multi-label variant: the whole image
+    whole = TestTransform(predictor.run.image_size, 1.0)
+    first = run_parts(run).train.load(0)
+    expected = normalize_batch(mx.nd.array(whole(first)[None], dtype="uint8"))
+    np.testing.assert_allclose(seen[0][:1].asnumpy(), expected.asnumpy(), atol=1e-6)

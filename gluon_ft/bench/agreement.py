@@ -51,11 +51,13 @@ def run_agreement(run_dir: str | Path, calibration_images: int | None = None) ->
 
     run = load_run(run_dir, dtype="float32")
     test = run_parts(run.path).test
-    transform = TestTransform(run.image_size)
+    transform = TestTransform(run.image_size, run.eval_resize)
     x = sample_input(run.image_size, count=25)
     run.net(x)  # the graph the conversions read
     images = calibration_images or DEFAULT_CALIBRATION_IMAGES
-    block, record = int8_form(run.path, run.net, run.image_size, images=images)
+    block, record = int8_form(
+        run.path, run.net, run.image_size, images=images, resize=run.eval_resize
+    )
     result = {
         "run": str(run.path),
         "model": run.config["model"],

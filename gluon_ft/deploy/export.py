@@ -32,7 +32,7 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 
-from gluon_ft.data.transforms import BOOK_RESIZE, IMAGENET_MEAN, IMAGENET_STD, TestTransform
+from gluon_ft.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TestTransform
 from gluon_ft.deploy.inference import sample_input
 from gluon_ft.deploy.int8 import DEFAULT_CALIBRATION_IMAGES
 from gluon_ft.deploy.predict import LoadedRun, load_run, run_thresholds
@@ -52,7 +52,7 @@ class ExportCheckError(GluonFTError):
 
 def preprocessing(run: LoadedRun, input_name: str) -> dict:
     """What a deployment must do to an image before the network sees it."""
-    transform = TestTransform(run.image_size, run.config.get("eval_resize", BOOK_RESIZE))
+    transform = TestTransform(run.image_size, run.eval_resize)
     return {
         "classes": run.classes,
         "model": run.config.get("model"),

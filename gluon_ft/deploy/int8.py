@@ -29,7 +29,7 @@ from mxnet import gluon
 
 from gluon_ft import paths
 from gluon_ft.data.decode import UnreadableImageError
-from gluon_ft.data.transforms import TestTransform, normalize_batch
+from gluon_ft.data.transforms import BOOK_RESIZE, TestTransform, normalize_batch
 from gluon_ft.deploy.runparts import run_parts
 from gluon_ft.errors import UsageError
 
@@ -58,6 +58,7 @@ def int8_form(
     image_size: int,
     calibrate: bool = True,
     images: int = DEFAULT_CALIBRATION_IMAGES,
+    resize: float = BOOK_RESIZE,
 ) -> tuple[gluon.SymbolBlock, dict] | None:
     """The run's int8 network and its ``calibration.json`` record.
 
@@ -74,6 +75,9 @@ def int8_form(
         None is returned instead.
     images : int
         How many training images to calibrate on (fewer when the train part is smaller).
+    resize : float
+        The run's ``--eval-resize``: calibration and agreement see the view that inference
+        sees.
 
     Raises
     ------
@@ -91,15 +95,15 @@ def int8_form(
         return block, record
     if not calibrate:
         return None
-    return calibrate_run(Path(run_dir), net, image_size, images)
+    return calibrate_run(Path(run_dir), net, TestTransform(image_size, resize), images)
 
 
 def calibrate_run(
-    run_dir: Path, net: gluon.HybridBlock, image_size: int, images: int
+    run_dir: Path, net: gluon.HybridBlock, transform: TestTransform, images: int
 ) -> tuple[gluon.SymbolBlock, dict]:
-    """Quantize ``net`` on ``images`` of the run's training images, score it, save both."""
+    """Quantize ``net`` on ``images`` of the run's training images seen through
+    ``transform`` (its evaluation view), score it, save both."""
     parts = run_parts(run_dir)
-    transform = TestTransform(image_size)
     chosen = np.unique(np.linspace(0, len(parts.train) - 1, min(images, len(parts.train))))
     data = _normalized(parts.train, chosen.astype(int), transform)
     block = quantize(net, data)

@@ -52,6 +52,12 @@ class LoadedRun:
     ctx: mx.Context
     inference: dict = field(default_factory=lambda: {"dtype": "float32"})
 
+    @property
+    def eval_resize(self) -> float:
+        """The run's ``--eval-resize``: its evaluation view (256/224, the book's, for runs
+        from before the flag)."""
+        return self.config.get("eval_resize", BOOK_RESIZE)
+
 
 def _read_json(path: Path, what: str):
     if not path.is_file():
@@ -113,7 +119,10 @@ def load_run(
     load_parameters(net, run_dir / "model.params", ctx, what="Model parameters")
     net.hybridize(static_alloc=True)
     x = sample_input(image_size, count=batch_size).as_in_context(ctx)
-    int8 = functools.partial(int8_form, run_dir, net, image_size, images=calibration_images)
+    resize = config.get("eval_resize", BOOK_RESIZE)  # LoadedRun.eval_resize, before there is one
+    int8 = functools.partial(
+        int8_form, run_dir, net, image_size, images=calibration_images, resize=resize
+    )
     net, inference = choose_form(net, x, dtype, int8)
     return LoadedRun(run_dir, config, classes, net, image_size, ctx, inference)
 
@@ -182,8 +191,7 @@ class Predictor:
         # A multi-label run: independent sigmoid probabilities, a set of labels per image.
         self.multi_label = bool(self.run.config.get("multi_label"))
         self.thresholds = run_thresholds(self.run.path, self.run.config, len(self.classes))
-        resize = self.run.config.get("eval_resize", BOOK_RESIZE)  # runs before the flag: 256/224
-        self.transform = eval_transform(self.run.image_size, tta, resize)
+        self.transform = eval_transform(self.run.image_size, tta, self.run.eval_resize)
         self.tta = tta
         self.batch_size = batch_size
 
