@@ -96,9 +96,8 @@ def recipe_preset(recipe: str, images_per_class: float | None = None) -> tuple[d
             f"few-shot: {images_per_class:g} < {BEST_FEW_SHOT_BELOW} images a class",
         )
     known = "unknown" if images_per_class is None else f"{images_per_class:g}"
-    return RECIPE_PRESETS[
-        recipe
-    ], f"many: {known} images a class (>= {BEST_FEW_SHOT_BELOW} or unknown)"
+    shape = f"many: {known} images a class (>= {BEST_FEW_SHOT_BELOW} or unknown)"
+    return RECIPE_PRESETS[recipe], shape
 
 
 OPTIMIZERS = ("sgd", "adamw")

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 SCHEDULES = ("constant", "cosine", "onecycle")
 # One-cycle as PyTorch's OneCycleLR defaults (fastai's fit_one_cycle): from lr / DIV up to lr
 # over the first ONECYCLE_PCT of the steps, then down to lr / (DIV * FINAL_DIV), both halves
-# cosine; AdamW's beta1 (SGD's momentum) goes the other way, BETA_HIGH -> BETA_LOW -> BETA_HIGH.
+# cosine; AdamW's beta1 goes the other way, BETA_HIGH -> BETA_LOW -> BETA_HIGH (SGD's momentum
+# is not cycled: only an optimizer with a beta1 takes it, LrSchedule.setter).
 ONECYCLE_PCT = 0.25
 ONECYCLE_DIV = 25.0
 ONECYCLE_FINAL_DIV = 1e4
