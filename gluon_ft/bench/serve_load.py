@@ -19,7 +19,6 @@ import http.client
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from gluon_ft.cluster.launch import free_port
 
 TOLERANCE = 1e-5  # the issue's bar for a batched answer against the answer alone
 START_TIMEOUT_S = 300.0  # loading a run and warming up every batch shape, on a busy machine
@@ -47,13 +48,6 @@ class ServeLoad:
 
 
 QUICK_LOAD = ServeLoad(images=16, single_requests=16, requests_per_client=1)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def multipart(data: bytes, filename: str) -> tuple[bytes, str]:
@@ -216,7 +210,7 @@ def measure_serve(run_dir: Path, images: list[tuple[str, bytes]], load: ServeLoa
     """
     images = images[: load.images]
     with tempfile.TemporaryDirectory(prefix="gluon-ft-bench-serve-") as tmp:
-        port = free_port()
+        port = free_port("127.0.0.1")
         log(f"serve: starting gluon-ft serve {run_dir} on 127.0.0.1:{port}")
         with running_server(run_dir, port, Path(tmp) / "serve.log") as health:
             phases = []

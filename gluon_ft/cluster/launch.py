@@ -173,7 +173,7 @@ def _plan_one_host(
     env: dict | None,
 ) -> list[tuple[str, str, list[str], dict]]:
     """The plan of :func:`launch`: the whole cluster on ``host``, the scheduler on ``port``."""
-    port = _free_port(host) if port is None else _check_port_free(host, port)
+    port = free_port(host) if port is None else _check_port_free(host, port)
     layout = _Layout(host, port, num_workers, num_servers, host)
     return _plan_node(command, layout, num_workers, num_servers, True, env)
 
@@ -285,7 +285,7 @@ def _meet(spec, address, join_timeout, heartbeat_timeout, signals, out):
 
     stopped = lambda: signals.count > 0  # noqa: E731
     if spec.node_rank == 0:
-        pick = lambda: _free_port(address[0])  # noqa: E731
+        pick = lambda: free_port(address[0])  # noqa: E731
         links, cluster = rendezvous.host(
             address, spec, pick, join_timeout, heartbeat_timeout, stopped, say
         )
@@ -388,7 +388,7 @@ def _check_arguments(
             raise UsageError(f"{name} must be a positive number of seconds, not {value}.")
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
     """Return a port on ``host`` that nothing listens on now (the OS picks it)."""
     with _bound_socket(host, 0) as sock:
         return sock.getsockname()[1]
